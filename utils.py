@@ -1,0 +1,270 @@
+"""Process-level helpers shared by the pretraining and GLUE scripts.
+
+Distributed set-up (torchrun environment), seeding and RNG capture for exact resume, mixed-precision
+contexts, a dllogger-compatible metric logger, and atomic, pickle-free file I/O.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def init_distributed(local_rank: int = -1, no_cuda: bool = False, timeout_s: int = 1800) -> torch.device:
+    """Initialise torch.distributed from torchrun's environment and return this rank's device.
+
+    `local_rank` is the legacy `--local_rank` flag; the `LOCAL_RANK` variable torchrun sets wins.
+    NCCL is used on CUDA, gloo on CPU. `timeout_s` bounds every collective, so a dead peer turns
+    into an error instead of a hang.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", local_rank))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and not no_cuda
+    if use_cuda:
+        device = torch.device("cuda", max(local_rank, 0))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return device
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over all ranks (a no-op on one process)."""
+    if get_world_size() == 1:
+        return tensor
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor / get_world_size()
+
+
+def format_step(step: Any) -> str:
+    """dllogger's step formatter: strings pass through, tuples name epoch / iteration."""
+    if isinstance(step, str):
+        return step
+    labels = ("Training Epoch", "Training Iteration", "Validation Iteration")
+    if isinstance(step, (tuple, list)):
+        return "".join(f"{label}: {value} " for label, value in zip(labels, step))
+    return f"Step: {step} "
+
+
+# ----------------------------------------------------------------------------- seeding / RNG
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step draws from, as tensors and plain data (checkpoint-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": json.dumps(random.getstate()),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state(
+        (npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def precision_dtype(fp16: bool, bf16: bool) -> torch.dtype | None:
+    """The autocast dtype for the precision flags (None = fp32)."""
+    if fp16 and bf16:
+        raise ValueError("--fp16 and --bf16 are mutually exclusive: pick one")
+    return torch.float16 if fp16 else torch.bfloat16 if bf16 else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricLogger:
+    """Logs metric records the way NVIDIA's scripts do.
+
+    With dllogger importable (NGC container) it is used as is. Otherwise each record becomes a
+    `DLLL {...}` JSON line in `json_path` (the format dllogger's JSONStreamBackend writes) and a
+    short human line on stdout. Only the main process writes.
+    """
+
+    def __init__(self, json_path: str | os.PathLike | None, verbose: bool = True) -> None:
+        self.enabled = is_main_process()
+        self.verbose = verbose
+        self._file = None
+        self._dllogger = None
+        if not self.enabled:
+            return
+        try:
+            import dllogger  # type: ignore
+
+            backends = [dllogger.StdOutBackend(dllogger.Verbosity.VERBOSE, step_format=format_step)]
+            if json_path:
+                backends.append(dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, str(json_path)))
+            dllogger.init(backends=backends)
+            self._dllogger = dllogger
+        except ImportError:
+            if json_path:
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(json_path, "a", encoding="utf-8")
+
+    def log(self, step: Any, data: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        data = {k: _plain(v) for k, v in data.items()}
+        if self._dllogger is not None:
+            self._dllogger.log(step=step, data=data)
+            return
+        record = {"timestamp": time.time(), "datetime": datetime.datetime.now().isoformat(),
+                  "elapsedtime": time.perf_counter(), "type": "LOG",
+                  "step": list(step) if isinstance(step, tuple) else step, "data": data}
+        if self._file is not None:
+            self._file.write("DLLL " + json.dumps(record) + "\n")
+            self._file.flush()
+        if self.verbose:
+            shown = " ".join(f"{k}: {_short(v)}" for k, v in data.items())
+            print(f"{format_step(step)}{shown}", file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self._dllogger is not None:
+            self._dllogger.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _short(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def read_dllogger_json(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Parse a dllogger JSON-lines file (the `DLLL ` prefix is optional)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        line = line.removeprefix("DLLL ").strip()
+        if line:
+            records.append(json.loads(line))
+    return records
+
+
+# ----------------------------------------------------------------------------- atomic, safe I/O
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    A crash (or an exception, e.g. disk full) leaves the old file untouched and no partial file
+    under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` that never leaves a half-written file under `path`."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint with `weights_only=True`: tensors and plain containers only.
+
+    A file that needs arbitrary unpickling is refused with one line that names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: check the path")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError / RuntimeError with long messages
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path} cannot be loaded safely ({first_line}); only tensor checkpoints without pickled "
+            f"objects are accepted — re-save it with torch.save(state_dict) or as safetensors"
+        ) from None
