@@ -1,0 +1,1 @@
+"""Data preparation: raw text -> formatted articles -> sentence shards -> NVIDIA-format HDF5 shards."""

@@ -1,0 +1,510 @@
+"""Text (one sentence per line, blank line between documents) -> one NVIDIA-format HDF5 shard.
+
+Instances follow the Google BERT / NVIDIA reference: documents are repeated `dupe_factor` times,
+sentences are packed into chunks up to a target length (shorter with `short_seq_prob`), a random
+split gives segments A and B, B is a random other document's text half of the time (label 1), the
+pair is truncated from a random end of the longer side, and `masked_lm_prob` of the WordPiece
+tokens (never [CLS]/[SEP]) are picked for prediction: 80 % become [MASK], 10 % stay, 10 % become a
+random vocabulary token. Positions are stored sorted and zero-padded.
+
+Unlike the reference, memory stays bounded on multi-GB inputs: documents are streamed in chunks of
+`--chunk_mb` of text, each chunk is tokenised and turned into instances on its own (random next
+segments come from the same chunk, instances are shuffled within the chunk), and its rows are
+appended to the HDF5 file before the next chunk is read. Chunk k always uses the RNG seeded by
+(`--random_seed`, k), so the output is identical for any `--n_processes`.
+
+The file is written to a temporary name and renamed at the end: a shard that exists is complete.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import multiprocessing as mp
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the flat project layout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tokenization import BertTokenizer  # noqa: E402
+
+# Dataset name -> on-disk dtype (NVIDIA's writer); shapes are [N, seq], [N, max_pred] or [N].
+SHARD_DTYPES = {
+    "input_ids": np.int32,
+    "input_mask": np.int8,
+    "segment_ids": np.int8,
+    "masked_lm_positions": np.int32,
+    "masked_lm_ids": np.int32,
+    "next_sentence_labels": np.int8,
+}
+Document = list  # list[list[int]]: the token ids of each sentence
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    max_seq_length: int = 128
+    max_predictions_per_seq: int = 20
+    masked_lm_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    dupe_factor: int = 10
+    do_whole_word_mask: bool = False
+
+    def validate(self) -> None:
+        if self.max_seq_length < 5:
+            raise ValueError(f"--max_seq_length {self.max_seq_length} is too small: [CLS] A [SEP] B [SEP] "
+                             f"needs at least 5 tokens (NVIDIA uses 128 for phase 1, 512 for phase 2)")
+        if self.max_predictions_per_seq < 1:
+            raise ValueError(f"--max_predictions_per_seq must be >= 1, got {self.max_predictions_per_seq}")
+        if not 0.0 < self.masked_lm_prob <= 1.0:
+            raise ValueError(f"--masked_lm_prob must be in (0, 1], got {self.masked_lm_prob}")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ValueError(f"--short_seq_prob must be in [0, 1], got {self.short_seq_prob}")
+        if self.dupe_factor < 1:
+            raise ValueError(f"--dupe_factor must be >= 1, got {self.dupe_factor}")
+
+
+@dataclass(frozen=True)
+class VocabInfo:
+    """What instance creation needs from the vocab, as ids."""
+    cls_id: int
+    sep_id: int
+    mask_id: int
+    size: int
+    continuation: frozenset  # ids of "##" pieces (whole-word masking joins them to the word)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: BertTokenizer, vocab_file: str) -> "VocabInfo":
+        missing = [t for t in ("[CLS]", "[SEP]", "[MASK]") if t not in tokenizer.vocab]
+        if missing:
+            raise ValueError(f"vocab {vocab_file!r} has no {', '.join(missing)} token: pass a BERT "
+                             f"WordPiece vocab (e.g. vocab/vocab)")
+        if tokenizer.vocab.get("[PAD]", 0) != 0:
+            raise ValueError(f"vocab {vocab_file!r} has [PAD] at id {tokenizer.vocab['[PAD]']}: shards pad "
+                             f"with id 0, so [PAD] must be the first line of the vocab")
+        return cls(tokenizer.vocab["[CLS]"], tokenizer.vocab["[SEP]"], tokenizer.vocab["[MASK]"],
+                   len(tokenizer.vocab),
+                   frozenset(i for t, i in tokenizer.vocab.items() if t.startswith("##")))
+
+
+@dataclass
+class Instance:
+    tokens: list[int]          # [CLS] A [SEP] B [SEP], masking applied
+    len_a: int                 # tokens in A (segment 0 also covers [CLS] and the first [SEP])
+    is_random_next: bool
+    masked_positions: list[int]
+    masked_ids: list[int]      # original ids at masked_positions
+
+
+# ----------------------------------------------------------------------------- reading text
+
+
+def expand_input_files(specs: Sequence[str]) -> list[str]:
+    """Files named by --input_file: paths, directories (their *.txt), globs, comma-separated lists."""
+    files: list[str] = []
+    for spec in specs:
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            if os.path.isdir(part):
+                found = sorted(glob.glob(os.path.join(part, "*.txt")))
+                if not found:
+                    raise FileNotFoundError(f"--input_file directory {part!r} has no .txt files")
+                files.extend(found)
+            elif os.path.isfile(part):
+                files.append(part)
+            elif glob.has_magic(part) and glob.glob(part):
+                files.extend(sorted(p for p in glob.glob(part) if os.path.isfile(p)))
+            else:
+                raise FileNotFoundError(f"--input_file {part!r} does not exist (give a text file, a folder of "
+                                        f".txt files, or a glob)")
+    return files
+
+
+def read_documents(paths: Iterable[str], on_bytes: Callable[[int], None] = lambda n: None
+                   ) -> Iterator[list[str]]:
+    """Stream documents (lists of non-empty lines); a blank line or the end of a file ends one."""
+    for path in paths:
+        doc: list[str] = []
+        with open(path, "rb") as f:
+            for raw in f:
+                on_bytes(len(raw))
+                line = raw.decode("utf-8", errors="replace").strip()
+                if line:
+                    doc.append(line)
+                elif doc:
+                    yield doc
+                    doc = []
+        if doc:
+            yield doc
+
+
+def chunk_documents(documents: Iterable[list[str]], chunk_chars: int) -> Iterator[list[list[str]]]:
+    """Group documents into chunks of about `chunk_chars` characters. A short last chunk is merged
+    into the one before, so no chunk is too small to draw random next segments from."""
+    pending: list[list[str]] | None = None
+    chunk: list[list[str]] = []
+    size = 0
+    for doc in documents:
+        chunk.append(doc)
+        size += sum(len(line) for line in doc)
+        if size >= chunk_chars:
+            if pending is not None:
+                yield pending
+            pending, chunk, size = chunk, [], 0
+    if pending is not None and chunk and size < chunk_chars // 2:
+        pending.extend(chunk)
+        chunk = []
+    if pending is not None:
+        yield pending
+    if chunk:
+        yield chunk
+
+
+def tokenize_documents(tokenizer: BertTokenizer, documents: list[list[str]]) -> list[Document]:
+    """Token ids per sentence per document; sentences and documents left empty are dropped."""
+    lines = [line for doc in documents for line in doc]
+    ids = tokenizer.encode_batch(lines)
+    out: list[Document] = []
+    start = 0
+    for doc in documents:
+        sentences = [s for s in ids[start:start + len(doc)] if s]
+        start += len(doc)
+        if sentences:
+            out.append(sentences)
+    return out
+
+
+# ----------------------------------------------------------------------------- instances
+
+
+def truncate_seq_pair(tokens_a: list[int], tokens_b: list[int], max_num_tokens: int,
+                      rng: random.Random) -> tuple[list[int], list[int]]:
+    """Trim the longer segment one token at a time, each cut from its front or back with a fair
+    coin, until the pair fits. Which side loses each token does not depend on the coins, so the
+    cuts are counted first and each side's coins are drawn as one batch of random bits."""
+    len_a, len_b = len(tokens_a), len(tokens_b)
+    cuts_a = cuts_b = 0
+    while len_a + len_b > max_num_tokens:
+        if len_a > len_b:
+            len_a, cuts_a = len_a - 1, cuts_a + 1
+        else:
+            len_b, cuts_b = len_b - 1, cuts_b + 1
+
+    def trim(tokens: list[int], cuts: int) -> list[int]:
+        if cuts == 0:
+            return tokens
+        front = bin(rng.getrandbits(cuts)).count("1")
+        return tokens[front:len(tokens) - (cuts - front)]
+
+    return trim(tokens_a, cuts_a), trim(tokens_b, cuts_b)
+
+
+def create_masked_lm_predictions(tokens: list[int], cfg: InstanceConfig, vocab: VocabInfo,
+                                 rng: random.Random) -> tuple[list[int], list[int], list[int]]:
+    """Pick tokens to predict and corrupt them 80/10/10; returns (tokens, sorted positions, ids)."""
+    num_to_predict = min(cfg.max_predictions_per_seq,
+                         max(1, int(round(len(tokens) * cfg.masked_lm_prob))))
+    if cfg.do_whole_word_mask:
+        picked = _pick_whole_words(tokens, num_to_predict, vocab, rng)
+    else:  # same distribution as shuffling every candidate and taking the first ones, but O(k)
+        candidates = [i for i, t in enumerate(tokens) if t != vocab.cls_id and t != vocab.sep_id]
+        picked = rng.sample(candidates, min(num_to_predict, len(candidates)))
+
+    output = list(tokens)
+    for index in picked:
+        if rng.random() < 0.8:
+            output[index] = vocab.mask_id
+        elif rng.random() < 0.5:
+            pass  # keep the original token
+        else:
+            output[index] = rng.randint(0, vocab.size - 1)
+    picked.sort()
+    return output, picked, [tokens[i] for i in picked]
+
+
+def _pick_whole_words(tokens: list[int], num_to_predict: int, vocab: VocabInfo,
+                      rng: random.Random) -> list[int]:
+    """Positions of whole words ("##" pieces join the word before) until num_to_predict is reached."""
+    words: list[list[int]] = []
+    for i, token in enumerate(tokens):
+        if token == vocab.cls_id or token == vocab.sep_id:
+            continue
+        if words and token in vocab.continuation:
+            words[-1].append(i)
+        else:
+            words.append([i])
+    rng.shuffle(words)
+    picked: list[int] = []
+    for word in words:
+        if len(picked) >= num_to_predict:
+            break
+        if len(picked) + len(word) <= num_to_predict:  # a word that no longer fits: a shorter one may
+            picked.extend(word)
+    return picked
+
+
+def create_instances_from_document(documents: list[Document], doc_index: int, cfg: InstanceConfig,
+                                   vocab: VocabInfo, rng: random.Random) -> list[Instance]:
+    document = documents[doc_index]
+    max_num_tokens = cfg.max_seq_length - 3  # [CLS], [SEP], [SEP]
+    # Mostly fill the sequence; sometimes a short one, so fine-tuning lengths are seen in training.
+    target_length = max_num_tokens
+    if rng.random() < cfg.short_seq_prob:
+        target_length = rng.randint(2, max_num_tokens)
+
+    instances: list[Instance] = []
+    chunk: list[list[int]] = []
+    chunk_length = 0
+    i = 0
+    while i < len(document):
+        chunk.append(document[i])
+        chunk_length += len(document[i])
+        if i == len(document) - 1 or chunk_length >= target_length:
+            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+            tokens_a = [t for sentence in chunk[:a_end] for t in sentence]
+            tokens_b: list[int] = []
+            is_random_next = len(chunk) == 1 or rng.random() < 0.5
+            if is_random_next:
+                target_b_length = target_length - len(tokens_a)
+                for _ in range(10):  # look for another document
+                    random_index = rng.randint(0, len(documents) - 1)
+                    if random_index != doc_index:
+                        break
+                if random_index == doc_index:
+                    is_random_next = False  # only one document to draw from
+                random_document = documents[random_index]
+                for j in range(rng.randint(0, len(random_document) - 1), len(random_document)):
+                    tokens_b.extend(random_document[j])
+                    if len(tokens_b) >= target_b_length:
+                        break
+                i -= len(chunk) - a_end  # the unused sentences start the next chunk
+            else:
+                tokens_b = [t for sentence in chunk[a_end:] for t in sentence]
+            tokens_a, tokens_b = truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
+            tokens = [vocab.cls_id, *tokens_a, vocab.sep_id, *tokens_b, vocab.sep_id]
+            tokens, positions, ids = create_masked_lm_predictions(tokens, cfg, vocab, rng)
+            instances.append(Instance(tokens, len(tokens_a), is_random_next, positions, ids))
+            chunk, chunk_length = [], 0
+        i += 1
+    return instances
+
+
+def instances_to_arrays(instances: list[Instance], cfg: InstanceConfig) -> dict[str, np.ndarray]:
+    n, seq, pred = len(instances), cfg.max_seq_length, cfg.max_predictions_per_seq
+    arrays = {name: np.zeros((n, seq) if name in ("input_ids", "input_mask", "segment_ids")
+                             else (n, pred) if name.startswith("masked_lm") else (n,), dtype=dtype)
+              for name, dtype in SHARD_DTYPES.items()}
+    for row, inst in enumerate(instances):
+        length = len(inst.tokens)
+        arrays["input_ids"][row, :length] = inst.tokens
+        arrays["input_mask"][row, :length] = 1
+        arrays["segment_ids"][row, inst.len_a + 2:length] = 1  # B and the final [SEP]
+        k = len(inst.masked_positions)
+        arrays["masked_lm_positions"][row, :k] = inst.masked_positions
+        arrays["masked_lm_ids"][row, :k] = inst.masked_ids
+        arrays["next_sentence_labels"][row] = int(inst.is_random_next)
+    return arrays
+
+
+def create_chunk_arrays(documents: list[Document], cfg: InstanceConfig, vocab: VocabInfo,
+                        rng: random.Random) -> dict[str, np.ndarray]:
+    """All instances of one chunk (dupe_factor passes), shuffled, as shard arrays."""
+    documents = list(documents)
+    rng.shuffle(documents)
+    passes = []
+    for _ in range(cfg.dupe_factor):
+        instances = [inst for d in range(len(documents))
+                     for inst in create_instances_from_document(documents, d, cfg, vocab, rng)]
+        passes.append(instances_to_arrays(instances, cfg))  # compact before the next pass
+    arrays = {name: np.concatenate([p[name] for p in passes]) for name in SHARD_DTYPES}
+    order = list(range(len(arrays["input_ids"])))
+    rng.shuffle(order)
+    return {name: a[order] for name, a in arrays.items()}
+
+
+def chunk_rng(seed: int, chunk_index: int) -> random.Random:
+    return random.Random(f"{seed}:{chunk_index}")  # str seeds hash the same in every process
+
+
+# ----------------------------------------------------------------------------- chunk workers
+
+
+class ChunkProcessor:
+    """Tokenise a chunk of raw documents and build its instances (one per process)."""
+
+    def __init__(self, vocab_file: str, do_lower_case: bool, cfg: InstanceConfig, seed: int):
+        self.tokenizer = BertTokenizer(vocab_file, do_lower_case=do_lower_case)
+        self.vocab = VocabInfo.from_tokenizer(self.tokenizer, vocab_file)
+        self.cfg = cfg
+        self.seed = seed
+
+    def __call__(self, chunk_index: int, raw_documents: list[list[str]]) -> dict[str, np.ndarray]:
+        documents = tokenize_documents(self.tokenizer, raw_documents)
+        if not documents:
+            return instances_to_arrays([], self.cfg)
+        return create_chunk_arrays(documents, self.cfg, self.vocab, chunk_rng(self.seed, chunk_index))
+
+
+_worker: ChunkProcessor | None = None  # one per worker process, set by the pool initializer
+
+
+def _init_worker(*args) -> None:
+    global _worker
+    _worker = ChunkProcessor(*args)
+
+
+def _run_worker(chunk_index: int, raw_documents: list[list[str]]) -> dict[str, np.ndarray]:
+    return _worker(chunk_index, raw_documents)
+
+
+def process_chunks(chunks: Iterable[list[list[str]]], processor_args: tuple, n_processes: int
+                   ) -> Iterator[dict[str, np.ndarray]]:
+    """Chunk results in input order. At most 2 chunks per process are in flight, so memory stays
+    bounded however long the input is."""
+    if n_processes <= 1:
+        processor = ChunkProcessor(*processor_args)
+        for index, chunk in enumerate(chunks):
+            yield processor(index, chunk)
+        return
+    # The Rust tokenizer's own thread pool would oversubscribe the cores the workers already use.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with mp.Pool(n_processes, initializer=_init_worker, initargs=processor_args) as pool:
+        in_flight: collections.deque = collections.deque()
+        for index, chunk in enumerate(chunks):
+            in_flight.append(pool.apply_async(_run_worker, (index, chunk)))
+            if len(in_flight) >= 2 * n_processes:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class ShardWriter:
+    """Appends rows to a gzip HDF5 shard under a temporary name; `commit` renames it into place."""
+
+    def __init__(self, path: str, cfg: InstanceConfig):
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        self.tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        self.file = h5py.File(self.tmp_path, "w")
+        self.rows = 0
+        widths = {"input_ids": cfg.max_seq_length, "input_mask": cfg.max_seq_length,
+                  "segment_ids": cfg.max_seq_length, "masked_lm_positions": cfg.max_predictions_per_seq,
+                  "masked_lm_ids": cfg.max_predictions_per_seq}
+        for name, dtype in SHARD_DTYPES.items():
+            shape = (0, widths[name]) if name in widths else (0,)
+            chunks = (256, widths[name]) if name in widths else (4096,)
+            self.file.create_dataset(name, shape=shape, maxshape=(None,) + shape[1:], dtype=dtype,
+                                     chunks=chunks, compression="gzip")
+
+    def append(self, arrays: dict[str, np.ndarray]) -> None:
+        n = len(arrays["input_ids"])
+        for name in SHARD_DTYPES:
+            dataset = self.file[name]
+            dataset.resize(self.rows + n, axis=0)
+            dataset[self.rows:] = arrays[name]
+        self.rows += n
+
+    def commit(self) -> None:
+        self.file.close()
+        os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp_path):
+            os.unlink(self.tmp_path)
+
+
+def create_shard(input_files: Sequence[str], output_file: str, vocab_file: str, cfg: InstanceConfig,
+                 do_lower_case: bool = True, random_seed: int = 12345, n_processes: int = 1,
+                 chunk_mb: float = 4.0, progress: bool = True) -> int:
+    """Write one HDF5 shard from text files; returns the number of instances."""
+    from tqdm import tqdm
+
+    cfg.validate()
+    files = expand_input_files(input_files)
+    processor_args = (vocab_file, do_lower_case, cfg, random_seed)
+    ChunkProcessor(*processor_args)  # fail on a bad vocab here, not inside a worker
+    total = sum(os.path.getsize(f) for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(output_file),
+               disable=not progress)
+    documents = read_documents(files, on_bytes=bar.update)
+    chunks = chunk_documents(documents, max(1, int(chunk_mb * 2**20)))
+    writer = ShardWriter(output_file, cfg)
+    try:
+        for arrays in process_chunks(chunks, processor_args, max(1, n_processes)):
+            writer.append(arrays)
+            bar.set_postfix(instances=writer.rows)
+        if writer.rows == 0:
+            raise ValueError(f"no instances made from {', '.join(files)}: the input must be text with one "
+                             f"sentence per line and a blank line between documents")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return writer.rows
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def str2bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0, true/false), got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vocab_file", required=True, help="WordPiece vocab (one token per line)")
+    p.add_argument("--input_file", required=True, nargs="+",
+                   help="text file(s): paths, folders of .txt files, globs or comma-separated lists")
+    p.add_argument("--output_file", required=True, help="the .hdf5 shard to write")
+    p.add_argument("--bert_model", default="bert-large-uncased", help="unused; kept for NVIDIA's CLI")
+    p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--dupe_factor", type=int, default=10, help="passes over the input, each with new masks")
+    p.add_argument("--max_predictions_per_seq", type=int, default=20)
+    p.add_argument("--masked_lm_prob", type=float, default=0.15)
+    p.add_argument("--short_seq_prob", type=float, default=0.1)
+    p.add_argument("--do_lower_case", type=str2bool, nargs="?", const=True, default=True,
+                   help="lower-case and strip accents (default); `--do_lower_case 0` or --no_lower_case "
+                        "keeps case, for cased vocabs")
+    p.add_argument("--no_lower_case", dest="do_lower_case", action="store_false")
+    p.add_argument("--do_whole_word_mask", action="store_true",
+                   help="mask all pieces of a word together (Google's option; off in NVIDIA's data)")
+    p.add_argument("--random_seed", type=int, default=12345)
+    p.add_argument("--n_processes", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: every core)")
+    p.add_argument("--chunk_mb", type=float, default=4.0,
+                   help="MB of text per independent chunk (bounds memory; part of what the seed reproduces)")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    cfg = InstanceConfig(args.max_seq_length, args.max_predictions_per_seq, args.masked_lm_prob,
+                         args.short_seq_prob, args.dupe_factor, args.do_whole_word_mask)
+    try:
+        n = create_shard(args.input_file, args.output_file, args.vocab_file, cfg, args.do_lower_case,
+                         args.random_seed, args.n_processes, args.chunk_mb, not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"create_pretraining_data: {e}")
+    print(f"wrote {n} instances to {args.output_file}")
+
+
+if __name__ == "__main__":
+    main()
