@@ -1,0 +1,309 @@
+"""Training-loop pieces shared by `run_pretraining.py` and `run_glue.py`.
+
+Model construction from a config plus command-line overrides, DDP wrapping with gradient sync only
+on the last accumulation micro-step, one optimizer step under a GradScaler that skips non-finite
+steps, checkpoint files (`ckpt_<step>.pt`: atomic, rank 0, last N kept, newest loadable found),
+a SIGTERM flag for clean preemption, and a throughput / latency meter.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from modeling import BertConfig
+from utils import atomic_save, get_rank, get_world_size, is_main_process, rng_state, safe_torch_load, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_config(config_file: str | Path, **overrides: Any) -> BertConfig:
+    """`bert_config.json` with the command-line overrides that are not None (validated again)."""
+    config = BertConfig.from_json_file(config_file)
+    changes = {key: value for key, value in overrides.items() if value is not None}
+    return config.replace(**changes) if changes else config
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model under DDP and torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def wrap_distributed(model: nn.Module, device: torch.device, compress_dtype: torch.dtype | None = None) -> nn.Module:
+    """DDP around `model` when more than one process runs (rank 0's weights are broadcast).
+
+    `compress_dtype` (fp16 / bf16) all-reduces gradients in that dtype, the native form of
+    NVIDIA's `--allreduce_post_accumulation_fp16`.
+    """
+    if get_world_size() == 1:
+        return model
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              gradient_as_bucket_view=True)
+    if compress_dtype is not None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        hook = default_hooks.fp16_compress_hook if compress_dtype == torch.float16 else default_hooks.bf16_compress_hook
+        ddp.register_comm_hook(None, hook)
+    return ddp
+
+
+def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """`model.no_sync()` on a non-final accumulation micro-step under DDP, else nothing.
+
+    Each micro-step's loss is divided by the number of micro-steps and DDP averages over ranks,
+    so the synced gradient is the mean over the global batch for any world size / accumulation.
+    """
+    if not sync and isinstance(model, DDP):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def make_grad_scaler(device: torch.device, enabled: bool, init_scale: float = 2.0**20,
+                     static: bool = False) -> torch.amp.GradScaler:
+    """fp16 loss scaler; disabled (a pass-through) for fp32 / bf16. `static` never grows the scale."""
+    growth_interval = 2**31 - 1 if static else 2000
+    return torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=growth_interval,
+                                enabled=enabled)
+
+
+# ----------------------------------------------------------------------------- optimizer step
+
+
+def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+
+
+def gradients_finite(optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler,
+                     loss: torch.Tensor | None = None, max_grad_norm: float | None = None) -> torch.Tensor:
+    """Unscale the gradients, clip them if asked, and return a device bool: all finite?
+
+    Stays on the device (no host sync). With DDP the gradients are already identical on every
+    rank, so every rank reaches the same verdict; `loss` (this rank's) is folded in too, so a
+    caller that all-reduces the verdict also catches a non-finite loss on a single rank.
+    """
+    grad_scaler.unscale_(optimizer)
+    grads = _grads(optimizer)
+    if max_grad_norm is not None and max_grad_norm > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, error_if_nonfinite=False)
+    elif grads:
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+    else:
+        norm = torch.zeros(())
+    finite = torch.isfinite(norm)
+    if loss is not None:
+        finite = finite & torch.isfinite(loss.detach().to(finite.device))
+    return finite
+
+
+def apply_optimizer_step(optimizer: torch.optim.Optimizer, grad_scaler: torch.amp.GradScaler,
+                         lr_scheduler: Any | None, ok: bool) -> None:
+    """Step (only when `ok`), update the loss scale, clear the gradients.
+
+    The scheduler moves only on a successful step, before the update as NVIDIA does, so a skipped
+    fp16 overflow / non-finite step leaves the learning-rate schedule where it was.
+    """
+    if ok:
+        if lr_scheduler is not None:
+            lr_scheduler.step()
+        grad_scaler.step(optimizer)
+    grad_scaler.update()  # after a skip this backs the fp16 scale off
+    optimizer.zero_grad(set_to_none=True)
+
+
+def any_rank(*flags: torch.Tensor | bool, device: torch.device) -> list[bool]:
+    """Each flag OR-ed over all ranks, in one small all-reduce and one host sync."""
+    values = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in flags])
+    if get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"ckpt_{step}.pt"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `ckpt_<step>.pt` in `output_dir`, oldest first.
+
+    Temporary files of an interrupted write (`.ckpt_<step>.pt.*.tmp`) never match.
+    """
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, keep: int = 3) -> Path | None:
+    """Write `ckpt_<step>.pt` atomically on rank 0 and delete all but the newest `keep`.
+
+    A failed write (disk full, permissions) raises one clear error and leaves every earlier
+    checkpoint as it was. Returns the path on rank 0, None elsewhere.
+    """
+    if not is_main_process():
+        return None
+    path = checkpoint_path(output_dir, step)
+    try:
+        atomic_save(state, path)
+    except OSError as exc:
+        previous = [p.name for _, p in list_checkpoints(output_dir) if p != path]
+        raise OSError(
+            f"could not write checkpoint {path} ({exc.strerror or exc}); free disk space or fix "
+            f"permissions of {Path(output_dir)} — earlier checkpoints are intact: {previous or 'none'}"
+        ) from None
+    if keep > 0:
+        for _, old in list_checkpoints(output_dir)[:-keep]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint dict, loaded without unpickling objects (utils.safe_torch_load)."""
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} is not a training checkpoint (no 'model' entry); pass a ckpt_<step>.pt file")
+    return state
+
+
+def find_latest_checkpoint(output_dir: str | Path, step: int = -1) -> tuple[int, Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads (or exactly `ckpt_<step>.pt` when `step` >= 0).
+
+    A newest file that cannot be read (corrupted outside our atomic writes) is reported and the
+    next older one is used, so one bad file never costs the run.
+    """
+    candidates = list_checkpoints(output_dir)
+    if step >= 0:
+        path = checkpoint_path(output_dir, step)
+        if not path.is_file():
+            steps = [s for s, _ in candidates]
+            raise FileNotFoundError(f"--resume_step {step}: {path} does not exist (available steps: {steps or 'none'})")
+        return step, path, load_checkpoint(path)
+    for found_step, path in reversed(candidates):
+        try:
+            return found_step, path, load_checkpoint(path)
+        except (ValueError, RuntimeError, EOFError, OSError) as exc:
+            logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
+    return None
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states (dropout, DAM noise), gathered so rank 0 can checkpoint them all."""
+    state = rng_state()
+    if get_world_size() == 1:
+        return [state]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def restore_rng_states(states: list[dict[str, Any]]) -> bool:
+    """Restore this rank's RNG states; False (nothing restored) when the world size changed."""
+    if len(states) != get_world_size():
+        return False
+    set_rng_state(states[get_rank()])
+    return True
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks at each optimizer-step boundary.
+
+    Used as a context manager; the previous handler comes back on exit. Outside the main thread
+    (where handlers cannot be installed) it stays a flag that is never set.
+    """
+
+    def __init__(self, signals: Iterable[int] = (signal.SIGTERM,)) -> None:
+        self.signals = tuple(signals)
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __enter__(self) -> "SigtermFlag":
+        for sig in self.signals:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# ----------------------------------------------------------------------------- throughput
+
+
+class ThroughputMeter:
+    """Sequences per second and seconds per step, after `warmup_steps` optimizer steps.
+
+    The first steps (compilation, allocator warm-up) are left out, as NVIDIA's script does.
+    Only the warm-up steps and the readings synchronise the device.
+    """
+
+    def __init__(self, device: torch.device, warmup_steps: int = 4) -> None:
+        self.device = device
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self.sequences = 0
+        self._counted_steps = 0
+        self._start = time.perf_counter()
+
+    def update(self, sequences: int) -> None:
+        """Count one finished optimizer step of `sequences` sequences (over all ranks)."""
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            self._sync()
+            self._start = time.perf_counter()  # the clock starts when the warm-up is over
+        else:
+            self.sequences += sequences
+            self._counted_steps += 1
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def elapsed(self) -> float:
+        self._sync()
+        return time.perf_counter() - self._start
+
+    def sequences_per_second(self) -> float:
+        elapsed = self.elapsed()
+        return self.sequences / elapsed if elapsed > 0 else 0.0
+
+    def seconds_per_step(self) -> float:
+        elapsed = self.elapsed()
+        return elapsed / self._counted_steps if self._counted_steps else 0.0
