@@ -1,0 +1,652 @@
+"""Attention masks for SparseBERT: fixed sparse patterns, the Differentiable Attention Mask (DAM),
+binarised mask files.
+
+Conventions (shared with modeling.py):
+  * ``M[i, j]`` true / 1.0 means query ``i`` may attend to key ``j``; all masks are bidirectional.
+  * An ``AttentionMask`` module maps a sequence length ``s`` to keep values ``[L', H', s, s]`` with
+    ``L'`` in {1, num_layers} and ``H'`` in {1, num_heads}; modeling.py adds ``(keep - 1) * 10000``
+    to the pre-softmax scores of every layer, on top of the padding bias.
+  * A query row whose every key is dropped is left as it is: all its scores move by the same -10000,
+    so the softmax stays finite and the row attends, as if unmasked, over its non-padded keys. No
+    pattern here produces such a row; a DAM sample can, and dropping the diagonal must stay possible
+    because the paper's finding is that the diagonal is the least important position.
+  * Sparsity is the fraction of zeros (the seed table's "sparsity ratio").
+  * The mask is built for ``mask_seq_length`` = n tokens; shorter inputs use the top-left
+    ``[s, s]`` slice, longer inputs are an error.
+
+Method: ../shared/reference/sparsebert_method.md (DAM, §2; pattern arithmetic, §5) and
+sparse_attention_patterns.md (§1 pattern definitions).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+PATTERN_NAMES = ("dense", "no_diagonal", "strided", "fixed", "longformer", "logsparse", "bigbird", "star")
+DAM_MODES = ("dam_u", "dam_s")
+MASK_TYPES = PATTERN_NAMES + DAM_MODES + ("file",)
+TEMPERATURE_SCHEDULES = ("constant", "linear", "exponential")
+MASK_FILE_KEY = "mask"
+MASK_METADATA_KEY = "sparsebert_mask"
+MASK_FILE_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed patterns. Each builder returns Bool[H', n, n]: H' = 1 for a pattern shared by all heads,
+# H' = num_heads where the original pattern differs per head (Fixed's summary groups, BigBird's
+# random keys). Defaults reproduce the seed table's sparsity at n = 128 (sparsebert_method.md §5).
+# ----------------------------------------------------------------------------------------------
+
+def _offsets(n: int) -> torch.Tensor:
+    """d[i, j] = i - j."""
+    pos = torch.arange(n)
+    return pos[:, None] - pos[None, :]
+
+
+def _band_and_globals(n: int, window: int, global_tokens) -> torch.Tensor:
+    """|i - j| <= window // 2, plus full rows and columns for the global tokens (Longformer / Star)."""
+    if window < 1 or window % 2 == 0:
+        raise ValueError(f"window={window} must be a positive odd number of keys (centre ± window//2)")
+    is_global = torch.zeros(n, dtype=torch.bool)
+    for t in global_tokens:
+        if int(t) < 0:
+            raise ValueError(f"global token position {t} must be >= 0")
+        if int(t) < n:  # positions beyond n vanish, so a short mask is the top-left slice of a long one
+            is_global[int(t)] = True
+    band = _offsets(n).abs() <= window // 2
+    return band | is_global[:, None] | is_global[None, :]
+
+
+def _dense(n: int, num_heads: int) -> torch.Tensor:
+    return torch.ones(1, n, n, dtype=torch.bool)
+
+
+def _no_diagonal(n: int, num_heads: int) -> torch.Tensor:
+    return ~torch.eye(n, dtype=torch.bool)[None]
+
+
+def _strided(n: int, num_heads: int, stride: int = 4) -> torch.Tensor:
+    """Sparse Transformer 'strided', merged and bidirectional: |i - j| < l or (i - j) mod l == 0."""
+    if stride < 1:
+        raise ValueError(f"strided: stride={stride} must be >= 1")
+    d = _offsets(n)
+    return ((d.abs() < stride) | (d % stride == 0))[None]
+
+
+def _fixed(n: int, num_heads: int, block: int = 4, summary: int = 1, num_summary_groups: int = 1) -> torch.Tensor:
+    """Sparse Transformer 'fixed', bidirectional: same block of l tokens, or a summary column.
+
+    Summary columns are the last ``summary`` positions of every block; with num_summary_groups = G > 1,
+    head h uses group h % G, counted back from the block end (the paper's per-head variant, as in
+    OpenAI's num_verts and DeepSpeed's num_different_global_patterns).
+    """
+    if block < 1 or summary < 1 or num_summary_groups < 1 or summary * num_summary_groups > block:
+        raise ValueError(f"fixed: need block >= 1, summary >= 1 and summary * num_summary_groups <= block "
+                         f"(got block={block}, summary={summary}, num_summary_groups={num_summary_groups})")
+    pos = torch.arange(n)
+    same_block = pos[:, None] // block == pos[None, :] // block
+    heads = num_heads if num_summary_groups > 1 else 1
+    masks = []
+    for h in range(heads):
+        end = block - (h % num_summary_groups) * summary
+        within = pos % block
+        is_summary = (within >= end - summary) & (within < end)
+        masks.append(same_block | is_summary[None, :])
+    return torch.stack(masks)
+
+
+def _longformer(n: int, num_heads: int, window: int = 11, global_tokens=(0, 64)) -> torch.Tensor:
+    """Sliding window of ``window`` keys plus global tokens (attend to and attended by everything)."""
+    return _band_and_globals(n, window, global_tokens)[None]
+
+
+def _logsparse(n: int, num_heads: int, local_window: int = 1) -> torch.Tensor:
+    """Bidirectional LogSparse: |i - j| in {0, 1, 2, 4, 8, ...}, plus |i - j| < local_window."""
+    if local_window < 1:
+        raise ValueError(f"logsparse: local_window={local_window} must be >= 1")
+    d = _offsets(n).abs()
+    return (((d & (d - 1)) == 0) | (d < local_window))[None]
+
+
+def _bigbird(n: int, num_heads: int, window: int = 3, num_global: int = 2, num_random: int = 2,
+             seed: int = 0, per_head: bool = False) -> torch.Tensor:
+    """Token-level BigBird: window + the first ``num_global`` tokens global + ``num_random`` random keys
+    per non-global row, each drawn uniformly from all n keys (with replacement, so a row may get fewer
+    distinct ones) by a CPU generator seeded with ``seed``: fixed for the life of the model, as in
+    DeepSpeed. ``per_head`` gives each head its own draw (head 0's equals the shared draw)."""
+    if num_global < 0 or num_random < 0:
+        raise ValueError(f"bigbird: need num_global >= 0 and num_random >= 0 (got {num_global}, {num_random})")
+    heads = num_heads if per_head else 1
+    generator = torch.Generator().manual_seed(int(seed))
+    picks = torch.randint(0, n, (heads, n, num_random), generator=generator)
+    random_keys = torch.zeros(heads, n, n, dtype=torch.bool).scatter_(-1, picks, True)
+    random_keys[:, :num_global] = False  # global rows already see everything
+    return _band_and_globals(n, window, range(num_global))[None] | random_keys
+
+
+def _star(n: int, num_heads: int, window: int = 3, global_tokens=(0,)) -> torch.Tensor:
+    """Star-Transformer as a BERT mask: ring of 3 (non-cyclic) plus the relay token 0 ([CLS])."""
+    return _band_and_globals(n, window, global_tokens)[None]
+
+
+_PATTERNS: dict[str, Callable[..., torch.Tensor]] = {
+    "dense": _dense, "no_diagonal": _no_diagonal, "strided": _strided, "fixed": _fixed,
+    "longformer": _longformer, "logsparse": _logsparse, "bigbird": _bigbird, "star": _star,
+}
+_RANDOM_PATTERNS = ("bigbird",)  # patterns that take ``seed`` (from config.pattern_seed)
+
+
+def pattern_parameters(name: str) -> dict[str, Any]:
+    """Default parameters of a pattern (every one settable via ``pattern_params``)."""
+    builder = _pattern_builder(name)
+    params = list(inspect.signature(builder).parameters.values())[2:]
+    defaults = {p.name: p.default for p in params}
+    defaults["drop_diagonal"] = False
+    return defaults
+
+
+def _pattern_builder(name: str) -> Callable[..., torch.Tensor]:
+    if name not in _PATTERNS:
+        raise ValueError(f"unknown attention pattern {name!r}; choose one of {', '.join(PATTERN_NAMES)}")
+    return _PATTERNS[name]
+
+
+def pattern_masks(name: str, seq_len: int, num_heads: int = 1, **params: Any) -> torch.Tensor:
+    """Pattern ``name`` at length ``seq_len`` as Bool[H', n, n], H' = num_heads for per-head patterns
+    (fixed with num_summary_groups > 1, bigbird with per_head=True), else 1.
+
+    ``drop_diagonal=True`` removes the main diagonal from any pattern (the paper's diagonal study).
+    """
+    builder = _pattern_builder(name)
+    allowed = pattern_parameters(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"pattern {name!r} has no parameter(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(allowed)}")
+    if seq_len < 1 or num_heads < 1:
+        raise ValueError(f"seq_len={seq_len} and num_heads={num_heads} must be >= 1")
+    drop_diagonal = bool(params.pop("drop_diagonal", False))
+    mask = builder(seq_len, num_heads, **params)
+    if drop_diagonal:
+        mask = mask & ~torch.eye(seq_len, dtype=torch.bool)
+    return mask
+
+
+def pattern_mask(name: str, seq_len: int, **params: Any) -> torch.Tensor:
+    """Pattern ``name`` as Bool[n, n] (head 0 of a per-head pattern)."""
+    return pattern_masks(name, seq_len, 1, **params)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring masks
+# ----------------------------------------------------------------------------------------------
+
+def sparsity(mask: torch.Tensor) -> float:
+    """Fraction of zeros (dropped query-key pairs) over every entry of ``mask``."""
+    return 1.0 - mask.bool().float().mean().item()
+
+
+def _as_layers_heads(mask: torch.Tensor) -> torch.Tensor:
+    """View a [n, n], [H, n, n] or [L, H, n, n] mask as bool [L, H, n, n]."""
+    if mask.dim() not in (2, 3, 4) or mask.shape[-1] != mask.shape[-2]:
+        raise ValueError(f"expected a square mask of shape [n, n], [H, n, n] or [L, H, n, n], got {tuple(mask.shape)}")
+    mask = mask.bool()
+    while mask.dim() < 4:
+        mask = mask[None]
+    return mask
+
+
+def sparsity_per_layer_head(mask: torch.Tensor) -> torch.Tensor:
+    """Float[L, H] fraction of zeros of each layer's and head's n x n mask."""
+    return 1.0 - _as_layers_heads(mask).float().mean(dim=(-1, -2))
+
+
+def sparsity_report(mask: torch.Tensor) -> str:
+    """Per-layer / per-head sparsity (%) as a text table, with head means, layer means and the total."""
+    table = 100.0 * sparsity_per_layer_head(mask)
+    num_layers, num_heads = table.shape
+    heads = " ".join(f"{'h' + str(h):>5}" for h in range(num_heads))
+    lines = [f"{'layer':>5} | {heads} |  mean"]
+    lines.append("-" * len(lines[0]))
+    for layer in range(num_layers):
+        row = " ".join(f"{v:5.1f}" for v in table[layer].tolist())
+        lines.append(f"{layer:>5} | {row} | {table[layer].mean().item():5.1f}")
+    lines.append("-" * len(lines[0]))
+    means = " ".join(f"{v:5.1f}" for v in table.mean(dim=0).tolist())
+    lines.append(f"{'mean':>5} | {means} | {100.0 * sparsity(mask):5.1f}")
+    return "\n".join(lines)
+
+
+def offset_keep_fraction(mask: torch.Tensor) -> torch.Tensor:
+    """Float[..., n]: fraction of kept entries on the diagonals |i - j| = 0 .. n-1 (leading dims kept).
+
+    The paper's 'the diagonal is the least important position' shows up as a low value at offset 0.
+    """
+    n = mask.shape[-1]
+    d = _offsets(n).abs().flatten().to(mask.device)
+    counts = torch.bincount(d, minlength=n).float()
+    flat = mask.float().flatten(-2)
+    kept = torch.zeros(*flat.shape[:-1], n, device=mask.device).index_add_(-1, d, flat)
+    return kept / counts
+
+
+def block_layout(mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Bool[..., n/b, n/b]: a block is on when any of its b x b entries is kept (what a block-sparse
+    kernel would still have to compute)."""
+    n = mask.shape[-1]
+    if n % block_size:
+        raise ValueError(f"seq len {n} is not a multiple of block_size {block_size}")
+    nb = n // block_size
+    blocks = mask.bool().reshape(*mask.shape[:-2], nb, block_size, nb, block_size)
+    return blocks.any(dim=-1).any(dim=-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask modules
+# ----------------------------------------------------------------------------------------------
+
+class AttentionMask(nn.Module):
+    """Base: ``forward(seq_len)`` -> keep values Float[L', H', s, s]; ``penalty()`` -> fp32 scalar."""
+
+    def __init__(self, seq_len: int, num_layers: int, num_heads: int):
+        super().__init__()
+        self.seq_len, self.num_layers, self.num_heads = seq_len, num_layers, num_heads
+
+    def _check_seq_len(self, seq_len: int) -> None:
+        if not 1 <= seq_len <= self.seq_len:
+            raise ValueError(f"input length {seq_len} exceeds the attention mask's mask_seq_length {self.seq_len}; "
+                             f"set mask_seq_length >= {seq_len} in bert_config.json (or shorten the inputs)")
+
+    def penalty(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float32, device=self._device())
+
+    def binarize(self) -> torch.Tensor:
+        """Deterministic Bool[L', H', n, n] mask at the full mask_seq_length."""
+        raise NotImplementedError
+
+    def full_mask(self) -> torch.Tensor:
+        """Bool[num_layers, num_heads, n, n]: ``binarize()`` broadcast over shared layers / heads."""
+        mask = self.binarize()
+        return mask.expand(self.num_layers, self.num_heads, self.seq_len, self.seq_len).clone()
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata written into exported mask files."""
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        tensor = next(iter(self.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+
+class FixedMask(AttentionMask):
+    """A fixed binary mask (a pattern or a loaded mask file): a non-persistent buffer, no parameters,
+    zero penalty, identical in training and evaluation."""
+
+    def __init__(self, mask: torch.Tensor, num_layers: int, num_heads: int, metadata: dict[str, Any]):
+        mask = _as_layers_heads(mask)
+        if mask.shape[0] not in (1, num_layers) or mask.shape[1] not in (1, num_heads):
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {num_layers} layers x {num_heads} heads")
+        super().__init__(mask.shape[-1], num_layers, num_heads)
+        self.register_buffer("keep", mask.float(), persistent=False)
+        self.metadata = dict(metadata)
+
+    def forward(self, seq_len: int) -> torch.Tensor:
+        self._check_seq_len(seq_len)
+        return self.keep[..., :seq_len, :seq_len]
+
+    def binarize(self) -> torch.Tensor:
+        return self.keep > 0.5
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.metadata)
+
+    def extra_repr(self) -> str:
+        return f"{self.metadata.get('mode')}, shape={tuple(self.keep.shape)}, sparsity={sparsity(self.keep):.4f}"
+
+
+def _gate_index(mode: str, seq_len: int, block_size: int, symmetric: bool) -> tuple[torch.Tensor, int]:
+    """Long[n, n] index of the gate that controls each (i, j) entry, and the number of gates per head.
+
+    dam_s: gate = |i//b - j//b| (one per (block) offset, a symmetric Toeplitz mask).
+    dam_u: gate = (i//b, j//b) (one per (block) pair); symmetric: the unordered pair, packed upper
+    triangle, so the mask and its noise are both symmetric and there are no unused logits.
+    """
+    if block_size < 1 or seq_len % block_size:
+        raise ValueError(f"dam_block_size={block_size} must be >= 1 and divide mask_seq_length={seq_len}")
+    nb = seq_len // block_size
+    blk = torch.arange(seq_len) // block_size
+    qb, kb = blk[:, None], blk[None, :]
+    if mode == "dam_s":
+        return (qb - kb).abs(), nb
+    if symmetric:
+        lo, hi = torch.minimum(qb, kb), torch.maximum(qb, kb)
+        return lo * nb - lo * (lo - 1) // 2 + (hi - lo), nb * (nb + 1) // 2
+    return qb * nb + kb, nb * nb
+
+
+class DifferentiableMask(AttentionMask):
+    """SparseBERT's Differentiable Attention Mask (DAM_u / DAM_s).
+
+    ``mask_logits`` a: Float[L', H, P], L' = 1 when shared across layers (the released code), P gates
+    per head (see ``_gate_index``). Keep probability sigma(a); init a ~ N(0, init_std^2), i.e. ~0.5.
+
+    Training: a fresh hard Gumbel-sigmoid sample per forward, m = 1[a + G' - G'' > 0] (G' - G'' is
+    Logistic(0, 1), so P(keep) = sigma(a)), with the straight-through gradient of the soft sample
+    sigma((a + G' - G'') / tau). Eval mode or ``freeze()``: deterministic 1[sigma(a) > 0.5] = 1[a > 0].
+
+    ``penalty()`` = lambda * sum of every entry of the last forward's [L', H, s, s] mask, unnormalised
+    and in fp32 (the released code's L1). With a shared mask it sums the one shared [H, s, s] mask,
+    as the released code did, not L copies of it.
+    """
+
+    def __init__(self, mode: str, seq_len: int, num_layers: int, num_heads: int, *, penalty_weight: float = 0.0,
+                 temperature: float = 1.0, temperature_final: float | None = None,
+                 temperature_schedule: str = "constant", init_std: float = 1e-3,
+                 share_across_layers: bool = False, symmetric: bool = False, block_size: int = 1):
+        if mode not in DAM_MODES:
+            raise ValueError(f"unknown DAM mode {mode!r}; choose one of {', '.join(DAM_MODES)}")
+        if temperature_schedule not in TEMPERATURE_SCHEDULES:
+            raise ValueError(f"dam_temperature_schedule={temperature_schedule!r}; choose one of "
+                             f"{', '.join(TEMPERATURE_SCHEDULES)}")
+        if temperature <= 0 or (temperature_final is not None and temperature_final <= 0):
+            raise ValueError(f"dam_temperature={temperature} and dam_temperature_final={temperature_final} must be > 0")
+        if penalty_weight < 0 or init_std < 0:
+            raise ValueError(f"dam_lambda={penalty_weight} and dam_init_std={init_std} must be >= 0")
+        super().__init__(seq_len, num_layers, num_heads)
+        index, num_gates = _gate_index(mode, seq_len, block_size, symmetric)
+        self.register_buffer("gate_index", index, persistent=False)
+        self.mode, self.penalty_weight, self.init_std = mode, float(penalty_weight), float(init_std)
+        self.share_across_layers, self.symmetric, self.block_size = share_across_layers, symmetric, block_size
+        self.temperature_initial = float(temperature)
+        self.temperature_final = float(temperature if temperature_final is None else temperature_final)
+        self.temperature_schedule = temperature_schedule
+        self.temperature = self.temperature_initial
+        self.frozen = False
+        layers = 1 if share_across_layers else num_layers
+        self.mask_logits = nn.Parameter(torch.empty(layers, num_heads, num_gates))
+        self.reset_parameters()
+        self._last_gates: torch.Tensor | None = None
+        self._last_seq_len = seq_len
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.mask_logits.normal_(0.0, self.init_std)
+
+    # -- temperature ---------------------------------------------------------------------------
+    def temperature_at(self, progress: float) -> float:
+        """tau after ``progress`` in [0, 1] of training: constant, linear or exponential (geometric)
+        interpolation from dam_temperature to dam_temperature_final."""
+        p = min(max(float(progress), 0.0), 1.0)
+        start, end = self.temperature_initial, self.temperature_final
+        if self.temperature_schedule == "linear":
+            return start + (end - start) * p
+        if self.temperature_schedule == "exponential":
+            return start * (end / start) ** p
+        return start
+
+    def set_progress(self, progress: float) -> None:
+        """Anneal: set the sampling temperature for training progress ``progress`` (step / total)."""
+        self.temperature = self.temperature_at(progress)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def freeze(self) -> "DifferentiableMask":
+        """Fix the mask at 1[sigma(a) > 0.5] for fine-tuning: no noise, logits stop learning."""
+        self.frozen = True
+        self.mask_logits.requires_grad_(False)
+        return self
+
+    def sample_gates(self) -> torch.Tensor:
+        """Float32[L', H, P] gate values: a straight-through hard sample in training, else deterministic."""
+        with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
+            logits = self.mask_logits.float()
+            if self.frozen or not self.training:
+                return (logits > 0).float()
+            u = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
+            noisy = logits + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1) = G' - G''
+            soft = torch.sigmoid(noisy / self.temperature)
+            hard = (noisy > 0).float()
+            return hard + soft - soft.detach()
+
+    def forward(self, seq_len: int) -> torch.Tensor:
+        self._check_seq_len(seq_len)
+        gates = self.sample_gates()
+        self._last_gates, self._last_seq_len = gates, seq_len
+        return gates[:, :, self.gate_index[:seq_len, :seq_len]]
+
+    def penalty(self) -> torch.Tensor:
+        """lambda * sum(M) of the last forward's mask, fp32; Sum over cells = Sum over gates of gate x
+        (number of cells it controls), which is exact and avoids keeping the expanded mask."""
+        if self._last_gates is None:
+            return torch.zeros((), dtype=torch.float32, device=self.mask_logits.device)
+        with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
+            index = self.gate_index[:self._last_seq_len, :self._last_seq_len].flatten()
+            cells = torch.bincount(index, minlength=self.mask_logits.shape[-1]).float()
+            return self.penalty_weight * (self._last_gates.float() * cells).sum()
+
+    def keep_probability(self) -> torch.Tensor:
+        """Float[L', H, n, n] sigma(a) per entry (no noise)."""
+        return torch.sigmoid(self.mask_logits.detach().float())[:, :, self.gate_index]
+
+    def binarize(self) -> torch.Tensor:
+        return (self.mask_logits.detach() > 0)[:, :, self.gate_index]
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": self.mode, "lambda": self.penalty_weight, "temperature": self.temperature,
+                "temperature_schedule": self.temperature_schedule, "share_across_layers": self.share_across_layers,
+                "symmetric": self.symmetric, "block_size": self.block_size, "init_std": self.init_std}
+
+    def extra_repr(self) -> str:
+        return (f"{self.mode}, logits={tuple(self.mask_logits.shape)}, lambda={self.penalty_weight}, "
+                f"tau={self.temperature:g}, block_size={self.block_size}, frozen={self.frozen}")
+
+
+# ----------------------------------------------------------------------------------------------
+# From a config
+# ----------------------------------------------------------------------------------------------
+
+def build_attention_mask(config: Any) -> AttentionMask | None:
+    """The mask module for a BertConfig-like object, or None for dense attention.
+
+    Reads attention_mask_type, mask_seq_length, num_hidden_layers, num_attention_heads and the
+    fields of the chosen mode (pattern_params / pattern_seed, dam_*, attention_mask_file).
+    """
+    kind = getattr(config, "attention_mask_type", "dense")
+    n = int(getattr(config, "mask_seq_length", 128))
+    layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    if kind not in MASK_TYPES:
+        raise ValueError(f"attention_mask_type={kind!r} is unknown; choose one of {', '.join(MASK_TYPES)}")
+    if n < 1:
+        raise ValueError(f"mask_seq_length={n} must be >= 1")
+    if kind == "dense":
+        return None
+    if kind in PATTERN_NAMES:
+        params = dict(getattr(config, "pattern_params", None) or {})
+        if kind in _RANDOM_PATTERNS:
+            if "seed" in params:
+                raise ValueError("set the BigBird seed with pattern_seed, not pattern_params['seed']")
+            params["seed"] = int(getattr(config, "pattern_seed", 0))
+        mask = pattern_masks(kind, n, heads, **params)
+        return FixedMask(mask, layers, heads, {"mode": kind, "pattern_params": params})
+    if kind == "file":
+        return load_mask_module(getattr(config, "attention_mask_file", None), n, layers, heads)
+    return DifferentiableMask(
+        kind, n, layers, heads,
+        penalty_weight=float(getattr(config, "dam_lambda", 0.0)),
+        temperature=float(getattr(config, "dam_temperature", 1.0)),
+        temperature_final=getattr(config, "dam_temperature_final", None),
+        temperature_schedule=getattr(config, "dam_temperature_schedule", "constant"),
+        init_std=float(getattr(config, "dam_init_std", 1e-3)),
+        share_across_layers=bool(getattr(config, "dam_share_across_layers", False)),
+        symmetric=bool(getattr(config, "dam_symmetric", False)),
+        block_size=int(getattr(config, "dam_block_size", 1)))
+
+
+def load_mask_module(path: str | os.PathLike | None, seq_len: int, num_layers: int, num_heads: int) -> FixedMask:
+    """A frozen FixedMask from a mask file, checked against the model's layers, heads and length."""
+    if not path:
+        raise ValueError('attention_mask_type="file" needs attention_mask_file (a .safetensors mask from export_mask)')
+    mask, metadata = load_mask_file(path)
+    layers, heads, n, _ = mask.shape
+    if layers not in (1, num_layers) or heads not in (1, num_heads) or n != seq_len:
+        raise ValueError(f"mask file {path} holds a mask of shape {list(mask.shape)}, expected "
+                         f"[{num_layers} (or 1), {num_heads} (or 1), {seq_len}, {seq_len}] for this model "
+                         f"(num_hidden_layers, num_attention_heads, mask_seq_length)")
+    metadata = {**metadata, "source_file": str(path), "source_mode": metadata.get("mode"), "mode": "file"}
+    return FixedMask(mask, num_layers, num_heads, metadata)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask files: <name>.safetensors (bool "mask" [L, H, n, n], metadata as JSON inside) plus a
+# human-readable <name>.json sidecar with the same metadata. Loading reads only the .safetensors.
+# ----------------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_mask_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"mask file {path} must end in .safetensors")
+    return path
+
+
+def mask_statistics(mask: torch.Tensor) -> dict[str, Any]:
+    table = sparsity_per_layer_head(mask)
+    return {"shape": list(mask.shape), "seq_len": mask.shape[-1], "sparsity": sparsity(mask),
+            "sparsity_per_layer": table.mean(dim=1).tolist(), "sparsity_per_head": table.tolist()}
+
+
+def save_mask_file(path: str | os.PathLike, mask: torch.Tensor, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write bool ``mask`` [L, H, n, n] and its metadata (user fields + sparsity statistics) atomically.
+    Returns the metadata written."""
+    from safetensors.torch import save_file
+
+    path = _check_mask_path(path)
+    if mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
+        raise ValueError(f"a mask file holds a square [layers, heads, n, n] mask, got shape {tuple(mask.shape)}")
+    mask = mask.detach().bool().cpu().contiguous()
+    meta = {**(metadata or {}), **mask_statistics(mask), "format": MASK_FILE_FORMAT}
+    try:
+        text = json.dumps(meta, sort_keys=True)
+    except TypeError as err:
+        raise ValueError(f"mask metadata must be JSON-serialisable: {err}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda tmp: save_file({MASK_FILE_KEY: mask}, tmp, metadata={MASK_METADATA_KEY: text}))
+    sidecar = path.with_suffix(".json")
+    _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    return meta
+
+
+def load_mask_file(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(bool mask [L, H, n, n], metadata) from a file written by ``save_mask_file``; no pickle."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file {path} not found (write one with attention_masks.export_mask "
+                                f"or `python attention_masks.py export`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys, header = list(f.keys()), f.metadata() or {}
+            mask = f.get_tensor(MASK_FILE_KEY) if MASK_FILE_KEY in keys else None
+    except Exception as err:  # safetensors raises several error types for a corrupt header
+        raise ValueError(f"mask file {path} is not a readable safetensors file: {err}") from None
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
+        raise ValueError(f"mask file {path} must hold a bool tensor {MASK_FILE_KEY!r} of shape [layers, heads, n, n]")
+    try:
+        metadata = json.loads(header.get(MASK_METADATA_KEY, "{}"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"mask file {path} has corrupt metadata: {err}") from None
+    return mask, metadata
+
+
+def find_mask_module(model_or_mask: nn.Module) -> AttentionMask:
+    if isinstance(model_or_mask, AttentionMask):
+        return model_or_mask
+    found = [m for m in model_or_mask.modules() if isinstance(m, AttentionMask)]
+    if not found:
+        raise ValueError("the model has no attention mask to export (attention_mask_type is 'dense')")
+    return found[0]
+
+
+def export_mask(model_or_mask: nn.Module, path: str | os.PathLike, **metadata: Any) -> dict[str, Any]:
+    """Binarise a model's (or mask module's) mask at 1[sigma(a) > 0.5] and write it as a mask file
+    [num_layers, num_heads, n, n]; ``metadata`` (e.g. step=...) is added to the module's own."""
+    module = find_mask_module(model_or_mask)
+    return save_mask_file(path, module.full_mask(), {**module.describe(), **metadata})
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: pattern table, mask-file report, export from a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def _export_from_checkpoint(checkpoint: str, config_path: str, out: str, step: int | None) -> dict[str, Any]:
+    import modeling  # lazily: attention_masks does not depend on modeling
+
+    config = modeling.BertConfig.from_json_file(config_path)
+    module = build_attention_mask(config)
+    if not isinstance(module, DifferentiableMask):
+        raise ValueError(f"{config_path} sets attention_mask_type={config.attention_mask_type!r}; export needs dam_u or dam_s")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {checkpoint}: {err}") from None
+    state = state.get("model", state) if isinstance(state, dict) else {}
+    keys = [k for k in state if k.endswith("sparse_mask.mask_logits")]
+    if not keys:
+        raise ValueError(f"checkpoint {checkpoint} has no '*sparse_mask.mask_logits' (not a DAM search run)")
+    logits = state[keys[0]]
+    if logits.shape != module.mask_logits.shape:
+        raise ValueError(f"checkpoint {checkpoint}: mask_logits shape {list(logits.shape)} does not match "
+                         f"{list(module.mask_logits.shape)} from {config_path}")
+    module.mask_logits.data.copy_(logits)
+    extra = {"source_checkpoint": str(checkpoint)}
+    if step is not None:
+        extra["step"] = step
+    return export_mask(module, out, **extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("patterns", help="print every pattern's sparsity at --seq_len")
+    p.add_argument("--seq_len", type=int, default=128)
+    p = sub.add_parser("report", help="print a mask file's per-layer / per-head sparsity table")
+    p.add_argument("mask_file")
+    p = sub.add_parser("export", help="binarise the DAM logits of a checkpoint into a mask file")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--config", required=True, help="bert_config.json of the search run")
+    p.add_argument("--out", required=True, help="output .safetensors path")
+    p.add_argument("--step", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "patterns":
+        for name in PATTERN_NAMES:
+            print(f"{name:12s} {100 * sparsity(pattern_mask(name, args.seq_len)):6.2f}%  {pattern_parameters(name)}")
+    elif args.command == "report":
+        mask, metadata = load_mask_file(args.mask_file)
+        print(json.dumps({k: v for k, v in metadata.items() if not k.startswith("sparsity_per")}, sort_keys=True))
+        print(sparsity_report(mask))
+    else:
+        meta = _export_from_checkpoint(args.checkpoint, args.config, args.out, args.step)
+        print(f"wrote {args.out}: shape {meta['shape']}, sparsity {100 * meta['sparsity']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
