@@ -1,0 +1,716 @@
+"""BERT with a pluggable per-layer sparse attention mask (SparseBERT).
+
+Module and parameter names follow NVIDIA's DeepLearningExamples BERT so its checkpoints load as
+they are (`dense_act` for the intermediate / pooler / MLM-transform linears, tied MLM decoder,
+separate `cls.predictions.bias`). Hugging Face BERT weights load through a name mapping.
+
+Attention runs through `scaled_dot_product_attention`, so CUDA picks flash / memory-efficient
+kernels. Padding and the sparse mask (see `attention_masks.py`) are both additive biases on the
+scores: 0 where a key is kept, -10000 where it is dropped, as NVIDIA's BERT and the SparseBERT code
+do. Because the bias is finite, a query row whose every key is dropped still gets a finite softmax
+(uniform over its dropped keys) instead of NaN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import attention_masks
+from utils import atomic_path, atomic_write_text, safe_torch_load
+
+logger = logging.getLogger(__name__)
+
+MASKED_BIAS = -10000.0  # additive score bias for a dropped key (NVIDIA / SparseBERT value)
+MASK_TYPES = ("dense", *[p for p in attention_masks.PATTERN_NAMES if p != "dense"], "dam_u", "dam_s", "file")
+TEMPERATURE_SCHEDULES = ("constant", "linear", "exponential")
+CONFIG_NAMES = ("bert_config.json", "config.json")
+WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+
+ACT2FN = {
+    "gelu": F.gelu,  # exact erf GELU, as the original BERT
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+# Fields that configure the attention mask. An unknown key that looks like one of these is a typo
+# the user must hear about; other unknown keys (e.g. a Hugging Face config.json's extras) are kept.
+MASK_FIELD_PREFIXES = ("attention_mask", "mask_", "dam_", "pattern_")
+
+
+# ============================================================================ config
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    # --- attention mask (SparseBERT) ---
+    attention_mask_type: str = "dense"
+    mask_seq_length: int = 128
+    dam_lambda: float = 0.0
+    dam_temperature: float = 1.0
+    dam_temperature_final: float | None = None
+    dam_temperature_schedule: str = "constant"
+    dam_init_std: float = 1e-3
+    dam_share_across_layers: bool = False
+    dam_symmetric: bool = False
+    dam_block_size: int = 1
+    attention_mask_file: str | None = None
+    pattern_params: dict = field(default_factory=dict)
+    pattern_seed: int = 0
+    # Keys we do not use but keep for a faithful round trip (e.g. HF's "model_type").
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_values()
+
+    # -- validation: every error names the field and what is allowed
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            expected = _FIELD_TYPES[f.name]
+            if value is None and f.name in _OPTIONAL_FIELDS:
+                continue
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ValueError(
+                    f"bert_config field '{f.name}' must be {expected.__name__}, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+
+    def _check_values(self) -> None:
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                    "mask_seq_length", "dam_block_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"bert_config field '{name}' must be > 0, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"bert_config field 'num_attention_heads' ({self.num_attention_heads}) must divide "
+                f"'hidden_size' ({self.hidden_size})"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"bert_config field '{name}' must be in [0, 1), got {getattr(self, name)}")
+        _check_choice("hidden_act", self.hidden_act, tuple(ACT2FN))
+        _check_choice("attention_mask_type", self.attention_mask_type, MASK_TYPES)
+        _check_choice("dam_temperature_schedule", self.dam_temperature_schedule, TEMPERATURE_SCHEDULES)
+        if self.dam_lambda < 0:
+            raise ValueError(f"bert_config field 'dam_lambda' must be >= 0 (e.g. 1e-4 ... 1e-1), got {self.dam_lambda}")
+        if self.dam_temperature <= 0 or (self.dam_temperature_final is not None and self.dam_temperature_final <= 0):
+            raise ValueError("bert_config fields 'dam_temperature' / 'dam_temperature_final' must be > 0")
+        if self.dam_init_std < 0:
+            raise ValueError(f"bert_config field 'dam_init_std' must be >= 0, got {self.dam_init_std}")
+        if self.attention_mask_type != "dense" and self.mask_seq_length > self.max_position_embeddings:
+            raise ValueError(
+                f"bert_config field 'mask_seq_length' ({self.mask_seq_length}) must be <= "
+                f"'max_position_embeddings' ({self.max_position_embeddings})"
+            )
+        if self.mask_seq_length % self.dam_block_size:
+            raise ValueError(
+                f"bert_config field 'dam_block_size' ({self.dam_block_size}) must divide "
+                f"'mask_seq_length' ({self.mask_seq_length})"
+            )
+        if self.attention_mask_type == "file" and not self.attention_mask_file:
+            raise ValueError(
+                "bert_config: attention_mask_type 'file' needs 'attention_mask_file' (a mask file "
+                "written by run_pretraining.py --export_mask)"
+            )
+
+    # -- (de)serialisation
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BertConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs, extra = {}, dict(data.get("extra", {}))
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key.startswith(MASK_FIELD_PREFIXES):
+                mask_fields = sorted(k for k in known if k.startswith(MASK_FIELD_PREFIXES))
+                raise ValueError(f"bert_config: unknown attention-mask field '{key}'; known fields: {', '.join(mask_fields)}")
+            elif key != "extra":
+                extra[key] = value
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "BertConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist: pass --config_file pointing at a bert_config.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"config file {path} is not valid JSON ({exc}); fix the file") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a JSON object of BERT fields")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        data.update(self.extra)
+        return data
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, self.to_json_string())
+
+    def replace(self, **changes: Any) -> "BertConfig":
+        """A validated copy with some fields changed (command-line overrides)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: the vocab padded to a multiple of 8 (tensor-core friendly, as NVIDIA)."""
+        return math.ceil(self.vocab_size / 8) * 8
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+_OPTIONAL_FIELDS = {"dam_temperature_final", "attention_mask_file"}
+_FIELD_TYPES = {
+    "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
+    "intermediate_size": int, "hidden_act": str, "hidden_dropout_prob": float,
+    "attention_probs_dropout_prob": float, "max_position_embeddings": int, "type_vocab_size": int,
+    "initializer_range": float, "layer_norm_eps": float, "attention_mask_type": str,
+    "mask_seq_length": int, "dam_lambda": float, "dam_temperature": float,
+    "dam_temperature_final": float, "dam_temperature_schedule": str, "dam_init_std": float,
+    "dam_share_across_layers": bool, "dam_symmetric": bool, "dam_block_size": int,
+    "attention_mask_file": str, "pattern_params": dict, "pattern_seed": int,
+}
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"bert_config field '{name}' is {value!r}; allowed: {', '.join(allowed)}")
+
+
+# ============================================================================ modules
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        embeddings = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+                      + self.token_type_embeddings(token_type_ids))
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+
+    def forward(self, hidden: torch.Tensor, score_bias: torch.Tensor | None) -> torch.Tensor:
+        batch, seq_len, width = hidden.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [B, n, H*d] -> [B, H, n, d]
+            return x.view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
+
+        context = F.scaled_dot_product_attention(
+            heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden)),
+            attn_mask=score_bias, dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        return context.transpose(1, 2).reshape(batch, seq_len, width)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden: torch.Tensor, score_bias: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(hidden, score_bias), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense_act = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense_act(hidden))
+
+
+class BertOutput(BertSelfOutput):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden: torch.Tensor, score_bias: torch.Tensor | None) -> torch.Tensor:
+        attended = self.attention(hidden, score_bias)
+        return self.output(self.intermediate(attended), attended)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.checkpoint_activations = False
+
+    def forward(self, hidden: torch.Tensor, score_biases: list[torch.Tensor | None]) -> torch.Tensor:
+        for layer, bias in zip(self.layer, score_biases):
+            if self.checkpoint_activations and self.training:
+                hidden = checkpoint(layer, hidden, bias, use_reentrant=False)
+            else:
+                hidden = layer(hidden, bias)
+        return hidden
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense_act = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense_act(hidden[:, 0]))
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense_act = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense_act(hidden)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight  # tied, as in BERT
+        self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden)) + self.bias
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, word_embeddings)
+
+
+class BertOnlyNSPHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config, word_embeddings)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+
+# ============================================================================ models
+
+
+@dataclass
+class LoadReport:
+    """What `from_pretrained` could not match; empty lists mean an exact load."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    source: str
+
+
+class BertPreTrainedModel(nn.Module):
+    """Weight init, mask access and checkpoint I/O shared by every BERT model class."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.load_report: LoadReport | None = None
+
+    def init_weights(self) -> None:
+        # Every Linear / Embedding, the three `dense_act` layers included (NVIDIA's code skipped
+        # them by accident and left them at PyTorch's default init).
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def bert_model(self) -> "BertModel":
+        return self if isinstance(self, BertModel) else self.bert
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        """The learnable attention-mask logits (their own optimizer group: no decay, no trust ratio)."""
+        mask = self.bert_model.sparse_mask
+        return [p for p in mask.parameters() if p.requires_grad] if mask is not None else []
+
+    def mask_penalty(self) -> torch.Tensor:
+        """λ·ΣM of the mask sampled in the last forward pass, in fp32 (0 without a DAM mask)."""
+        mask = self.bert_model.sparse_mask
+        if mask is None:
+            return torch.zeros((), device=self.bert_model.embeddings.word_embeddings.weight.device)
+        return mask.penalty()
+
+    def set_checkpoint_activations(self, enabled: bool) -> None:
+        self.bert_model.encoder.checkpoint_activations = enabled
+
+    # -- checkpoint I/O
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, config: BertConfig | None = None, **model_kwargs: Any):
+        """Build the model and load NVIDIA / this project's / Hugging Face weights into it.
+
+        `path` is an NVIDIA checkpoint (`{"model": state_dict}`), a bare state-dict file, a
+        `.safetensors` file, or a folder holding `model.safetensors` / `pytorch_model.bin`. Without
+        `config`, `bert_config.json` or `config.json` next to the weights is read.
+        """
+        weights_file = resolve_weights_file(path)
+        if config is None:
+            config = find_config_beside(weights_file)
+        model = cls(config, **model_kwargs)
+        state_dict = read_state_dict(weights_file)
+        model.load_report = model.load_converted_state_dict(state_dict, source=str(weights_file))
+        return model
+
+    def load_converted_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> LoadReport:
+        """Map foreign names onto ours, check shapes, load, and report what did not match."""
+        own = self.state_dict()
+        converted = convert_state_dict(state_dict, own_keys=own.keys(), padded_vocab=self.config.padded_vocab_size)
+        for key, tensor in converted.items():
+            if key in own and own[key].shape != tensor.shape:
+                raise ValueError(
+                    f"{source}: '{key}' has shape {tuple(tensor.shape)} but this model needs "
+                    f"{tuple(own[key].shape)}; the checkpoint is for another architecture — use its own "
+                    f"bert_config.json"
+                )
+        result = self.load_state_dict(converted, strict=False)
+        # Mask logits absent from a plain BERT checkpoint start fresh, as intended; the tied
+        # decoder weight is restored through the embeddings.
+        missing = [k for k in result.missing_keys if "sparse_mask" not in k and not k.endswith("decoder.weight")]
+        report = LoadReport(missing, list(result.unexpected_keys), source)
+        if missing or report.unexpected_keys:
+            logger.warning("%s: missing keys %s; unexpected keys %s", source, missing, report.unexpected_keys)
+        return report
+
+    def save_pretrained(self, directory: str | os.PathLike, hf_format: bool = False) -> Path:
+        """Write `model.safetensors` + config (ours: `bert_config.json`; HF: `config.json`).
+
+        With `hf_format` the names, vocab rows and config follow Hugging Face's BERT, so
+        `transformers` loads the folder directly.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.endswith("cls.predictions.decoder.weight")}  # tied: stored once
+        if hf_format:
+            state = to_hf_state_dict(state, self.config.vocab_size)
+        with atomic_path(directory / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        if hf_format:
+            hf_config = {**self.config.to_dict(), "model_type": "bert", "architectures": [type(self).__name__]}
+            atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2, sort_keys=True))
+        else:
+            self.config.to_json_file(directory / "bert_config.json")
+        return directory
+
+
+class BertModel(BertPreTrainedModel):
+    """Embeddings → encoder (with the sparse mask in every layer) → pooler."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+        # The mask initialises its own logits (N(0, dam_init_std)); init_weights leaves it alone.
+        self.sparse_mask = attention_masks.build_attention_mask(config)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        hidden = self.embeddings(input_ids, token_type_ids)
+        hidden = self.encoder(hidden, self.score_biases(attention_mask, input_ids.size(1), hidden))
+        return hidden, self.pooler(hidden)
+
+    def score_biases(self, attention_mask: torch.Tensor | None, seq_len: int,
+                     hidden: torch.Tensor) -> list[torch.Tensor | None]:
+        """One additive score bias per layer: padding [B,1,1,n] plus the layer's sparse mask [H,n,n]."""
+        dtype = _compute_dtype(hidden)
+        padding = None
+        if attention_mask is not None:
+            padding = (1.0 - attention_mask[:, None, None, :].to(dtype)) * MASKED_BIAS  # [B, 1, 1, n]
+        if self.sparse_mask is None:
+            return [padding] * self.config.num_hidden_layers
+        keep = self.sparse_mask(seq_len)  # [L or 1, H or 1, n, n], 1 = keep
+        mask_bias = ((1.0 - keep) * MASKED_BIAS).to(dtype)
+        biases = []
+        for layer in range(self.config.num_hidden_layers):
+            layer_bias = mask_bias[layer if mask_bias.size(0) > 1 else 0].unsqueeze(0)
+            biases.append(layer_bias if padding is None else padding + layer_bias)
+        return biases
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: the autocast dtype when autocast is on (SDPA needs the bias to match)."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    """MLM + NSP heads. With `masked_lm_labels` the vocab projection runs only on masked rows."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                masked_lm_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        sequence_output, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
+        if masked_lm_labels is not None:
+            sequence_output = sequence_output[masked_lm_labels != -1]  # [num_masked, H]
+        return self.cls.predictions(sequence_output), self.cls.seq_relationship(pooled_output)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertOnlyMLMHead(config, self.bert.embeddings.word_embeddings)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
+        return self.cls.predictions(sequence_output)
+
+
+class BertForNextSentencePrediction(BertPreTrainedModel):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = BertOnlyNSPHead(config)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
+        return self.cls.seq_relationship(pooled_output)
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """Dropout + linear classifier on the pooled [CLS] vector (num_labels = 1: regression)."""
+
+    def __init__(self, config: BertConfig, num_labels: int = 2) -> None:
+        super().__init__(config)
+        self.num_labels = num_labels
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
+        return self.classifier(self.dropout(pooled_output))
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    def __init__(self, config: BertConfig, num_labels: int = 2) -> None:
+        super().__init__(config)
+        self.num_labels = num_labels
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
+        return self.classifier(self.dropout(sequence_output))
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """SQuAD head: start and end logits per token."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
+        start_logits, end_logits = self.qa_outputs(sequence_output).split(1, dim=-1)
+        return start_logits.squeeze(-1), end_logits.squeeze(-1)
+
+
+# ============================================================================ weight files and names
+
+
+def resolve_weights_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        for name in WEIGHT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path} holds no {' or '.join(WEIGHT_NAMES)}: point at a checkpoint file or a model folder")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: check --init_checkpoint / the model path")
+    return path
+
+
+def find_config_beside(weights_file: Path) -> BertConfig:
+    for name in CONFIG_NAMES:
+        candidate = weights_file.parent / name
+        if candidate.is_file():
+            return BertConfig.from_json_file(candidate)
+    raise FileNotFoundError(
+        f"no {' or '.join(CONFIG_NAMES)} next to {weights_file}: pass the config explicitly (--config_file)"
+    )
+
+
+def read_state_dict(weights_file: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file or a torch file loaded with weights_only (never unpickled)."""
+    if weights_file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights_file))
+    obj = safe_torch_load(weights_file)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # NVIDIA checkpoint / fine-tuning output
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{weights_file} is not a state dict (name → tensor) nor an NVIDIA checkpoint with 'model'")
+    return obj
+
+
+# Foreign → ours substring renames (Hugging Face and old TF-port names).
+_TO_OURS = (
+    (".gamma", ".weight"),
+    (".beta", ".bias"),
+    ("intermediate.dense.", "intermediate.dense_act."),
+    ("pooler.dense.", "pooler.dense_act."),
+    ("transform.dense.", "transform.dense_act."),
+)
+_VOCAB_ROW_KEYS = ("embeddings.word_embeddings.weight", "cls.predictions.bias", "cls.predictions.decoder.weight")
+_HEADLESS_ROOTS = ("embeddings.", "encoder.", "pooler.", "sparse_mask.")
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor], own_keys, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """Rename an NVIDIA / HF / DDP state dict to this model's keys and pad vocab rows to `padded_vocab`."""
+    own_keys = set(own_keys)
+    wants_prefix = any(k.startswith("bert.") for k in own_keys)
+    converted = {}
+    for key, tensor in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.endswith(("position_ids", "cls.predictions.decoder.bias")):
+            continue  # HF buffers / the HF alias of cls.predictions.bias
+        for old, new in _TO_OURS:
+            key = key.replace(old, new)
+        if wants_prefix and key.startswith(_HEADLESS_ROOTS):
+            key = "bert." + key
+        elif not wants_prefix:
+            key = key.removeprefix("bert.")
+        if key.endswith(_VOCAB_ROW_KEYS) and tensor.size(0) < padded_vocab:
+            pad = tensor.new_zeros((padded_vocab - tensor.size(0), *tensor.shape[1:]))
+            tensor = torch.cat([tensor, pad])
+        converted[key] = tensor
+    return converted
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """Our names → Hugging Face's (`dense_act` → `dense`), vocab rows trimmed to the real vocab."""
+    hf = {}
+    for key, tensor in state_dict.items():
+        if "sparse_mask" in key:
+            continue  # HF BERT has no attention mask parameters
+        key = key.replace(".dense_act.", ".dense.")
+        if key.endswith(_VOCAB_ROW_KEYS):
+            tensor = tensor[:vocab_size].contiguous()
+        hf[key] = tensor
+    if "cls.predictions.bias" in hf:
+        hf["cls.predictions.decoder.bias"] = hf["cls.predictions.bias"].clone()
+    return hf

