@@ -1,0 +1,274 @@
+"""Reading NVIDIA-format HDF5 pretraining shards for run_pretraining.py.
+
+`PretrainingDataset` holds one shard in memory (as NVIDIA's loader does) after checking it, and
+returns NVIDIA's item order `[input_ids, segment_ids, input_mask, masked_lm_labels,
+next_sentence_labels]` as int64, `masked_lm_labels` being -1 except at the stored masked positions.
+
+`PretrainingBatches` walks the shards the way NVIDIA's legacy loop does: per epoch the sorted file
+list is shuffled with `random.Random(seed + epoch)`, rank r of W reads file `(f_id*W + r) % n`,
+samples are shuffled within a file (here by a generator seeded with seed, epoch, file and rank),
+and the next file is loaded in a background thread while the current one trains. Its
+`state_dict()` records the exact next batch, so a resumed run continues where it stopped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+SHARD_SUFFIXES = (".hdf5", ".h5")
+# Dataset -> which width its second axis has ("seq", "pred", or none for [N]).
+SHARD_LAYOUT = {
+    "input_ids": "seq",
+    "input_mask": "seq",
+    "segment_ids": "seq",
+    "masked_lm_positions": "pred",
+    "masked_lm_ids": "pred",
+    "next_sentence_labels": None,
+}
+REMAKE_HINT = "recreate it with data/create_pretraining_data.py"
+
+
+class ShardError(ValueError):
+    """A pretraining shard that cannot be used; the message names the file and the problem."""
+
+
+def list_shards(input_dir: str | os.PathLike) -> list[str]:
+    """Sorted .hdf5/.h5 shards in a folder. As NVIDIA's loader, only names containing "training"
+    are taken when there are such names (so test shards beside them are left out). A single shard
+    file is also accepted."""
+    path = os.fspath(input_dir)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--input_dir {path!r} does not exist: pass the folder of HDF5 shards "
+                                f"written by data/create_pretraining_data.py")
+    shards = sorted(os.path.join(path, f) for f in os.listdir(path)
+                    if f.endswith(SHARD_SUFFIXES) and os.path.isfile(os.path.join(path, f)))
+    training = [f for f in shards if "training" in os.path.basename(f)]
+    if training:
+        return training
+    if not shards:
+        raise FileNotFoundError(f"--input_dir {path!r} has no .hdf5/.h5 shards: create them with "
+                                f"data/create_pretraining_data.py or data/bertPrep.py")
+    return shards
+
+
+def shard_index_for_rank(f_id: int, rank: int, world_size: int, num_files: int) -> int:
+    """Which file of the (shuffled) list rank `rank` reads at step `f_id` of an epoch (NVIDIA's rule,
+    with its extra offset when there are more ranks than files)."""
+    if world_size > num_files:
+        remainder = world_size % num_files
+        return (f_id * world_size + rank + remainder * f_id) % num_files
+    return (f_id * world_size + rank) % num_files
+
+
+def masked_lm_labels(positions: torch.Tensor, ids: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """[B, seq] int64 labels: -1 everywhere, ids at the masked positions. A row's valid entries end
+    at its first 0 position ([CLS] sits at 0 and is never masked, so 0 marks padding)."""
+    positions, ids = positions.long(), ids.long()
+    valid = torch.cumsum(positions == 0, dim=1) == 0
+    labels = torch.full((positions.shape[0], seq_length + 1), -1, dtype=torch.long)
+    # Padding entries all land in the extra last column, which is dropped.
+    labels.scatter_(1, torch.where(valid, positions, seq_length), torch.where(valid, ids, -1))
+    return labels[:, :seq_length]
+
+
+class PretrainingDataset(torch.utils.data.Dataset):
+    """One HDF5 shard, checked and held in memory."""
+
+    def __init__(self, path: str | os.PathLike, max_pred_length: int):
+        self.path = os.fspath(path)
+        self.max_pred_length = max_pred_length
+        self.arrays = {name: torch.from_numpy(a) for name, a in _read_shard(self.path, max_pred_length).items()}
+        self.seq_length = self.arrays["input_ids"].shape[1]
+
+    def __len__(self) -> int:
+        return len(self.arrays["next_sentence_labels"])
+
+    def batch(self, indices: torch.Tensor | Sequence[int]) -> list[torch.Tensor]:
+        """Rows `indices` as [input_ids, segment_ids, input_mask, masked_lm_labels, next_sentence_labels]."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        a = {name: t[index] for name, t in self.arrays.items()}
+        labels = masked_lm_labels(a["masked_lm_positions"], a["masked_lm_ids"], self.seq_length)
+        return [a["input_ids"].long(), a["segment_ids"].long(), a["input_mask"].long(), labels,
+                a["next_sentence_labels"].long()]
+
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
+        return [t[0] for t in self.batch([index])]
+
+
+def _read_shard(path: str, max_pred_length: int) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretraining shard {path!r} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [name for name in SHARD_LAYOUT if name not in f]
+            if missing:
+                raise ShardError(f"shard {path!r} lacks dataset(s) {', '.join(missing)} (it has "
+                                 f"{', '.join(sorted(f.keys())) or 'none'}): {REMAKE_HINT}")
+            for name in SHARD_LAYOUT:
+                if not isinstance(f[name], h5py.Dataset):
+                    raise ShardError(f"shard {path!r}: {name!r} is a group, not a dataset: {REMAKE_HINT}")
+            _check_layout(path, {name: (f[name].shape, f[name].dtype) for name in SHARD_LAYOUT},
+                          max_pred_length)
+            arrays = {name: np.asarray(f[name][:]) for name in SHARD_LAYOUT}
+    except ShardError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise ShardError(f"shard {path!r} cannot be read, it is probably truncated or corrupt "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): {REMAKE_HINT}") from None
+    _check_values(path, arrays)
+    return arrays
+
+
+def _check_layout(path: str, layout: dict[str, tuple[tuple, np.dtype]], max_pred_length: int) -> None:
+    n = layout["next_sentence_labels"][0][0] if layout["next_sentence_labels"][0] else 0
+    widths: dict[str, int] = {}
+    for name, kind in SHARD_LAYOUT.items():
+        shape, dtype = layout[name]
+        if dtype.kind not in "iu":
+            raise ShardError(f"shard {path!r}: {name} has dtype {dtype}, expected integers "
+                             f"(NVIDIA writes int32/int8): {REMAKE_HINT}")
+        expected_rank = 1 if kind is None else 2
+        if len(shape) != expected_rank or shape[0] != n:
+            raise ShardError(f"shard {path!r}: {name} has shape {shape}, expected "
+                             f"{'[N]' if kind is None else '[N, width]'} with N={n} as next_sentence_labels: "
+                             f"{REMAKE_HINT}")
+        if kind is not None:
+            if widths.setdefault(kind, shape[1]) != shape[1]:
+                raise ShardError(f"shard {path!r}: {name} has width {shape[1]} but other "
+                                 f"{'sequence' if kind == 'seq' else 'prediction'} datasets have "
+                                 f"{widths[kind]}: {REMAKE_HINT}")
+    if n == 0:
+        raise ShardError(f"shard {path!r} holds no instances: {REMAKE_HINT} from a non-empty text")
+    if widths["pred"] > max_pred_length:
+        raise ShardError(f"shard {path!r} has {widths['pred']} masked positions per sequence but "
+                         f"--max_predictions_per_seq is {max_pred_length}: pass "
+                         f"--max_predictions_per_seq {widths['pred']} (phase 2 shards use 80)")
+
+
+def _check_values(path: str, a: dict[str, np.ndarray]) -> None:
+    seq = a["input_ids"].shape[1]
+    positions = a["masked_lm_positions"]
+    if positions.size and (positions.min() < 0 or positions.max() >= seq):
+        raise ShardError(f"shard {path!r}: masked_lm_positions holds values outside [0, {seq}) "
+                         f"(min {positions.min()}, max {positions.max()}): {REMAKE_HINT}")
+    labels = a["next_sentence_labels"]
+    if labels.size and (labels.min() < 0 or labels.max() > 1):
+        raise ShardError(f"shard {path!r}: next_sentence_labels must be 0 or 1, found "
+                         f"{sorted(set(np.unique(labels).tolist()) - {0, 1})[:5]}: {REMAKE_HINT}")
+    if (a["input_ids"] < 0).any():
+        raise ShardError(f"shard {path!r}: input_ids holds negative ids: {REMAKE_HINT}")
+
+
+class PretrainingBatches:
+    """Endless, resumable stream of `(f_id, batch)` over the shards of one rank, epoch after epoch.
+
+    `batch` is `PretrainingDataset.batch` output (pinned when `pin_memory`). `epoch` and the
+    position within it are in `state_dict()`; `load_state_dict` makes the next batch exactly the
+    one that would have come next.
+    """
+
+    def __init__(self, files: Sequence[str], batch_size: int, max_pred_length: int, seed: int,
+                 rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
+                 prefetch: bool = True):
+        if not files:
+            raise ValueError("PretrainingBatches needs at least one shard (see list_shards)")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.files = sorted(os.fspath(f) for f in files)
+        self.batch_size = batch_size
+        self.max_pred_length = max_pred_length
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch = prefetch
+        self.epoch = 0
+        self.file_index = 0   # f_id within the epoch
+        self.batch_index = 0  # next batch within that file
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") if prefetch else None
+        self._pending: tuple[str, Future] | None = None
+
+    # ------------------------------------------------------------------ positions and files
+
+    def epoch_files(self, epoch: int) -> list[str]:
+        files = list(self.files)
+        random.Random(self.seed + epoch).shuffle(files)
+        return files
+
+    def file_for(self, epoch: int, f_id: int) -> str:
+        files = self.epoch_files(epoch)
+        return files[shard_index_for_rank(f_id, self.rank, self.world_size, len(files))]
+
+    def sample_order(self, epoch: int, f_id: int, n: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, f_id, self.rank])
+        return torch.from_numpy(rng.permutation(n))
+
+    def _next_position(self, epoch: int, f_id: int) -> tuple[int, int]:
+        return (epoch, f_id + 1) if f_id + 1 < len(self.files) else (epoch + 1, 0)
+
+    # ------------------------------------------------------------------ loading
+
+    def _load(self, path: str) -> PretrainingDataset:
+        if self._pending is not None and self._pending[0] == path:
+            future = self._pending[1]
+            self._pending = None
+            return future.result()
+        return PretrainingDataset(path, self.max_pred_length)
+
+    def _start_prefetch(self, path: str) -> None:
+        if self._pool is not None and (self._pending is None or self._pending[0] != path):
+            self._pending = (path, self._pool.submit(PretrainingDataset, path, self.max_pred_length))
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        while True:
+            epoch, f_id = self.epoch, self.file_index
+            dataset = self._load(self.file_for(epoch, f_id))
+            self._start_prefetch(self.file_for(*self._next_position(epoch, f_id)))
+            order = self.sample_order(epoch, f_id, len(dataset))
+            starts = range(self.batch_index * self.batch_size, len(dataset), self.batch_size)
+            for start in starts:
+                batch = dataset.batch(order[start:start + self.batch_size])
+                if self.pin_memory:
+                    batch = [t.pin_memory() for t in batch]
+                self.batch_index += 1
+                yield f_id, batch
+            self.epoch, self.file_index = self._next_position(epoch, f_id)
+            self.batch_index = 0
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints and strings (JSON- and weights_only-safe)."""
+        return {"epoch": self.epoch, "file_index": self.file_index, "batch_index": self.batch_index,
+                "seed": self.seed, "num_files": len(self.files), "world_size": self.world_size,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_files"] != len(self.files):
+            raise ValueError(f"the data position was saved with {state['num_files']} shards but "
+                             f"{len(self.files)} are given: resume with the same --input_dir")
+        self.epoch, self.file_index = int(state["epoch"]), int(state["file_index"])
+        self.batch_index = int(state["batch_index"])
+        changed = [k for k in ("seed", "world_size", "batch_size") if state[k] != getattr(self, k)]
+        if changed:
+            logger.warning("data position saved with other %s: resuming at the start of file %d of "
+                           "epoch %d instead of the exact batch", ", ".join(changed), self.file_index, self.epoch)
+            self.batch_index = 0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
