@@ -32,8 +32,8 @@ from utils import atomic_path, atomic_write_text, safe_torch_load
 logger = logging.getLogger(__name__)
 
 MASKED_BIAS = -10000.0  # additive score bias for a dropped key (NVIDIA / SparseBERT value)
-MASK_TYPES = ("dense", *[p for p in attention_masks.PATTERN_NAMES if p != "dense"], "dam_u", "dam_s", "file")
-TEMPERATURE_SCHEDULES = ("constant", "linear", "exponential")
+MASK_TYPES = attention_masks.MASK_TYPES
+TEMPERATURE_SCHEDULES = attention_masks.TEMPERATURE_SCHEDULES
 CONFIG_NAMES = ("bert_config.json", "config.json")
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 
