@@ -139,6 +139,39 @@ def any_rank(*flags: torch.Tensor | bool, device: torch.device) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> bool:
+    """Load `saved` into `optimizer` when its parameter layout fits; False (and fresh state) if not.
+
+    A two-group state (NVIDIA's decay / no-decay, no mask group) loads into our three groups when
+    those two match, with an empty mask-logits group added — the case that fails upstream with
+    "loaded state dict has a different number of parameter groups" (NVIDIA issue 651). Any other
+    mismatch (architecture, mask mode) keeps the fresh state and says so.
+    """
+    groups = saved.get("param_groups", [])
+    ours = optimizer.param_groups
+    if len(groups) == len(ours) - 1 and len(ours[-1]["params"]) == 0:
+        empty = {**groups[-1], "params": [], "weight_decay": 0.0}
+        if "name" in ours[-1]:
+            empty["name"] = ours[-1]["name"]
+        saved = {**saved, "param_groups": [*groups, empty]}
+        groups = saved["param_groups"]
+    if len(groups) != len(ours) or any(len(g["params"]) != len(o["params"]) for g, o in zip(groups, ours)):
+        logger.warning("optimizer state has groups of sizes %s, this model needs %s: starting the optimizer fresh",
+                       [len(g["params"]) for g in groups], [len(o["params"]) for o in ours])
+        return False
+    params = [p for group in ours for p in group["params"]]
+    ids = [i for group in groups for i in group["params"]]
+    for param, index in zip(params, ids):
+        moments = saved.get("state", {}).get(index, {})
+        for value in moments.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                logger.warning("optimizer state shape %s does not fit parameter %s: starting the optimizer fresh",
+                               tuple(value.shape), tuple(param.shape))
+                return False
+    optimizer.load_state_dict(saved)
+    return True
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -1,0 +1,465 @@
+"""BERT pretraining (MLM + NSP) with SparseBERT's attention-mask search.
+
+NVIDIA's HDF5-era command line and checkpoint layout, with LAMB, fp16 / bf16 autocast, DDP with
+gradient sync only after accumulation, exact resume (data position, RNG, DAM noise included),
+SIGTERM-safe stops and a bound on consecutive non-finite steps. The loss is
+MLM + NSP + model.mask_penalty() (λ·ΣM of the sampled DAM mask, 0 for other masks).
+
+    torchrun --nproc_per_node 8 run_pretraining.py --do_train --input_dir shards/ \
+        --config_file bert_config.json --output_dir results/checkpoints --attention_mask_type dam_s --lamb 1e-3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import attention_masks
+import pretraining_data
+import training
+from modeling import BertForPreTraining, read_state_dict, resolve_weights_file
+from optimization import build_lamb
+from schedulers import PolyWarmUpScheduler
+from utils import (MetricLogger, all_reduce_mean, autocast, get_rank, get_world_size, init_distributed,
+                   is_main_process, precision_dtype, seed_everything)
+
+logger = logging.getLogger("run_pretraining")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. too many non-finite steps); the message says why and what to do."""
+
+
+# ============================================================================ arguments
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # -- NVIDIA's flags (reference §1.1; SparseBERT's defaults where the fork changed them)
+    p.add_argument("--input_dir", required=True, help="folder of .hdf5 pretraining shards")
+    p.add_argument("--config_file", required=True, help="bert_config.json (model + attention-mask fields)")
+    p.add_argument("--bert_model", default="bert-large-uncased", help="informational, as in NVIDIA's script")
+    p.add_argument("--output_dir", required=True, help="where ckpt_<step>.pt and the mask file go")
+    p.add_argument("--vocab_file", default=None, help="WordPiece vocab; checked against the config's vocab_size")
+    p.add_argument("--init_checkpoint", default=None,
+                   help="warm-start weights (NVIDIA ckpt, state dict, HF folder); mask logits start fresh")
+    p.add_argument("--max_seq_length", type=int, default=128)
+    p.add_argument("--max_predictions_per_seq", type=int, default=20)
+    p.add_argument("--train_batch_size", type=int, default=32,
+                   help="sequences per GPU per optimizer step (after accumulation)")
+    p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--num_train_epochs", type=float, default=3.0, help="unused: the run is driven by steps")
+    p.add_argument("--max_steps", type=float, default=1000, help="optimizer steps of this phase")
+    p.add_argument("--warmup_proportion", type=float, default=0.01, help="warm-up fraction of max_steps")
+    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--fp16", action="store_true", help="fp16 autocast + dynamic loss scaling")
+    p.add_argument("--amp", action="store_true", help="same as --fp16")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (no loss scaling)")
+    p.add_argument("--loss_scale", type=float, default=0.0, help="0 = dynamic; > 0 = this scale, never grown")
+    p.add_argument("--init_loss_scale", type=float, default=2.0**20)
+    p.add_argument("--log_freq", type=float, default=1.0, help="log every N optimizer steps")
+    p.add_argument("--checkpoint_activations", action="store_true")
+    p.add_argument("--resume_from_checkpoint", action="store_true")
+    p.add_argument("--resume_step", type=int, default=-1, help="-1 = newest ckpt in output_dir")
+    p.add_argument("--num_steps_per_checkpoint", type=int, default=100)
+    p.add_argument("--skip_checkpoint", action="store_true")
+    p.add_argument("--phase2", action="store_true")
+    p.add_argument("--allreduce_post_accumulation", action="store_true",
+                   help="all-reduce gradients once per optimizer step (DDP no_sync on accumulation steps)")
+    p.add_argument("--allreduce_post_accumulation_fp16", action="store_true",
+                   help="all-reduce gradients in fp16 (bf16 under --bf16)")
+    p.add_argument("--phase1_end_step", type=int, default=7038)
+    p.add_argument("--do_train", action="store_true")
+    p.add_argument("--json-summary", dest="json_summary", default="results/dllogger.json")
+    p.add_argument("--use_env", action="store_true", help="accepted; LOCAL_RANK is always read from the environment")
+    p.add_argument("--disable_progress_bar", action="store_true")
+    p.add_argument("--steps_this_run", type=int, default=-1, help="stop after this many steps in this invocation")
+    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per rank")
+    # -- SparseBERT and this project
+    p.add_argument("--lamb", type=float, default=None, help="λ of the mask penalty (overrides dam_lambda)")
+    p.add_argument("--attention_mask_type", default=None,
+                   help="override the config: dense | a pattern | dam_u | dam_s | file")
+    p.add_argument("--export_mask", action="store_true", help="also write the binarised mask at every checkpoint")
+    p.add_argument("--max_bad_steps", type=int, default=25,
+                   help="stop after this many consecutive non-finite (skipped) optimizer steps")
+    p.add_argument("--no_cuda", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = p.parse_args(argv)
+    args.fp16 = args.fp16 or args.amp
+    args.max_steps = int(args.max_steps)
+    return args
+
+
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Every mistake a user can make on the command line, caught before anything is written."""
+    if not args.do_train:
+        raise ValueError("nothing to do: pass --do_train")
+    if args.fp16 and args.bf16:
+        raise ValueError("--fp16/--amp and --bf16 are mutually exclusive: pick one")
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
+    if args.train_batch_size < 1 or args.train_batch_size % args.gradient_accumulation_steps:
+        raise ValueError(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must divide --train_batch_size "
+            f"{args.train_batch_size} (the per-GPU batch after accumulation)")
+    if args.max_steps < 1:
+        raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
+    if not 0.0 <= args.warmup_proportion < 1.0:
+        raise ValueError(f"--warmup_proportion is a fraction of --max_steps in [0, 1), got {args.warmup_proportion}")
+    if args.log_freq <= 0 or args.num_steps_per_checkpoint < 1 or args.max_bad_steps < 1:
+        raise ValueError("--log_freq, --num_steps_per_checkpoint and --max_bad_steps must be positive")
+    if args.steps_this_run == 0 or args.steps_this_run < -1:
+        raise ValueError(f"--steps_this_run must be -1 (all of --max_steps) or >= 1, got {args.steps_this_run}")
+    if args.lamb is not None and args.lamb < 0:
+        raise ValueError(f"--lamb (λ of the mask penalty) must be >= 0, got {args.lamb}")
+    if not Path(args.input_dir).is_dir():
+        raise FileNotFoundError(f"--input_dir {args.input_dir} does not exist: point it at a folder of .hdf5 shards")
+
+
+def load_model_config(args: argparse.Namespace):
+    """The config with command-line overrides, checked against the sequence length and vocab."""
+    config = training.load_config(args.config_file, attention_mask_type=args.attention_mask_type, dam_lambda=args.lamb)
+    if args.max_seq_length > config.max_position_embeddings:
+        raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings} of {args.config_file}")
+    if config.attention_mask_type != "dense" and config.mask_seq_length < args.max_seq_length:
+        raise ValueError(
+            f"attention_mask_type '{config.attention_mask_type}' has mask_seq_length {config.mask_seq_length} < "
+            f"--max_seq_length {args.max_seq_length}: set mask_seq_length >= {args.max_seq_length} in {args.config_file}")
+    if args.vocab_file:
+        path = Path(args.vocab_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--vocab_file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            vocab_lines = sum(1 for _ in f)
+        if vocab_lines > config.vocab_size:
+            raise ValueError(f"--vocab_file {path} has {vocab_lines} tokens but {args.config_file} has vocab_size "
+                             f"{config.vocab_size}: use the vocab the config was made for, or fix vocab_size")
+    return config
+
+
+def check_sequence_length(shard: str, max_seq_length: int) -> None:
+    """The shards' sequence length must match --max_seq_length (phase-1 shards are 128, phase-2 512)."""
+    try:
+        with h5py.File(shard, "r") as f:
+            width = f["input_ids"].shape[1]
+    except (OSError, KeyError, IndexError) as exc:
+        raise ValueError(f"shard {shard} cannot be read ({exc}): recreate it with data/create_pretraining_data.py") from None
+    if width != max_seq_length:
+        raise ValueError(f"shard {shard} holds sequences of length {width} but --max_seq_length is "
+                         f"{max_seq_length}: pass --max_seq_length {width} or the matching --input_dir")
+
+
+# ============================================================================ pieces of a step
+
+
+def pretraining_loss(prediction_scores: torch.Tensor, seq_relationship_score: torch.Tensor,
+                     masked_lm_labels: torch.Tensor, next_sentence_labels: torch.Tensor) -> torch.Tensor:
+    """MLM cross-entropy over the masked rows plus NSP cross-entropy, in fp32 (NVIDIA's criterion)."""
+    mlm = F.cross_entropy(prediction_scores.float(), masked_lm_labels[masked_lm_labels != -1])
+    nsp = F.cross_entropy(seq_relationship_score.float(), next_sentence_labels.view(-1))
+    return mlm + nsp
+
+
+def mask_module(model: torch.nn.Module) -> attention_masks.AttentionMask | None:
+    return training.unwrap_model(model).bert.sparse_mask
+
+
+def deterministic_sparsity(model: torch.nn.Module) -> float:
+    """Sparsity of the mask used at evaluation (1[σ(a) > 0.5] for DAM), 0 for dense attention."""
+    module = mask_module(model)
+    return attention_masks.sparsity(module.binarize()) if module is not None else 0.0
+
+
+def write_mask(model: torch.nn.Module, path: Path, step: int, print_table: bool) -> None:
+    module = mask_module(model)
+    if module is None or not is_main_process():
+        return
+    attention_masks.export_mask(module, path, step=step)
+    if print_table:
+        print(f"attention-mask sparsity (%) at step {step}, written to {path}:\n"
+              f"{attention_masks.sparsity_report(module.full_mask())}", flush=True)
+
+
+# ============================================================================ set-up
+
+
+def build_model(args: argparse.Namespace, config, device: torch.device) -> BertForPreTraining:
+    model = BertForPreTraining(config)
+    if args.checkpoint_activations:
+        model.set_checkpoint_activations(True)
+    return model.to(device)
+
+
+def warm_start(model: BertForPreTraining, path: str) -> None:
+    """Weights from another BERT checkpoint; the attention mask keeps its fresh initialisation."""
+    state = read_state_dict(resolve_weights_file(path))
+    state = {k: v for k, v in state.items() if "sparse_mask" not in k}
+    report = model.load_converted_state_dict(state, source=str(path))
+    logger.info("warm start from %s (missing %d keys, unexpected %d)", path,
+                len(report.missing_keys), len(report.unexpected_keys))
+
+
+def resume_state(args: argparse.Namespace) -> tuple[int, Path, dict[str, Any]] | None:
+    """The checkpoint to resume from, or None for a fresh start; refuses to overwrite a run."""
+    existing = training.list_checkpoints(args.output_dir)
+    if not args.resume_from_checkpoint:
+        if existing:
+            raise ValueError(f"{args.output_dir} already holds checkpoints ({existing[-1][1].name}); pass "
+                             f"--resume_from_checkpoint to continue that run, or use another --output_dir")
+        return None
+    found = training.find_latest_checkpoint(args.output_dir, args.resume_step)
+    if found is None and args.phase2 and not args.init_checkpoint:
+        raise FileNotFoundError(f"--phase2 needs a phase-1 checkpoint in {args.output_dir} (or --init_checkpoint)")
+    return found
+
+
+def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str, Any]) -> tuple[int, bool]:
+    """(step within this phase, continue-in-phase?) for a checkpoint, as NVIDIA's phase-2 rules.
+
+    A phase-1 checkpoint loaded with --phase2 starts phase 2 at step 0 (schedule and optimizer
+    step reset, moments kept); a phase-2 checkpoint continues phase 2.
+    """
+    saved_phase2 = checkpoint.get("phase2")
+    if not args.phase2:
+        return int(checkpoint.get("global_step", resume_step)), True
+    if saved_phase2 is None:  # a foreign checkpoint: NVIDIA's arithmetic
+        step = max(resume_step - args.phase1_end_step, 0)
+        return step, step > 0
+    if saved_phase2:
+        return int(checkpoint["global_step"]), True
+    return 0, False
+
+
+def latest_checkpoint(output_dir: str) -> str:
+    found = training.list_checkpoints(output_dir)
+    return found[-1][1].name if found else "none"
+
+
+def checkpoint_name_step(args: argparse.Namespace, global_step: int) -> int:
+    """Phase-2 checkpoints continue phase 1's numbering (ckpt_<phase1_end_step + k>.pt)."""
+    return global_step + (args.phase1_end_step if args.phase2 else 0)
+
+
+# ============================================================================ training
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    validate_arguments(args)
+    device = init_distributed(args.local_rank, no_cuda=args.no_cuda)
+    rank, world_size = get_rank(), get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    seed_everything(args.seed + rank)
+    config = load_model_config(args)
+    shards = pretraining_data.list_shards(args.input_dir)
+    check_sequence_length(shards[0], args.max_seq_length)
+    found = resume_state(args)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    dtype = precision_dtype(args.fp16, args.bf16)
+    micro_batch = args.train_batch_size // args.gradient_accumulation_steps
+    accumulation = args.gradient_accumulation_steps
+
+    model = build_model(args, config, device)
+    optimizer = build_lamb(model, lr=args.learning_rate)
+    scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
+    grad_scaler = training.make_grad_scaler(device, enabled=args.fp16,
+                                            init_scale=args.loss_scale or args.init_loss_scale,
+                                            static=args.loss_scale > 0)
+    batches = pretraining_data.PretrainingBatches(
+        shards, batch_size=micro_batch, max_pred_length=args.max_predictions_per_seq, seed=args.seed,
+        rank=rank, world_size=world_size)
+
+    global_step, rng_states = 0, None
+    if found is not None:
+        resume_step, path, checkpoint = found
+        global_step, continuing = phase_step(args, resume_step, checkpoint)
+        model.load_converted_state_dict(checkpoint["model"], source=str(path))
+        if "optimizer" in checkpoint and training.load_optimizer_state(optimizer, checkpoint["optimizer"]):
+            if not continuing:  # a fresh phase: new schedule, bias correction restarts
+                for group in optimizer.param_groups:
+                    group["step"] = 0
+                    group["lr"] = args.learning_rate
+        if continuing:
+            if "grad_scaler" in checkpoint and args.fp16:
+                grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+            if "data" in checkpoint:
+                batches.load_state_dict(checkpoint["data"])
+            rng_states = checkpoint.get("rng")
+        logger.info("resumed from %s: phase step %d (%s)", path, global_step,
+                    "continuing" if continuing else "new phase: schedule reset")
+        del checkpoint
+    elif args.init_checkpoint:
+        warm_start(model, args.init_checkpoint)
+
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    compress = dtype if args.allreduce_post_accumulation_fp16 and dtype is not None else None
+    model = training.wrap_distributed(model, device, compress_dtype=compress)
+    sync_every_micro_step = not args.allreduce_post_accumulation
+    masks = mask_module(raw_model)
+    if isinstance(masks, attention_masks.DifferentiableMask):
+        masks.set_progress(global_step / args.max_steps)
+
+    target_step = args.max_steps
+    if args.steps_this_run > 0:
+        target_step = min(args.max_steps, global_step + args.steps_this_run)
+
+    metrics = MetricLogger(args.json_summary)
+    metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,
+                              "batch_size_per_gpu": micro_batch, "learning_rate": args.learning_rate,
+                              "world_size": world_size, "attention_mask_type": config.attention_mask_type,
+                              "dam_lambda": config.dam_lambda, "train_start": True})
+    if rng_states is not None and not training.restore_rng_states(rng_states):
+        logger.warning("checkpoint holds RNG states of %d ranks, this run has %d: RNG streams restart",
+                       len(rng_states), world_size)
+
+    model.train()
+    start_time = time.perf_counter()
+    meter = training.ThroughputMeter(device, warmup_steps=4 if not args.phase2 else 10)
+    progress = tqdm(total=args.max_steps, initial=global_step, desc="pretraining", unit="step",
+                    disable=not is_main_process() or args.disable_progress_bar)
+    zero = torch.zeros((), device=device)
+    window_loss, window_penalty, window_steps = zero.clone(), zero.clone(), 0
+    last_window_loss = float("nan")
+    bad_streak = skipped_steps = 0
+    log_every = max(int(args.log_freq), 1)
+    last_saved = None
+    data = iter(batches)
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        state = {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict(),
+            "grad_scaler": grad_scaler.state_dict(),
+            "data": batches.state_dict(),
+            "files": [batches.file_index, *batches.epoch_files(batches.epoch)],  # NVIDIA's layout
+            "epoch": batches.epoch,
+            "global_step": step,
+            "phase2": args.phase2,
+            "rng": training.gather_rng_states(),
+            "config": config.to_json_string(),
+            "args": json.dumps(vars(args), default=str),
+        }
+        if masks is not None:
+            state["mask"] = masks.full_mask()
+        name_step = checkpoint_name_step(args, step)
+        path = training.save_checkpoint(state, args.output_dir, name_step)
+        if args.export_mask:
+            write_mask(raw_model, Path(args.output_dir) / f"mask_{name_step}.safetensors", name_step, print_table=False)
+        metrics.log("PARAMETER", {"checkpoint_step": name_step})
+        last_saved = path
+
+    with training.SigtermFlag() as sigterm:
+        stop_requested = False
+        while global_step < target_step and not stop_requested:
+            step_loss = zero.clone()
+            step_penalty = zero.clone()
+            for micro_step in range(accumulation):
+                _, batch = next(data)
+                batch = [t.to(device, non_blocking=True) for t in batch]
+                input_ids, segment_ids, input_mask, masked_lm_labels, next_sentence_labels = batch
+                sync = sync_every_micro_step or micro_step == accumulation - 1
+                with training.grad_sync(model, sync):
+                    with autocast(device, dtype):
+                        scores, nsp_scores = model(input_ids, segment_ids, input_mask, masked_lm_labels)
+                        penalty = raw_model.mask_penalty()
+                        loss = pretraining_loss(scores, nsp_scores, masked_lm_labels, next_sentence_labels) + penalty
+                    grad_scaler.scale(loss / accumulation).backward()
+                step_loss += loss.detach()
+                step_penalty += penalty.detach()
+            step_loss /= accumulation
+            step_penalty /= accumulation
+
+            finite = training.gradients_finite(optimizer, grad_scaler, step_loss)
+            bad, stop_requested = training.any_rank(~finite, sigterm.requested, device=device)
+            training.apply_optimizer_step(optimizer, grad_scaler, scheduler, ok=not bad)
+            meter.update(args.train_batch_size * world_size)
+            if bad:
+                bad_streak += 1
+                skipped_steps += 1
+                if args.fp16:
+                    metrics.log("PARAMETER", {"loss_scale": grad_scaler.get_scale()})
+                if bad_streak >= args.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad_streak} consecutive optimizer steps had a non-finite loss or gradients (after "
+                        f"step {global_step}); stopping with the last good checkpoint "
+                        f"{last_saved or latest_checkpoint(args.output_dir)} intact. Lower --learning_rate, use "
+                        f"--bf16 or fp32, check the data, or raise --max_bad_steps")
+            else:
+                bad_streak = 0
+                global_step += 1
+                progress.update(1)
+                if isinstance(masks, attention_masks.DifferentiableMask):
+                    masks.set_progress(global_step / args.max_steps)
+                window_loss += step_loss
+                window_penalty += step_penalty
+                window_steps += 1
+
+            if window_steps and (global_step % log_every == 0 or global_step == target_step or stop_requested):
+                average = (window_loss / window_steps).item()
+                last_window_loss = average
+                metrics.log((batches.epoch, global_step), {
+                    "average_loss": average,
+                    "step_loss": step_loss.item(),
+                    "learning_rate": optimizer.param_groups[0]["lr"],
+                    "mask_penalty": (window_penalty / window_steps).item(),
+                    "mask_sparsity": deterministic_sparsity(raw_model),
+                    "skipped_steps": skipped_steps,
+                })
+                progress.set_postfix(loss=f"{average:.4f}")
+                window_loss, window_penalty, window_steps = zero.clone(), zero.clone(), 0
+
+            due = not bad and (global_step % args.num_steps_per_checkpoint == 0 or global_step == target_step)
+            if not args.skip_checkpoint and (due or stop_requested):
+                save(global_step)
+    progress.close()
+
+    final_loss = all_reduce_mean(torch.tensor(last_window_loss, device=device)).item()
+    e2e = time.perf_counter() - start_time
+    results = {"e2e_train_time": e2e, "training_sequences_per_second": meter.sequences_per_second(),
+               "final_loss": final_loss, "raw_train_time": meter.elapsed(), "global_step": global_step,
+               "skipped_steps": skipped_steps, "stopped_by_sigterm": stop_requested}
+    metrics.log((batches.epoch, global_step), {"final_loss": final_loss})
+    metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
+                                             "final_loss", "raw_train_time")})
+    metrics.close()
+    batches.close()
+    if masks is not None:
+        write_mask(raw_model, Path(args.output_dir) / "attention_mask.safetensors",
+                   checkpoint_name_step(args, global_step), print_table=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError, OSError, TrainingError) as exc:
+        print(f"run_pretraining.py: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
