@@ -413,7 +413,7 @@ class DifferentiableMask(AttentionMask):
             noisy = logits + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1) = G' - G''
             soft = torch.sigmoid(noisy / self.temperature)
             hard = (noisy > 0).float()
-            return hard + soft - soft.detach()
+            return hard + (soft - soft.detach())  # exactly hard forward, soft gradient backward
 
     def forward(self, seq_len: int) -> torch.Tensor:
         self._check_seq_len(seq_len)

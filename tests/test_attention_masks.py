@@ -1,0 +1,413 @@
+"""Tests for attention_masks.py: patterns and their seed-table sparsity, DAM sampling / gradients /
+penalty, mask files, the plot script, and (with modeling.py) the mask inside BERT's attention."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import attention_masks as am
+
+ROOT = Path(__file__).resolve().parent.parent
+N = 128
+
+# Seed table (seed_readme.txt) sparsity and the exact number of kept entries at n = 128
+# (sparsebert_method.md §5): a wrong parameter moves the count, even when the rounding survives.
+# BigBird is one seeded draw (pattern_seed 0, torch CPU generator): 884 deterministic + 235 random.
+SEED_TABLE = {"strided": ("70.4", 4852), "fixed": ("72.7", 4480), "longformer": ("88.7", 1854),
+              "logsparse": ("89.8", 1666), "bigbird": ("93.2", 1119), "star": ("96.1", 634)}
+SYMMETRIC = ("dense", "no_diagonal", "strided", "longformer", "logsparse", "star")
+
+
+def config(**fields) -> types.SimpleNamespace:
+    base = dict(attention_mask_type="dam_s", mask_seq_length=16, num_hidden_layers=2, num_attention_heads=3,
+                dam_lambda=0.0, dam_temperature=1.0, dam_temperature_final=None, dam_temperature_schedule="constant",
+                dam_init_std=1e-3, dam_share_across_layers=False, dam_symmetric=False, dam_block_size=1,
+                attention_mask_file=None, pattern_params={}, pattern_seed=0)
+    base.update(fields)
+    return types.SimpleNamespace(**base)
+
+
+def dam(mode="dam_s", n=16, layers=2, heads=3, **kw) -> am.DifferentiableMask:
+    return am.DifferentiableMask(mode, n, layers, heads, **kw)
+
+
+# ------------------------------------------------------------------------------ fixed patterns
+
+@pytest.mark.parametrize("name", sorted(SEED_TABLE))
+def test_default_patterns_reproduce_seed_table_sparsity(name):
+    table, kept = SEED_TABLE[name]
+    mask = am.pattern_mask(name, N)
+    assert mask.shape == (N, N) and mask.dtype == torch.bool
+    assert int(mask.sum()) == kept
+    assert f"{100 * am.sparsity(mask):.1f}" == table
+
+
+def test_dense_and_no_diagonal():
+    assert am.sparsity(am.pattern_mask("dense", N)) == 0.0
+    no_diag = am.pattern_mask("no_diagonal", N)
+    assert not no_diag.diagonal().any() and int(no_diag.sum()) == N * N - N
+
+
+# Pure-Python predicates (sparse_attention_patterns.md §1.9) at non-default parameters, checked
+# entry by entry against the tensor builders.
+PREDICATES = {
+    "strided": ({"stride": 3}, lambda i, j: abs(i - j) < 3 or (i - j) % 3 == 0),
+    "fixed": ({"block": 8, "summary": 2}, lambda i, j: i // 8 == j // 8 or j % 8 >= 6),
+    "longformer": ({"window": 5, "global_tokens": [0, 7]}, lambda i, j: abs(i - j) <= 2 or {i, j} & {0, 7}),
+    "logsparse": ({}, lambda i, j: abs(i - j) in (0, 1, 2, 4, 8, 16)),
+    "star": ({}, lambda i, j: abs(i - j) <= 1 or i == 0 or j == 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PREDICATES))
+def test_pattern_structure_matches_predicate(name):
+    n = 24
+    params, keep = PREDICATES[name]
+    mask = am.pattern_mask(name, n, **params)
+    expected = torch.tensor([[bool(keep(i, j)) for j in range(n)] for i in range(n)])
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("name", SYMMETRIC)
+def test_bidirectional_patterns_are_symmetric(name):
+    mask = am.pattern_mask(name, N)
+    assert torch.equal(mask, mask.T)
+
+
+def test_fixed_summary_columns_are_one_sided():
+    mask = am.pattern_mask("fixed", N)
+    assert mask[0, 7] and not mask[7, 0]  # every query sees summary key 7; 7 sees only its block + summaries
+
+
+def test_fixed_per_head_summary_groups():
+    masks = am.pattern_masks("fixed", 32, 4, block=8, summary=2, num_summary_groups=4)
+    assert masks.shape == (4, 32, 32)
+    for h in range(4):
+        cols = [j for j in range(32) if masks[h, 20, j] and j // 8 != 20 // 8]
+        assert cols == [j for j in range(32) if j // 8 != 2 and 6 - 2 * h <= j % 8 < 8 - 2 * h]
+    assert len({round(am.sparsity(m), 6) for m in masks}) == 1  # same budget, different positions
+    with pytest.raises(ValueError, match="summary"):
+        am.pattern_masks("fixed", 32, 4, block=8, summary=3, num_summary_groups=3)
+
+
+def test_bigbird_structure_seeding_and_per_head():
+    a, b = am.pattern_mask("bigbird", N, seed=5), am.pattern_mask("bigbird", N, seed=5)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, am.pattern_mask("bigbird", N, seed=6))
+    base = am.pattern_mask("longformer", N, window=3, global_tokens=[0, 1])
+    assert torch.equal(a & base, base)  # window + globals always present
+    extra = (a & ~base).sum(dim=1)
+    assert int(extra[:2].sum()) == 0 and int(extra.max()) <= 2  # <= num_random keys per non-global row
+    heads = am.pattern_masks("bigbird", N, 4, per_head=True, seed=5)
+    assert heads.shape == (4, N, N) and torch.equal(heads[0], a)
+    assert len({tuple(h.flatten().nonzero().flatten().tolist()) for h in heads}) == 4
+
+
+def test_bigbird_sparsity_across_seeds():
+    values = torch.tensor([am.sparsity(am.pattern_mask("bigbird", N, seed=s)) for s in range(40)])
+    assert 0.9300 < values.mean() < 0.9325 and values.std() < 0.001
+
+
+def test_drop_diagonal_and_short_sequences():
+    for name in ("strided", "fixed", "longformer", "logsparse", "star"):
+        mask = am.pattern_mask(name, N, drop_diagonal=True)
+        assert not mask.diagonal().any()
+        full = am.pattern_mask(name, N)
+        assert torch.equal(mask | torch.eye(N, dtype=torch.bool), full)
+        assert torch.equal(am.pattern_mask(name, 50), full[:50, :50])  # a short mask is the top-left slice
+
+
+def test_unknown_pattern_and_parameter_errors_name_the_allowed_ones():
+    with pytest.raises(ValueError, match="strided.*bigbird"):
+        am.pattern_mask("diagonal", N)
+    with pytest.raises(ValueError, match="has no parameter.*stride.*allowed: stride, drop_diagonal"):
+        am.pattern_mask("strided", N, strides=4)
+    with pytest.raises(ValueError, match="odd"):
+        am.pattern_mask("longformer", N, window=10)
+
+
+def test_pattern_parameters_lists_defaults():
+    assert am.pattern_parameters("longformer") == {"window": 11, "global_tokens": (0, 64), "drop_diagonal": False}
+
+
+# ------------------------------------------------------------------------------ measuring
+
+def test_sparsity_report_table():
+    mask = torch.ones(2, 3, 4, 4, dtype=torch.bool)
+    mask[1, 2] = False  # layer 1 head 2 fully dropped
+    report = am.sparsity_report(mask)
+    lines = report.splitlines()
+    assert lines[0].split() == ["layer", "|", "h0", "h1", "h2", "|", "mean"]
+    assert lines[2].split() == ["0", "|", "0.0", "0.0", "0.0", "|", "0.0"]
+    assert lines[3].split() == ["1", "|", "0.0", "0.0", "100.0", "|", "33.3"]
+    assert lines[-1].split() == ["mean", "|", "0.0", "0.0", "50.0", "|", "16.7"]
+
+
+def test_offset_keep_fraction_and_block_layout():
+    kept = am.offset_keep_fraction(am.pattern_mask("star", 8))
+    # offsets 0, 1 fully kept; offset d >= 2 only via row/column 0: 2 of 2(8 - d) entries
+    assert torch.allclose(kept, torch.tensor([1, 1] + [2 / (2 * (8 - d)) for d in range(2, 8)]))
+    layout = am.block_layout(am.pattern_mask("fixed", 16, block=4, summary=1), 4)
+    assert layout.all()  # summary columns sit in every block
+    assert torch.equal(am.block_layout(torch.eye(8, dtype=torch.bool), 4), torch.eye(2, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------ DAM
+
+def test_dam_s_is_symmetric_toeplitz_per_layer_and_head():
+    module = dam("dam_s", n=16)
+    with torch.no_grad():
+        module.mask_logits.normal_()
+    for keep in (module(16), module.eval()(16)):
+        assert keep.shape == (2, 3, 16, 16)
+        i, j = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+        assert torch.equal(keep, keep[:, :, (i - j).abs(), 0])  # M[i, j] = m[|i - j|]
+    assert torch.equal(module.binarize(), (module.mask_logits > 0)[:, :, (i - j).abs()])
+
+
+def test_dam_u_shapes_symmetric_option_and_blocks():
+    module = dam("dam_u", n=16)
+    assert module.mask_logits.shape == (2, 3, 256)
+    sym = dam("dam_u", n=16, symmetric=True)
+    assert sym.mask_logits.shape == (2, 3, 16 * 17 // 2)  # upper triangle incl. diagonal, no unused logits
+    keep = sym(16)
+    assert torch.equal(keep, keep.transpose(-1, -2)) and not torch.equal(keep[0, 0], keep[0, 1])
+    blocked = dam("dam_u", n=16, block_size=4)
+    assert blocked.mask_logits.shape == (2, 3, 16)
+    keep = blocked(16)
+    layout = keep[:, :, ::4, ::4]
+    assert torch.equal(keep, layout.repeat_interleave(4, -1).repeat_interleave(4, -2))  # one gate per block pair
+    blocked_s = dam("dam_s", n=16, block_size=4)
+    keep = blocked_s(16)
+    assert blocked_s.mask_logits.shape == (2, 3, 4)
+    assert torch.equal(keep, keep[:, :, ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2))
+    with pytest.raises(ValueError, match="dam_block_size"):
+        dam("dam_s", n=16, block_size=5)
+
+
+def test_share_across_layers_and_init():
+    torch.manual_seed(0)
+    shared = dam("dam_s", n=128, layers=12, heads=12, share_across_layers=True)
+    assert shared.mask_logits.shape == (1, 12, 128)
+    assert shared(128).shape == (1, 12, 128, 128)
+    std = shared.mask_logits.std().item()
+    assert 0.9e-3 < std < 1.1e-3 and abs(shared.mask_logits.mean().item()) < 2e-4
+
+
+def test_gumbel_sigmoid_hard_samples_have_mean_sigmoid_logit():
+    torch.manual_seed(1)
+    values = torch.tensor([-3.0, -1.0, -0.25, 0.0, 0.5, 2.0])
+    for temperature in (1.0, 0.3):
+        module = dam("dam_u", n=16, layers=1, heads=len(values), temperature=temperature)
+        with torch.no_grad():
+            module.mask_logits.copy_(values[None, :, None].expand_as(module.mask_logits))
+        draws = 200
+        total = sum(module.sample_gates().detach() for _ in range(draws))  # [1, H, 256]
+        mean = total.mean(dim=-1)[0] / draws
+        p = torch.sigmoid(values)
+        count = draws * 256
+        # 6 standard deviations of a Binomial(count, p) mean (chance of a false failure < 1e-8)
+        assert ((mean - p).abs() <= 6 * (p * (1 - p) / count).sqrt() + 1e-9).all(), (mean, p)
+        assert set(total.unique().tolist()) <= set(range(draws + 1))  # every draw was exactly 0 or 1
+
+
+def test_straight_through_gradient_is_the_soft_sample_gradient():
+    module = dam("dam_s", n=8, layers=1, heads=2, temperature=0.7)
+    with torch.no_grad():
+        module.mask_logits.normal_()
+    weights = torch.randn(1, 2, 8, 8)
+    state = torch.get_rng_state()
+    keep = module(8)
+    assert set(keep.detach().unique().tolist()) <= {0.0, 1.0}
+    (keep * weights).sum().backward()
+    torch.set_rng_state(state)  # replay the same noise
+    u = torch.rand_like(module.mask_logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((module.mask_logits.detach() + u.log() - (-u).log1p()) / 0.7)
+    i, j = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    per_gate = torch.zeros(1, 2, 8).index_add_(-1, (i - j).abs().flatten(), weights.flatten(-2))
+    expected = per_gate * soft * (1 - soft) / 0.7
+    assert torch.allclose(module.mask_logits.grad, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_penalty_gradient_is_nonzero_and_pushes_logits_down():
+    module = dam("dam_u", n=8, penalty_weight=1e-2)
+    module(8)
+    module.penalty().backward()
+    grad = module.mask_logits.grad
+    assert (grad > 0).all()  # gradient descent lowers every keep logit: sparser masks
+
+
+def test_penalty_exact_on_hand_computed_case():
+    module = dam("dam_s", n=4, layers=1, heads=1, penalty_weight=0.5).eval()
+    with torch.no_grad():
+        module.mask_logits.copy_(torch.tensor([[[1.0, -1.0, 2.0, -3.0]]]))
+    keep = module(4)
+    # offsets 0 and 2 kept: the diagonal (4 cells) and offsets ±2 (2 x 2 cells) -> 8 ones
+    assert keep[0, 0].tolist() == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+    assert module.penalty().item() == 0.5 * 8
+    module(3)  # the penalty follows the last forward's (sliced) mask: 3 + 2 ones
+    assert module.penalty().item() == 0.5 * 5
+
+
+def test_penalty_sums_layers_only_when_not_shared():
+    for shared, copies in ((True, 1), (False, 4)):
+        module = dam("dam_s", n=8, layers=4, heads=2, penalty_weight=1.0, share_across_layers=shared).eval()
+        with torch.no_grad():
+            module.mask_logits.fill_(1.0)
+        module(8)
+        assert module.penalty().item() == copies * 2 * 64
+    train = dam("dam_u", n=8, penalty_weight=0.25)
+    keep = train(8)
+    assert train.penalty().item() == 0.25 * keep.sum().item()
+    assert am.FixedMask(torch.ones(8, 8), 2, 2, {}).penalty().item() == 0.0
+
+
+def test_penalty_is_fp32_under_autocast_and_half_logits():
+    module = dam("dam_s", n=128, layers=1, heads=12, penalty_weight=1.0).eval()
+    with torch.no_grad():
+        module.mask_logits.fill_(1.0)
+    module.half()  # 196,608 kept entries overflow fp16 (max 65,504)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keep = module(128)
+        penalty = module.penalty()
+    assert keep.dtype == torch.float32 and penalty.dtype == torch.float32
+    assert penalty.item() == 12 * 128 * 128
+
+
+def test_eval_and_frozen_masks_are_deterministic():
+    module = dam("dam_u", n=16)
+    with torch.no_grad():
+        module.mask_logits.normal_()
+    expected = (module.mask_logits > 0)[:, :, module.gate_index].float()
+    assert not torch.equal(module(16), module(16))  # training: a fresh sample per forward
+    module.eval()
+    assert torch.equal(module(16), expected) and torch.equal(module(16), expected)
+    assert not module(16).requires_grad
+    module.train().freeze()
+    assert torch.equal(module(16), expected) and not module.mask_logits.requires_grad
+
+
+def test_temperature_schedules():
+    assert dam(temperature=2.0).temperature_at(0.7) == 2.0
+    linear = dam(temperature=1.0, temperature_final=0.2, temperature_schedule="linear")
+    assert linear.temperature_at(0.5) == pytest.approx(0.6)
+    expo = dam(temperature=1.0, temperature_final=0.01, temperature_schedule="exponential")
+    assert expo.temperature_at(0.5) == pytest.approx(0.1) and expo.temperature_at(2.0) == pytest.approx(0.01)
+    expo.set_progress(1.0)
+    assert expo.temperature == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="dam_temperature_schedule"):
+        dam(temperature_schedule="cosine")
+
+
+def test_sequence_length_checks():
+    for module in (dam(n=16), am.FixedMask(am.pattern_mask("star", 16), 2, 3, {})):
+        assert module(10).shape[-2:] == (10, 10)
+        with pytest.raises(ValueError, match="mask_seq_length 16"):
+            module(17)
+
+
+# ------------------------------------------------------------------------------ build from config
+
+def test_build_attention_mask_modes():
+    assert am.build_attention_mask(config(attention_mask_type="dense")) is None
+    star = am.build_attention_mask(config(attention_mask_type="star", mask_seq_length=N))
+    assert isinstance(star, am.FixedMask) and star(N).shape == (1, 1, N, N)
+    assert star.state_dict() == {} and list(star.parameters()) == []  # non-persistent buffer
+    strided = am.build_attention_mask(config(attention_mask_type="strided", pattern_params={"stride": 8}))
+    assert torch.equal(strided(16)[0, 0].bool(), am.pattern_mask("strided", 16, stride=8))
+    bigbird = am.build_attention_mask(config(attention_mask_type="bigbird", mask_seq_length=N, pattern_seed=3))
+    assert torch.equal(bigbird(N)[0, 0].bool(), am.pattern_mask("bigbird", N, seed=3))
+    fixed = am.build_attention_mask(config(attention_mask_type="fixed", pattern_params={"num_summary_groups": 2}))
+    assert fixed(16).shape == (1, 3, 16, 16)
+    module = am.build_attention_mask(config(dam_share_across_layers=True, dam_lambda=1e-3, dam_block_size=2))
+    assert isinstance(module, am.DifferentiableMask) and list(module.state_dict()) == ["mask_logits"]
+    assert module.mask_logits.shape == (1, 3, 8) and module.penalty_weight == 1e-3
+    with pytest.raises(ValueError, match="attention_mask_type='sparse' is unknown"):
+        am.build_attention_mask(config(attention_mask_type="sparse"))
+    with pytest.raises(ValueError, match="has no parameter"):
+        am.build_attention_mask(config(attention_mask_type="star", pattern_params={"stride": 2}))
+    with pytest.raises(ValueError, match="pattern_seed"):
+        am.build_attention_mask(config(attention_mask_type="bigbird", pattern_params={"seed": 1}))
+
+
+# ------------------------------------------------------------------------------ mask files
+
+def test_mask_file_round_trip_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    mask = torch.rand(2, 3, 16, 16) > 0.7
+    path = tmp_path / "m.safetensors"
+    meta = am.save_mask_file(path, mask, {"mode": "dam_s", "lambda": 1e-3, "step": 7})
+    loaded, metadata = am.load_mask_file(path)
+    assert loaded.dtype == torch.bool and torch.equal(loaded, mask)
+    assert metadata == meta == json.loads((tmp_path / "m.json").read_text())
+    assert metadata["step"] == 7 and metadata["lambda"] == 1e-3 and metadata["seq_len"] == 16
+    assert metadata["sparsity"] == pytest.approx(am.sparsity(mask))
+    assert metadata["sparsity_per_head"][1][2] == pytest.approx(am.sparsity(mask[1, 2]))
+    assert metadata["sparsity_per_layer"][0] == pytest.approx(am.sparsity(mask[0]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]  # no temp files left
+
+
+def test_export_binarises_and_file_mode_loads_it_frozen(tmp_path):
+    module = dam("dam_s", n=16, share_across_layers=True, penalty_weight=1e-2)
+    with torch.no_grad():
+        module.mask_logits.normal_()
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.sparse_mask = module
+    path = tmp_path / "search.safetensors"
+    meta = am.export_mask(model, path, step=100)
+    assert meta["mode"] == "dam_s" and meta["lambda"] == 1e-2 and meta["step"] == 100 and meta["shape"] == [2, 3, 16, 16]
+    frozen = am.build_attention_mask(config(attention_mask_type="file", attention_mask_file=str(path)))
+    assert isinstance(frozen, am.FixedMask) and list(frozen.parameters()) == []
+    assert torch.equal(frozen.train()(16), module.eval()(16).expand(2, 3, 16, 16))
+    assert frozen.describe()["source_mode"] == "dam_s"
+    with pytest.raises(ValueError, match=r"search.safetensors holds a mask of shape \[2, 3, 16, 16\], expected \[4"):
+        am.build_attention_mask(config(attention_mask_type="file", attention_mask_file=str(path), num_hidden_layers=4))
+    with pytest.raises(ValueError, match="no attention mask"):
+        am.export_mask(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_mask_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors not found"):
+        am.load_mask_file(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="must end in .safetensors"):
+        am.save_mask_file(tmp_path / "m.npz", torch.ones(1, 1, 2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        am.save_mask_file(tmp_path / "m.safetensors", torch.ones(1, 1, 2, 2, dtype=torch.bool), {"x": object()})
+    assert list(tmp_path.iterdir()) == []
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors is not a readable safetensors file"):
+        am.load_mask_file(bad)
+    from safetensors.torch import save_file
+    save_file({"mask": torch.ones(1, 1, 2, 2)}, str(bad))
+    with pytest.raises(ValueError, match="bool tensor"):
+        am.load_mask_file(bad)
+    with pytest.raises(ValueError, match="needs attention_mask_file"):
+        am.build_attention_mask(config(attention_mask_type="file"))
+
+
+def test_cli_report_and_plot_script(tmp_path, capsys):
+    mask = am.pattern_masks("fixed", 32, 2, block=8, num_summary_groups=2)[None].expand(2, 2, 32, 32)
+    path = tmp_path / "fixed.safetensors"
+    am.save_mask_file(path, mask, {"mode": "fixed"})
+    am.main(["report", str(path)])
+    out = capsys.readouterr().out
+    assert '"mode": "fixed"' in out and out.splitlines()[-1].split()[-1] == f"{100 * am.sparsity(mask):.1f}"
+    am.main(["patterns", "--seq_len", "128"])
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert rows["star"] == "96.13%" and rows["longformer"] == "88.68%" and len(rows) == len(am.PATTERN_NAMES)
+    png = tmp_path / "plots" / "fixed.png"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_masks.py"), str(path), "--out", str(png)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_masks.py"), str(tmp_path / "nope.safetensors"),
+                             "--out", str(png)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "nope.safetensors not found" in result.stderr
