@@ -301,6 +301,13 @@ class Tokenizer(Protocol):
     def convert_tokens_to_ids(self, tokens: list[str]) -> list[int]: ...
 
 
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many texts: the tokenizer's bulk path (`encode_batch`, same ids) when it has one."""
+    if hasattr(tokenizer, "encode_batch"):
+        return [list(ids) for ids in tokenizer.encode_batch(texts)]
+    return [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text)) for text in texts]
+
+
 @dataclass
 class Features:
     """Padded model inputs for a list of examples, as int64 / float32 arrays of `len(examples)` rows."""
@@ -318,7 +325,7 @@ class Features:
                 "segment_ids": self.segment_ids, "label_ids": self.label_ids}
 
 
-def truncate_pair(tokens_a: list[str], tokens_b: list[str], max_length: int) -> None:
+def truncate_pair(tokens_a: list, tokens_b: list, max_length: int) -> None:
     """Drop tokens from the end of the longer sequence until both fit (ties drop from B)."""
     while len(tokens_a) + len(tokens_b) > max_length:
         if len(tokens_a) > len(tokens_b):
@@ -345,18 +352,20 @@ def convert_examples_to_features(examples: Sequence[InputExample], tokenizer: To
     else:
         label_ids = np.full(n, -1, dtype=np.int64)
         label_index = {label: i for i, label in enumerate(labels)}
-    cls_sep = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]"])
+    cls_id, sep_id = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]"])
+    ids_a = encode_texts(tokenizer, [ex.text_a for ex in examples])
+    pair_rows = [row for row, ex in enumerate(examples) if ex.text_b is not None]
+    ids_b = dict(zip(pair_rows, encode_texts(tokenizer, [examples[row].text_b for row in pair_rows])))
     for row, example in enumerate(examples):
-        tokens_a = tokenizer.tokenize(example.text_a)
-        tokens_b = tokenizer.tokenize(example.text_b) if example.text_b is not None else None
+        tokens_a, tokens_b = ids_a[row], ids_b.get(row)
         if tokens_b is not None:
             truncate_pair(tokens_a, tokens_b, max_seq_length - 3)
         else:
             del tokens_a[max_seq_length - 2:]
-        ids = [cls_sep[0], *tokenizer.convert_tokens_to_ids(tokens_a), cls_sep[1]]
+        ids = [cls_id, *tokens_a, sep_id]
         len_a = len(ids)
         if tokens_b is not None:
-            ids += [*tokenizer.convert_tokens_to_ids(tokens_b), cls_sep[1]]
+            ids += [*tokens_b, sep_id]
         input_ids[row, : len(ids)] = ids
         input_mask[row, : len(ids)] = 1
         segment_ids[row, len_a: len(ids)] = 1
