@@ -1,0 +1,387 @@
+"""BERT WordPiece tokenization: text -> tokens -> vocabulary ids.
+
+Two stages, as in the original BERT:
+  BasicTokenizer      cleans the text (drops control characters, maps whitespace to spaces),
+                      puts spaces around CJK ideographs, lower-cases and strips accents when
+                      asked, and splits on whitespace and punctuation.
+  WordpieceTokenizer  splits every word greedily into the longest vocabulary pieces,
+                      continuation pieces carrying a "##" prefix; a word it cannot cover becomes [UNK].
+
+`BertTokenizer` chains both and maps tokens to ids. Its `encode_batch` is the bulk path used
+for data creation: it runs the same pipeline in the Rust `tokenizers` library when that is
+importable and gives exactly the ids of the pure-Python path (tests/test_tokenization.py checks this).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import tempfile
+import unicodedata
+from typing import Iterable
+
+logger = logging.getLogger(__name__)
+
+VOCAB_NAME = "vocab.txt"
+UNK_TOKEN = "[UNK]"
+SPECIAL_TOKENS = ("[UNK]", "[SEP]", "[PAD]", "[CLS]", "[MASK]")
+WORDPIECE_PREFIX = "##"
+MAX_INPUT_CHARS_PER_WORD = 100
+
+
+def load_vocab(vocab_file: str | os.PathLike) -> "collections.OrderedDict[str, int]":
+    """Read a WordPiece vocabulary (one token per line, id = line number) into token -> id."""
+    path = os.fspath(vocab_file)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"vocab file {path!r} not found: pass a WordPiece vocab.txt (one token per line), "
+            f"e.g. vocab/vocab from this repository")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"vocab file {path!r} is not UTF-8 text ({e.reason} at byte {e.start}): pass a WordPiece "
+            f"vocab.txt with one token per line, e.g. vocab/vocab") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    vocab: collections.OrderedDict[str, int] = collections.OrderedDict()
+    for index, line in enumerate(lines):
+        token = line.rstrip("\r")  # tolerate Windows line endings
+        if not token.strip():
+            raise ValueError(
+                f"vocab file {path!r} line {index + 1} is blank: a WordPiece vocab has one token "
+                f"on every line; remove the blank line (ids are line numbers, so check the file)")
+        if token in vocab:
+            raise ValueError(
+                f"vocab file {path!r} lists {token!r} twice (lines {vocab[token] + 1} and {index + 1}): "
+                f"every token must appear once; fix or regenerate the vocab")
+        vocab[token] = index
+    if not vocab:
+        raise ValueError(f"vocab file {path!r} is empty: pass a WordPiece vocab.txt, e.g. vocab/vocab")
+    if UNK_TOKEN not in vocab:
+        raise ValueError(
+            f"vocab file {path!r} has no {UNK_TOKEN} token: this is not a BERT WordPiece vocab; "
+            f"pass one such as vocab/vocab")
+    return vocab
+
+
+def whitespace_tokenize(text: str) -> list[str]:
+    """Split on runs of whitespace, dropping empty pieces."""
+    return text.split()
+
+
+# --- character classes, exactly as BERT defines them --------------------------------------------
+
+def _is_whitespace(char: str) -> bool:
+    if char in " \t\n\r":
+        return True
+    return unicodedata.category(char) == "Zs"
+
+
+def _is_control(char: str) -> bool:
+    # Tab, newline and carriage return are whitespace to BERT, not control characters.
+    # Unassigned code points (Cn) are kept, as the Rust tokenizers do: which code points are
+    # unassigned depends on the Unicode version of this Python, and such a character is [UNK]
+    # anyway.
+    if char in "\t\n\r":
+        return False
+    return unicodedata.category(char) in ("Cc", "Cf", "Co", "Cs")
+
+
+def _is_punctuation(char: str) -> bool:
+    # All non-alphanumeric ASCII counts ("$", "^", "`" are symbols in Unicode, not punctuation),
+    # plus every Unicode punctuation category.
+    cp = ord(char)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(char).startswith("P")
+
+
+# The CJK Unified Ideographs blocks. Hangul, kana and other scripts are written with spaces
+# (or are tokenized as words), so only ideographs get a token each.
+_CJK_RANGES = (
+    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
+)
+
+
+_CJK_RE = re.compile("([" + "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _CJK_RANGES) + "])")
+
+
+class BasicTokenizer:
+    """Cleaning, CJK spacing, optional lower-casing with accent stripping, punctuation splitting."""
+
+    def __init__(self, do_lower_case: bool = True, never_split: Iterable[str] = SPECIAL_TOKENS):
+        self.do_lower_case = do_lower_case
+        self.never_split = frozenset(never_split)
+
+    def tokenize(self, text: str) -> list[str]:
+        text = self._tokenize_cjk(self._clean(text))
+        tokens = []
+        for word in whitespace_tokenize(text):
+            if word in self.never_split:
+                tokens.append(word)
+                continue
+            if self.do_lower_case:
+                word = _strip_accents(_lower(word))
+            tokens.extend(self._split_on_punctuation(word))
+        return tokens
+
+    @staticmethod
+    def _clean(text: str) -> str:
+        out = []
+        for char in text:
+            cp = ord(char)
+            if cp == 0 or cp == 0xFFFD or _is_control(char):
+                continue
+            out.append(" " if _is_whitespace(char) else char)
+        return "".join(out)
+
+    @staticmethod
+    def _tokenize_cjk(text: str) -> str:
+        return _CJK_RE.sub(r" \1 ", text)
+
+    @staticmethod
+    def _split_on_punctuation(word: str) -> list[str]:
+        pieces: list[str] = []
+        current: list[str] = []
+        for char in word:
+            if _is_punctuation(char):
+                if current:
+                    pieces.append("".join(current))
+                    current = []
+                pieces.append(char)
+            else:
+                current.append(char)
+        if current:
+            pieces.append("".join(current))
+        return pieces
+
+
+def _lower(text: str) -> str:
+    # Character by character: str.lower() on a whole word turns a final "Σ" into "ς", which
+    # neither the Rust tokenizers nor transformers do (both give "σ").
+    return "".join(c.lower() for c in text)
+
+
+def _strip_accents(text: str) -> str:
+    # Decompose, then drop the combining marks: "é" -> "e" + U+0301 -> "e".
+    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+
+
+class WordpieceTokenizer:
+    """Greedy longest-match-first split of each word into vocabulary pieces."""
+
+    def __init__(self, vocab: dict[str, int], unk_token: str = UNK_TOKEN,
+                 max_input_chars_per_word: int = MAX_INPUT_CHARS_PER_WORD):
+        self.vocab = vocab
+        self.unk_token = unk_token
+        self.max_input_chars_per_word = max_input_chars_per_word
+
+    def tokenize(self, text: str) -> list[str]:
+        """`text` should already have passed through BasicTokenizer."""
+        tokens = []
+        for word in whitespace_tokenize(text):
+            tokens.extend(self._split_word(word))
+        return tokens
+
+    def _split_word(self, word: str) -> list[str]:
+        if len(word) > self.max_input_chars_per_word:
+            return [self.unk_token]
+        pieces = []
+        start = 0
+        while start < len(word):
+            end = len(word)
+            prefix = WORDPIECE_PREFIX if start > 0 else ""
+            while end > start and prefix + word[start:end] not in self.vocab:
+                end -= 1
+            if end == start:  # no piece covers word[start]: the whole word is unknown
+                return [self.unk_token]
+            pieces.append(prefix + word[start:end])
+            start = end
+        return pieces
+
+
+class BertTokenizer:
+    """BasicTokenizer + WordpieceTokenizer over a vocabulary file, with id conversion.
+
+    `never_split` tokens (by default the special tokens of the vocab) are cut out of the raw
+    text wherever they occur, case-sensitively, and kept whole: "the [MASK]." gives
+    ["the", "[MASK]", "."], as the Hugging Face tokenizers do.
+    """
+
+    def __init__(self, vocab_file: str | os.PathLike, do_lower_case: bool = True,
+                 max_len: int | None = None, never_split: Iterable[str] | None = None):
+        path = os.fspath(vocab_file)
+        if os.path.isdir(path):
+            path = os.path.join(path, VOCAB_NAME)
+        self.vocab = load_vocab(path)
+        self.ids_to_tokens = collections.OrderedDict((i, t) for t, i in self.vocab.items())
+        self.do_lower_case = do_lower_case
+        self.max_len = max_len if max_len is not None else int(1e12)
+        if never_split is None:
+            never_split = [t for t in SPECIAL_TOKENS if t in self.vocab]
+        never_split = tuple(dict.fromkeys(never_split))
+        missing = [t for t in never_split if t not in self.vocab]
+        if missing:
+            raise ValueError(
+                f"never_split tokens {missing} are not in vocab {path!r}: they could only become "
+                f"{UNK_TOKEN}; add them to the vocab or leave them out of never_split")
+        self.never_split = never_split
+        # never_split is applied to the raw text (below), so the basic tokenizer must not apply
+        # it again: "[MA\x00SK]" is cleaned to "[MASK]" but is not a special token.
+        self.basic_tokenizer = BasicTokenizer(do_lower_case=do_lower_case, never_split=())
+        self.wordpiece_tokenizer = WordpieceTokenizer(self.vocab)
+        # Longest first, so a never_split token that contains another one wins.
+        self._never_split_re = (
+            re.compile("|".join(re.escape(t) for t in sorted(never_split, key=len, reverse=True)))
+            if never_split else None)
+        self._fast = None  # built on first use of encode_batch
+        self._fast_checked_chars: set[str] = set()
+        self._fast_unsafe_chars: set[str] = set()
+
+    @property
+    def unk_token_id(self) -> int:
+        return self.vocab[UNK_TOKEN]
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = []
+        for chunk, is_special in self._split_never_split(text):
+            if is_special:
+                tokens.append(chunk)
+                continue
+            for word in self.basic_tokenizer.tokenize(chunk):
+                tokens.extend(self.wordpiece_tokenizer.tokenize(word))
+        return tokens
+
+    def _split_never_split(self, text: str) -> list[tuple[str, bool]]:
+        if self._never_split_re is None:
+            return [(text, False)]
+        chunks, start = [], 0
+        for match in self._never_split_re.finditer(text):
+            chunks.append((text[start:match.start()], False))
+            chunks.append((match.group(), True))
+            start = match.end()
+        chunks.append((text[start:], False))
+        return chunks
+
+    def convert_tokens_to_ids(self, tokens: Iterable[str]) -> list[int]:
+        """Token -> id; a token outside the vocab maps to [UNK]."""
+        unk = self.unk_token_id
+        ids = [self.vocab.get(token, unk) for token in tokens]
+        self._check_length(ids)
+        return ids
+
+    def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
+        tokens = []
+        for i in ids:
+            token = self.ids_to_tokens.get(int(i))
+            if token is None:
+                raise ValueError(f"token id {i} is outside the vocab (ids 0..{len(self.vocab) - 1}); "
+                                 f"were the ids made with another vocab?")
+            tokens.append(token)
+        return tokens
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of one text, no [CLS]/[SEP] added (pure-Python path)."""
+        return self.convert_tokens_to_ids(self.tokenize(text))
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """Ids of many texts, no [CLS]/[SEP] added, identical to `encode` on each text.
+
+        Uses the Rust `tokenizers` pipeline when it is importable (many times faster). Its
+        Unicode tables differ from this Python's for a few hundred rare characters (newer
+        punctuation and combining marks, part of CJK Extension E): every character is checked once
+        against both pipelines, and a text holding a character on which they disagree goes
+        through the Python path, so the ids never depend on which path ran.
+        """
+        texts = list(texts)
+        fast = self._fast_tokenizer()
+        if fast is None:
+            return [self.encode(text) for text in texts]
+        self._check_new_chars(fast, texts)
+        unsafe = self._fast_unsafe_chars
+        ids: list[list[int] | None] = [None] * len(texts)
+        fast_indices = []
+        for i, text in enumerate(texts):
+            if unsafe and not unsafe.isdisjoint(text):
+                ids[i] = self.encode(text)
+            else:
+                fast_indices.append(i)
+        encodings = fast.encode_batch([texts[i] for i in fast_indices], add_special_tokens=False)
+        for i, enc in zip(fast_indices, encodings):
+            self._check_length(enc.ids)
+            ids[i] = enc.ids
+        return ids
+
+    @property
+    def has_fast_path(self) -> bool:
+        return self._fast_tokenizer() is not None
+
+    def _fast_tokenizer(self):
+        if self._fast is None:
+            self._fast = _build_fast_tokenizer(self) or False
+        return self._fast or None
+
+    def _check_new_chars(self, fast, texts: list[str]) -> None:
+        """Compare, for each character not seen before, how both pipelines split "a<char>b"."""
+        new_chars = set().union(*map(set, texts)) - self._fast_checked_chars if texts else set()
+        for char in new_chars:
+            probe = "a" + char + "b"
+            try:
+                words = [w for w, _ in fast.pre_tokenizer.pre_tokenize_str(fast.normalizer.normalize_str(probe))]
+            except Exception:  # e.g. a lone surrogate, which Rust strings cannot hold
+                words = None
+            if words != self.basic_tokenizer.tokenize(probe):
+                self._fast_unsafe_chars.add(char)
+            self._fast_checked_chars.add(char)
+
+    def _check_length(self, ids: list[int]) -> None:
+        if len(ids) > self.max_len:
+            raise ValueError(
+                f"token sequence of length {len(ids)} is longer than max_len={self.max_len}: "
+                f"truncate the text or raise max_len")
+
+    def save_vocabulary(self, vocab_path: str | os.PathLike) -> str:
+        """Write the vocab (one token per line, in id order) to a file, or to vocab.txt inside a
+        directory; atomic. Returns the file written."""
+        path = os.fspath(vocab_path)
+        if os.path.isdir(path):
+            path = os.path.join(path, VOCAB_NAME)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".vocab.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                for index, token in self.ids_to_tokens.items():
+                    f.write(token + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+
+def _build_fast_tokenizer(tok: BertTokenizer):
+    """The same pipeline in the `tokenizers` library, or None when it is not installed."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+    except ImportError:
+        logger.info("tokenizers is not installed: encode_batch uses the pure-Python tokenizer")
+        return None
+    fast = Tokenizer(models.WordPiece(
+        dict(tok.vocab), unk_token=UNK_TOKEN, continuing_subword_prefix=WORDPIECE_PREFIX,
+        max_input_chars_per_word=tok.wordpiece_tokenizer.max_input_chars_per_word))
+    fast.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True,
+        strip_accents=tok.do_lower_case, lowercase=tok.do_lower_case)
+    fast.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # Matched in the raw text, case-sensitively, like BertTokenizer._split_never_split.
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tok.never_split])
+    return fast
