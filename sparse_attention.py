@@ -1,0 +1,270 @@
+"""Fast attention paths for SparseBERT: one function, `masked_attention`, with three ways to run it.
+
+Semantics (the reference, shared with modeling.py): scores get an additive bias of -10000 for every
+padded key and -10000 for every key the sparse mask drops (keep = 0), then softmax, dropout, @ V:
+
+    SDPA(q, k, v, attn_mask=key_padding[B,1,1,n] * -10000 + (keep[H',n,n] - 1) * 10000)
+
+Paths:
+  * "sdpa": `F.scaled_dot_product_attention` with that bias, built by broadcasting so a
+    [B, H, n, n] tensor exists only when padding and a mask are both present. This is the
+    reference, the CPU path, and the CUDA fallback (it supports dropout and a grad-requiring bias
+    through the memory-efficient kernel).
+  * "flex": `torch.nn.attention.flex_attention` (CUDA; compiled). A frozen mask becomes a
+    `BlockMask`: tiles with no kept entry are skipped, partial tiles apply the exact token mask, and
+    padding is a per-batch key mask. A learnable DAM mask is a `score_mod` adding the captured
+    bias (so the mask logits get a gradient) on top of a padding-only `BlockMask`.
+  * "auto": flex on CUDA when a mask is given, dropout is off and flex is importable; else sdpa.
+
+Hard masking (-inf) and the -10000 bias agree to within float rounding (exp(-10000) underflows to
+0) with one exception handled here: a query row whose every key is dropped. The reference then
+shifts all its scores equally, i.e. attends as if unmasked; the block path keeps such rows whole
+to match. (A row whose only kept keys are padding stays a documented corner case: the reference
+mixes those padded keys with the dropped ones, the block path attends over all real keys.)
+
+FlexAttention has no attention dropout and (through torch 2.13) no backward on CPU; see
+../shared/reference/sparse_attention_patterns.md §2 for versions, block sizes and known issues.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+MASKED_BIAS = -10000.0  # the additive score bias of a dropped or padded key (NVIDIA / SparseBERT)
+BACKENDS = ("auto", "sdpa", "flex")
+DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default sparse tile
+# Kernel tiles for a captured learnable bias: the default tiles ran out of shared memory on
+# torch 2.11 / H200 (issue 8); 64 x 64 compiled and ran.
+LEARNABLE_BIAS_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # torch < 2.5: the sdpa path still works
+    BlockMask = Any  # type: ignore[misc,assignment]
+    flex_attention = None
+
+
+def flex_available() -> bool:
+    return flex_attention is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: SDPA with one additive bias
+# ----------------------------------------------------------------------------------------------
+
+def score_bias(key_padding: torch.Tensor | None, keep: torch.Tensor | None,
+               dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive bias, broadcast-shaped: [B,1,1,n] (padding), [1,H',n,n] (mask) or their sum.
+
+    ``key_padding``: bool [B, n], True where the key is padding. ``keep``: float [H', n, n] or
+    [n, n], 1 = keep (a grad-requiring keep gives its gradient through the bias).
+    """
+    bias = None
+    if keep is not None:
+        keep = keep if keep.dim() == 3 else keep[None]
+        bias = ((1.0 - keep) * MASKED_BIAS).to(dtype)[None]  # [1, H', n, n]
+    if key_padding is not None:
+        padding = (key_padding[:, None, None, :].to(dtype) * MASKED_BIAS)  # [B, 1, 1, n]
+        bias = padding if bias is None else padding + bias
+    return bias
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                        dropout_p: float = 0.0) -> torch.Tensor:
+    """SDPA with the combined additive bias. q, k, v: [B, H, n, d]."""
+    bias = score_bias(key_padding, keep, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block masks
+# ----------------------------------------------------------------------------------------------
+
+def _pad_to_blocks(x: torch.Tensor, block_size: int, dims: tuple[int, ...], value: bool) -> torch.Tensor:
+    """Pad the trailing ``dims`` of ``x`` up to a multiple of ``block_size``."""
+    pads: list[int] = []
+    for dim in range(x.dim() - 1, -1, -1):  # F.pad lists the last dim first
+        extra = (-x.shape[dim]) % block_size if dim in dims else 0
+        pads += [0, extra]
+    return F.pad(x, pads, value=value) if any(pads) else x
+
+
+def keep_empty_rows(keep: torch.Tensor) -> torch.Tensor:
+    """Bool keep with every all-dropped query row made fully kept (what the -10000 bias does)."""
+    return keep | ~keep.any(dim=-1, keepdim=True)
+
+
+def block_layouts(keep: torch.Tensor | None, block_size: int,
+                  key_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) bool [B', H', n/b, n/b] tile layouts (n rounded up to a multiple of b).
+
+    A tile is computed when any of its entries is kept and not padding; it is *full* (no mask
+    applied inside) when every entry is. ``keep``: bool [H', n, n] or [n, n] or None (all kept).
+    """
+    if keep is None and key_padding is None:
+        raise ValueError("block_layouts needs a keep mask, key padding, or both")
+    if keep is not None:
+        keep = keep.bool() if keep.dim() == 3 else keep.bool()[None]
+        n = keep.shape[-1]
+        padded = _pad_to_blocks(keep, block_size, (1, 2), value=False)
+        heads, nb = padded.shape[0], padded.shape[-1] // block_size
+        tiles = padded.view(heads, nb, block_size, nb, block_size)
+        any_kept = tiles.any(dim=4).any(dim=2)[None]  # [1, H', nb, nb]
+        all_kept = tiles.all(dim=4).all(dim=2)[None]
+    if key_padding is not None:
+        real = _pad_to_blocks(~key_padding.bool(), block_size, (1,), value=False)
+        batch, nb = real.shape[0], real.shape[1] // block_size
+        if keep is not None and nb != any_kept.shape[-1]:
+            raise ValueError(f"key_padding covers {key_padding.shape[1]} keys but keep covers {n}")
+        real_tiles = real.view(batch, nb, block_size)
+        real_any = real_tiles.any(dim=-1)[:, None, None, :]  # [B, 1, 1, nb]
+        real_all = real_tiles.all(dim=-1)[:, None, None, :]
+        if keep is None:
+            any_kept = real_any.expand(batch, 1, nb, nb)
+            all_kept = real_all.expand(batch, 1, nb, nb)
+        else:
+            any_kept, all_kept = any_kept & real_any, all_kept & real_all
+    full = all_kept
+    return any_kept & ~full, full
+
+
+def _to_indices(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCSR-style (num_blocks [B,H,Q], indices [B,H,Q,K]) of a bool layout; kept blocks come first."""
+    num = layout.sum(dim=-1, dtype=torch.int32)
+    order = torch.argsort(layout.to(torch.int8), dim=-1, descending=True, stable=True)
+    return num, order.to(torch.int32)
+
+
+def block_mask_from_keep(keep: torch.Tensor | None, block_size: int = DEFAULT_BLOCK_SIZE,
+                         key_padding: torch.Tensor | None = None) -> "BlockMask":
+    """A FlexAttention `BlockMask` computing exactly the tiles that hold a kept, non-padded entry.
+
+    ``keep``: bool/float [H', n, n] or [n, n] (nonzero = keep; an all-dropped row counts as fully
+    kept, see the module docstring) or None for padding only. ``key_padding``: bool [B, n], True =
+    padding; it makes the mask per batch (B' = B). Tiles entirely kept (and real) are marked full,
+    so the elementwise mask runs only on partial tiles. Built from the layout directly
+    (`BlockMask.from_kv_blocks`), with no n² vmap, on the device of the inputs.
+    """
+    if not flex_available():
+        raise RuntimeError("FlexAttention needs torch >= 2.5 (torch.nn.attention.flex_attention)")
+    keep_bool = None
+    if keep is not None:
+        keep_bool = keep_empty_rows(keep.bool() if keep.dim() == 3 else keep.bool()[None])
+    partial, full = block_layouts(keep_bool, block_size, key_padding)
+    n = keep_bool.shape[-1] if keep_bool is not None else key_padding.shape[-1]
+    num, idx = _to_indices(partial)
+    full_num, full_idx = _to_indices(full)
+    mask_mod = _token_mask_mod(keep_bool, key_padding, block_size)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(n, n))
+
+
+def _token_mask_mod(keep: torch.Tensor | None, key_padding: torch.Tensor | None,
+                    block_size: int) -> Callable:
+    """The exact token mask, evaluated by the kernel inside partial tiles only. Captured tensors
+    are padded to whole tiles so indices in a ragged last tile stay in bounds."""
+    if keep is not None:
+        keep = _pad_to_blocks(keep, block_size, (1, 2), value=False)
+        per_head = keep.shape[0] > 1
+    if key_padding is not None:
+        real = _pad_to_blocks(~key_padding.bool(), block_size, (1,), value=False)
+
+    if keep is None:
+        def padding_only(b, h, q_idx, kv_idx):
+            return real[b, kv_idx]
+        return padding_only
+
+    def kept(b, h, q_idx, kv_idx):
+        return keep[h if per_head else 0, q_idx, kv_idx]
+
+    if key_padding is None:
+        return kept
+
+    def kept_and_real(b, h, q_idx, kv_idx):
+        return kept(b, h, q_idx, kv_idx) & real[b, kv_idx]
+    return kept_and_real
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point
+# ----------------------------------------------------------------------------------------------
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_fn(q: torch.Tensor) -> Callable:
+    """Compiled flex on CUDA (fused kernel); plain flex under an outer torch.compile or on CPU."""
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        return _compiled_flex()
+    return flex_attention
+
+
+def resolve_backend(q: torch.Tensor, keep: torch.Tensor | None, dropout_p: float, backend: str) -> str:
+    """The path `masked_attention` takes: see the module docstring. Raises on an impossible choice."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        use_flex = q.device.type == "cuda" and flex_available() and keep is not None and dropout_p == 0.0
+        return "flex" if use_flex else "sdpa"
+    if backend == "flex":
+        if not flex_available():
+            raise ValueError("backend='flex' needs torch >= 2.5; use backend='sdpa'")
+        if dropout_p > 0.0:
+            raise ValueError("backend='flex' has no attention dropout: set attention_probs_dropout_prob=0 "
+                             "or use backend='sdpa'")
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, keep))
+        if q.device.type != "cuda" and wants_grad:
+            raise ValueError("FlexAttention has no backward on CPU: use backend='sdpa' (or run under no_grad)")
+    return backend
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     key_padding: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                     dropout_p: float = 0.0, backend: str = "auto", *,
+                     block_mask: "BlockMask | None" = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                     kernel_options: dict[str, Any] | None = None) -> torch.Tensor:
+    """Attention with padding and a sparse keep mask; same outputs and grads as `reference_attention`.
+
+    q, k, v: [B, H, n, d]. key_padding: bool [B, n], True = padding key. keep: float [H', n, n]
+    or [n, n] (H' in {1, H}), 1 = keep; if it requires grad (DAM search) the flex path adds it as a
+    learnable `score_mod` bias, else it becomes a block-sparse `BlockMask`. dropout_p: attention
+    dropout (sdpa only). block_mask: a prebuilt `block_mask_from_keep(...)` for this call's keep
+    and padding (build it once per forward and share it across layers; for a learnable keep pass
+    the padding-only mask). block_size / kernel_options tune the flex path.
+    """
+    n = q.shape[-2]
+    if keep is not None and keep.shape[-1] != n:
+        raise ValueError(f"keep mask covers {keep.shape[-1]} keys but the sequence has {n}; slice it to [.., {n}, {n}]")
+    if resolve_backend(q, keep, dropout_p, backend) == "sdpa":
+        return reference_attention(q, k, v, key_padding, keep, dropout_p)
+    learnable = keep is not None and keep.requires_grad and torch.is_grad_enabled()
+    score_mod = None
+    if learnable:
+        score_mod = _bias_score_mod(keep)
+        if block_mask is None and key_padding is not None:
+            block_mask = block_mask_from_keep(None, block_size, key_padding)
+        if kernel_options is None and q.device.type == "cuda":
+            kernel_options = dict(LEARNABLE_BIAS_KERNEL_OPTIONS)
+    elif block_mask is None and (keep is not None or key_padding is not None):
+        block_mask = block_mask_from_keep(keep, block_size, key_padding)
+    if kernel_options is None and block_size < DEFAULT_BLOCK_SIZE and q.device.type == "cuda":
+        kernel_options = {"BLOCK_M": block_size, "BLOCK_N": block_size}  # tiles must divide the sparse block
+    return _flex_fn(q)(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=kernel_options)
+
+
+def _bias_score_mod(keep: torch.Tensor) -> Callable:
+    """score + (keep - 1) * 10000, read from a captured [H', n, n] tensor that carries the grad."""
+    keep = keep if keep.dim() == 3 else keep[None]
+    bias = (keep - 1.0) * -MASKED_BIAS
+    per_head = bias.shape[0] > 1
+
+    def add_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[h if per_head else 0, q_idx, kv_idx]
+    return add_bias
