@@ -18,9 +18,7 @@ The file is written to a temporary name and renamed at the end: a shard that exi
 from __future__ import annotations
 
 import argparse
-import collections
 import glob
-import multiprocessing as mp
 import os
 import random
 import sys
@@ -34,6 +32,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the flat project layout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data.parallel import ordered_map  # noqa: E402
 from tokenization import BertTokenizer  # noqa: E402
 
 # Dataset name -> on-disk dtype (NVIDIA's writer); shapes are [N, seq], [N, max_pred] or [N].
@@ -351,7 +350,7 @@ class ChunkProcessor:
         return create_chunk_arrays(documents, self.cfg, self.vocab, chunk_rng(self.seed, chunk_index))
 
 
-_worker: ChunkProcessor | None = None  # one per worker process, set by the pool initializer
+_worker: ChunkProcessor | None = None  # one per process, set by ordered_map's initializer
 
 
 def _init_worker(*args) -> None:
@@ -359,29 +358,17 @@ def _init_worker(*args) -> None:
     _worker = ChunkProcessor(*args)
 
 
-def _run_worker(chunk_index: int, raw_documents: list[list[str]]) -> dict[str, np.ndarray]:
-    return _worker(chunk_index, raw_documents)
+def _run_worker(indexed_chunk: tuple[int, list[list[str]]]) -> dict[str, np.ndarray]:
+    return _worker(*indexed_chunk)
 
 
 def process_chunks(chunks: Iterable[list[list[str]]], processor_args: tuple, n_processes: int
                    ) -> Iterator[dict[str, np.ndarray]]:
-    """Chunk results in input order. At most 2 chunks per process are in flight, so memory stays
-    bounded however long the input is."""
-    if n_processes <= 1:
-        processor = ChunkProcessor(*processor_args)
-        for index, chunk in enumerate(chunks):
-            yield processor(index, chunk)
-        return
-    # The Rust tokenizer's own thread pool would oversubscribe the cores the workers already use.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with mp.Pool(n_processes, initializer=_init_worker, initargs=processor_args) as pool:
-        in_flight: collections.deque = collections.deque()
-        for index, chunk in enumerate(chunks):
-            in_flight.append(pool.apply_async(_run_worker, (index, chunk)))
-            if len(in_flight) >= 2 * n_processes:
-                yield in_flight.popleft().get()
-        while in_flight:
-            yield in_flight.popleft().get()
+    """Chunk results in input order, at most 2 chunks per process in flight (bounded memory)."""
+    if n_processes > 1:
+        # The Rust tokenizer's own thread pool would oversubscribe the cores the workers use.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return ordered_map(_run_worker, enumerate(chunks), n_processes, _init_worker, processor_args)
 
 
 # ----------------------------------------------------------------------------- output
@@ -432,7 +419,7 @@ def create_shard(input_files: Sequence[str], output_file: str, vocab_file: str, 
 
     cfg.validate()
     files = expand_input_files(input_files)
-    processor_args = (vocab_file, do_lower_case, cfg, random_seed)
+    processor_args = (vocab_file, bool(do_lower_case), cfg, random_seed)
     ChunkProcessor(*processor_args)  # fail on a bad vocab here, not inside a worker
     total = sum(os.path.getsize(f) for f in files)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(output_file),
