@@ -263,3 +263,47 @@ def test_build_adamw_groups():
 def test_lamb_rejects_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError, match="Lamb"):
         Lamb([nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_lamb_on_cuda_matches_reference_and_skips_overflow():
+    params = [nn.Parameter(p.detach().cuda()) for p in make_params(seed=7)]
+    ref_params = [nn.Parameter(p.detach().cpu().clone()) for p in params]
+    spec = [(slice(0, 2), 0.01), (slice(2, 4), 0.0), (slice(4, 5), 0.1)]
+    opt = Lamb([{"params": params[s], "weight_decay": wd} for s, wd in spec], lr=1e-2)
+    ref_groups = [{"params": ref_params[s], "weight_decay": wd, "lr": 1e-2} for s, wd in spec]
+    ref_state = {}
+    for step in range(5):
+        set_grads(ref_params, seed=step, scale=3.0)
+        for p, r in zip(params, ref_params):
+            p.grad = r.grad.cuda()
+        opt.step()
+        reference_lamb_step(ref_groups, ref_state)
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p.detach().cpu().double(), r.detach().double(), atol=1e-6, rtol=1e-6)
+
+    scaler = torch.amp.GradScaler("cuda")
+    scaler.scale(torch.ones((), device="cuda"))  # creates the scale, as scaling a loss would
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, float("inf"))
+    scaler.step(opt)
+    scaler.update()
+    assert opt.param_groups[0]["step"] == 5
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_build_adamw_is_fused_on_cuda():
+    model = TinyModel().cuda()
+    opt = build_adamw(model, lr=1e-3)
+    assert opt.defaults["fused"] is True
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert all(int(s["step"]) == 1 for s in opt.state.values())
