@@ -104,31 +104,26 @@ def block_layouts(keep: torch.Tensor | None, block_size: int,
 
     A tile is computed when any of its entries is kept and not padding; it is *full* (no mask
     applied inside) when every entry is. ``keep``: bool [H', n, n] or [n, n] or None (all kept).
+    Nothing of size B·H·n² is built: rows are reduced per q-tile first, then keys per batch.
     """
     if keep is None and key_padding is None:
         raise ValueError("block_layouts needs a keep mask, key padding, or both")
-    if keep is not None:
-        keep = keep.bool() if keep.dim() == 3 else keep.bool()[None]
-        n = keep.shape[-1]
-        padded = _pad_to_blocks(keep, block_size, (1, 2), value=False)
-        heads, nb = padded.shape[0], padded.shape[-1] // block_size
-        tiles = padded.view(heads, nb, block_size, nb, block_size)
-        any_kept = tiles.any(dim=4).any(dim=2)[None]  # [1, H', nb, nb]
-        all_kept = tiles.all(dim=4).all(dim=2)[None]
+    if keep is None:
+        n = key_padding.shape[-1]
+        keep = torch.ones(1, n, n, dtype=torch.bool, device=key_padding.device)
+    keep = keep.bool() if keep.dim() == 3 else keep.bool()[None]
+    n = keep.shape[-1]
+    padded = _pad_to_blocks(keep, block_size, (1, 2), value=False)
+    heads, nb = padded.shape[0], padded.shape[-1] // block_size
+    rows = padded.view(heads, nb, block_size, nb * block_size)
+    cols_any, cols_all = rows.any(dim=2)[None], rows.all(dim=2)[None]  # [1, H', nb, n_padded]
     if key_padding is not None:
-        real = _pad_to_blocks(~key_padding.bool(), block_size, (1,), value=False)
-        batch, nb = real.shape[0], real.shape[1] // block_size
-        if keep is not None and nb != any_kept.shape[-1]:
-            raise ValueError(f"key_padding covers {key_padding.shape[1]} keys but keep covers {n}")
-        real_tiles = real.view(batch, nb, block_size)
-        real_any = real_tiles.any(dim=-1)[:, None, None, :]  # [B, 1, 1, nb]
-        real_all = real_tiles.all(dim=-1)[:, None, None, :]
-        if keep is None:
-            any_kept = real_any.expand(batch, 1, nb, nb)
-            all_kept = real_all.expand(batch, 1, nb, nb)
-        else:
-            any_kept, all_kept = any_kept & real_any, all_kept & real_all
-    full = all_kept
+        if key_padding.shape[-1] != n:
+            raise ValueError(f"key_padding covers {key_padding.shape[-1]} keys but keep covers {n}")
+        real = _pad_to_blocks(~key_padding.bool(), block_size, (1,), value=False)[:, None, None, :]
+        cols_any, cols_all = cols_any & real, cols_all & real  # [B, H', nb, n_padded]
+    any_kept = cols_any.unflatten(-1, (nb, block_size)).any(dim=-1)
+    full = cols_all.unflatten(-1, (nb, block_size)).all(dim=-1)
     return any_kept & ~full, full
 
 
