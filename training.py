@@ -143,17 +143,20 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     """Load `saved` into `optimizer` when its parameter layout fits; False (and fresh state) if not.
 
     A two-group state (NVIDIA's decay / no-decay, no mask group) loads into our three groups when
-    those two match, with an empty mask-logits group added — the case that fails upstream with
+    those two match, the mask-logits group starting fresh — the case that fails upstream with
     "loaded state dict has a different number of parameter groups" (NVIDIA issue 651). Any other
     mismatch (architecture, mask mode) keeps the fresh state and says so.
     """
     groups = saved.get("param_groups", [])
     ours = optimizer.param_groups
-    if len(groups) == len(ours) - 1 and len(ours[-1]["params"]) == 0:
-        empty = {**groups[-1], "params": [], "weight_decay": 0.0}
+    if len(groups) == len(ours) - 1:
+        # No mask group saved: ours starts fresh (no moments) under the saved hyper-parameters.
+        first_free = 1 + max((i for g in groups for i in g["params"]), default=-1)
+        extra = {**groups[-1], "params": list(range(first_free, first_free + len(ours[-1]["params"]))),
+                 "weight_decay": ours[-1]["weight_decay"]}
         if "name" in ours[-1]:
-            empty["name"] = ours[-1]["name"]
-        saved = {**saved, "param_groups": [*groups, empty]}
+            extra["name"] = ours[-1]["name"]
+        saved = {**saved, "param_groups": [*groups, extra]}
         groups = saved["param_groups"]
     if len(groups) != len(ours) or any(len(g["params"]) != len(o["params"]) for g, o in zip(groups, ours)):
         logger.warning("optimizer state has groups of sizes %s, this model needs %s: starting the optimizer fresh",

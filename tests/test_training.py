@@ -1,0 +1,233 @@
+"""Unit tests of the shared training-loop helpers in training.py."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import training
+from modeling import BertConfig, BertForPreTraining
+from optimization import Lamb, build_lamb, param_groups
+from schedulers import PolyWarmUpScheduler
+
+TINY = dict(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=32, mask_seq_length=16)
+
+
+def tiny_model(**changes) -> BertForPreTraining:
+    torch.manual_seed(0)
+    return BertForPreTraining(BertConfig(**{**TINY, **changes}))
+
+
+def fake_grads(model: nn.Module, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+
+
+# ----------------------------------------------------------------------------- config / model
+
+
+def test_load_config_applies_overrides_and_validates(tmp_path):
+    path = tmp_path / "bert_config.json"
+    BertConfig(**TINY).to_json_file(path)
+    config = training.load_config(path, attention_mask_type="dam_s", dam_lambda=None)
+    assert config.attention_mask_type == "dam_s" and config.dam_lambda == 0.0
+    with pytest.raises(ValueError, match="attention_mask_type"):
+        training.load_config(path, attention_mask_type="sparse-ish")
+
+
+# ----------------------------------------------------------------------------- optimizer step
+
+
+def test_non_finite_step_is_skipped_and_holds_the_schedule():
+    model = nn.Linear(4, 4)
+    optimizer = Lamb(param_groups(model), lr=0.1)
+    scheduler = PolyWarmUpScheduler(optimizer, warmup=0.0, total_steps=10)
+    scaler = training.make_grad_scaler(torch.device("cpu"), enabled=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    fake_grads(model)
+    model.weight.grad[0, 0] = float("nan")
+    assert not bool(training.gradients_finite(optimizer, scaler))
+    training.apply_optimizer_step(optimizer, scaler, scheduler, ok=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert optimizer.param_groups[0]["step"] == 0 and all(p.grad is None for p in model.parameters())
+
+    fake_grads(model)
+    loss = torch.tensor(float("inf"))
+    assert not bool(training.gradients_finite(optimizer, scaler, loss))  # finite grads, inf loss
+    fake_grads(model)
+    assert bool(training.gradients_finite(optimizer, scaler, torch.tensor(1.0)))
+    training.apply_optimizer_step(optimizer, scaler, scheduler, ok=True)
+    assert optimizer.param_groups[0]["step"] == 1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - 1 / 10) ** 0.5)
+    assert not torch.equal(before[0], model.weight)
+
+
+def test_fp16_scaler_overflow_backs_off_on_cpu():
+    model = nn.Linear(4, 1)
+    optimizer = Lamb(param_groups(model), lr=0.1)
+    scaler = training.make_grad_scaler(torch.device("cpu"), enabled=True, init_scale=1024.0)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model(torch.ones(2, 4)).float().sum() * float("inf")
+    scaler.scale(loss).backward()
+    ok = bool(training.gradients_finite(optimizer, scaler, loss))
+    training.apply_optimizer_step(optimizer, scaler, None, ok=ok)
+    assert not ok and scaler.get_scale() == 512.0 and optimizer.param_groups[0]["step"] == 0
+
+
+def test_any_rank_on_one_process():
+    assert training.any_rank(torch.tensor(True), False, device=torch.device("cpu")) == [True, False]
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def test_two_group_nvidia_state_loads_into_three_groups_with_fresh_mask_group():
+    dense = tiny_model()
+    groups = param_groups(dense)[:2]  # NVIDIA's layout: decay, no-decay
+    nvidia = Lamb([{k: v for k, v in g.items() if k != "name"} for g in groups], lr=0.01)
+    fake_grads(dense)
+    nvidia.step()
+    saved = nvidia.state_dict()
+
+    dam = tiny_model(attention_mask_type="dam_s")
+    dam.load_state_dict(dense.state_dict(), strict=False)
+    optimizer = build_lamb(dam, lr=0.01)
+    assert training.load_optimizer_state(optimizer, saved)
+    first = optimizer.param_groups[0]["params"][0]
+    assert torch.equal(optimizer.state[first]["exp_avg"], nvidia.state[nvidia.param_groups[0]["params"][0]]["exp_avg"])
+    mask_logits = dam.mask_parameters()[0]
+    assert optimizer.param_groups[2]["params"] == [mask_logits] and mask_logits not in optimizer.state
+    assert optimizer.param_groups[2]["weight_decay"] == 0.0
+    fake_grads(dam)
+    optimizer.step()  # the fresh group steps fine
+
+
+def test_mismatched_optimizer_state_is_refused_not_crashing():
+    small = tiny_model()
+    other = tiny_model(num_hidden_layers=2)
+    saved = build_lamb(other, lr=0.01).state_dict()
+    assert not training.load_optimizer_state(build_lamb(small, lr=0.01), saved)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_save_keeps_last_three_and_ignores_temp_files(tmp_path):
+    for step in range(1, 6):
+        training.save_checkpoint({"model": {"w": torch.tensor([step])}}, tmp_path, step)
+    (tmp_path / ".ckpt_9.pt.abc.tmp").write_bytes(b"half")
+    (tmp_path / "ckpt_x.pt").write_bytes(b"not ours")
+    assert [s for s, _ in training.list_checkpoints(tmp_path)] == [3, 4, 5]
+    step, path, state = training.find_latest_checkpoint(tmp_path)
+    assert step == 5 and state["model"]["w"].item() == 5
+
+
+def test_failed_save_is_clear_and_keeps_previous(tmp_path, monkeypatch):
+    training.save_checkpoint({"model": {"w": torch.tensor([1])}}, tmp_path, 1)
+
+    def disk_full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*ckpt_2\.pt.*No space left.*ckpt_1\.pt"):
+        training.save_checkpoint({"model": {}}, tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_1.pt"]
+    assert training.load_checkpoint(tmp_path / "ckpt_1.pt")["model"]["w"].item() == 1
+
+
+class Payload:
+    """Something only unpickling could rebuild."""
+
+
+def test_latest_checkpoint_skips_corrupt_and_pickled_files(tmp_path):
+    training.save_checkpoint({"model": {"w": torch.tensor([1])}}, tmp_path, 1, keep=0)
+    torch.save({"model": {}, "payload": Payload()}, tmp_path / "ckpt_2.pt")
+    (tmp_path / "ckpt_3.pt").write_bytes(b"\x80\x02truncated")
+    step, _, state = training.find_latest_checkpoint(tmp_path)
+    assert step == 1
+    with pytest.raises(ValueError, match="cannot be loaded safely"):
+        training.load_checkpoint(tmp_path / "ckpt_2.pt")
+    with pytest.raises(FileNotFoundError, match="--resume_step 7"):
+        training.find_latest_checkpoint(tmp_path, step=7)
+    assert training.find_latest_checkpoint(tmp_path / "empty") is None
+
+
+def test_rng_states_round_trip():
+    states = training.gather_rng_states()
+    expected = torch.rand(3)
+    assert training.restore_rng_states(states)
+    assert torch.equal(torch.rand(3), expected)
+    assert not training.restore_rng_states(states * 2)  # saved by 2 ranks, this run has 1
+
+
+# ----------------------------------------------------------------------------- SIGTERM, meter
+
+
+def test_sigterm_becomes_a_flag_and_handler_is_restored():
+    previous = signal.getsignal(signal.SIGTERM)
+    with training.SigtermFlag() as flag:
+        assert not flag.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.requested
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_throughput_meter_skips_warmup_steps():
+    meter = training.ThroughputMeter(torch.device("cpu"), warmup_steps=2)
+    for _ in range(5):
+        meter.update(8)
+    assert meter.sequences == 24 and meter.sequences_per_second() > 0 and meter.seconds_per_step() > 0
+
+
+# ----------------------------------------------------------------------------- DDP gradient averaging
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        for accumulation in (1, 2):
+            _check_ddp_gradients(rank, world_size, accumulation)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_ddp_gradients(rank: int, world_size: int, accumulation: int) -> None:
+    torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's weights
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+    if rank == 0:
+        model.load_state_dict(reference.state_dict())
+    ddp = training.wrap_distributed(model, torch.device("cpu"))
+    assert training.unwrap_model(ddp) is model
+    generator = torch.Generator().manual_seed(123)
+    x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 1, generator=generator)
+    # Global batch 8: rank r owns rows r::world, split into `accumulation` micro-batches.
+    mine_x, mine_y = x[rank::world_size], y[rank::world_size]
+    for m, (bx, by) in enumerate(zip(mine_x.chunk(accumulation), mine_y.chunk(accumulation))):
+        with training.grad_sync(ddp, sync=m == accumulation - 1):
+            loss = nn.functional.mse_loss(ddp(bx), by) / accumulation
+            loss.backward()
+        if m < accumulation - 1 and accumulation > 1:
+            # no_sync: this rank's gradient is still its own, not yet the average
+            local = model[0].weight.grad.clone()
+            others = [torch.zeros_like(local) for _ in range(world_size)]
+            dist.all_gather(others, local)
+            assert not torch.allclose(others[0], others[1])
+    nn.functional.mse_loss(reference(x), y).backward()
+    for ours, ref in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_gradients_equal_single_process_mean(tmp_path):
+    """2 gloo ranks, accumulation 1 and 2: the synced gradient is the mean over the global batch."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
