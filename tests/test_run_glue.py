@@ -1,0 +1,332 @@
+"""run_glue.py end to end on CPU: a tiny BERT learns a keyword task in GLUE format, dense and with a
+frozen `star` mask; the frozen mask is really applied and never trained; outputs and server files
+have the right format; bad flags give one line."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attention_masks
+import run_glue
+from modeling import BertConfig, BertForSequenceClassification
+from utils import read_dllogger_json, safe_torch_load
+
+ROOT = Path(__file__).resolve().parent.parent
+FILLER = [f"w{i}" for i in range(40)]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "yes", "no", "maybe", *FILLER]
+SEQ = 16
+TINY = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            max_position_embeddings=32, mask_seq_length=SEQ)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, two spinning OpenMP threads make these tiny
+    models ~10x slower. Restored afterwards so other test modules are unaffected."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def sentence(rng: random.Random, keyword: str) -> str:
+    words = rng.choices(FILLER, k=rng.randint(3, 9))
+    words.insert(rng.randint(0, len(words)), keyword)
+    return " ".join(words)
+
+
+def write_tsv(path: Path, rows: list[list[str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def glue(tmp_path_factory) -> Path:
+    """Synthetic GLUE folders: SST-2 whose label is the keyword (good / bad), plus tiny MNLI, AX and STS-B."""
+    root = tmp_path_factory.mktemp("glue")
+    rng = random.Random(0)
+    (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    (root / "config.json").write_text(json.dumps(TINY), encoding="utf-8")
+    for split, n in (("train", 192), ("dev", 64)):
+        labels = [rng.choice("01") for _ in range(n)]
+        write_tsv(root / f"SST-2/{split}.tsv",
+                  [["sentence", "label"]] + [[sentence(rng, "good" if y == "1" else "bad"), y] for y in labels])
+    write_tsv(root / "SST-2/test.tsv", [["index", "sentence"]] + [[str(i), sentence(rng, rng.choice(["good", "bad"]))]
+                                                               for i in range(25)])
+    nli = {"entailment": "yes", "contradiction": "no", "neutral": "maybe"}
+    header = ["index", "promptID", "pairID", "genre", "a", "b", "c", "d", "sentence1", "sentence2"]
+
+    def mnli_rows(n: int, with_label: bool) -> list[list[str]]:
+        rows = []
+        for i in range(n):
+            label = rng.choice(list(nli))
+            row = [str(i), "1", "2", "g", "x", "x", "x", "x", sentence(rng, "good"), sentence(rng, nli[label])]
+            rows.append(row + ([label] * (6 if with_label else 0)))
+        return rows
+
+    write_tsv(root / "MNLI/train.tsv", [header + ["label1", "gold_label"]] + [r[:11] + r[-1:] for r in mnli_rows(32, True)])
+    for split in ("dev_matched", "dev_mismatched"):
+        write_tsv(root / f"MNLI/{split}.tsv", [header + ["l1", "l2", "l3", "l4", "l5", "gold_label"]] + mnli_rows(12, True))
+    for split in ("test_matched", "test_mismatched"):
+        write_tsv(root / f"MNLI/{split}.tsv", [header] + mnli_rows(9, False))
+    write_tsv(root / "diagnostic/diagnostic.tsv", [["index", "sentence1", "sentence2"]]
+              + [[str(i), sentence(rng, "good"), sentence(rng, "no")] for i in range(7)])
+    sts_header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2"]
+    for split, n in (("train", 24), ("dev", 12), ("test", 8)):
+        rows = [[str(i), "g", "f", "2012", "0", "s", "s", sentence(rng, "good"), sentence(rng, "bad")]
+                + ([f"{rng.uniform(0, 5):.3f}"] if split != "test" else []) for i in range(n)]
+        write_tsv(root / f"STS-B/{split}.tsv", [sts_header + (["score"] if split != "test" else [])] + rows)
+    return root
+
+
+def glue_args(glue: Path, out: Path, task: str = "sst-2", *extra: str) -> list[str]:
+    folder = {"sst-2": "SST-2", "mnli": "MNLI", "sts-b": "STS-B"}[task]
+    return ["--task_name", task, "--data_dir", str(glue / folder), "--vocab_file", str(glue / "vocab.txt"),
+            "--config_file", str(glue / "config.json"), "--output_dir", str(out), "--do_lower_case",
+            "--max_seq_length", str(SEQ), "--train_batch_size", "16", "--eval_batch_size", "32",
+            "--learning_rate", "2e-3", "--seed", "1", *extra]
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "results.txt").read_text())
+
+
+def read_server_file(path: Path) -> list[list[str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "index\tprediction"
+    return [line.split("\t") for line in lines[1:]]
+
+
+# ----------------------------------------------------------------------------- learning end to end
+
+
+@pytest.mark.parametrize("mask", ["dense", "star"])
+def test_tiny_bert_learns_the_keyword_task(glue: Path, tmp_path: Path, mask: str) -> None:
+    out = tmp_path / mask
+    argv = glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--do_predict", "--num_train_epochs", "5",
+                     "--learning_rate", "3e-3", "--attention_mask_type", mask)
+    assert run_glue.main(argv) == 0
+    r = results(out)
+    assert r["acc"] >= 0.9, r
+    assert r["attention_mask_type"] == mask and r["global_step"] == 60  # ceil(192 / 16) * 5
+    expected_sparsity = attention_masks.sparsity(attention_masks.pattern_mask(mask, SEQ)) if mask != "dense" else 0.0
+    assert r["mask_sparsity"] == pytest.approx(expected_sparsity) and (mask == "dense") == (expected_sparsity == 0)
+    for key in ("train:loss", "train:throughput", "eval:loss", "infer:latency(ms):50%", "infer:latency(ms):99%",
+                "infer:throughput(samples/s):avg", "e2e_train_time"):
+        assert key in r
+    # Server file: header, one row per test example, indices in file order, label names 0 / 1.
+    rows = read_server_file(out / "SST-2.tsv")
+    assert [i for i, _ in rows] == [str(i) for i in range(25)] and {p for _, p in rows} <= {"0", "1"}
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions == {f"test-{i}": p for i, p in rows}
+    saved = safe_torch_load(out / "pytorch_model.bin")
+    assert set(saved) == {"model"} and "classifier.weight" in saved["model"]
+    assert BertConfig.from_json_file(out / "config.json").attention_mask_type == mask
+    records = read_dllogger_json(out / "dllogger.json")
+    final = records[-1]["data"]
+    assert final["exact_match"] == r["acc"] and "training_sequences_per_second" in final
+
+
+def test_eval_only_from_the_finetuned_checkpoint_reproduces_the_metrics(glue: Path, tmp_path: Path) -> None:
+    first = tmp_path / "train"
+    assert run_glue.main(glue_args(glue, first, "sst-2", "--do_train", "--do_eval", "--max_steps", "6",
+                                   "--attention_mask_type", "star")) == 0
+    again = tmp_path / "eval"
+    # The saved config.json carries the mask type, so no override is needed.
+    assert run_glue.main(glue_args(glue, again, "sst-2", "--do_eval", "--init_checkpoint",
+                                   str(first / "pytorch_model.bin"), "--config_file", str(first / "config.json"))) == 0
+    a, b = results(first), results(again)
+    assert b["acc"] == a["acc"] and b["eval:loss"] == pytest.approx(a["eval:loss"], rel=1e-6)
+    assert b["mask_sparsity"] == a["mask_sparsity"] > 0
+    assert not (again / "pytorch_model.bin").exists()
+
+
+def test_mnli_matched_mismatched_and_ax_server_files(glue: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mnli"
+    assert run_glue.main(glue_args(glue, out, "mnli", "--do_train", "--do_eval", "--do_predict", "--max_steps", "2")) == 0
+    r = results(out)
+    assert {"acc", "mm:acc", "eval:loss", "mm:eval:loss"} <= set(r)
+    assert r["eval:num_samples_per_gpu"] == 12 and r["mm:eval:num_samples_per_gpu"] == 12
+    names = {"entailment", "neutral", "contradiction"}
+    for file, count in (("MNLI-m.tsv", 9), ("MNLI-mm.tsv", 9), ("AX.tsv", 7)):
+        rows = read_server_file(out / file)
+        assert len(rows) == count and {p for _, p in rows} <= names
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 9 + 9 + 7 and "ax-0" in predictions and "test_mismatched-8" in predictions
+
+
+def test_stsb_regression_scores_in_server_range(glue: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sts"
+    assert run_glue.main(glue_args(glue, out, "sts-b", "--do_train", "--do_eval", "--do_predict", "--max_steps", "3",
+                                   "--bf16")) == 0
+    r = results(out)
+    assert {"pearson", "spearmanr", "corr"} <= set(r)
+    rows = read_server_file(out / "STS-B.tsv")
+    assert len(rows) == 8 and all(0.0 <= float(p) <= 5.0 and len(p.split(".")[1]) == 3 for _, p in rows)
+
+
+def test_gradient_accumulation_matches_the_full_batch(glue: Path, tmp_path: Path) -> None:
+    weights = []
+    for accumulation in ("1", "4"):
+        out = tmp_path / f"ga{accumulation}"
+        assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--max_steps", "3",
+                                       "--gradient_accumulation_steps", accumulation)) == 0
+        weights.append(safe_torch_load(out / "pytorch_model.bin")["model"])
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ----------------------------------------------------------------------------- the frozen mask
+
+
+def tiny_config(**changes) -> BertConfig:
+    return BertConfig.from_dict({**TINY, **changes})
+
+
+def fixed_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(VOCAB), (4, SEQ), generator=generator)
+    return ids, torch.zeros_like(ids), torch.ones_like(ids)
+
+
+def dam_checkpoint(path: Path) -> torch.Tensor:
+    """A DAM_u 'pretraining' checkpoint whose mask logits are random: about half the gates kept."""
+    torch.manual_seed(3)
+    model = BertForSequenceClassification(tiny_config(attention_mask_type="dam_u"), 2)
+    with torch.no_grad():
+        model.bert.sparse_mask.mask_logits.normal_(0.0, 1.0)
+    torch.save({"model": model.state_dict()}, path)
+    return model.bert.sparse_mask.mask_logits.detach().clone()
+
+
+def test_outputs_change_with_the_mask_and_a_mask_file_equals_its_pattern(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    # Large init: with BERT's 0.02 the attention output is too small a part of the residual stream
+    # for the mask to show in the logits of an untrained model.
+    dense = BertForSequenceClassification(tiny_config(initializer_range=0.5), 2)
+    torch.save({"model": dense.state_dict()}, tmp_path / "w.pt")
+    ckpt = str(tmp_path / "w.pt")
+    attention_masks.save_mask_file(tmp_path / "star.safetensors",
+                                   attention_masks.pattern_mask("star", SEQ).expand(2, 2, SEQ, SEQ).clone(), {"mode": "star"})
+    logits = {}
+    for name, config in (("dense", tiny_config()), ("star", tiny_config(attention_mask_type="star")),
+                         ("strided", tiny_config(attention_mask_type="strided")),
+                         ("file", tiny_config(attention_mask_type="file",
+                                              attention_mask_file=str(tmp_path / "star.safetensors")))):
+        model = run_glue.build_model(config, 2, ckpt).eval()
+        with torch.no_grad():
+            logits[name] = model(*fixed_inputs())
+    assert not torch.allclose(logits["dense"], logits["star"], atol=1e-4)
+    assert not torch.allclose(logits["star"], logits["strided"], atol=1e-4)
+    torch.testing.assert_close(logits["file"], logits["star"])
+
+
+def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_path: Path) -> None:
+    logits = dam_checkpoint(tmp_path / "dam.pt")
+    model = run_glue.build_model(tiny_config(attention_mask_type="dam_u"), 2, str(tmp_path / "dam.pt"))
+    mask = model.bert.sparse_mask
+    assert mask.frozen and not mask.mask_logits.requires_grad and model.mask_parameters() == []
+    torch.testing.assert_close(mask.mask_logits, logits)
+    keep = mask(SEQ)
+    assert torch.equal(keep, (logits > 0).float()[:, :, mask.gate_index])  # 1[σ(a) > 0.5], no noise
+    expected = attention_masks.sparsity(logits[:, :, mask.gate_index] > 0)
+    assert run_glue.mask_sparsity(model) == pytest.approx(expected) and 0.2 < expected < 0.8
+    model.train()  # even in training mode: no Gumbel noise, same outputs twice
+    with torch.no_grad():
+        first, second = model(*fixed_inputs()), model(*fixed_inputs())
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+    # Fine-tuning moves the weights but never the mask logits.
+    out = tmp_path / "ft"
+    assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "4",
+                                   "--init_checkpoint", str(tmp_path / "dam.pt"), "--attention_mask_type", "dam_u")) == 0
+    saved = safe_torch_load(out / "pytorch_model.bin")["model"]
+    torch.testing.assert_close(saved["bert.sparse_mask.mask_logits"], logits, rtol=0, atol=0)
+    before = safe_torch_load(tmp_path / "dam.pt")["model"]
+    assert not torch.equal(saved["bert.encoder.layer.0.attention.self.query.weight"],
+                           before["bert.encoder.layer.0.attention.self.query.weight"])
+    assert results(out)["mask_sparsity"] == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- bad flags and paths
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--do_train", "--fp16", "--bf16"], "--fp16/--amp and --bf16 are mutually exclusive"),
+    (["--do_train", "--gradient_accumulation_steps", "3"], "--gradient_accumulation_steps 3 must divide --train_batch_size 16"),
+    ([], "nothing to do: pass --do_train"),
+    (["--do_train", "--task_name", "squad"], "unknown --task_name 'squad'"),
+    (["--do_train", "--data_dir", "/nonexistent/MRPC"], "--data_dir /nonexistent/MRPC does not exist"),
+    (["--do_train", "--init_checkpoint", "/nonexistent.pt"], "checkpoint /nonexistent.pt does not exist"),
+    (["--do_train", "--max_seq_length", "32", "--attention_mask_type", "star"],
+     "mask_seq_length 16 < --max_seq_length 32"),
+    (["--do_train", "--attention_mask_type", "dam_s"], "needs --init_checkpoint holding the searched mask logits"),
+    (["--do_train", "--attention_mask_type", "diagonal"], "attention_mask_type"),
+    (["--do_train", "--warmup_proportion", "1.5"], "--warmup_proportion is a fraction"),
+])
+def test_bad_flags_fail_early_with_one_line(glue: Path, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    assert run_glue.main(glue_args(glue, out) + extra) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("run_glue.py: error: ") and message in err and "\n" not in err
+    assert not out.exists()  # nothing written
+
+
+def test_bad_data_names_file_and_line_and_writes_nothing(glue: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "SST-2"
+    write_tsv(data / "train.tsv", [["sentence", "label"], ["fine", "1"], ["broken", "positive"]])
+    out = tmp_path / "out"
+    argv = glue_args(glue, out) + ["--do_train", "--data_dir", str(data)]
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{data / 'train.tsv'}:3: label 'positive' is not a sst-2 label" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_dam_type_with_a_checkpoint_without_logits_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
+    torch.save({"model": BertForSequenceClassification(tiny_config(), 2).state_dict()}, tmp_path / "dense.pt")
+    argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--init_checkpoint", str(tmp_path / "dense.pt"),
+                     "--attention_mask_type", "dam_u")
+    assert run_glue.main(argv) == 1
+    assert "has none: pass the DAM pretraining checkpoint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- scripts and DDP
+
+
+def test_run_glue_sh_positional_parameters(glue: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sh"
+    mask_file = tmp_path / "star.safetensors"
+    attention_masks.save_mask_file(mask_file, attention_masks.pattern_mask("star", SEQ)[None, None], {"mode": "star"})
+    params = ["", str(glue / "SST-2"), str(glue / "vocab.txt"), str(glue / "config.json"), str(out), "sst-2", "1",
+              "16", "2", "2e-3", "0.1", "1", "3", "fp32", "2", "train eval prediction", str(mask_file)]
+    env = {**os.environ, "MAX_SEQ_LENGTH": str(SEQ), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts/run_glue.sh"), *params], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = results(out)
+    assert r["global_step"] == 3 and r["attention_mask_type"] == "file" and r["mask_sparsity"] > 0.5
+    assert (out / "SST-2.tsv").is_file() and (out / "logfile").is_file()
+    assert "--gradient_accumulation_steps 2" in proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(glue: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "run_glue.py"), *glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--do_predict",
+                                                 "--max_steps", "4", "--attention_mask_type", "star")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = results(out)
+    assert r["global_step"] == 4 and r["train:num_samples_per_gpu"] == 4 * 16
+    assert len(read_server_file(out / "SST-2.tsv")) == 25
