@@ -496,9 +496,9 @@ def load_mask_module(path: str | os.PathLike | None, seq_len: int, num_layers: i
     mask, metadata = load_mask_file(path)
     layers, heads, n, _ = mask.shape
     if layers not in (1, num_layers) or heads not in (1, num_heads) or n != seq_len:
-        raise ValueError(f"mask file {path} holds a mask of shape {list(mask.shape)}, expected "
-                         f"[{num_layers} (or 1), {num_heads} (or 1), {seq_len}, {seq_len}] for this model "
-                         f"(num_hidden_layers, num_attention_heads, mask_seq_length)")
+        raise ValueError(f"mask file {path} holds a mask of shape {list(mask.shape)}; this model needs "
+                         f"[{num_layers}, {num_heads}, {seq_len}, {seq_len}] (num_hidden_layers, num_attention_heads, "
+                         f"mask_seq_length; 1 layer or 1 head is broadcast)")
     metadata = {**metadata, "source_file": str(path), "source_mode": metadata.get("mode"), "mode": "file"}
     return FixedMask(mask, num_layers, num_heads, metadata)
 
