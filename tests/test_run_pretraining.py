@@ -155,6 +155,16 @@ def test_each_fixed_pattern_trains(shards, tmp_path, pattern):
     assert records(out, "mask_sparsity")[3] == pytest.approx(expected, abs=1e-6)
 
 
+def test_bf16_with_activation_checkpointing_trains(shards, tmp_path):
+    config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, bf16=True, checkpoint_activations=True,
+                                          gradient_accumulation_steps=2, skip_checkpoint=True)) == 0
+    losses = records(out, "step_loss")
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
+    assert records(out, "skipped_steps")[3] == 0
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 
