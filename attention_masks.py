@@ -533,7 +533,8 @@ def mask_statistics(mask: torch.Tensor) -> dict[str, Any]:
             "sparsity_per_layer": table.mean(dim=1).tolist(), "sparsity_per_head": table.tolist()}
 
 
-def save_mask_file(path: str | os.PathLike, mask: torch.Tensor, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+def save_mask_file(path: str | os.PathLike, mask: torch.Tensor,
+                   metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write bool ``mask`` [L, H, n, n] and its metadata (user fields + sparsity statistics) atomically.
     Returns the metadata written."""
     from safetensors.torch import save_file
@@ -603,7 +604,8 @@ def _export_from_checkpoint(checkpoint: str, config_path: str, out: str, step: i
     config = modeling.BertConfig.from_json_file(config_path)
     module = build_attention_mask(config)
     if not isinstance(module, DifferentiableMask):
-        raise ValueError(f"{config_path} sets attention_mask_type={config.attention_mask_type!r}; export needs dam_u or dam_s")
+        raise ValueError(f"{config_path} sets attention_mask_type={config.attention_mask_type!r}; "
+                         f"export needs dam_u or dam_s")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:

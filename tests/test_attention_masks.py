@@ -369,12 +369,14 @@ def test_export_binarises_and_file_mode_loads_it_frozen(tmp_path):
     model.sparse_mask = module
     path = tmp_path / "search.safetensors"
     meta = am.export_mask(model, path, step=100)
-    assert meta["mode"] == "dam_s" and meta["lambda"] == 1e-2 and meta["step"] == 100 and meta["shape"] == [2, 3, 16, 16]
+    assert meta["mode"] == "dam_s" and meta["lambda"] == 1e-2 and meta["step"] == 100
+    assert meta["shape"] == [2, 3, 16, 16]
     frozen = am.build_attention_mask(config(attention_mask_type="file", attention_mask_file=str(path)))
     assert isinstance(frozen, am.FixedMask) and list(frozen.parameters()) == []
     assert torch.equal(frozen.train()(16), module.eval()(16).expand(2, 3, 16, 16))
     assert frozen.describe()["source_mode"] == "dam_s"
-    with pytest.raises(ValueError, match=r"search.safetensors holds a mask of shape \[2, 3, 16, 16\]; this model needs \[4, 3, 16, 16\]"):
+    expected = r"search.safetensors holds a mask of shape \[2, 3, 16, 16\]; this model needs \[4, 3, 16, 16\]"
+    with pytest.raises(ValueError, match=expected):
         am.build_attention_mask(config(attention_mask_type="file", attention_mask_file=str(path), num_hidden_layers=4))
     with pytest.raises(ValueError, match="no attention mask"):
         am.export_mask(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
@@ -595,3 +597,25 @@ def test_dam_s_learns_the_one_offset_a_copy_task_needs():
     assert accuracy > 0.95
     profile = am.offset_keep_fraction(model.sparse_mask.binarize())[0]
     assert profile[:, 0].eq(0).all() and profile[:, 3].eq(1).all() and profile.sum() == 2
+
+
+def test_cli_exports_a_checkpoints_logits(tmp_path, capsys):
+    import modeling
+
+    cfg = bert_config(attention_mask_type="dam_s", dam_lambda=1e-2)
+    torch.manual_seed(0)
+    model = modeling.BertForPreTraining(cfg)
+    with torch.no_grad():
+        model.bert.sparse_mask.mask_logits.normal_()
+    cfg.to_json_file(tmp_path / "bert_config.json")
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt_5.pt")
+    out = tmp_path / "mask.safetensors"
+    am.main(["export", "--checkpoint", str(tmp_path / "ckpt_5.pt"), "--config", str(tmp_path / "bert_config.json"),
+             "--out", str(out), "--step", "5"])
+    assert "wrote" in capsys.readouterr().out
+    mask, meta = am.load_mask_file(out)
+    assert torch.equal(mask, model.bert.sparse_mask.full_mask()) and meta["step"] == 5 and meta["lambda"] == 1e-2
+    torch.save({"model": {}}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="no '\\*sparse_mask.mask_logits'"):
+        am.main(["export", "--checkpoint", str(tmp_path / "plain.pt"), "--config", str(tmp_path / "bert_config.json"),
+                 "--out", str(out)])
