@@ -5,6 +5,7 @@
 #   bash scripts/run_glue_all.sh <init_checkpoint> <glue_dir> [config_file] [out_root] [mask] [num_gpu]
 #        [precision] [seed] [name]
 #
+#   init_checkpoint: "" starts from random weights (smoke tests only)
 #   glue_dir: the unpacked GLUE download (CoLA/, SST-2/, MRPC/, STS-B/, QQP/, MNLI/, QNLI/, RTE/,
 #             WNLI/, diagnostic/)
 #   mask:     as run_glue.sh's 17th parameter ("" = the config's mask)
@@ -15,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-init_checkpoint=${1:?usage: run_glue_all.sh <init_checkpoint> <glue_dir> [config_file] [out_root] [mask] [num_gpu] [precision] [seed] [name]}
+init_checkpoint=${1?usage: run_glue_all.sh <init_checkpoint> <glue_dir> [config_file] [out_root] [mask] [num_gpu] [precision] [seed] [name]}
 glue_dir=${2:?usage: run_glue_all.sh <init_checkpoint> <glue_dir> ...}
 config_file=${3:-"bert_config.json"}
 out_root=${4:-"results/glue"}

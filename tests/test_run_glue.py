@@ -323,10 +323,27 @@ def test_torchrun_two_processes(glue: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "run_glue.py"), *glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--do_predict",
-                                                 "--max_steps", "4", "--attention_mask_type", "star")]
+                                                 "--max_steps", "4", "--attention_mask_type", "star", "--no_cuda")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = results(out)
     assert r["global_step"] == 4 and r["train:num_samples_per_gpu"] == 4 * 16
     assert len(read_server_file(out / "SST-2.tsv")) == 25
+
+
+@pytest.mark.slow
+def test_run_glue_all_prints_the_table_row(glue: Path, tmp_path: Path) -> None:
+    out = tmp_path / "all"
+    env = {**os.environ, "MAX_SEQ_LENGTH": str(SEQ), "OMP_NUM_THREADS": "1", "TASKS": "mnli sst-2",
+           "MAX_STEPS": "2", "BATCH_SIZE": "16", "VOCAB_FILE": str(glue / "vocab.txt"), "MODE": "train eval"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts/run_glue_all.sh"), "", str(glue), str(glue / "config.json"),
+                           str(out), "star", "1", "fp32", "1", "Star"], env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    mnli, sst = results(out / "MNLI"), results(out / "SST-2")
+    row = proc.stdout.strip().splitlines()[-1]
+    cells = row.strip("|").split("|")
+    assert cells[0] == "Star" and cells[1] == f"{100 * mnli['mask_sparsity']:.1f}"
+    assert cells[2] == f"{100 * mnli['acc']:.1f}/{100 * mnli['mm:acc']:.1f}" and cells[5] == f"{100 * sst['acc']:.1f}"
+    assert cells[3] == "-" and cells[-1].endswith("*")  # QQP not run; the average says it is partial
