@@ -263,3 +263,22 @@ def _bias_score_mod(keep: torch.Tensor) -> Callable:
     def add_bias(score, b, h, q_idx, kv_idx):
         return score + bias[h if per_head else 0, q_idx, kv_idx]
     return add_bias
+
+
+def layer_block_masks(keep: torch.Tensor | None, key_padding: torch.Tensor | None, *, device: torch.device,
+                      dropout_p: float, backend: str = "auto",
+                      block_size: int = DEFAULT_BLOCK_SIZE) -> list["BlockMask | None"]:
+    """Block masks for one forward pass, built once and shared by the layers (index by layer % len).
+
+    ``keep``: the mask module's [L', H', n, n] output (or None). Returns [None] when the call will
+    not take the flex path (CPU, dropout, sdpa), one padding-only mask for a learnable keep (the
+    bias rides in score_mod), else one block-sparse mask per distinct layer mask.
+    """
+    probe = torch.empty(0, device=device)
+    layer_keep = None if keep is None else keep[0]
+    if resolve_backend(probe, layer_keep, dropout_p, backend) != "flex":
+        return [None]
+    learnable = keep is not None and keep.requires_grad and torch.is_grad_enabled()
+    if keep is None or learnable:
+        return [block_mask_from_keep(None, block_size, key_padding) if key_padding is not None else None]
+    return [block_mask_from_keep(layer, block_size, key_padding) for layer in keep]

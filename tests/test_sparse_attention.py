@@ -274,3 +274,30 @@ def test_cuda_auto_and_sdpa_bf16_match_fp32_reference():
         out.float().sum().backward()
         assert torch.isfinite(keep.grad).all()
         keep.grad = None
+
+
+def test_layer_block_masks_follow_the_path():
+    keep = torch.ones(2, 1, 16, 16)
+    pad = right_padding(2, 16, [16, 9])
+    cpu = torch.device("cpu")
+    assert sa.layer_block_masks(keep, pad, device=cpu, dropout_p=0.0) == [None]  # auto on CPU = sdpa
+    if sa.flex_available():
+        masks = sa.layer_block_masks(keep, pad, device=cpu, dropout_p=0.0, backend="flex", block_size=8)
+        assert len(masks) == 2 and masks[0].kv_num_blocks.shape[0] == 2  # per layer, per batch
+        learnable = keep.clone().requires_grad_(True)
+        with pytest.raises(ValueError, match="no backward on CPU"):
+            sa.layer_block_masks(learnable, pad, device=cpu, dropout_p=0.0, backend="flex")
+        with pytest.raises(ValueError, match="no attention dropout"):
+            sa.layer_block_masks(keep, pad, device=cpu, dropout_p=0.1, backend="flex")
+
+
+@cuda
+@needs_cuda
+@needs_flex
+def test_cuda_layer_block_masks_learnable_keep_gets_padding_only_mask():
+    keep = torch.ones(2, 1, 256, 256, device="cuda", requires_grad=True)
+    pad = right_padding(2, 256, [256, 200]).cuda()
+    masks = sa.layer_block_masks(keep, pad, device=torch.device("cuda"), dropout_p=0.0)
+    assert len(masks) == 1 and masks[0].kv_num_blocks.shape[:2] == (2, 1)
+    frozen = sa.layer_block_masks(keep.detach(), pad, device=torch.device("cuda"), dropout_p=0.0)
+    assert len(frozen) == 2
