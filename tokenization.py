@@ -302,6 +302,10 @@ class BertTokenizer:
         through the Python path, so the ids never depend on which path ran.
         """
         texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"encode_batch: texts[{i}] is {type(text).__name__}, not str; "
+                                f"decode bytes first (e.g. with .decode('utf-8'))")
         fast = self._fast_tokenizer()
         if fast is None:
             return [self.encode(text) for text in texts]
@@ -331,12 +335,12 @@ class BertTokenizer:
 
     def _check_new_chars(self, fast, texts: list[str]) -> None:
         """Compare, for each character not seen before, how both pipelines split "a<char>b"."""
-        new_chars = set().union(*map(set, texts)) - self._fast_checked_chars if texts else set()
+        new_chars = set().union(*texts) - self._fast_checked_chars
         for char in new_chars:
             probe = "a" + char + "b"
             try:
                 words = [w for w, _ in fast.pre_tokenizer.pre_tokenize_str(fast.normalizer.normalize_str(probe))]
-            except Exception:  # e.g. a lone surrogate, which Rust strings cannot hold
+            except UnicodeEncodeError:  # a lone surrogate, which Rust strings cannot hold
                 words = None
             if words != self.basic_tokenizer.tokenize(probe):
                 self._fast_unsafe_chars.add(char)
@@ -358,7 +362,7 @@ class BertTokenizer:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".vocab.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                for index, token in self.ids_to_tokens.items():
+                for token in self.ids_to_tokens.values():
                     f.write(token + "\n")
             os.replace(tmp, path)
         except BaseException:

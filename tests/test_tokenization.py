@@ -253,6 +253,11 @@ def test_max_len_is_enforced_on_both_paths():
         short.encode_batch(["a b", "a b c d"])
 
 
+def test_encode_batch_refuses_non_text(tok):
+    with pytest.raises(TypeError, match=r"texts\[1\] is bytes, not str"):
+        tok.encode_batch(["ok", b"raw bytes"])
+
+
 def test_never_split_outside_vocab_is_refused():
     with pytest.raises(ValueError, match=r"never_split tokens \['<mine>'\] are not in vocab"):
         BertTokenizer(VOCAB, never_split=["[MASK]", "<mine>"])
