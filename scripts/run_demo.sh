@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# README's first command: install the runtime (CPU torch pinned first, so pip never pulls a CUDA
+# build), then run the whole SparseBERT pipeline in miniature on the built-in demo corpus.
+# Arguments go to scripts/demo.py, e.g. `bash scripts/run_demo.sh --out /tmp/demo --pretrain_steps 100`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install --quiet torch==2.13.0
+fi
+python -m pip install --quiet -r requirements.txt
+python scripts/demo.py "$@"
