@@ -45,7 +45,7 @@ PRESETS = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 # Default batch per (device, seq_len): the anchors on CUDA, small enough for 2 cores on CPU.
-DEFAULT_BATCH = {("cuda", 128): 256, ("cuda", 512): 64, ("cpu", 128): 16, ("cpu", 512): 4}
+DEFAULT_BATCH = {("cuda", 128): 256, ("cuda", 512): 64, ("cpu", 128): 8, ("cpu", 512): 2}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core spec
 VOCAB_SIZE = 30522
 MASK_FRACTION = 0.15
@@ -212,7 +212,7 @@ def parse_args(argv=None):
                    help="GPU quick preset: base, bf16, seq 128 (batch 256) and 512 (batch 64), modes dense + dam_s + "
                         "pattern eager, dense compiled; budget 140 s")
     p.add_argument("--seq_len", type=int, nargs="+", default=None)
-    p.add_argument("--batch", type=int, default=None, help="default: 256 @128 / 64 @512 on CUDA, 16 / 4 on CPU")
+    p.add_argument("--batch", type=int, default=None, help="default: 256 @128 / 64 @512 on CUDA, 8 / 2 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--modes", nargs="+", choices=("dense", "dam_s", "dam_u", "pattern"), default=None)
@@ -233,7 +233,7 @@ def parse_args(argv=None):
     if args.pattern not in modeling.MASK_TYPES or args.pattern in ("dense", "dam_u", "dam_s", "file"):
         p.error(f"--pattern {args.pattern!r}: choose a fixed pattern ({', '.join(modeling.MASK_TYPES[1:-3])})")
     defaults = dict(preset="base" if cuda else "small", seq_len=[128, 512] if cuda else [128],
-                    steps=20 if cuda else 5, warmup=5 if cuda else 2, modes=["dense", "dam_s", "dam_u", "pattern"],
+                    steps=20 if cuda else 3, warmup=5 if cuda else 1, modes=["dense", "dam_s", "dam_u", "pattern"],
                     time_budget_s=270.0 if cuda else 170.0)
     if args.quick:
         defaults.update(preset="base", seq_len=[128, 512], steps=10, warmup=3, modes=["dense", "dam_s", "pattern"],
