@@ -7,8 +7,8 @@ separate `cls.predictions.bias`). Hugging Face BERT weights load through a name 
 Attention runs through `scaled_dot_product_attention`, so CUDA picks flash / memory-efficient
 kernels. Padding and the sparse mask (see `attention_masks.py`) are both additive biases on the
 scores: 0 where a key is kept, -10000 where it is dropped, as NVIDIA's BERT and the SparseBERT code
-do. Because the bias is finite, a query row whose every key is dropped still gets a finite softmax
-(uniform over its dropped keys) instead of NaN.
+do. Because the bias is finite, a query row whose every key is dropped never turns into NaN: all its
+scores move by the same -10000, so it attends, as if unmasked, over its non-padded keys.
 """
 from __future__ import annotations
 
