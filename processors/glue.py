@@ -320,10 +320,6 @@ class Features:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"input_ids": self.input_ids, "input_mask": self.input_mask,
-                "segment_ids": self.segment_ids, "label_ids": self.label_ids}
-
 
 def truncate_pair(tokens_a: list, tokens_b: list, max_length: int) -> None:
     """Drop tokens from the end of the longer sequence until both fit (ties drop from B)."""
