@@ -580,8 +580,8 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         return self.cls.seq_relationship(pooled_output)
 
 
-class BertForSequenceClassification(BertPreTrainedModel):
-    """Dropout + linear classifier on the pooled [CLS] vector (num_labels = 1: regression)."""
+class _BertWithClassifier(BertPreTrainedModel):
+    """BERT + dropout + a linear classifier: the shape shared by the sequence and token heads."""
 
     def __init__(self, config: BertConfig, num_labels: int = 2) -> None:
         super().__init__(config)
@@ -590,6 +590,10 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.init_weights()
+
+
+class BertForSequenceClassification(_BertWithClassifier):
+    """Classifier on the pooled [CLS] vector (num_labels = 1: regression)."""
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -597,14 +601,8 @@ class BertForSequenceClassification(BertPreTrainedModel):
         return self.classifier(self.dropout(pooled_output))
 
 
-class BertForTokenClassification(BertPreTrainedModel):
-    def __init__(self, config: BertConfig, num_labels: int = 2) -> None:
-        super().__init__(config)
-        self.num_labels = num_labels
-        self.bert = BertModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.classifier = nn.Linear(config.hidden_size, num_labels)
-        self.init_weights()
+class BertForTokenClassification(_BertWithClassifier):
+    """Classifier on every token's vector."""
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
