@@ -201,6 +201,7 @@ def main(argv=None) -> list[dict]:
         flex = torch.compile(sa.flex_attention, dynamic=False) if device.type == "cuda" else sa.flex_attention
     else:
         flex = None
+    commit = git_commit()  # the code being measured: read before the run, not after
     started = time.perf_counter()
     rows: list[dict] = []
     for n in args.seq_lens:
@@ -240,7 +241,7 @@ def main(argv=None) -> list[dict]:
                     row["speedup_vs_dense"] = dense_ms / row["ms"]
                 rows.append(row)
                 print(format_row(row), flush=True)
-    meta = {"device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
+    meta = {"device": device_name(device), "torch": torch.__version__, "commit": commit,
             "dtype": args.dtype, "heads": args.heads, "head_dim": args.head_dim, "tokens": args.tokens,
             "block_size": args.block_size, "warmup": args.warmup, "iters": args.iters,
             "wall_s": round(time.perf_counter() - started, 1)}

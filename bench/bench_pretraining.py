@@ -254,6 +254,7 @@ def main(argv=None) -> list[dict]:
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = PRESETS[args.preset]
     peak_tflops = args.peak_tflops or peak_for(device)
+    commit = git_commit()  # the code being measured: read before the run, not after
     started = time.perf_counter()
     deadline = started + args.time_budget_s
     compile_settings = ([False] if not args.no_eager else []) + ([True] if args.compile else [])
@@ -275,7 +276,7 @@ def main(argv=None) -> list[dict]:
                        "ratio": ratio, "mfu_ours": mfu(ours, flops, peak_tflops), "mfu_hf": mfu(hf, flops, peak_tflops)}
                 rows.append(row)
                 print(format_row(row), flush=True)
-    meta = {"device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
+    meta = {"device": device_name(device), "torch": torch.__version__, "commit": commit,
             "preset": args.preset, "config": cfg, "bf16": args.bf16, "attn_dropout": args.attn_dropout,
             "pad_fraction": args.pad_fraction, "steps": args.steps, "warmup": args.warmup,
             "peak_tflops": peak_tflops, "flops_formula": "6*(4d^2+2d*dff)*L*n + 6*(d^2+d*V)*0.15n + 12*L*n^2*d",
