@@ -521,11 +521,12 @@ class BertModel(BertPreTrainedModel):
             return [padding] * self.config.num_hidden_layers
         keep = self.sparse_mask(seq_len)  # [L or 1, H or 1, n, n], 1 = keep
         mask_bias = ((1.0 - keep) * MASKED_BIAS).to(dtype)
-        biases = []
-        for layer in range(self.config.num_hidden_layers):
-            layer_bias = mask_bias[layer if mask_bias.size(0) > 1 else 0].unsqueeze(0)
-            biases.append(layer_bias if padding is None else padding + layer_bias)
-        return biases
+        if padding is not None:
+            mask_bias = padding.unsqueeze(0) + mask_bias.unsqueeze(1)  # [L or 1, B, H or 1, n, n]
+        else:
+            mask_bias = mask_bias.unsqueeze(1)  # [L or 1, 1, H or 1, n, n]
+        # A mask shared by all layers is combined with the padding once, not once per layer.
+        return [mask_bias[layer if mask_bias.size(0) > 1 else 0] for layer in range(self.config.num_hidden_layers)]
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
