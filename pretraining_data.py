@@ -111,23 +111,49 @@ def _read_shard(path: str, max_pred_length: int) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"pretraining shard {path!r} does not exist")
     try:
         with h5py.File(path, "r") as f:
-            missing = [name for name in SHARD_LAYOUT if name not in f]
-            if missing:
-                raise ShardError(f"shard {path!r} lacks dataset(s) {', '.join(missing)} (it has "
-                                 f"{', '.join(sorted(f.keys())) or 'none'}): {REMAKE_HINT}")
-            for name in SHARD_LAYOUT:
-                if not isinstance(f[name], h5py.Dataset):
-                    raise ShardError(f"shard {path!r}: {name!r} is a group, not a dataset: {REMAKE_HINT}")
-            _check_layout(path, {name: (f[name].shape, f[name].dtype) for name in SHARD_LAYOUT},
-                          max_pred_length)
+            _check_file(f, path, max_pred_length)
             arrays = {name: np.asarray(f[name][:]) for name in SHARD_LAYOUT}
     except ShardError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as e:
-        raise ShardError(f"shard {path!r} cannot be read, it is probably truncated or corrupt "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): {REMAKE_HINT}") from None
+        raise _unreadable(path, e) from None
     _check_values(path, arrays)
     return arrays
+
+
+def shard_sequence_length(path: str | os.PathLike, max_pred_length: int) -> int:
+    """Check a shard's datasets, shapes and dtypes from its header alone and return its sequence length.
+
+    Cheap (no data is read), so a run can check every shard before its first step instead of
+    failing hours later when it reaches a truncated or foreign file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretraining shard {path!r} does not exist")
+    try:
+        with h5py.File(path, "r") as f:
+            _check_file(f, path, max_pred_length)
+            return int(f["input_ids"].shape[1])
+    except ShardError:
+        raise
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: str, error: Exception) -> ShardError:
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ShardError(f"shard {path!r} cannot be read, it is probably truncated or corrupt ({reason}): {REMAKE_HINT}")
+
+
+def _check_file(f: h5py.File, path: str, max_pred_length: int) -> None:
+    missing = [name for name in SHARD_LAYOUT if name not in f]
+    if missing:
+        raise ShardError(f"shard {path!r} lacks dataset(s) {', '.join(missing)} (it has "
+                         f"{', '.join(sorted(f.keys())) or 'none'}): {REMAKE_HINT}")
+    for name in SHARD_LAYOUT:
+        if not isinstance(f[name], h5py.Dataset):
+            raise ShardError(f"shard {path!r}: {name!r} is a group, not a dataset: {REMAKE_HINT}")
+    _check_layout(path, {name: (f[name].shape, f[name].dtype) for name in SHARD_LAYOUT}, max_pred_length)
 
 
 def _check_layout(path: str, layout: dict[str, tuple[tuple, np.dtype]], max_pred_length: int) -> None:
