@@ -26,6 +26,8 @@ from utils import atomic_save, get_rank, get_world_size, is_main_process, rng_st
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+STALE_TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\..+\.tmp$")  # utils.atomic_path's temporary names
+COLLECTIVE_FAILURE_RE = re.compile(r"gloo|nccl|timed out|timeout|connection (closed|reset)|broken pipe", re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------- model
@@ -33,7 +35,10 @@ CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 
 def load_config(config_file: str | Path, **overrides: Any) -> BertConfig:
     """`bert_config.json` with the command-line overrides that are not None (validated again)."""
-    config = BertConfig.from_json_file(config_file)
+    try:
+        config = BertConfig.from_json_file(config_file)
+    except ValueError as exc:  # a bad field: say which file holds it
+        raise ValueError(str(exc) if str(config_file) in str(exc) else f"{config_file}: {exc}") from None
     changes = {key: value for key, value in overrides.items() if value is not None}
     return config.replace(**changes) if changes else config
 
@@ -221,6 +226,20 @@ def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, ke
     return path
 
 
+def remove_stale_temp_files(output_dir: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes a kill interrupted (`.ckpt_<step>.pt.*.tmp`).
+
+    Only the process that owns `output_dir` calls this, before it writes anything; each such file
+    is as large as a checkpoint, so repeated preemptions would otherwise fill the disk.
+    """
+    directory = Path(output_dir)
+    stale = [p for p in directory.iterdir() if STALE_TEMP_RE.match(p.name) and p.is_file()] if directory.is_dir() else []
+    for path in stale:
+        logger.warning("removing %s, left by an interrupted checkpoint write", path)
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint dict, loaded without unpickling objects (utils.safe_torch_load)."""
     state = safe_torch_load(path)
@@ -248,6 +267,13 @@ def find_latest_checkpoint(output_dir: str | Path, step: int = -1) -> tuple[int,
         except (ValueError, RuntimeError, EOFError, OSError) as exc:
             logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
     return None
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank died or hung (vs a bug here)."""
+    if get_world_size() == 1:
+        return False
+    return isinstance(exc, dist.DistError) or bool(COLLECTIVE_FAILURE_RE.search(str(exc)))
 
 
 def gather_rng_states() -> list[dict[str, Any]]:
