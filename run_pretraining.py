@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import h5py
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -95,6 +94,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export_mask", action="store_true", help="also write the binarised mask at every checkpoint")
     p.add_argument("--max_bad_steps", type=int, default=25,
                    help="stop after this many consecutive non-finite (skipped) optimizer steps")
+    p.add_argument("--dist_timeout", type=float, default=1800,
+                   help="seconds a collective waits for the other ranks before this one stops with an error "
+                        "(a dead or stuck worker turns into an exit, not a hang)")
     p.add_argument("--no_cuda", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
@@ -123,6 +125,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--log_freq, --num_steps_per_checkpoint and --max_bad_steps must be positive")
     if args.steps_this_run == 0 or args.steps_this_run < -1:
         raise ValueError(f"--steps_this_run must be -1 (all of --max_steps) or >= 1, got {args.steps_this_run}")
+    if not args.dist_timeout > 0:
+        raise ValueError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.lamb is not None and args.lamb < 0:
         raise ValueError(f"--lamb (λ of the mask penalty) must be >= 0, got {args.lamb}")
     if not Path(args.input_dir).is_dir():
@@ -151,16 +155,16 @@ def load_model_config(args: argparse.Namespace):
     return config
 
 
-def check_sequence_length(shard: str, max_seq_length: int) -> None:
-    """The shards' sequence length must match --max_seq_length (phase-1 shards are 128, phase-2 512)."""
-    try:
-        with h5py.File(shard, "r") as f:
-            width = f["input_ids"].shape[1]
-    except (OSError, KeyError, IndexError) as exc:
-        raise ValueError(f"shard {shard} cannot be read ({exc}): recreate it with data/create_pretraining_data.py") from None
-    if width != max_seq_length:
-        raise ValueError(f"shard {shard} holds sequences of length {width} but --max_seq_length is "
-                         f"{max_seq_length}: pass --max_seq_length {width} or the matching --input_dir")
+def check_shards(shards: list[str], max_seq_length: int, max_pred_length: int) -> None:
+    """Every shard's layout, and a sequence length matching --max_seq_length (phase 1: 128, phase 2: 512).
+
+    Only headers are read, so a truncated or foreign shard stops the run before its first step.
+    """
+    for shard in shards:
+        width = pretraining_data.shard_sequence_length(shard, max_pred_length)
+        if width != max_seq_length:
+            raise ValueError(f"shard {shard} holds sequences of length {width} but --max_seq_length is "
+                             f"{max_seq_length}: pass --max_seq_length {width} or the matching --input_dir")
 
 
 # ============================================================================ pieces of a step
@@ -222,6 +226,10 @@ def resume_state(args: argparse.Namespace) -> tuple[int, Path, dict[str, Any]] |
                              f"--resume_from_checkpoint to continue that run, or use another --output_dir")
         return None
     found = training.find_latest_checkpoint(args.output_dir, args.resume_step)
+    if found is None and existing:  # never restart from scratch over checkpoints that exist
+        raise ValueError(f"--resume_from_checkpoint: no checkpoint in {args.output_dir} loads "
+                         f"({', '.join(p.name for _, p in existing)}; reasons logged above): restore a good "
+                         f"ckpt_<step>.pt there, or move them away to start fresh")
     if found is None and args.phase2 and not args.init_checkpoint:
         raise FileNotFoundError(f"--phase2 needs a phase-1 checkpoint in {args.output_dir} (or --init_checkpoint)")
     return found
@@ -259,16 +267,18 @@ def checkpoint_name_step(args: argparse.Namespace, global_step: int) -> int:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     validate_arguments(args)
-    device = init_distributed(args.local_rank, no_cuda=args.no_cuda)
+    device = init_distributed(args.local_rank, no_cuda=args.no_cuda, timeout_s=args.dist_timeout)
     rank, world_size = get_rank(), get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     seed_everything(args.seed + rank)
     config = load_model_config(args)
     shards = pretraining_data.list_shards(args.input_dir)
-    check_sequence_length(shards[0], args.max_seq_length)
+    check_shards(shards, args.max_seq_length, args.max_predictions_per_seq)
     found = resume_state(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        training.remove_stale_temp_files(args.output_dir)
 
     dtype = precision_dtype(args.fp16, args.bf16)
     micro_batch = args.train_batch_size // args.gradient_accumulation_steps
@@ -456,6 +466,14 @@ def main(argv: list[str] | None = None) -> int:
         train(args)
     except (ValueError, FileNotFoundError, OSError, TrainingError) as exc:
         print(f"run_pretraining.py: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as exc:
+        if not training.is_collective_failure(exc):
+            raise
+        reason = str(exc).strip().splitlines()[0]
+        print(f"run_pretraining.py: error: rank {get_rank()}: lost the other workers ({reason}); one of them died "
+              f"or hung (see its log; --dist_timeout bounds the wait) — fix it and rerun with "
+              f"--resume_from_checkpoint", file=sys.stderr, flush=True)
         return 1
     finally:
         if torch.distributed.is_initialized():
