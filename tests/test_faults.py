@@ -1,0 +1,361 @@
+"""Fault matrix for run_pretraining.py: the run survives or stops cleanly with its last good state.
+
+Preemption (SIGTERM at random moments), a SIGKILL in the middle of a checkpoint write, a save that
+fails (disk full / permission denied), non-finite losses in fp32 and bf16, a torchrun worker that
+dies or hangs, and (slow) a soak run interrupted again and again. Each case runs the real script on
+a tiny BERT (CPU, one thread) and checks exit codes, the error line, the files on disk and, where a
+run is resumed, that it ends with exactly the weights of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import run_pretraining
+import training
+from data import create_pretraining_data
+from utils import read_dllogger_json
+from test_run_pretraining import (MAX_PRED, SEQ, VOCAB, assert_same_weights, base_args, records, weights,
+                                  write_config, write_corpus)
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "run_pretraining.py"
+# Dropout, DAM noise and accumulation: a resumed run is exact only if every RNG and the data
+# position come back, so these flags make the weight comparisons below meaningful.
+FLAGS = dict(max_steps=24, gradient_accumulation_steps=2, attention_mask_type="dam_s", lamb=1e-3,
+             num_steps_per_checkpoint=1000, log_freq=1)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fault_corpus")
+    shard_dir = root / "shards"
+    shard_dir.mkdir()
+    for i in range(2):
+        write_corpus(root / f"text_{i}.txt", seed=10 + i)
+        create_pretraining_data.main([
+            "--vocab_file", str(VOCAB), "--input_file", str(root / f"text_{i}.txt"),
+            "--output_file", str(shard_dir / f"training_{i}.hdf5"), "--max_seq_length", str(SEQ),
+            "--max_predictions_per_seq", str(MAX_PRED), "--dupe_factor", "1", "--short_seq_prob", "0",
+            "--n_processes", "1", "--random_seed", str(i), "--no_progress"])
+    return shard_dir
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("fault_config") / "config.json")
+
+
+@pytest.fixture(scope="module")
+def reference(shards, config, tmp_path_factory) -> Path:
+    """The uninterrupted run every resumed run must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    torch.set_num_threads(1)
+    assert run_pretraining.main(base_args(shards, out, config, **FLAGS)) == 0
+    return out
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def launch(argv: list[str], log: Path, driver: Path | None = None, **env: str) -> subprocess.Popen:
+    """run_pretraining.py (or a driver around it) in its own process, output to `log`."""
+    cmd = [sys.executable, str(driver or SCRIPT), *([str(ROOT)] if driver else []), *argv]
+    with open(log, "wb") as sink:
+        return subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env={**subprocess_env(), **env})
+
+
+def logged_steps(out: Path) -> int:
+    log = out / "dllogger.json"
+    return log.read_text(encoding="utf-8", errors="replace").count('"step_loss"') if log.is_file() else 0
+
+
+def wait_for_training(out: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Block until the run logs an optimizer step (so its SIGTERM handler is installed)."""
+    deadline = time.monotonic() + timeout
+    before = logged_steps(out)
+    while time.monotonic() < deadline:
+        if logged_steps(out) > before:
+            return
+        assert proc.poll() is None, f"run exited early with {proc.returncode}"
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the run never reached its first step")
+
+
+def steps_of_last_run(out: Path) -> list[int]:
+    """Optimizer steps logged by the latest invocation (the dllogger file is appended to)."""
+    log = read_dllogger_json(out / "dllogger.json")
+    start = max(i for i, rec in enumerate(log) if "train_start" in rec["data"])
+    return [rec["step"][1] for rec in log[start:] if isinstance(rec["step"], list) and "step_loss" in rec["data"]]
+
+
+def resume_in_process(shards: Path, out: Path, config: Path, **flags) -> dict[int, float]:
+    """Resume the run in `out` to the end; the step losses it logged."""
+    first_part = records(out, "step_loss")
+    assert run_pretraining.main(base_args(shards, out, config, resume_from_checkpoint=True, **{**FLAGS, **flags})) == 0
+    return {**first_part, **records(out, "step_loss")}
+
+
+# ----------------------------------------------------------------------------- preemption (SIGTERM)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigterm_at_a_random_moment_checkpoints_exits_zero_and_resumes_exactly(shards, config, reference,
+                                                                               tmp_path, seed):
+    out = tmp_path / "out"
+    proc = launch(base_args(shards, out, config, **FLAGS), tmp_path / "log.txt")
+    wait_for_training(out, proc)
+    time.sleep(random.Random(seed).uniform(0.0, 1.0))  # anywhere in a step: forward, backward, optimizer
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-2000:]
+    saved = [s for s, _ in training.list_checkpoints(out)]
+    assert len(saved) == 1 and 1 <= saved[0] < FLAGS["max_steps"], saved
+    stop = saved[0]
+    assert max(records(out, "step_loss")) == stop  # it stopped at the boundary it saved, nothing after
+    assert training.load_checkpoint(out / f"ckpt_{stop}.pt")["global_step"] == stop
+    losses = resume_in_process(shards, out, config)
+    assert losses == records(reference, "step_loss")
+    assert_same_weights(out / "ckpt_24.pt", reference / "ckpt_24.pt")
+
+
+# ----------------------------------------------------------------------------- SIGKILL during a checkpoint write
+
+
+KILL_MID_WRITE = textwrap.dedent('''
+    """run_pretraining whose checkpoint write number KILL_AT_SAVE stops half-way with SIGKILL."""
+    import io, os, signal, sys
+    sys.path.insert(0, sys.argv.pop(1))
+    import torch, run_pretraining
+
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_then_die(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] < int(os.environ["KILL_AT_SAVE"]):
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        with open(f, "wb") as out:  # half the real bytes reach the disk, then the power goes
+            out.write(data[: len(data) // 2])
+            out.flush()
+            os.fsync(out.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = save_then_die
+    sys.exit(run_pretraining.main())
+''')
+
+
+def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_picks_it(shards, config, reference, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_MID_WRITE)
+    out = tmp_path / "out"
+    flags = {**FLAGS, "num_steps_per_checkpoint": 2}
+    proc = launch(base_args(shards, out, config, **flags), tmp_path / "log.txt", driver=driver, KILL_AT_SAVE="2")
+    assert proc.wait(timeout=120) == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-2000:]
+    leftovers = sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp"))
+    assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt_4.pt.")  # the half file, under a temp name
+    assert [s for s, _ in training.list_checkpoints(out)] == [2]
+    step, path, state = training.find_latest_checkpoint(out)
+    assert step == 2 and state["global_step"] == 2
+
+    losses = resume_in_process(shards, out, config, num_steps_per_checkpoint=2)
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # the stale half file was removed
+    assert min(steps_of_last_run(out)) == 3  # resumed after ckpt_2, not from a half-written ckpt_4
+    assert losses == records(reference, "step_loss")
+    assert_same_weights(out / "ckpt_24.pt", reference / "ckpt_24.pt")
+
+
+# ----------------------------------------------------------------------------- failing saves
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(shards, config, tmp_path, monkeypatch,
+                                                                        capsys, code):
+    out = tmp_path / "out"
+    real_save, calls = torch.save, {"n": 0}
+
+    def save_fails_second_time(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            Path(f).write_bytes(b"partial")
+            raise OSError(code, os.strerror(code))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_fails_second_time)
+    argv = base_args(shards, out, config, **{**FLAGS, "num_steps_per_checkpoint": 2})
+    assert run_pretraining.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "could not write checkpoint" in err[0] and "ckpt_4.pt" in err[0] and os.strerror(code) in err[0]
+    assert "ckpt_2.pt" in err[0]  # names what is still there
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt_2.pt", "dllogger.json"]  # no half file anywhere
+    assert training.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
+    assert max(records(out, "step_loss")) == 4  # no silent continue past the failed save
+
+
+# ----------------------------------------------------------------------------- non-finite losses
+
+
+@pytest.mark.parametrize("precision, bad_value", [("fp32", "nan"), ("fp32", "inf"), ("bf16", "nan"), ("bf16", "inf")])
+def test_non_finite_loss_is_skipped_then_bounded_keeping_good_state(shards, config, tmp_path, monkeypatch, capsys,
+                                                                    precision, bad_value):
+    """Forward call 2 is bad once (skipped); from call 6 on every step is bad, so the bound stops the run."""
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real_loss = run_pretraining.pretraining_loss
+
+    def loss_fn(*args):
+        calls["n"] += 1
+        loss = real_loss(*args)
+        return loss * float(bad_value) if calls["n"] == 2 or calls["n"] >= 6 else loss
+
+    monkeypatch.setattr(run_pretraining, "pretraining_loss", loss_fn)
+    argv = base_args(shards, out, config, max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=3,
+                     bf16=precision == "bf16", attention_mask_type="dam_s", lamb=1e-3)
+    assert run_pretraining.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 consecutive optimizer steps had a non-finite loss" in err[0], err
+    assert "ckpt_4.pt" in err[0] and "--max_bad_steps" in err[0]
+    assert calls["n"] == 8  # 4 good steps + 1 skipped, then 3 bad ones: stopped at once
+    assert records(out, "skipped_steps")[4] == 1
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]
+    state = training.load_checkpoint(out / "ckpt_4.pt")
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    moments = [t for s in state["optimizer"]["state"].values() for t in s.values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    assert moments and all(torch.isfinite(t).all() for t in moments)  # the skipped step left no NaN behind
+    assert [g["step"] for g in state["optimizer"]["param_groups"]] == [4, 4, 4]
+
+
+# ----------------------------------------------------------------------------- torchrun workers
+
+
+FAULTY_RANK = textwrap.dedent('''
+    """run_pretraining where rank 1 misbehaves at its 3rd optimizer step: FAULT=die exits at once,
+    FAULT=hang stops answering collectives. Rank 0 writes when it exited and with which code."""
+    import json, os, signal, sys, time
+    sys.path.insert(0, sys.argv.pop(1))
+    import run_pretraining, training
+
+    real_any_rank, calls = training.any_rank, {"n": 0}
+    rank, events = int(os.environ["RANK"]), os.environ["EVENTS"]
+
+    def faulty_any_rank(*flags, device):
+        calls["n"] += 1
+        if calls["n"] == 3 and rank == 1:
+            with open(os.path.join(events, "fault_at"), "w") as f:
+                f.write(str(time.time()))
+            if os.environ["FAULT"] == "die":
+                os._exit(3)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so torchrun's clean-up does not wait 30 s for us
+            time.sleep(3600)
+        return real_any_rank(*flags, device=device)
+
+    training.any_rank = faulty_any_rank
+    code = run_pretraining.main()
+    with open(os.path.join(events, f"rank{rank}_exit"), "w") as f:
+        json.dump({"time": time.time(), "code": code}, f)
+    sys.exit(code)
+''')
+
+
+def run_faulty_torchrun(shards: Path, config: Path, tmp_path: Path, fault: str, port: int) -> tuple[int, float, Path]:
+    driver = tmp_path / "driver.py"
+    driver.write_text(FAULTY_RANK)
+    out = tmp_path / "out"
+    argv = base_args(shards, out, config, max_steps=50, train_batch_size=4, num_steps_per_checkpoint=2,
+                     dist_timeout=8)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           str(driver), str(ROOT), *argv]
+    start = time.monotonic()
+    result = subprocess.run(cmd, env={**subprocess_env(), "FAULT": fault, "EVENTS": str(tmp_path)},
+                            capture_output=True, text=True, timeout=240)
+    (tmp_path / "log.txt").write_text(result.stdout + result.stderr)
+    return result.returncode, time.monotonic() - start, out
+
+
+def test_torchrun_worker_death_stops_the_other_in_bounded_time(shards, config, tmp_path):
+    code, elapsed, out = run_faulty_torchrun(shards, config, tmp_path, "die", port=29671)
+    assert code != 0
+    assert elapsed < 90, elapsed  # torchrun tears the survivor down; nothing waits for the 30-minute default
+    assert [s for s, _ in training.list_checkpoints(out)] == [2]  # the last good state is intact
+    assert training.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_stuck_worker_times_out_with_one_line(shards, config, tmp_path):
+    code, elapsed, out = run_faulty_torchrun(shards, config, tmp_path, "hang", port=29672)
+    assert code != 0
+    fault_at = float((tmp_path / "fault_at").read_text())
+    rank0 = json.loads((tmp_path / "rank0_exit").read_text())
+    assert rank0["code"] == 1
+    assert rank0["time"] - fault_at < 8 + 20, rank0["time"] - fault_at  # --dist_timeout 8, plus slack
+    log = (tmp_path / "log.txt").read_text()
+    lines = [line for line in log.splitlines() if "run_pretraining.py: error:" in line]
+    assert len(lines) == 1 and "rank 0: lost the other workers" in lines[0] and "--dist_timeout" in lines[0], lines
+    assert "[rank0]: Traceback" not in log  # rank 0 ends with its one line, not a stack dump
+    assert [s for s, _ in training.list_checkpoints(out)] == [2]
+
+
+# ----------------------------------------------------------------------------- soak
+
+
+@pytest.mark.slow
+def test_soak_random_sigterm_and_sigkill_end_with_uninterrupted_weights(shards, config, tmp_path):
+    """300 steps, interrupted by SIGTERM or SIGKILL at random moments and resumed each time."""
+    flags = {**FLAGS, "max_steps": 300, "num_steps_per_checkpoint": 25, "log_freq": 5}
+    straight = tmp_path / "straight"
+    proc = launch(base_args(shards, straight, config, **flags), tmp_path / "straight.txt")
+    assert proc.wait(timeout=300) == 0
+    out, rng, interruptions, kills = tmp_path / "out", random.Random(2024), 0, 0
+    for attempt in range(40):
+        resume = {"resume_from_checkpoint": True} if training.list_checkpoints(out) else {}
+        proc = launch(base_args(shards, out, config, **flags, **resume), tmp_path / f"run_{attempt}.txt")
+        if interruptions < 8:
+            try:
+                wait_for_training(out, proc)
+            except AssertionError:  # finished before it logged again
+                pass
+            time.sleep(rng.uniform(0.0, 4.0))
+            sig = rng.choice([signal.SIGTERM, signal.SIGKILL])
+            if proc.poll() is None:
+                proc.send_signal(sig)
+                interruptions += 1
+                kills += sig == signal.SIGKILL
+        code = proc.wait(timeout=300)
+        assert code in (0, -signal.SIGKILL), (tmp_path / f"run_{attempt}.txt").read_text()[-2000:]
+        if code == 0 and (out / "ckpt_300.pt").is_file():
+            break
+    assert interruptions >= 4 and kills >= 1, (interruptions, kills)
+    assert_same_weights(out / "ckpt_300.pt", straight / "ckpt_300.pt")
+    state, reference_state = training.load_checkpoint(out / "ckpt_300.pt"), training.load_checkpoint(straight / "ckpt_300.pt")
+    for a, b in zip(state["optimizer"]["state"].values(), reference_state["optimizer"]["state"].values()):
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key])
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert math.isfinite(records(out, "average_loss")[300])
