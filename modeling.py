@@ -428,6 +428,14 @@ class BertPreTrainedModel(nn.Module):
     def set_checkpoint_activations(self, enabled: bool) -> None:
         self.bert_model.encoder.checkpoint_activations = enabled
 
+    def compile_encoder(self, **compile_kwargs: Any) -> None:
+        """`torch.compile` the BERT body in place (state-dict names unchanged).
+
+        Only the body: its shapes are static, while the pretraining head's masked-row count changes
+        every batch and would make a compiled whole model recompile or break its graph.
+        """
+        self.bert_model.compile(**compile_kwargs)
+
     # -- checkpoint I/O
 
     @classmethod

@@ -144,7 +144,11 @@ def hf_loss(model, batch: Batch) -> torch.Tensor:
 def time_training(model, loss_fn, batches, args, device, compile_model: bool) -> dict:
     model.to(device).train()
     optimizer = optimizer_for(model, device)
-    forward = torch.compile(model) if compile_model else model
+    forward = model
+    if compile_model and hasattr(model, "compile_encoder"):
+        model.compile_encoder()  # ours: what run_pretraining.py --compile does
+    elif compile_model:
+        forward = torch.compile(model)  # HF: what a careful user would do
     def precision():
         return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
