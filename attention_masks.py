@@ -23,6 +23,7 @@ import argparse
 import inspect
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -608,8 +609,10 @@ def _export_from_checkpoint(checkpoint: str, config_path: str, out: str, step: i
                          f"export needs dam_u or dam_s")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read checkpoint {checkpoint}: {err}") from None
+    except Exception as err:  # torch's message runs to many lines; its first says what failed
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read checkpoint {checkpoint} safely ({reason}); only tensor checkpoints "
+                         f"without pickled objects are accepted") from None
     state = state.get("model", state) if isinstance(state, dict) else {}
     keys = [k for k in state if k.endswith("sparse_mask.mask_logits")]
     if not keys:
@@ -651,4 +654,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"attention_masks.py: error: {error}")
