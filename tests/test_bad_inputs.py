@@ -1,0 +1,444 @@
+"""Bad-input matrix: every file or field a user can get wrong gives one line naming it and the fix.
+
+Shards (truncated, corrupt, missing dataset, wrong shape / dtype / length, bad values found
+mid-run), checkpoints (another architecture or vocab, pickled payloads that must never run), mask
+files that do not fit the model, config files (unknown, mistyped and impossible fields), raw text
+with NUL bytes / invalid UTF-8 / 1 MB lines, GLUE TSVs of every task, property tests of the config
+parser and the TSV readers, and a source scan proving nothing a user supplies is unpickled.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attention_masks
+import pretraining_data
+import run_pretraining
+import training
+from data import create_pretraining_data as cpd
+from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification
+from processors.glue import TASKS, GlueDataError
+from test_run_pretraining import MAX_PRED, SEQ, TINY, VOCAB, base_args, write_config, write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def good_shard(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    write_corpus(root / "text.txt", seed=3, docs=12)
+    cpd.main(["--vocab_file", str(VOCAB), "--input_file", str(root / "text.txt"), "--output_file",
+              str(root / "training_0.hdf5"), "--max_seq_length", str(SEQ), "--max_predictions_per_seq",
+              str(MAX_PRED), "--dupe_factor", "1", "--short_seq_prob", "0", "--n_processes", "1", "--no_progress"])
+    return root / "training_0.hdf5"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def shard_arrays(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {name: f[name][:] for name in f}
+
+
+def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    with h5py.File(path, "w") as f:
+        for name, array in arrays.items():
+            f.create_dataset(name, data=array)
+    return path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("run_pretraining.py: error:"), err
+    return err[0]
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _truncate(path: Path, good: Path) -> None:
+    data = good.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path: Path, good: Path) -> None:
+    path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(range(256)) * 40)
+
+
+def _rewrite(change):
+    def make(path: Path, good: Path) -> None:
+        arrays = shard_arrays(good)
+        change(arrays)
+        write_arrays(path, arrays)
+    return make
+
+
+SHARD_CASES = {
+    "truncated": (_truncate, "truncated or corrupt"),
+    "corrupt": (_garbage, "truncated or corrupt"),
+    "missing_dataset": (_rewrite(lambda a: a.pop("masked_lm_ids")), "lacks dataset(s) masked_lm_ids"),
+    "wrong_dtype": (_rewrite(lambda a: a.update(input_ids=a["input_ids"].astype(np.float32))),
+                    "input_ids has dtype float32"),
+    "wrong_rows": (_rewrite(lambda a: a.update(segment_ids=a["segment_ids"][:-1])), "segment_ids has shape"),
+    "wrong_width": (_rewrite(lambda a: a.update(input_mask=a["input_mask"][:, :-1])), "input_mask has width"),
+    "wrong_seq_length": (_rewrite(lambda a: a.update({k: np.pad(a[k], ((0, 0), (0, SEQ))) for k in
+                                                      ("input_ids", "input_mask", "segment_ids")})),
+                         f"sequences of length {2 * SEQ} but --max_seq_length is {SEQ}"),
+    "too_many_predictions": (_rewrite(lambda a: a.update({k: np.pad(a[k], ((0, 0), (0, 5))) for k in
+                                                          ("masked_lm_positions", "masked_lm_ids")})),
+                             f"--max_predictions_per_seq {MAX_PRED + 5}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARD_CASES))
+def test_bad_later_shard_stops_before_the_first_step(good_shard, tmp_path, capsys, case):
+    """The bad shard sorts after a good one: it is still found up front, not hours into the run."""
+    make, expect = SHARD_CASES[case]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    shutil.copy(good_shard, shards / "training_0.hdf5")
+    bad = shards / "training_1.hdf5"
+    make(bad, good_shard)
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, write_config(tmp_path / "config.json"))) == 1
+    line = one_error_line(capsys)
+    assert expect in line and str(bad) in line, line
+    assert "create_pretraining_data" in line or "--max_" in line  # the fix
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_bad_values_found_mid_run_stop_with_one_line_and_keep_checkpoints(good_shard, tmp_path, capsys):
+    """Values are only read when a shard is loaded; the run stops there, its checkpoints intact."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    arrays = shard_arrays(good_shard)
+    write_arrays(shards / "training_0.hdf5", {k: v[:16] for k, v in arrays.items()})  # 2 batches of 8
+    arrays["next_sentence_labels"] = arrays["next_sentence_labels"] + 2
+    write_arrays(shards / "training_1.hdf5", arrays)
+    out = tmp_path / "out"
+    files = sorted(str(p) for p in shards.iterdir())
+    seed = next(s for s in range(100)  # one whose epoch-0 file order puts the good shard first
+                if pretraining_data.PretrainingBatches(files, 8, MAX_PRED, seed=s, prefetch=False).file_for(0, 0) == files[0])
+    argv = base_args(shards, out, write_config(tmp_path / "config.json"), max_steps=10, num_steps_per_checkpoint=1,
+                     seed=seed)
+    assert run_pretraining.main(argv) == 1
+    line = one_error_line(capsys)
+    assert "training_1.hdf5" in line and "next_sentence_labels must be 0 or 1" in line, line
+    assert [s for s, _ in training.list_checkpoints(out)] == [1, 2]
+    assert training.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
+
+
+# ----------------------------------------------------------------------------- checkpoints and vocab
+
+
+def tiny_config(**changes) -> BertConfig:
+    return BertConfig.from_dict({**TINY, **changes})
+
+
+def test_init_checkpoint_with_another_vocab_names_the_tensor(good_shard, tmp_path, capsys):
+    torch.save({"model": BertForPreTraining(tiny_config(vocab_size=1000)).state_dict()}, tmp_path / "small_vocab.pt")
+    argv = base_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"),
+                     init_checkpoint=tmp_path / "small_vocab.pt")
+    assert run_pretraining.main(argv) == 1
+    line = one_error_line(capsys)
+    assert "another architecture" in line and "word_embeddings" in line and "small_vocab.pt" in line, line
+
+
+def test_resume_from_another_architecture_is_refused_and_leaves_the_file(good_shard, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"model": BertForPreTraining(tiny_config(hidden_size=64)).state_dict(), "global_step": 3},
+               out / "ckpt_3.pt")
+    before = (out / "ckpt_3.pt").read_bytes()
+    argv = base_args(good_shard.parent, out, write_config(tmp_path / "config.json"), resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 1
+    line = one_error_line(capsys)
+    assert "another architecture" in line and "ckpt_3.pt" in line, line
+    assert (out / "ckpt_3.pt").read_bytes() == before
+    assert [s for s, _ in training.list_checkpoints(out)] == [3]
+
+
+class Payload:
+    """Unpickling this would create `marker` (open(path, "w")): a stand-in for arbitrary code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def evil_checkpoint(path: Path, marker: Path) -> Path:
+    state = BertForPreTraining(tiny_config(attention_mask_type="dam_s")).state_dict()
+    torch.save({"model": state, "global_step": 1, "payload": Payload(marker)}, path)
+    assert not marker.exists()
+    return path
+
+
+def test_pickled_init_checkpoint_is_refused_not_executed(good_shard, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = evil_checkpoint(tmp_path / "evil.pt", marker)
+    argv = base_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"), init_checkpoint=evil)
+    assert run_pretraining.main(argv) == 1
+    line = one_error_line(capsys)
+    assert "evil.pt cannot be loaded safely" in line, line
+    assert not marker.exists()
+
+
+def test_pickled_checkpoint_in_output_dir_is_never_resumed_over(good_shard, tmp_path, capsys):
+    """The only checkpoint cannot be loaded safely: refuse, rather than restart and later delete it."""
+    marker = tmp_path / "pwned"
+    out = tmp_path / "out"
+    out.mkdir()
+    evil_checkpoint(out / "ckpt_5.pt", marker)
+    argv = base_args(good_shard.parent, out, write_config(tmp_path / "config.json"), resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 1
+    line = one_error_line(capsys)
+    assert "no checkpoint in" in line and "ckpt_5.pt" in line and "move them away" in line, line
+    assert not marker.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt_5.pt"]
+
+
+def test_pickled_checkpoint_refused_by_glue_loading_and_mask_export(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = evil_checkpoint(tmp_path / "evil.pt", marker)
+    with pytest.raises(ValueError, match="cannot be loaded safely"):  # run_glue's --init_checkpoint path
+        BertForSequenceClassification.from_pretrained(evil, config=tiny_config(), num_labels=2)
+    config = tiny_config(attention_mask_type="dam_s")
+    config.to_json_file(tmp_path / "bert_config.json")
+    result = subprocess.run([sys.executable, str(ROOT / "attention_masks.py"), "export", "--checkpoint", str(evil),
+                             "--config", str(tmp_path / "bert_config.json"), "--out", str(tmp_path / "m.safetensors")],
+                            capture_output=True, text=True, timeout=120)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(err) == 1 and "evil.pt" in err[0], result.stderr[-2000:]
+    assert not marker.exists() and not (tmp_path / "m.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- mask files
+
+
+@pytest.mark.parametrize("layers, n, expect", [(3, SEQ, "3"), (2, SEQ // 2, "16")])
+def test_mask_file_that_does_not_fit_the_model(good_shard, tmp_path, capsys, layers, n, expect):
+    mask_path = tmp_path / "mask.safetensors"
+    attention_masks.save_mask_file(mask_path, torch.ones(layers, 2, n, n, dtype=torch.bool), {"source": "test"})
+    config = write_config(tmp_path / "config.json", attention_mask_type="file", attention_mask_file=str(mask_path),
+                          mask_seq_length=n)
+    assert run_pretraining.main(base_args(good_shard.parent, tmp_path / "out", config)) == 1
+    line = one_error_line(capsys)
+    assert ("mask.safetensors" in line or "mask_seq_length" in line) and expect in line, line
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+CONFIG_CASES = {
+    "unknown_mask_field": ({"dam_lamda": 0.1}, ["config.json", "dam_lamda", "dam_lambda"]),
+    "wrong_type": ({"hidden_size": "32"}, ["config.json", "hidden_size", "int"]),
+    "bool_for_int": ({"num_hidden_layers": True}, ["config.json", "num_hidden_layers"]),
+    "unknown_mask_type": ({"attention_mask_type": "sparse"}, ["config.json", "attention_mask_type", "dense"]),
+    "unknown_pattern_param": ({"attention_mask_type": "star", "pattern_params": {"bogus": 1}}, ["bogus"]),
+    "dam_short_mask": ({"attention_mask_type": "dam_u", "mask_seq_length": 16}, ["mask_seq_length 16", "32"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_bad_config_file_gives_one_line_naming_file_and_field(good_shard, tmp_path, capsys, case):
+    changes, expect = CONFIG_CASES[case]
+    config = write_config(tmp_path / "config.json", **changes)
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(good_shard.parent, out, config)) == 1
+    line = one_error_line(capsys)
+    assert all(part in line for part in expect), line
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (dict(attention_mask_type="dam"), "attention_mask_type"),
+    (dict(lamb=-1.0), "--lamb"),
+    (dict(dist_timeout=0), "--dist_timeout"),
+    (dict(max_predictions_per_seq=2), "--max_predictions_per_seq"),
+])
+def test_bad_flags_give_one_line(good_shard, tmp_path, capsys, flags, expect):
+    out = tmp_path / "out"
+    argv = base_args(good_shard.parent, out, write_config(tmp_path / "config.json"), **flags)
+    assert run_pretraining.main(argv) == 1
+    assert expect in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_invalid_json_config(good_shard, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text('{"hidden_size": 32,', encoding="utf-8")
+    assert run_pretraining.main(base_args(good_shard.parent, tmp_path / "out", config)) == 1
+    line = one_error_line(capsys)
+    assert "config.json is not valid JSON" in line
+
+
+FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),
+                         st.text(max_size=12), st.lists(st.integers(), max_size=3),
+                         st.dictionaries(st.text(max_size=8), st.integers(), max_size=2),
+                         st.sampled_from(["dense", "star", "dam_u", "dam_s", "file", "bigbird", "linear",
+                                          "gelu", "relu", "constant", "exponential"]))
+FIELD_NAMES = st.sampled_from(sorted(set(TINY) | {
+    "attention_mask_type", "dam_lambda", "dam_temperature", "dam_temperature_final", "dam_temperature_schedule",
+    "dam_init_std", "dam_share_across_layers", "dam_symmetric", "dam_block_size", "attention_mask_file",
+    "pattern_params", "pattern_seed", "hidden_act", "type_vocab_size", "initializer_range", "layer_norm_eps",
+    "mask_bogus", "dam_x", "pattern_nope", "model_type", "extra"}))
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=st.dictionaries(FIELD_NAMES, FIELD_VALUES, max_size=4))
+def test_property_config_parser_gives_a_config_or_value_error(changes):
+    """Any JSON-like dict: a valid BertConfig (that round-trips) or a ValueError — no other exception."""
+    try:
+        config = BertConfig.from_dict({**TINY, **changes})
+    except ValueError as exc:
+        assert str(exc).strip() and "\n" not in str(exc).strip()
+        return
+    assert BertConfig.from_dict(json.loads(config.to_json_string())) == config
+
+
+# ----------------------------------------------------------------------------- raw text
+
+
+def test_raw_text_with_nul_bytes_invalid_utf8_and_a_megabyte_line(tmp_path):
+    long_line = ("river " * 180_000).encode()  # ~1 MB, one document of one line
+    raw = (b"the cat sat\x00 on the mat .\nthe dog\x00\x00 ran to the house .\n\n"
+           b"caf\xe9 au lait \xff\xfe is \xc3( not utf-8 .\nthe king and the queen sat .\n\n"
+           + long_line + b"\n\nthe sun and the moon .\nthe star in the sky .\n")
+    text = tmp_path / "raw.txt"
+    text.write_bytes(raw)
+    out = tmp_path / "training_0.hdf5"
+    start = time.monotonic()
+    cpd.main(["--vocab_file", str(VOCAB), "--input_file", str(text), "--output_file", str(out),
+              "--max_seq_length", str(SEQ), "--max_predictions_per_seq", str(MAX_PRED), "--dupe_factor", "1",
+              "--n_processes", "1", "--no_progress"])
+    assert time.monotonic() - start < 60  # a huge line is bounded work, not a hang
+    dataset = pretraining_data.PretrainingDataset(out, MAX_PRED)  # passes every layout / value check
+    ids = dataset.arrays["input_ids"]
+    vocab = VOCAB.read_text(encoding="utf-8").splitlines()
+    assert 0 <= int(ids.min()) and int(ids.max()) < len(vocab)
+    tokens = {vocab[i] for i in ids.flatten().tolist()}
+    assert {"cat", "mat", "dog", "river", "queen"} <= tokens  # text around the bad bytes survives
+    assert not any("\x00" in t or "\ufffd" in t for t in tokens)
+
+
+def test_raw_text_errors_leave_no_shard(tmp_path):
+    (tmp_path / "nul_only.txt").write_bytes(b"\x00\x00\x00\n\xff\xfe\n")
+    out = tmp_path / "training_0.hdf5"
+    with pytest.raises(SystemExit, match="no instances"):
+        cpd.main(["--vocab_file", str(VOCAB), "--input_file", str(tmp_path / "nul_only.txt"), "--output_file",
+                  str(out), "--max_seq_length", str(SEQ), "--n_processes", "1", "--no_progress"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nul_only.txt"]
+
+
+# ----------------------------------------------------------------------------- GLUE TSVs (every task)
+
+
+def glue_splits():
+    """(task, split or None for train, layout) for every file a GLUE task reads."""
+    for name, task in sorted(TASKS.items()):
+        yield name, None, task.train
+        for split in (*task.dev, *task.test):
+            yield name, split, split.layout
+
+
+GLUE_SPLITS = list(glue_splits())
+CELL = st.sampled_from(["", "0", "1", "2.5", "nan", "entailment", "neutral", "contradiction", "not_entailment",
+                        "a b", "é ü", '"q"', "\ufeff", "\x00", "\xff"])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, len(GLUE_SPLITS) - 1),
+       rows=st.lists(st.lists(CELL, max_size=11), max_size=5),
+       encoding=st.sampled_from(["utf-8", "latin-1", "utf-16"]))
+def test_property_every_glue_reader_gives_examples_or_one_line_error(tmp_path_factory, which, rows, encoding):
+    """Missing columns, bad labels, wrong encodings, NULs: examples with valid labels, or GlueDataError."""
+    name, split, layout = GLUE_SPLITS[which]
+    folder = tmp_path_factory.mktemp("glue")
+    path = folder / layout.filenames[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join("\t".join(row) for row in [["h"] * 11, *rows]) + "\n"
+    path.write_bytes(text.encode(encoding, errors="replace"))
+    task = TASKS[name]
+    try:
+        if split is None:
+            examples = task.train_examples(folder)
+        elif split in task.dev:
+            examples = task.dev_examples(folder, split)
+        else:
+            examples = task.test_examples(folder, split)
+    except GlueDataError as exc:
+        message = str(exc)
+        assert "\n" not in message and layout.filenames[0].split("/")[-1] in message, message
+        return
+    assert examples
+    if layout.label is not None and task.labels is not None:
+        assert all(ex.label in task.labels for ex in examples)
+
+
+# ----------------------------------------------------------------------------- security: no unpickling
+
+
+def python_sources() -> list[Path]:
+    skip = {"tests", ".git", "results", "__pycache__"}
+    return [p for p in ROOT.rglob("*.py") if not skip & set(p.relative_to(ROOT).parts)]
+
+
+def _keyword(call: ast.Call, name: str):
+    for kw in call.keywords:
+        if kw.arg == name:
+            return kw.value
+    return None
+
+
+def test_no_code_path_unpickles_user_data():
+    """torch.load only with weights_only=True; no pickle / dill / joblib / shelve / marshal; numpy
+    loads never allow pickles; yaml only through safe_load."""
+    problems = []
+    sources = python_sources()
+    assert len(sources) > 20
+    for path in sources:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        where = lambda node: f"{path.relative_to(ROOT)}:{node.lineno}"  # noqa: E731
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                if any(n and n.split(".")[0] in {"pickle", "cPickle", "dill", "joblib", "shelve", "marshal",
+                                                  "cloudpickle"} for n in names):
+                    problems.append(f"{where(node)}: imports a pickle module")
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+            attr = node.func.attr
+            if owner == "torch" and attr == "load":
+                value = _keyword(node, "weights_only")
+                if not (isinstance(value, ast.Constant) and value.value is True):
+                    problems.append(f"{where(node)}: torch.load without weights_only=True")
+            if owner in {"np", "numpy"} and attr == "load":
+                value = _keyword(node, "allow_pickle")
+                if value is not None and not (isinstance(value, ast.Constant) and value.value is False):
+                    problems.append(f"{where(node)}: np.load with allow_pickle")
+            if owner == "yaml" and attr in {"load", "unsafe_load", "full_load"}:
+                problems.append(f"{where(node)}: yaml.{attr} (use yaml.safe_load)")
+            if owner == "torch" and attr == "save" and path.name not in {"utils.py"}:
+                problems.append(f"{where(node)}: torch.save outside utils.atomic_save (not atomic)")
+    assert not problems, problems
