@@ -143,6 +143,10 @@ def load_model_config(args: argparse.Namespace):
         raise ValueError(
             f"attention_mask_type '{config.attention_mask_type}' has mask_seq_length {config.mask_seq_length} < "
             f"--max_seq_length {args.max_seq_length}: set mask_seq_length >= {args.max_seq_length} in {args.config_file}")
+    try:  # a bad pattern parameter or mask file fails here, before anything is written
+        attention_masks.build_attention_mask(config)
+    except ValueError as exc:
+        raise ValueError(f"{args.config_file}: {exc}") from None
     if args.vocab_file:
         path = Path(args.vocab_file)
         if not path.is_file():
