@@ -154,7 +154,10 @@ class BertConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BertConfig":
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs, extra = {}, dict(data.get("extra", {}))
+        extra = data.get("extra") or {}
+        if not isinstance(extra, dict):
+            raise ValueError(f"bert_config field 'extra' must be a JSON object, got {extra!r}")
+        kwargs, extra = {}, dict(extra)
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
@@ -457,7 +460,7 @@ class BertPreTrainedModel(nn.Module):
     def load_converted_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> LoadReport:
         """Map foreign names onto ours, check shapes, load, and report what did not match."""
         own = self.state_dict()
-        converted = convert_state_dict(state_dict, own_keys=own.keys(), padded_vocab=self.config.padded_vocab_size)
+        converted = convert_state_dict(state_dict, own_keys=own.keys(), vocab_size=self.config.vocab_size)
         for key, tensor in converted.items():
             if key in own and own[key].shape != tensor.shape:
                 raise ValueError(
@@ -686,9 +689,14 @@ _VOCAB_ROW_KEYS = ("embeddings.word_embeddings.weight", "cls.predictions.bias", 
 _HEADLESS_ROOTS = ("embeddings.", "encoder.", "pooler.", "sparse_mask.")
 
 
-def convert_state_dict(state_dict: dict[str, torch.Tensor], own_keys, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """Rename an NVIDIA / HF / DDP state dict to this model's keys and pad vocab rows to `padded_vocab`."""
+def convert_state_dict(state_dict: dict[str, torch.Tensor], own_keys, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Rename an NVIDIA / HF / DDP state dict to this model's keys and pad its vocab rows.
+
+    Rows are padded only from the real vocab size (e.g. HF's 30522) to the padded one (30528); a
+    checkpoint with another vocabulary keeps its shape, so the shape check names it.
+    """
     own_keys = set(own_keys)
+    padded_vocab = math.ceil(vocab_size / 8) * 8
     wants_prefix = any(k.startswith("bert.") for k in own_keys)
     converted = {}
     for key, tensor in state_dict.items():
@@ -701,7 +709,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], own_keys, padded_voc
             key = "bert." + key
         elif not wants_prefix:
             key = key.removeprefix("bert.")
-        if key.endswith(_VOCAB_ROW_KEYS) and tensor.size(0) < padded_vocab:
+        if key.endswith(_VOCAB_ROW_KEYS) and vocab_size <= tensor.size(0) < padded_vocab:
             pad = tensor.new_zeros((padded_vocab - tensor.size(0), *tensor.shape[1:]))
             tensor = torch.cat([tensor, pad])
         converted[key] = tensor

@@ -46,19 +46,20 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--max_pred", type=int, default=20)
     p.add_argument("--dupe_factor", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32, help="pretraining sequences per optimizer step")
-    p.add_argument("--pretrain_steps", type=int, default=200)
+    p.add_argument("--batch", type=int, default=16, help="pretraining sequences per optimizer step")
+    p.add_argument("--pretrain_steps", type=int, default=100)
     p.add_argument("--learning_rate", type=float, default=1e-2, help="LAMB peak learning rate")
-    p.add_argument("--lambda_s", type=float, default=1e-3, help="λ of the DAM_s search")
-    p.add_argument("--lambda_u", type=float, default=1e-3, help="λ of the DAM_u search")
-    p.add_argument("--glue_steps", type=int, default=150)
+    p.add_argument("--lambda_s", type=float, default=1e-4, help="λ of the DAM_s search")
+    p.add_argument("--lambda_u", type=float, default=1e-4, help="λ of the DAM_u search")
+    p.add_argument("--glue_steps", type=int, default=100)
+    p.add_argument("--glue_seq_len", type=int, default=64, help="fine-tuning length (the mask's top-left slice)")
     p.add_argument("--glue_batch", type=int, default=32)
     p.add_argument("--fixed_pattern", default="star", help="the fixed pattern fine-tuned beside the searches")
     p.add_argument("--vocab", default="train", help="'train' (small demo vocab, fast) or 'auto' (bert-base-uncased)")
     args = p.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.heads, args.seq_len, args.max_pred = 2, 64, 2, 64, 10
-        args.dupe_factor, args.batch, args.pretrain_steps, args.glue_steps = 1, 16, 12, 12
+        args.dupe_factor, args.batch, args.pretrain_steps, args.glue_steps, args.glue_seq_len = 1, 16, 12, 12, 32
     return args
 
 
@@ -140,7 +141,7 @@ class Pipeline:
                     "--init_checkpoint", str(init), "--config_file", str(config),
                     "--vocab_file", str(self.vocab_file), "--do_lower_case",
                     "--output_dir", str(self.out / "glue" / name), "--do_train", "--do_eval", "--do_predict",
-                    "--max_seq_length", str(a.seq_len), "--train_batch_size", str(a.glue_batch),
+                    "--max_seq_length", str(a.glue_seq_len), "--train_batch_size", str(a.glue_batch),
                     "--eval_batch_size", "64", "--learning_rate", "1e-4", "--max_steps", str(a.glue_steps),
                     "--warmup_proportion", "0.1", "--seed", "2", *mask_args)
 
