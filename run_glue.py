@@ -71,10 +71,6 @@ WEIGHT_DECAY = 0.01
 DAM_TYPES = attention_masks.DAM_MODES
 
 
-class TrainingError(RuntimeError):
-    """A fine-tuning run that cannot go on; the message says why and what to do."""
-
-
 # ============================================================================ arguments
 
 
@@ -117,6 +113,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_grad_norm", type=float, default=MAX_GRAD_NORM, help="global gradient-norm clip (0 = off)")
     p.add_argument("--max_bad_steps", type=int, default=25,
                    help="stop after this many consecutive non-finite (skipped) optimizer steps")
+    p.add_argument("--dist_timeout", type=float, default=1800,
+                   help="seconds a collective may wait for a dead or stuck worker before the run stops")
     p.add_argument("--json-summary", dest="json_summary", default=None,
                    help="dllogger JSON file (default: <output_dir>/dllogger.json)")
     args = p.parse_args(argv)
@@ -149,6 +147,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if args.max_bad_steps < 1 or args.max_grad_norm < 0:
         raise ValueError("--max_bad_steps must be >= 1 and --max_grad_norm >= 0")
+    if not args.dist_timeout > 0:
+        raise ValueError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.attention_mask_file and args.attention_mask_type not in (None, "file"):
         raise ValueError(f"--attention_mask_file needs --attention_mask_type file (got {args.attention_mask_type})")
     if not Path(args.data_dir).is_dir():
@@ -308,7 +308,7 @@ def train(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, feat
                 bad_streak += 1
                 skipped += 1
                 if bad_streak >= args.max_bad_steps:
-                    raise TrainingError(
+                    raise training.TrainingError(
                         f"{bad_streak} consecutive optimizer steps had a non-finite loss or gradients (at step "
                         f"{global_step}); lower --learning_rate, use --bf16 or fp32, or raise --max_bad_steps")
                 continue
@@ -423,7 +423,7 @@ def predict(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, to
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     validate_arguments(args)
-    device = init_distributed(args.local_rank, no_cuda=args.no_cuda)
+    device = init_distributed(args.local_rank, no_cuda=args.no_cuda, timeout_s=args.dist_timeout)
     rank = get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -473,15 +473,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, OSError, TrainingError) as exc:
-        print(f"run_glue.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+    return training.run_script("run_glue.py", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -36,10 +36,6 @@ from utils import (MetricLogger, all_reduce_mean, autocast, get_rank, get_world_
 logger = logging.getLogger("run_pretraining")
 
 
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. too many non-finite steps); the message says why and what to do."""
-
-
 # ============================================================================ arguments
 
 
@@ -98,7 +94,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds a collective waits for the other ranks before this one stops with an error "
                         "(a dead or stuck worker turns into an exit, not a hang)")
     p.add_argument("--no_cuda", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the BERT body (static shapes)")
     args = p.parse_args(argv)
     args.fp16 = args.fp16 or args.amp
     args.max_steps = int(args.max_steps)
@@ -322,7 +318,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     raw_model = model
     if args.compile:
-        model = torch.compile(model)
+        model.compile_encoder()
     compress = dtype if args.allreduce_post_accumulation_fp16 and dtype is not None else None
     model = training.wrap_distributed(model, device, compress_dtype=compress)
     sync_every_micro_step = not args.allreduce_post_accumulation
@@ -412,7 +408,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if args.fp16:
                     metrics.log("PARAMETER", {"loss_scale": grad_scaler.get_scale()})
                 if bad_streak >= args.max_bad_steps:
-                    raise TrainingError(
+                    raise training.TrainingError(
                         f"{bad_streak} consecutive optimizer steps had a non-finite loss or gradients (after "
                         f"step {global_step}); stopping with the last good checkpoint "
                         f"{last_saved or latest_checkpoint(args.output_dir)} intact. Lower --learning_rate, use "
@@ -466,23 +462,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    try:
-        train(args)
-    except (ValueError, FileNotFoundError, OSError, TrainingError) as exc:
-        print(f"run_pretraining.py: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except RuntimeError as exc:
-        if not training.is_collective_failure(exc):
-            raise
-        reason = str(exc).strip().splitlines()[0]
-        print(f"run_pretraining.py: error: rank {get_rank()}: lost the other workers ({reason}); one of them died "
-              f"or hung (see its log; --dist_timeout bounds the wait) — fix it and rerun with "
-              f"--resume_from_checkpoint", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+    return training.run_script("run_pretraining.py", lambda: train(args))
 
 
 if __name__ == "__main__":

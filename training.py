@@ -11,9 +11,10 @@ import contextlib
 import logging
 import re
 import signal
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -267,6 +268,35 @@ def find_latest_checkpoint(output_dir: str | Path, step: int = -1) -> tuple[int,
         except (ValueError, RuntimeError, EOFError, OSError) as exc:
             logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
     return None
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. too many non-finite steps); the message says why and what to do."""
+
+
+def run_script(name: str, body: Callable[[], Any]) -> int:
+    """Run a script's body and turn the errors a user can act on into one line and exit code 1.
+
+    Bad flags, files and configs (ValueError / OSError), a run that cannot go on, and a peer rank
+    that died or hung each print `<name>: error: ...`; anything else is a bug and keeps its
+    traceback. The process group is always torn down.
+    """
+    try:
+        body()
+    except (ValueError, OSError, TrainingError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as exc:
+        if not is_collective_failure(exc):
+            raise
+        reason = str(exc).strip().splitlines()[0]
+        print(f"{name}: error: rank {get_rank()}: lost the other workers ({reason}); one of them died or hung "
+              f"(see its log; --dist_timeout bounds the wait) — fix it and rerun", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 def is_collective_failure(exc: BaseException) -> bool:

@@ -49,11 +49,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="pretraining sequences per optimizer step")
     p.add_argument("--pretrain_steps", type=int, default=100)
     p.add_argument("--learning_rate", type=float, default=1e-2, help="LAMB peak learning rate")
-    p.add_argument("--lambda_s", type=float, default=1e-4, help="λ of the DAM_s search")
+    p.add_argument("--lambda_s", type=float, default=2e-5, help="λ of the DAM_s search")
     p.add_argument("--lambda_u", type=float, default=1e-4, help="λ of the DAM_u search")
     p.add_argument("--glue_steps", type=int, default=100)
     p.add_argument("--glue_seq_len", type=int, default=64, help="fine-tuning length (the mask's top-left slice)")
     p.add_argument("--glue_batch", type=int, default=32)
+    p.add_argument("--glue_learning_rate", type=float, default=2e-3,
+                   help="high for a tiny, briefly pretrained model (BERT-base uses 2e-5 ... 5e-5)")
     p.add_argument("--fixed_pattern", default="star", help="the fixed pattern fine-tuned beside the searches")
     p.add_argument("--vocab", default="train", help="'train' (small demo vocab, fast) or 'auto' (bert-base-uncased)")
     args = p.parse_args(argv)
@@ -142,7 +144,7 @@ class Pipeline:
                     "--vocab_file", str(self.vocab_file), "--do_lower_case",
                     "--output_dir", str(self.out / "glue" / name), "--do_train", "--do_eval", "--do_predict",
                     "--max_seq_length", str(a.glue_seq_len), "--train_batch_size", str(a.glue_batch),
-                    "--eval_batch_size", "64", "--learning_rate", "1e-4", "--max_steps", str(a.glue_steps),
+                    "--eval_batch_size", "64", "--learning_rate", str(a.glue_learning_rate), "--max_steps", str(a.glue_steps),
                     "--warmup_proportion", "0.1", "--seed", "2", *mask_args)
 
     def glue_runs(self) -> list[tuple[str, str, list[str]]]:
