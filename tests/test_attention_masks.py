@@ -23,15 +23,6 @@ SEED_TABLE = {"strided": ("70.4", 4852), "fixed": ("72.7", 4480), "longformer": 
 SYMMETRIC = ("dense", "no_diagonal", "strided", "longformer", "logsparse", "star")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every model here is tiny: extra intra-op threads only add overhead (10x on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def config(**fields) -> types.SimpleNamespace:
     base = dict(attention_mask_type="dam_s", mask_seq_length=16, num_hidden_layers=2, num_attention_heads=3,
                 dam_lambda=0.0, dam_temperature=1.0, dam_temperature_final=None, dam_temperature_schedule="constant",

@@ -45,14 +45,6 @@ def good_shard(tmp_path_factory) -> Path:
     return root / "training_0.hdf5"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def shard_arrays(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path, "r") as f:
         return {name: f[name][:] for name in f}

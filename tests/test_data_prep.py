@@ -3,7 +3,6 @@ downloaders against a local HTTP server, and the bertPrep pipeline with NVIDIA's
 import functools
 import hashlib
 import http.server
-import io
 import os
 import random
 import threading

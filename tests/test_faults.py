@@ -25,10 +25,9 @@ import torch
 
 import run_pretraining
 import training
-from data import create_pretraining_data
 from utils import read_dllogger_json
-from test_run_pretraining import (MAX_PRED, SEQ, VOCAB, assert_same_weights, base_args, records, weights,
-                                  write_config, write_corpus)
+from test_run_pretraining import (assert_same_weights, base_args, make_shards, records,
+                                  write_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "run_pretraining.py"
@@ -40,25 +39,7 @@ FLAGS = dict(max_steps=24, gradient_accumulation_steps=2, attention_mask_type="d
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fault_corpus")
-    shard_dir = root / "shards"
-    shard_dir.mkdir()
-    for i in range(2):
-        write_corpus(root / f"text_{i}.txt", seed=10 + i)
-        create_pretraining_data.main([
-            "--vocab_file", str(VOCAB), "--input_file", str(root / f"text_{i}.txt"),
-            "--output_file", str(shard_dir / f"training_{i}.hdf5"), "--max_seq_length", str(SEQ),
-            "--max_predictions_per_seq", str(MAX_PRED), "--dupe_factor", "1", "--short_seq_prob", "0",
-            "--n_processes", "1", "--random_seed", str(i), "--no_progress"])
-    return shard_dir
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return make_shards(tmp_path_factory.mktemp("fault_corpus"), corpus_seeds=[10, 11], dupe_factor=1)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """pretraining_data.py: labels from stored positions, shard validation, rank files, exact resume."""
-import os
 from pathlib import Path
 
 import h5py

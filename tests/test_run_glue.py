@@ -27,16 +27,6 @@ TINY = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_atte
             max_position_embeddings=32, mask_seq_length=SEQ)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine, two spinning OpenMP threads make these tiny
-    models ~10x slower. Restored afterwards so other test modules are unaffected."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def sentence(rng: random.Random, keyword: str) -> str:
     words = rng.choices(FILLER, k=rng.randint(3, 9))
     words.insert(rng.randint(0, len(words)), keyword)

@@ -11,12 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import attention_masks
-import pretraining_data
 import run_pretraining
 import training
 from data import create_pretraining_data
@@ -45,28 +43,23 @@ def write_corpus(path: Path, seed: int, docs: int = 40) -> None:
     path.write_text("\n\n".join(out) + "\n", encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
+def make_shards(root: Path, corpus_seeds: list[int], dupe_factor: int, docs: int = 40) -> Path:
+    """`root/shards/training_<i>.hdf5`, one shard per corpus seed, made by the real data pipeline."""
     shard_dir = root / "shards"
     shard_dir.mkdir()
-    for i in range(2):
-        write_corpus(root / f"text_{i}.txt", seed=i)
+    for i, seed in enumerate(corpus_seeds):
+        write_corpus(root / f"text_{i}.txt", seed=seed, docs=docs)
         create_pretraining_data.main([
             "--vocab_file", str(VOCAB), "--input_file", str(root / f"text_{i}.txt"),
             "--output_file", str(shard_dir / f"training_{i}.hdf5"), "--max_seq_length", str(SEQ),
-            "--max_predictions_per_seq", str(MAX_PRED), "--dupe_factor", "2", "--short_seq_prob", "0",
+            "--max_predictions_per_seq", str(MAX_PRED), "--dupe_factor", str(dupe_factor), "--short_seq_prob", "0",
             "--n_processes", "1", "--random_seed", str(i), "--no_progress"])
     return shard_dir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by many tests: one intra-op thread keeps timings steady and results exact."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("corpus"), corpus_seeds=[0, 1], dupe_factor=2)
 
 
 def write_config(path: Path, **changes) -> Path:
