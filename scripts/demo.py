@@ -51,6 +51,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=1e-2, help="LAMB peak learning rate")
     p.add_argument("--lambda_s", type=float, default=2e-5, help="λ of the DAM_s search")
     p.add_argument("--lambda_u", type=float, default=1e-4, help="λ of the DAM_u search")
+    p.add_argument("--dam_block_size", type=int, default=1,
+                   help="> 1: one DAM gate per block (pair / offset), the block-sparse-kernel friendly search")
     p.add_argument("--glue_steps", type=int, default=100)
     p.add_argument("--glue_seq_len", type=int, default=64, help="fine-tuning length (the mask's top-left slice)")
     p.add_argument("--glue_batch", type=int, default=32)
@@ -114,7 +116,8 @@ class Pipeline:
         config = {"vocab_size": vocab_size, "hidden_size": a.hidden, "num_hidden_layers": a.layers,
                   "num_attention_heads": a.heads, "intermediate_size": 4 * a.hidden,
                   "max_position_embeddings": max(512, a.seq_len), "mask_seq_length": a.seq_len,
-                  "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+                  "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+                  "dam_block_size": a.dam_block_size}
         path = self.out / "bert_config.json"
         atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
         return path

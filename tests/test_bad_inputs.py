@@ -394,8 +394,15 @@ def test_property_every_glue_reader_gives_examples_or_one_line_error(tmp_path_fa
 
 
 def python_sources() -> list[Path]:
-    skip = {"tests", ".git", "results", "__pycache__"}
-    return [p for p in ROOT.rglob("*.py") if not skip & set(p.relative_to(ROOT).parts)]
+    """The project's own Python files: not the tests, and not hidden folders such as a `.venv`."""
+    def ours(path: Path) -> bool:
+        parts = path.relative_to(ROOT).parts
+        return not any(part.startswith(".") or part in {"tests", "results", "__pycache__", "site-packages"}
+                       for part in parts)
+
+    sources = [p for p in ROOT.rglob("*.py") if ours(p)]
+    assert ROOT / "modeling.py" in sources and ROOT / "run_pretraining.py" in sources
+    return sources
 
 
 def _keyword(call: ast.Call, name: str):
