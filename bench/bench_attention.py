@@ -24,8 +24,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -35,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench_common import device_name, git_commit, short_error  # noqa: E402
 import sparse_attention as sa  # noqa: E402
 
 ALL_PATHS = ("sdpa_dense", "sdpa_masked", "flex_dense", "flex_block", "dam_sdpa", "dam_flex",
@@ -132,24 +131,10 @@ def time_path(fn, q, k, v, warmup, iters, device):
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-def short_error(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
-    return text[:90]
 
 
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def parse_args(argv=None):

@@ -1,0 +1,31 @@
+"""What every bench script reports beside its numbers: which code, which machine, and short errors."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    """The measured code's commit (read before a run starts), or "unknown" outside a checkout."""
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def short_error(exc: BaseException) -> str:
+    """One table-cell line for a path that failed."""
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+    return text[:90]
