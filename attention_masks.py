@@ -24,12 +24,13 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from utils import atomic_path, atomic_write_text
 
 PATTERN_NAMES = ("dense", "no_diagonal", "strided", "fixed", "longformer", "logsparse", "bigbird", "star")
 DAM_MODES = ("dam_u", "dam_s")
@@ -509,18 +510,6 @@ def load_mask_module(path: str | os.PathLike | None, seq_len: int, num_layers: i
 # human-readable <name>.json sidecar with the same metadata. Loading reads only the .safetensors.
 # ----------------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _check_mask_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -550,9 +539,10 @@ def save_mask_file(path: str | os.PathLike, mask: torch.Tensor,
     except TypeError as err:
         raise ValueError(f"mask metadata must be JSON-serialisable: {err}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file({MASK_FILE_KEY: mask}, tmp, metadata={MASK_METADATA_KEY: text}))
+    with atomic_path(path) as tmp:
+        save_file({MASK_FILE_KEY: mask}, str(tmp), metadata={MASK_METADATA_KEY: text})
     sidecar = path.with_suffix(".json")
-    _atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    atomic_write_text(sidecar, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 

@@ -9,9 +9,7 @@ per layer), where the paper's "the diagonal is the least important position" sho
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attention_masks  # noqa: E402
+from utils import atomic_path  # noqa: E402
 
 MAX_GRID_PANELS = 256  # above this the layers x heads grid is unreadable: fall back to layer means
 
@@ -67,18 +66,12 @@ def plot_mask_file(mask_file: str, out: str, layer_means: bool = False, dpi: int
              + (" (layer means over heads)" if layer_means else ""))
     fig.suptitle(title, fontsize=9)
 
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".png", dir=out_path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, out_path)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_path
+    return Path(out)
 
 
 def main(argv: list[str] | None = None) -> None:
