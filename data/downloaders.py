@@ -12,6 +12,8 @@ import os
 import shutil
 from typing import Any
 
+from data.text_formatting import atomic_text_writer
+
 WIKI_URL = "https://dumps.wikimedia.org/enwiki/latest/enwiki-latest-pages-articles.xml.bz2"
 
 SQUAD_FILES = {  # url -> path under download/squad (no published checksums; the dumps are fixed)
@@ -164,7 +166,5 @@ def format_mrpc(files: dict[str, str], out_dir: str) -> None:
             if len(row) == 5:
                 test.append("\t".join([str(index), *row[1:]]) + "\n")
     for name, lines in (("train.tsv", train), ("dev.tsv", dev), ("test.tsv", test)):
-        tmp = os.path.join(out_dir, f".{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_text_writer(os.path.join(out_dir, name)) as f:
             f.writelines(lines)
-        os.replace(tmp, os.path.join(out_dir, name))
