@@ -21,9 +21,7 @@ Paths (q, k, v require grad; "ms" = one forward + backward):
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -33,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import device_name, git_commit, short_error  # noqa: E402
+from bench_common import device_name, git_commit, short_error, write_results  # noqa: E402
 import sparse_attention as sa  # noqa: E402
 
 ALL_PATHS = ("sdpa_dense", "sdpa_masked", "flex_dense", "flex_block", "dam_sdpa", "dam_flex",
@@ -235,12 +233,7 @@ def main(argv=None) -> list[dict]:
           f"H={args.heads}, d={args.head_dim}, {args.tokens} tokens/batch, tile {args.block_size}, "
           f"fwd+bwd ms (mean of {args.iters}), {meta['wall_s']} s total")
     print(markdown_table(rows))
-    out = Path(args.json or Path(__file__).resolve().parent.parent / "results" / f"bench_attention_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_results(args.json, f"bench_attention_{args.device}.json", meta, rows)
     return rows
 
 

@@ -21,9 +21,7 @@ dense bf16/fp16 spec of known GPUs (H100/H200 SXM 989, A100 312); none on CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -35,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import device_name, git_commit  # noqa: E402
+from bench_common import device_name, git_commit, write_results  # noqa: E402
 import modeling  # noqa: E402
 
 PRESETS = {
@@ -289,12 +287,7 @@ def main(argv=None) -> list[dict]:
           f"{'bf16' if args.bf16 else 'fp32'}, attention dropout {args.attn_dropout}, {args.steps} timed steps "
           f"after {args.warmup} warm-up, peak {peak_tflops or '-'} TFLOP/s, {meta['wall_s']} s total")
     print(markdown_table(rows))
-    out = Path(args.json or Path(__file__).resolve().parent.parent / "results" / f"bench_pretraining_{args.device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_results(args.json, f"bench_pretraining_{args.device}.json", meta, rows)
     return rows
 
 
