@@ -279,7 +279,8 @@ def train(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, feat
 
     meter = training.ThroughputMeter(device, warmup_steps=min(4, total_steps // 2))
     start = time.perf_counter()
-    global_step = epoch = bad_streak = skipped = samples = 0
+    global_step = epoch = samples = 0
+    bad_steps = training.BadStepBound(args.max_bad_steps)
     loss_sum = torch.zeros((), device=device)
     micro_step = 0
     while global_step < total_steps:
@@ -304,15 +305,10 @@ def train(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, feat
             meter.update(args.train_batch_size * world_size)
             step_loss = loss_sum.item()
             loss_sum.zero_()
+            bad_steps.record(bad, global_step,
+                             lambda: "lower --learning_rate, use --bf16 or fp32, or raise --max_bad_steps")
             if bad:
-                bad_streak += 1
-                skipped += 1
-                if bad_streak >= args.max_bad_steps:
-                    raise training.TrainingError(
-                        f"{bad_streak} consecutive optimizer steps had a non-finite loss or gradients (at step "
-                        f"{global_step}); lower --learning_rate, use --bf16 or fp32, or raise --max_bad_steps")
                 continue
-            bad_streak = 0
             global_step += 1
             metrics.log((epoch, global_step), {"step_loss": step_loss, "learning_rate": optimizer.param_groups[0]["lr"]})
             if global_step >= total_steps:
@@ -326,7 +322,7 @@ def train(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, feat
         "train:num_samples_per_gpu": samples,
         "train:num_steps": global_step,
         "train:throughput": meter.sequences_per_second(),
-        "train:skipped_steps": skipped,
+        "train:skipped_steps": bad_steps.skipped,
         "e2e_train_time": train_time,
         "training_sequences_per_second": meter.sequences_per_second(),
     }

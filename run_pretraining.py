@@ -346,7 +346,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     zero = torch.zeros((), device=device)
     window_loss, window_penalty, window_steps = zero.clone(), zero.clone(), 0
     last_window_loss = float("nan")
-    bad_streak = skipped_steps = 0
+    bad_steps = training.BadStepBound(args.max_bad_steps)
     log_every = max(int(args.log_freq), 1)
     last_saved = None
     data = iter(batches)
@@ -401,19 +401,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             bad, stop_requested = training.any_rank(~finite, sigterm.requested, device=device)
             training.apply_optimizer_step(optimizer, grad_scaler, scheduler, ok=not bad)
             meter.update(args.train_batch_size * world_size)
-            if bad:
-                bad_streak += 1
-                skipped_steps += 1
-                if args.fp16:
-                    metrics.log("PARAMETER", {"loss_scale": grad_scaler.get_scale()})
-                if bad_streak >= args.max_bad_steps:
-                    raise training.TrainingError(
-                        f"{bad_streak} consecutive optimizer steps had a non-finite loss or gradients (after "
-                        f"step {global_step}); stopping with the last good checkpoint "
-                        f"{last_saved or latest_checkpoint(args.output_dir)} intact. Lower --learning_rate, use "
-                        f"--bf16 or fp32, check the data, or raise --max_bad_steps")
-            else:
-                bad_streak = 0
+            if bad and args.fp16:
+                metrics.log("PARAMETER", {"loss_scale": grad_scaler.get_scale()})
+            bad_steps.record(bad, global_step, lambda: (
+                f"stopping with the last good checkpoint {last_saved or latest_checkpoint(args.output_dir)} intact. "
+                f"Lower --learning_rate, use --bf16 or fp32, check the data, or raise --max_bad_steps"))
+            if not bad:
                 global_step += 1
                 progress.update(1)
                 if isinstance(masks, attention_masks.DifferentiableMask):
@@ -433,7 +426,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     "learning_rate": optimizer.param_groups[0]["lr"],
                     "mask_penalty": penalty_mean,
                     "mask_sparsity": deterministic_sparsity(raw_model),
-                    "skipped_steps": skipped_steps,
+                    "skipped_steps": bad_steps.skipped,
                 })
                 progress.set_postfix(loss=f"{average:.4f}")
                 window_loss, window_penalty, window_steps = zero.clone(), zero.clone(), 0
@@ -447,7 +440,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     e2e = time.perf_counter() - start_time
     results = {"e2e_train_time": e2e, "training_sequences_per_second": meter.sequences_per_second(),
                "final_loss": final_loss, "raw_train_time": meter.elapsed(), "global_step": global_step,
-               "skipped_steps": skipped_steps, "stopped_by_sigterm": stop_requested}
+               "skipped_steps": bad_steps.skipped, "stopped_by_sigterm": stop_requested}
     metrics.log((batches.epoch, global_step), {"final_loss": final_loss})
     metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
                                              "final_loss", "raw_train_time")})

@@ -274,6 +274,26 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. too many non-finite steps); the message says why and what to do."""
 
 
+class BadStepBound:
+    """Counts skipped (non-finite) optimizer steps; `limit` of them in a row stop the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.streak = 0
+        self.skipped = 0
+
+    def record(self, bad: bool, step: int, advice: Callable[[], str]) -> None:
+        """Note one optimizer step; raise TrainingError (with `advice()`) once the bound is reached."""
+        if not bad:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.skipped += 1
+        if self.streak >= self.limit:
+            raise TrainingError(f"{self.streak} consecutive optimizer steps had a non-finite loss or gradients "
+                                f"(after step {step}); {advice()}")
+
+
 def run_script(name: str, body: Callable[[], Any]) -> int:
     """Run a script's body and turn the errors a user can act on into one line and exit code 1.
 
