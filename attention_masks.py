@@ -430,7 +430,9 @@ class DifferentiableMask(AttentionMask):
             return torch.zeros((), dtype=torch.float32, device=self.mask_logits.device)
         with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
             index = self.gate_index[:self._last_seq_len, :self._last_seq_len].flatten()
-            cells = torch.bincount(index, minlength=self.mask_logits.shape[-1]).float()
+            # index_add, not bincount: bincount's output size depends on the data (a host sync).
+            cells = torch.zeros(self.mask_logits.shape[-1], device=index.device).index_add_(
+                0, index, torch.ones(index.shape, device=index.device))
             return self.penalty_weight * (self._last_gates.float() * cells).sum()
 
     def keep_probability(self) -> torch.Tensor:
