@@ -4,11 +4,13 @@ Module and parameter names follow NVIDIA's DeepLearningExamples BERT so its chec
 they are (`dense_act` for the intermediate / pooler / MLM-transform linears, tied MLM decoder,
 separate `cls.predictions.bias`). Hugging Face BERT weights load through a name mapping.
 
-Attention runs through `scaled_dot_product_attention`, so CUDA picks flash / memory-efficient
-kernels. Padding and the sparse mask (see `attention_masks.py`) are both additive biases on the
-scores: 0 where a key is kept, -10000 where it is dropped, as NVIDIA's BERT and the SparseBERT code
-do. Because the bias is finite, a query row whose every key is dropped never turns into NaN: all its
+Padding and the sparse mask (see `attention_masks.py`) are both additive biases on the scores: 0
+where a key is kept, -10000 where it is dropped, as NVIDIA's BERT and the SparseBERT code do.
+Because the bias is finite, a query row whose every key is dropped never turns into NaN: all its
 scores move by the same -10000, so it attends, as if unmasked, over its non-padded keys.
+`sparse_attention.py` prepares each layer's attention once per forward pass and picks the kernels:
+SDPA (cuDNN / flash / memory-efficient) by default, FlexAttention for the DAM search without
+attention dropout and for long block-sparse masks.
 """
 from __future__ import annotations
 
@@ -27,11 +29,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import attention_masks
+import sparse_attention
+from sparse_attention import LayerAttention
 from utils import atomic_path, atomic_write_text, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
-MASKED_BIAS = -10000.0  # additive score bias for a dropped key (NVIDIA / SparseBERT value)
 MASK_TYPES = attention_masks.MASK_TYPES
 TEMPERATURE_SCHEDULES = attention_masks.TEMPERATURE_SCHEDULES
 CONFIG_NAMES = ("bert_config.json", "config.json")
@@ -69,6 +72,8 @@ class BertConfig:
     type_vocab_size: int = 2
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
+    # Which kernels attention runs on (sparse_attention.BACKENDS): "auto" picks per call.
+    attention_backend: str = "auto"
     # --- attention mask (SparseBERT) ---
     attention_mask_type: str = "dense"
     mask_seq_length: int = 128
@@ -125,6 +130,7 @@ class BertConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"bert_config field '{name}' must be in [0, 1), got {getattr(self, name)}")
         _check_choice("hidden_act", self.hidden_act, tuple(ACT2FN))
+        _check_choice("attention_backend", self.attention_backend, sparse_attention.BACKENDS)
         _check_choice("attention_mask_type", self.attention_mask_type, MASK_TYPES)
         _check_choice("dam_temperature_schedule", self.dam_temperature_schedule, TEMPERATURE_SCHEDULES)
         if self.dam_lambda < 0:
@@ -211,7 +217,7 @@ _FIELD_TYPES = {
     "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
     "intermediate_size": int, "hidden_act": str, "hidden_dropout_prob": float,
     "attention_probs_dropout_prob": float, "max_position_embeddings": int, "type_vocab_size": int,
-    "initializer_range": float, "layer_norm_eps": float, "attention_mask_type": str,
+    "initializer_range": float, "layer_norm_eps": float, "attention_backend": str, "attention_mask_type": str,
     "mask_seq_length": int, "dam_lambda": float, "dam_temperature": float,
     "dam_temperature_final": float, "dam_temperature_schedule": str, "dam_init_std": float,
     "dam_share_across_layers": bool, "dam_symmetric": bool, "dam_block_size": int,
@@ -252,16 +258,14 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, hidden: torch.Tensor, score_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attend: LayerAttention) -> torch.Tensor:
         batch, seq_len, width = hidden.shape
 
         def heads(x: torch.Tensor) -> torch.Tensor:  # [B, n, H*d] -> [B, H, n, d]
             return x.view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
 
-        context = F.scaled_dot_product_attention(
-            heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden)),
-            attn_mask=score_bias, dropout_p=self.dropout_p if self.training else 0.0,
-        )
+        context = attend(heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden)),
+                         self.dropout_p if self.training else 0.0)
         return context.transpose(1, 2).reshape(batch, seq_len, width)
 
 
@@ -282,8 +286,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden: torch.Tensor, score_bias: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(hidden, score_bias), hidden)
+    def forward(self, hidden: torch.Tensor, attend: LayerAttention) -> torch.Tensor:
+        return self.output(self.self(hidden, attend), hidden)
 
 
 class BertIntermediate(nn.Module):
@@ -309,8 +313,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden: torch.Tensor, score_bias: torch.Tensor | None) -> torch.Tensor:
-        attended = self.attention(hidden, score_bias)
+    def forward(self, hidden: torch.Tensor, attend: LayerAttention) -> torch.Tensor:
+        attended = self.attention(hidden, attend)
         return self.output(self.intermediate(attended), attended)
 
 
@@ -320,12 +324,14 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.checkpoint_activations = False
 
-    def forward(self, hidden: torch.Tensor, score_biases: list[torch.Tensor | None]) -> torch.Tensor:
-        for layer, bias in zip(self.layer, score_biases):
+    def forward(self, hidden: torch.Tensor, attends: list[LayerAttention]) -> torch.Tensor:
+        """``attends``: one per layer, or one shared by all (a mask shared across layers, or none)."""
+        for index, layer in enumerate(self.layer):
+            attend = attends[index % len(attends)]
             if self.checkpoint_activations and self.training:
-                hidden = checkpoint(layer, hidden, bias, use_reentrant=False)
+                hidden = checkpoint(layer, hidden, attend, use_reentrant=False)
             else:
-                hidden = layer(hidden, bias)
+                hidden = layer(hidden, attend)
         return hidden
 
 
@@ -518,26 +524,17 @@ class BertModel(BertPreTrainedModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         hidden = self.embeddings(input_ids, token_type_ids)
-        hidden = self.encoder(hidden, self.score_biases(attention_mask, input_ids.size(1), hidden))
+        hidden = self.encoder(hidden, self.prepare_attention(attention_mask, input_ids.size(1), hidden))
         return hidden, self.pooler(hidden)
 
-    def score_biases(self, attention_mask: torch.Tensor | None, seq_len: int,
-                     hidden: torch.Tensor) -> list[torch.Tensor | None]:
-        """One additive score bias per layer: padding [B,1,1,n] plus the layer's sparse mask [H,n,n]."""
-        dtype = _compute_dtype(hidden)
-        padding = None
-        if attention_mask is not None:
-            padding = (1.0 - attention_mask[:, None, None, :].to(dtype)) * MASKED_BIAS  # [B, 1, 1, n]
-        if self.sparse_mask is None:
-            return [padding] * self.config.num_hidden_layers
-        keep = self.sparse_mask(seq_len)  # [L or 1, H or 1, n, n], 1 = keep
-        mask_bias = ((1.0 - keep) * MASKED_BIAS).to(dtype)
-        if padding is not None:
-            mask_bias = padding.unsqueeze(0) + mask_bias.unsqueeze(1)  # [L or 1, B, H or 1, n, n]
-        else:
-            mask_bias = mask_bias.unsqueeze(1)  # [L or 1, 1, H or 1, n, n]
-        # A mask shared by all layers is combined with the padding once, not once per layer.
-        return [mask_bias[layer if mask_bias.size(0) > 1 else 0] for layer in range(self.config.num_hidden_layers)]
+    def prepare_attention(self, attention_mask: torch.Tensor | None, seq_len: int,
+                          hidden: torch.Tensor) -> list[LayerAttention]:
+        """Each layer's attention (padding + its sparse mask), built once per forward pass."""
+        key_padding = None if attention_mask is None else attention_mask == 0
+        keep = None if self.sparse_mask is None else self.sparse_mask(seq_len)  # [L or 1, H or 1, n, n]
+        dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
+        return sparse_attention.prepare_layers(keep, key_padding, device=hidden.device, dtype=_compute_dtype(hidden),
+                                               dropout_p=dropout_p, backend=self.config.attention_backend)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -548,8 +545,26 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def masked_lm_rows(masked_lm_labels: torch.Tensor, max_predictions: int | None = None) -> torch.Tensor:
+    """Indices into the flattened [B * n] tokens of the rows the MLM head scores (label -1 = unmasked).
+
+    Without ``max_predictions``: exactly the masked rows, whose number depends on the data (one
+    host sync). With it (an upper bound on masked tokens per sequence, e.g. the shards' validated
+    --max_predictions_per_seq): B * max_predictions rows, each sequence's masked positions first
+    in position order, then unmasked filler rows whose label -1 the loss ignores. That shape is
+    static: no sync, nothing for torch.compile to recompile.
+    """
+    if max_predictions is None:
+        return (masked_lm_labels.reshape(-1) != -1).nonzero().squeeze(1)
+    batch, seq_len = masked_lm_labels.shape
+    masked_first = torch.argsort((masked_lm_labels == -1).to(torch.int8), dim=1, stable=True)
+    rows = masked_first[:, :min(max_predictions, seq_len)]
+    return (rows + torch.arange(batch, device=rows.device)[:, None] * seq_len).reshape(-1)
+
+
 class BertForPreTraining(BertPreTrainedModel):
-    """MLM + NSP heads. With `masked_lm_labels` the vocab projection runs only on masked rows."""
+    """MLM + NSP heads. With `masked_lm_labels` the vocab projection runs only on the rows of
+    `masked_lm_rows` (pass the same `max_predictions` to the loss)."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -559,10 +574,12 @@ class BertForPreTraining(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                masked_lm_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                masked_lm_labels: torch.Tensor | None = None,
+                max_predictions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         sequence_output, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
         if masked_lm_labels is not None:
-            sequence_output = sequence_output[masked_lm_labels != -1]  # [num_masked, H]
+            rows = masked_lm_rows(masked_lm_labels, max_predictions)
+            sequence_output = sequence_output.flatten(0, 1)[rows]  # [rows, H]
         return self.cls.predictions(sequence_output), self.cls.seq_relationship(pooled_output)
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 import attention_masks
 import pretraining_data
 import training
+import modeling
 from modeling import BertForPreTraining, read_state_dict, resolve_weights_file
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
@@ -170,9 +171,13 @@ def check_shards(shards: list[str], max_seq_length: int, max_pred_length: int) -
 
 
 def pretraining_loss(prediction_scores: torch.Tensor, seq_relationship_score: torch.Tensor,
-                     masked_lm_labels: torch.Tensor, next_sentence_labels: torch.Tensor) -> torch.Tensor:
-    """MLM cross-entropy over the masked rows plus NSP cross-entropy, in fp32 (NVIDIA's criterion)."""
-    mlm = F.cross_entropy(prediction_scores.float(), masked_lm_labels[masked_lm_labels != -1])
+                     masked_lm_labels: torch.Tensor, next_sentence_labels: torch.Tensor,
+                     max_predictions: int | None = None) -> torch.Tensor:
+    """MLM cross-entropy over the masked rows plus NSP cross-entropy, in fp32 (NVIDIA's criterion).
+
+    ``prediction_scores`` holds the rows of `modeling.masked_lm_rows(masked_lm_labels, max_predictions)`."""
+    labels = masked_lm_labels.reshape(-1)[modeling.masked_lm_rows(masked_lm_labels, max_predictions)]
+    mlm = F.cross_entropy(prediction_scores.float(), labels, ignore_index=-1)
     nsp = F.cross_entropy(seq_relationship_score.float(), next_sentence_labels.view(-1))
     return mlm + nsp
 
@@ -388,9 +393,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 sync = sync_every_micro_step or micro_step == accumulation - 1
                 with training.grad_sync(model, sync):
                     with autocast(device, dtype):
-                        scores, nsp_scores = model(input_ids, segment_ids, input_mask, masked_lm_labels)
+                        scores, nsp_scores = model(input_ids, segment_ids, input_mask, masked_lm_labels,
+                                                   max_predictions=args.max_predictions_per_seq)
                         penalty = raw_model.mask_penalty()
-                        loss = pretraining_loss(scores, nsp_scores, masked_lm_labels, next_sentence_labels) + penalty
+                        loss = pretraining_loss(scores, nsp_scores, masked_lm_labels, next_sentence_labels,
+                                                args.max_predictions_per_seq) + penalty
                     grad_scaler.scale(loss / accumulation).backward()
                 step_loss += loss.detach()
                 step_penalty += penalty.detach()

@@ -1,20 +1,23 @@
-"""Fast attention paths for SparseBERT: one function, `masked_attention`, with three ways to run it.
+"""Attention with padding and a sparse attention mask, and the fast paths that compute it.
 
-Semantics (the reference, shared with modeling.py): scores get an additive bias of -10000 for every
-padded key and -10000 for every key the sparse mask drops (keep = 0), then softmax, dropout, @ V:
+Semantics (the reference): scores get an additive bias of -10000 for every padded key and -10000
+for every key the sparse mask drops (keep = 0), then softmax, dropout, @ V:
 
     SDPA(q, k, v, attn_mask=key_padding[B,1,1,n] * -10000 + (keep[H',n,n] - 1) * 10000)
 
-Paths:
+`modeling.py` prepares every layer's attention once per forward pass (`prepare_layers`), and each
+layer calls its `LayerAttention`. Paths:
   * "sdpa": `F.scaled_dot_product_attention` with that bias, built by broadcasting so a
     [B, H, n, n] tensor exists only when padding and a mask are both present. This is the
-    reference, the CPU path, and the CUDA fallback (it supports dropout and a grad-requiring bias
-    through the memory-efficient kernel).
+    reference, the CPU path, and the CUDA path with attention dropout (cuDNN / flash for padding
+    or a frozen mask; the memory-efficient kernel for a grad-requiring bias).
   * "flex": `torch.nn.attention.flex_attention` (CUDA; compiled). A frozen mask becomes a
     `BlockMask`: tiles with no kept entry are skipped, partial tiles apply the exact token mask, and
     padding is a per-batch key mask. A learnable DAM mask is a `score_mod` adding the captured
-    bias (so the mask logits get a gradient) on top of a padding-only `BlockMask`.
-  * "auto": flex on CUDA when a mask is given, dropout is off and flex is importable; else sdpa.
+    [H', n, n] bias (so the mask logits get a gradient, and no [B, H, n, n] bias is ever built) on
+    top of a padding-only `BlockMask`.
+  * "auto": flex on CUDA when attention dropout is off and either the mask is learnable or it is
+    frozen and the sequence is long (>= FLEX_MIN_FROZEN_SEQ_LEN); else sdpa.
 
 Hard masking (-inf) and the -10000 bias agree to within float rounding (exp(-10000) underflows to
 0) with one exception handled here: a query row whose every key is dropped. The reference then
@@ -28,6 +31,7 @@ FlexAttention has no attention dropout and (through torch 2.13) no backward on C
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -36,6 +40,9 @@ import torch.nn.functional as F
 MASKED_BIAS = -10000.0  # the additive score bias of a dropped or padded key (NVIDIA / SparseBERT)
 BACKENDS = ("auto", "sdpa", "flex")
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default sparse tile
+# "auto" sends a frozen mask to FlexAttention only from this length: below it a mask rarely empties
+# a whole 128-tile, and SDPA (cuDNN / flash) beats flex outright at BERT lengths (bench/README.md).
+FLEX_MIN_FROZEN_SEQ_LEN = 2048
 # Kernel tiles for a captured learnable bias: the default tiles ran out of shared memory on
 # torch 2.11 / H200 (issue 8); 64 x 64 compiled and ran.
 LEARNABLE_BIAS_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
@@ -200,12 +207,15 @@ def _flex_fn(q: torch.Tensor) -> Callable:
     return flex_attention
 
 
-def resolve_backend(q: torch.Tensor, keep: torch.Tensor | None, dropout_p: float, backend: str) -> str:
-    """The path `masked_attention` takes: see the module docstring. Raises on an impossible choice."""
+def resolve_backend(device: torch.device, keep: torch.Tensor | None, dropout_p: float, backend: str,
+                    seq_len: int = 0) -> str:
+    """The path a layer takes: see the module docstring. Raises on an impossible choice."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        use_flex = q.device.type == "cuda" and flex_available() and keep is not None and dropout_p == 0.0
+        learnable = keep is not None and keep.requires_grad and torch.is_grad_enabled()
+        worth_it = learnable or (keep is not None and seq_len >= FLEX_MIN_FROZEN_SEQ_LEN)
+        use_flex = device.type == "cuda" and flex_available() and dropout_p == 0.0 and worth_it
         return "flex" if use_flex else "sdpa"
     if backend == "flex":
         if not flex_available():
@@ -213,11 +223,66 @@ def resolve_backend(q: torch.Tensor, keep: torch.Tensor | None, dropout_p: float
         if dropout_p > 0.0:
             raise ValueError("backend='flex' has no attention dropout: set attention_probs_dropout_prob=0 "
                              "or use backend='sdpa'")
-        wants_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, keep))
-        if q.device.type != "cuda" and wants_grad:
+        if device.type != "cuda" and torch.is_grad_enabled():
             raise ValueError("FlexAttention has no backward on CPU: use backend='sdpa' (or run under no_grad)")
     return backend
+
+
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends, prepared once per forward pass and shared by layers with the same mask.
+
+    Call it as ``attend(q, k, v, dropout_p)`` with q, k, v: [B, H, n, d].
+    """
+    backend: str                               # "sdpa" or "flex"
+    bias: torch.Tensor | None = None           # sdpa: the broadcast-shaped additive bias
+    block_mask: "BlockMask | None" = None      # flex: tiles to visit, padding, frozen token mask
+    score_mod: Callable | None = None          # flex: the learnable DAM bias
+    kernel_options: dict[str, Any] | None = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+        if self.backend == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias, dropout_p=dropout_p)
+        return _flex_fn(q)(q, k, v, score_mod=self.score_mod, block_mask=self.block_mask,
+                           kernel_options=self.kernel_options)
+
+
+def prepare_attention(keep: torch.Tensor | None, key_padding: torch.Tensor | None, *, device: torch.device,
+                      dtype: torch.dtype, dropout_p: float, backend: str = "auto",
+                      block_size: int = DEFAULT_BLOCK_SIZE, block_mask: "BlockMask | None" = None,
+                      kernel_options: dict[str, Any] | None = None) -> LayerAttention:
+    """One layer's `LayerAttention` for a keep mask ([H', n, n] or [n, n], 1 = keep, or None) and
+    key padding (bool [B, n], True = padding, or None). ``dtype``: the dtype attention runs in.
+
+    A learnable keep (DAM search) on the flex path becomes a `score_mod` bias over a padding-only
+    `BlockMask`; a frozen keep becomes a block-sparse `BlockMask`. ``block_mask`` overrides the one
+    built here.
+    """
+    n = keep.shape[-1] if keep is not None else (key_padding.shape[-1] if key_padding is not None else 0)
+    if resolve_backend(device, keep, dropout_p, backend, n) == "sdpa":
+        return LayerAttention("sdpa", bias=score_bias(key_padding, keep, dtype))
+    learnable = keep is not None and keep.requires_grad and torch.is_grad_enabled()
+    score_mod = None
+    if learnable:
+        score_mod = _bias_score_mod(keep)
+        if block_mask is None and key_padding is not None:
+            block_mask = block_mask_from_keep(None, block_size, key_padding)
+        if kernel_options is None and device.type == "cuda":
+            kernel_options = dict(LEARNABLE_BIAS_KERNEL_OPTIONS)
+    elif block_mask is None and (keep is not None or key_padding is not None):
+        block_mask = block_mask_from_keep(keep, block_size, key_padding)
+    if kernel_options is None and block_size < DEFAULT_BLOCK_SIZE and device.type == "cuda":
+        kernel_options = {"BLOCK_M": block_size, "BLOCK_N": block_size}  # tiles must divide the sparse block
+    return LayerAttention("flex", block_mask=block_mask, score_mod=score_mod, kernel_options=kernel_options)
+
+
+def prepare_layers(keep: torch.Tensor | None, key_padding: torch.Tensor | None, **options: Any) -> list[LayerAttention]:
+    """`prepare_attention` for the mask module's [L', H', n, n] output: one entry per distinct
+    layer mask (L' = 1 for a shared mask or none; index by layer % len). ``options``: as
+    `prepare_attention`."""
+    if keep is None:
+        return [prepare_attention(None, key_padding, **options)]
+    return [prepare_attention(layer, key_padding, **options) for layer in keep]
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -228,30 +293,17 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention with padding and a sparse keep mask; same outputs and grads as `reference_attention`.
 
     q, k, v: [B, H, n, d]. key_padding: bool [B, n], True = padding key. keep: float [H', n, n]
-    or [n, n] (H' in {1, H}), 1 = keep; if it requires grad (DAM search) the flex path adds it as a
-    learnable `score_mod` bias, else it becomes a block-sparse `BlockMask`. dropout_p: attention
-    dropout (sdpa only). block_mask: a prebuilt `block_mask_from_keep(...)` for this call's keep
-    and padding (build it once per forward and share it across layers; for a learnable keep pass
-    the padding-only mask). block_size / kernel_options tune the flex path.
+    or [n, n] (H' in {1, H}), 1 = keep (grad-requiring for the DAM search). dropout_p: attention
+    dropout (sdpa only). A model prepares each layer once per forward with `prepare_layers`
+    instead; this is the one-call form.
     """
     n = q.shape[-2]
     if keep is not None and keep.shape[-1] != n:
         raise ValueError(f"keep mask covers {keep.shape[-1]} keys but the sequence has {n}; slice it to [.., {n}, {n}]")
-    if resolve_backend(q, keep, dropout_p, backend) == "sdpa":
-        return reference_attention(q, k, v, key_padding, keep, dropout_p)
-    learnable = keep is not None and keep.requires_grad and torch.is_grad_enabled()
-    score_mod = None
-    if learnable:
-        score_mod = _bias_score_mod(keep)
-        if block_mask is None and key_padding is not None:
-            block_mask = block_mask_from_keep(None, block_size, key_padding)
-        if kernel_options is None and q.device.type == "cuda":
-            kernel_options = dict(LEARNABLE_BIAS_KERNEL_OPTIONS)
-    elif block_mask is None and (keep is not None or key_padding is not None):
-        block_mask = block_mask_from_keep(keep, block_size, key_padding)
-    if kernel_options is None and block_size < DEFAULT_BLOCK_SIZE and q.device.type == "cuda":
-        kernel_options = {"BLOCK_M": block_size, "BLOCK_N": block_size}  # tiles must divide the sparse block
-    return _flex_fn(q)(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=kernel_options)
+    attend = prepare_attention(keep, key_padding, device=q.device, dtype=q.dtype, dropout_p=dropout_p,
+                               backend=backend, block_size=block_size, block_mask=block_mask,
+                               kernel_options=kernel_options)
+    return attend(q, k, v, dropout_p)
 
 
 def _bias_score_mod(keep: torch.Tensor) -> Callable:
@@ -263,22 +315,3 @@ def _bias_score_mod(keep: torch.Tensor) -> Callable:
     def add_bias(score, b, h, q_idx, kv_idx):
         return score + bias[h if per_head else 0, q_idx, kv_idx]
     return add_bias
-
-
-def layer_block_masks(keep: torch.Tensor | None, key_padding: torch.Tensor | None, *, device: torch.device,
-                      dropout_p: float, backend: str = "auto",
-                      block_size: int = DEFAULT_BLOCK_SIZE) -> list["BlockMask | None"]:
-    """Block masks for one forward pass, built once and shared by the layers (index by layer % len).
-
-    ``keep``: the mask module's [L', H', n, n] output (or None). Returns [None] when the call will
-    not take the flex path (CPU, dropout, sdpa), one padding-only mask for a learnable keep (the
-    bias rides in score_mod), else one block-sparse mask per distinct layer mask.
-    """
-    probe = torch.empty(0, device=device)
-    layer_keep = None if keep is None else keep[0]
-    if resolve_backend(probe, layer_keep, dropout_p, backend) != "flex":
-        return [None]
-    learnable = keep is not None and keep.requires_grad and torch.is_grad_enabled()
-    if keep is None or learnable:
-        return [block_mask_from_keep(None, block_size, key_padding) if key_padding is not None else None]
-    return [block_mask_from_keep(layer, block_size, key_padding) for layer in keep]

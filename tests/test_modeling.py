@@ -1,5 +1,6 @@
 """modeling.py: conformance with Hugging Face BERT on real weights, name mapping, I/O, config checks."""
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,73 @@ def test_dense_mlm_head_computes_only_masked_rows():
     assert masked_scores.shape == (3, 1000)
     torch.testing.assert_close(masked_scores, full_scores[labels != -1])
     torch.testing.assert_close(nsp, nsp_full)
+
+
+def test_static_mlm_rows_give_the_same_loss_and_grads_as_exact_rows():
+    """max_predictions pads each sequence's masked rows to a fixed count (label -1, ignored): the
+    loss and every gradient equal the exact-rows path, with no data-dependent shape."""
+    import run_pretraining
+
+    ids, types, mask = random_batch(997)
+    labels = torch.full_like(ids, -1)
+    labels[0, [2, 5, 9]], labels[1, 3], labels[2, [1, 4]] = 10, 11, 12  # 3, 1 and 2 masked rows
+    nsp_labels = torch.tensor([0, 1, 0])
+    results = []
+    for k in (None, 4):
+        torch.manual_seed(0)
+        model = BertForPreTraining(tiny_config(attention_mask_type="dam_s", dam_lambda=1e-3))
+        rows = modeling.masked_lm_rows(labels, k)
+        scores, nsp = model(ids, types, mask, labels, max_predictions=k)
+        assert scores.shape[0] == len(rows) == (6 if k is None else 3 * k)
+        assert torch.equal(labels.reshape(-1)[rows][labels.reshape(-1)[rows] != -1], labels[labels != -1])
+        torch.manual_seed(1)
+        loss = run_pretraining.pretraining_loss(scores, nsp, labels, nsp_labels, k)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (exact, exact_grads), (static, static_grads) = results
+    torch.testing.assert_close(static, exact)
+    assert exact_grads.keys() == static_grads.keys()
+    for name in exact_grads:
+        torch.testing.assert_close(static_grads[name], exact_grads[name], msg=name)
+
+
+@pytest.mark.parametrize("mask_type", ["longformer", "dam_s"])
+def test_flex_backend_gives_the_sdpa_outputs(mask_type):
+    """The FlexAttention wiring (block mask per layer, padding per batch) against the SDPA path, in
+    evaluation, where FlexAttention runs on CPU too (forward only)."""
+    sparse_attention = pytest.importorskip("sparse_attention")
+    if not sparse_attention.flex_available():
+        pytest.skip("FlexAttention needs torch >= 2.5")
+    ids, types, mask = random_batch(997, seq=32)
+    outputs = {}
+    for backend in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        model = BertModel(tiny_config(attention_mask_type=mask_type, attention_backend=backend,
+                                      pattern_params={"window": 5})).eval()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+            outputs[backend] = model(ids, types, mask)[0]
+    torch.testing.assert_close(outputs["flex"], outputs["sdpa"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mask_type", ["dam_s", "dam_u"])
+def test_cuda_dam_search_on_flex_matches_sdpa_loss_and_grads(mask_type):
+    """Training (attention dropout 0): the DAM mask as a FlexAttention score_mod gives the same loss
+    and the same gradients, mask logits included, as the SDPA grad-bias path."""
+    ids, types, mask = [t.cuda() for t in random_batch(997, seq=32)]
+    results = {}
+    for backend in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        model = BertModel(tiny_config(attention_mask_type=mask_type, attention_backend=backend)).cuda().train()
+        torch.manual_seed(1)  # the same Gumbel noise for both
+        hidden = model(ids, types, mask)[0]
+        (hidden * mask[..., None]).square().sum().backward()
+        results[backend] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any("sparse_mask" in name for name in results["flex"])
+    for name, grad in results["sdpa"].items():
+        torch.testing.assert_close(results["flex"][name], grad, atol=2e-3, rtol=2e-3, msg=name)
 
 
 def test_vocab_is_padded_to_multiple_of_eight_and_decoder_tied():

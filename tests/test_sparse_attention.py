@@ -85,7 +85,7 @@ def test_sdpa_backend_equals_reference_with_grads(mask_name):
 
 def test_auto_is_reference_on_cpu_and_keeps_dropout():
     q, k, v = qkv()
-    assert sa.resolve_backend(q, torch.ones(40, 40), 0.0, "auto") == "sdpa"
+    assert sa.resolve_backend(q.device, torch.ones(40, 40), 0.0, "auto") == "sdpa"
     torch.manual_seed(3)
     a = sa.masked_attention(q, k, v, None, torch.ones(40, 40), dropout_p=0.5)
     torch.manual_seed(3)
@@ -280,28 +280,36 @@ def test_cuda_auto_and_sdpa_bf16_match_fp32_reference():
         keep.grad = None
 
 
-def test_layer_block_masks_follow_the_path():
+def test_prepare_layers_follow_the_path():
     keep = torch.ones(2, 1, 16, 16)
     pad = right_padding(2, 16, [16, 9])
-    cpu = torch.device("cpu")
-    assert sa.layer_block_masks(keep, pad, device=cpu, dropout_p=0.0) == [None]  # auto on CPU = sdpa
+    options = dict(device=torch.device("cpu"), dtype=torch.float32, dropout_p=0.0)
+    layers = sa.prepare_layers(keep, pad, **options)  # auto on CPU = sdpa, one per layer mask
+    assert [a.backend for a in layers] == ["sdpa", "sdpa"] and layers[0].bias.shape == (2, 1, 16, 16)
+    no_mask = sa.prepare_layers(None, pad, **options)
+    assert len(no_mask) == 1 and no_mask[0].bias.shape == (2, 1, 1, 16)  # padding only: never [B, H, n, n]
     if sa.flex_available():
-        masks = sa.layer_block_masks(keep, pad, device=cpu, dropout_p=0.0, backend="flex", block_size=8)
-        assert len(masks) == 2 and masks[0].kv_num_blocks.shape[0] == 2  # per layer, per batch
+        with torch.no_grad():
+            flex = sa.prepare_layers(keep, pad, backend="flex", block_size=8, **options)
+        assert len(flex) == 2 and flex[0].block_mask.kv_num_blocks.shape[0] == 2  # per layer, per batch
         learnable = keep.clone().requires_grad_(True)
         with pytest.raises(ValueError, match="no backward on CPU"):
-            sa.layer_block_masks(learnable, pad, device=cpu, dropout_p=0.0, backend="flex")
+            sa.prepare_layers(learnable, pad, backend="flex", **options)
         with pytest.raises(ValueError, match="no attention dropout"):
-            sa.layer_block_masks(keep, pad, device=cpu, dropout_p=0.1, backend="flex")
+            sa.prepare_layers(keep, pad, backend="flex", **{**options, "dropout_p": 0.1})
 
 
 @cuda
 @needs_cuda
 @needs_flex
-def test_cuda_layer_block_masks_learnable_keep_gets_padding_only_mask():
+def test_cuda_auto_sends_learnable_masks_to_flex_and_short_frozen_ones_to_sdpa():
     keep = torch.ones(2, 1, 256, 256, device="cuda", requires_grad=True)
     pad = right_padding(2, 256, [256, 200]).cuda()
-    masks = sa.layer_block_masks(keep, pad, device=torch.device("cuda"), dropout_p=0.0)
-    assert len(masks) == 1 and masks[0].kv_num_blocks.shape[:2] == (2, 1)
-    frozen = sa.layer_block_masks(keep.detach(), pad, device=torch.device("cuda"), dropout_p=0.0)
-    assert len(frozen) == 2
+    options = dict(device=torch.device("cuda"), dtype=torch.bfloat16)
+    learnable = sa.prepare_layers(keep, pad, dropout_p=0.0, **options)
+    assert [a.backend for a in learnable] == ["flex", "flex"] and learnable[0].score_mod is not None
+    assert learnable[0].block_mask.kv_num_blocks.shape[:2] == (2, 1)  # padding only, per batch
+    assert [a.backend for a in sa.prepare_layers(keep, pad, dropout_p=0.1, **options)] == ["sdpa", "sdpa"]
+    assert [a.backend for a in sa.prepare_layers(keep.detach(), pad, dropout_p=0.0, **options)] == ["sdpa", "sdpa"]
+    long_keep = torch.ones(1, 1, sa.FLEX_MIN_FROZEN_SEQ_LEN, sa.FLEX_MIN_FROZEN_SEQ_LEN, device="cuda")
+    assert sa.prepare_layers(long_keep, None, dropout_p=0.0, **options)[0].backend == "flex"
