@@ -228,7 +228,7 @@ def resolve_backend(device: torch.device, keep: torch.Tensor | None, dropout_p: 
     return backend
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: torch 2.11's dynamo loses the fields of a frozen dataclass built in a graph
 class LayerAttention:
     """How one layer attends, prepared once per forward pass and shared by layers with the same mask.
 
