@@ -16,8 +16,9 @@ layer calls its `LayerAttention`. Paths:
     padding is a per-batch key mask. A learnable DAM mask is a `score_mod` adding the captured
     [H', n, n] bias (so the mask logits get a gradient, and no [B, H, n, n] bias is ever built) on
     top of a padding-only `BlockMask`.
-  * "auto": flex on CUDA when attention dropout is off and either the mask is learnable or it is
-    frozen and the sequence is long (>= FLEX_MIN_FROZEN_SEQ_LEN); else sdpa.
+  * "auto": flex on CUDA when attention dropout is off and the sequence is long enough for flex to
+    win: FLEX_MIN_LEARNABLE_SEQ_LEN for a learnable mask, FLEX_MIN_FROZEN_SEQ_LEN for a frozen
+    one; else sdpa.
 
 Hard masking (-inf) and the -10000 bias agree to within float rounding (exp(-10000) underflows to
 0) with one exception handled here: a query row whose every key is dropped. The reference then
@@ -40,8 +41,11 @@ import torch.nn.functional as F
 MASKED_BIAS = -10000.0  # the additive score bias of a dropped or padded key (NVIDIA / SparseBERT)
 BACKENDS = ("auto", "sdpa", "flex")
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default sparse tile
-# "auto" sends a frozen mask to FlexAttention only from this length: below it a mask rarely empties
-# a whole 128-tile, and SDPA (cuDNN / flash) beats flex outright at BERT lengths (bench/README.md).
+# From which length "auto" sends a mask to FlexAttention (bench/README.md, H200). A learnable mask:
+# at 512 flex beat SDPA's grad-bias kernel (1.14 vs 1.40 ms fwd+bwd per layer), at 128 it lost
+# (1.04 vs 0.69 ms). A frozen mask: below 2048 it rarely empties a whole 128-tile, and SDPA
+# (cuDNN / flash) beat flex outright at 128 and 512.
+FLEX_MIN_LEARNABLE_SEQ_LEN = 512
 FLEX_MIN_FROZEN_SEQ_LEN = 2048
 # Kernel tiles for a captured learnable bias: the default tiles ran out of shared memory on
 # torch 2.11 / H200 (issue 8); 64 x 64 compiled and ran.
@@ -214,7 +218,8 @@ def resolve_backend(device: torch.device, keep: torch.Tensor | None, dropout_p: 
         raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         learnable = keep is not None and keep.requires_grad and torch.is_grad_enabled()
-        worth_it = learnable or (keep is not None and seq_len >= FLEX_MIN_FROZEN_SEQ_LEN)
+        min_len = FLEX_MIN_LEARNABLE_SEQ_LEN if learnable else FLEX_MIN_FROZEN_SEQ_LEN
+        worth_it = keep is not None and seq_len >= min_len
         use_flex = device.type == "cuda" and flex_available() and dropout_p == 0.0 and worth_it
         return "flex" if use_flex else "sdpa"
     if backend == "flex":

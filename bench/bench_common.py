@@ -14,8 +14,11 @@ def git_commit() -> str:
     """The measured code's commit (read before a run starts), or "unknown" outside a checkout."""
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True, check=True).stdout.strip()
+        return f"{commit}+uncommitted" if changed else commit  # a copied tree may lag its .git
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

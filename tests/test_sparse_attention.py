@@ -302,14 +302,17 @@ def test_prepare_layers_follow_the_path():
 @cuda
 @needs_cuda
 @needs_flex
-def test_cuda_auto_sends_learnable_masks_to_flex_and_short_frozen_ones_to_sdpa():
-    keep = torch.ones(2, 1, 256, 256, device="cuda", requires_grad=True)
-    pad = right_padding(2, 256, [256, 200]).cuda()
+def test_cuda_auto_sends_long_enough_masks_to_flex():
+    n = sa.FLEX_MIN_LEARNABLE_SEQ_LEN
+    keep = torch.ones(2, 1, n, n, device="cuda", requires_grad=True)
+    pad = right_padding(2, n, [n, n - 100]).cuda()
     options = dict(device=torch.device("cuda"), dtype=torch.bfloat16)
     learnable = sa.prepare_layers(keep, pad, dropout_p=0.0, **options)
     assert [a.backend for a in learnable] == ["flex", "flex"] and learnable[0].score_mod is not None
     assert learnable[0].block_mask.kv_num_blocks.shape[:2] == (2, 1)  # padding only, per batch
     assert [a.backend for a in sa.prepare_layers(keep, pad, dropout_p=0.1, **options)] == ["sdpa", "sdpa"]
     assert [a.backend for a in sa.prepare_layers(keep.detach(), pad, dropout_p=0.0, **options)] == ["sdpa", "sdpa"]
+    short = keep[..., :n // 2, :n // 2]
+    assert sa.prepare_layers(short, pad[:, :n // 2], dropout_p=0.0, **options)[0].backend == "sdpa"
     long_keep = torch.ones(1, 1, sa.FLEX_MIN_FROZEN_SEQ_LEN, sa.FLEX_MIN_FROZEN_SEQ_LEN, device="cuda")
     assert sa.prepare_layers(long_keep, None, dropout_p=0.0, **options)[0].backend == "flex"
