@@ -131,6 +131,9 @@ class BertConfig:
                 raise ValueError(f"bert_config field '{name}' must be in [0, 1), got {getattr(self, name)}")
         _check_choice("hidden_act", self.hidden_act, tuple(ACT2FN))
         _check_choice("attention_backend", self.attention_backend, sparse_attention.BACKENDS)
+        if self.attention_backend == "flex" and self.attention_probs_dropout_prob > 0:
+            raise ValueError("bert_config: attention_backend 'flex' has no attention dropout; set "
+                             "'attention_probs_dropout_prob' to 0 or use attention_backend 'auto'")
         _check_choice("attention_mask_type", self.attention_mask_type, MASK_TYPES)
         _check_choice("dam_temperature_schedule", self.dam_temperature_schedule, TEMPERATURE_SCHEDULES)
         if self.dam_lambda < 0:
