@@ -443,8 +443,8 @@ class BertPreTrainedModel(nn.Module):
     def compile_encoder(self, **compile_kwargs: Any) -> None:
         """`torch.compile` the BERT body in place (state-dict names unchanged).
 
-        Only the body: its shapes are static, while the pretraining head's masked-row count changes
-        every batch and would make a compiled whole model recompile or break its graph.
+        Only the body, whose shapes are always static; the pretraining head's row count is static
+        only when the caller passes `max_predictions` (run_pretraining.py does).
         """
         self.bert_model.compile(**compile_kwargs)
 

@@ -211,14 +211,18 @@ def _flex_fn(q: torch.Tensor) -> Callable:
     return flex_attention
 
 
+def _learnable(keep: torch.Tensor | None) -> bool:
+    """A mask that will receive a gradient in this call (the DAM search)."""
+    return keep is not None and keep.requires_grad and torch.is_grad_enabled()
+
+
 def resolve_backend(device: torch.device, keep: torch.Tensor | None, dropout_p: float, backend: str,
                     seq_len: int = 0) -> str:
     """The path a layer takes: see the module docstring. Raises on an impossible choice."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        learnable = keep is not None and keep.requires_grad and torch.is_grad_enabled()
-        min_len = FLEX_MIN_LEARNABLE_SEQ_LEN if learnable else FLEX_MIN_FROZEN_SEQ_LEN
+        min_len = FLEX_MIN_LEARNABLE_SEQ_LEN if _learnable(keep) else FLEX_MIN_FROZEN_SEQ_LEN
         worth_it = keep is not None and seq_len >= min_len
         use_flex = device.type == "cuda" and flex_available() and dropout_p == 0.0 and worth_it
         return "flex" if use_flex else "sdpa"
@@ -266,9 +270,8 @@ def prepare_attention(keep: torch.Tensor | None, key_padding: torch.Tensor | Non
     n = keep.shape[-1] if keep is not None else (key_padding.shape[-1] if key_padding is not None else 0)
     if resolve_backend(device, keep, dropout_p, backend, n) == "sdpa":
         return LayerAttention("sdpa", bias=score_bias(key_padding, keep, dtype))
-    learnable = keep is not None and keep.requires_grad and torch.is_grad_enabled()
     score_mod = None
-    if learnable:
+    if _learnable(keep):
         score_mod = _bias_score_mod(keep)
         if block_mask is None and key_padding is not None:
             block_mask = block_mask_from_keep(None, block_size, key_padding)
