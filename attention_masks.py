@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from utils import atomic_path, atomic_write_text
+from atomic_io import atomic_path, atomic_write_text
 
 PATTERN_NAMES = ("dense", "no_diagonal", "strided", "fixed", "longformer", "logsparse", "bigbird", "star")
 DAM_MODES = ("dam_u", "dam_s")

@@ -26,7 +26,6 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ from urllib.parse import urlparse
 
 import requests
 from tqdm.auto import tqdm
+
+from atomic_io import atomic_path, atomic_write_text
 
 CACHE_ENV = "PYTORCH_PRETRAINED_BERT_CACHE"
 CHUNK_SIZE = 1 << 20
@@ -263,14 +264,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(Path(tmp))
-        raise
+    atomic_write_text(path, json.dumps(data))
 
 
 def _remove(*paths: Path) -> None:
@@ -370,15 +364,7 @@ def _extract(members: list, open_member, dest_dir: Path, archive: str) -> list[s
         if is_dir:
             target.mkdir(parents=True, exist_ok=True)
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as out, open_member(info) as src:
-                shutil.copyfileobj(src, out, CHUNK_SIZE)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            _remove(Path(tmp))
-            raise
+        with atomic_path(target) as tmp, open(tmp, "wb") as out, open_member(info) as src:
+            shutil.copyfileobj(src, out, CHUNK_SIZE)
         written.append(str(target))
     return written

@@ -31,7 +31,8 @@ from torch.utils.checkpoint import checkpoint
 import attention_masks
 import sparse_attention
 from sparse_attention import LayerAttention
-from utils import atomic_path, atomic_write_text, safe_torch_load
+from atomic_io import atomic_path, atomic_write_text
+from utils import safe_torch_load
 
 logger = logging.getLogger(__name__)
 

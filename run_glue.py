@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import attention_masks
 import training
+from atomic_io import atomic_write_text
 from glue_metrics import compute_metrics
 from modeling import BertConfig, BertForSequenceClassification, read_state_dict, resolve_weights_file
 from optimization import build_adamw
@@ -53,7 +54,6 @@ from tokenization import BertTokenizer
 from utils import (
     MetricLogger,
     atomic_save,
-    atomic_write_text,
     autocast,
     barrier,
     get_rank,

@@ -17,9 +17,10 @@ import collections
 import logging
 import os
 import re
-import tempfile
 import unicodedata
 from typing import Iterable
+
+from atomic_io import atomic_text_writer
 
 logger = logging.getLogger(__name__)
 
@@ -358,17 +359,9 @@ class BertTokenizer:
         path = os.fspath(vocab_path)
         if os.path.isdir(path):
             path = os.path.join(path, VOCAB_NAME)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".vocab.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                for token in self.ids_to_tokens.values():
-                    f.write(token + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_text_writer(path) as f:
+            for token in self.ids_to_tokens.values():
+                f.write(token + "\n")
         return path
 
 

@@ -27,7 +27,7 @@ from utils import atomic_save, get_rank, get_world_size, is_main_process, rng_st
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
-STALE_TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\..+\.tmp$")  # utils.atomic_path's temporary names
+STALE_TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\..+\.tmp$")  # atomic_io.atomic_path's temporary names
 COLLECTIVE_FAILURE_RE = re.compile(r"gloo|nccl|timed out|timeout|connection (closed|reset)|broken pipe", re.IGNORECASE)
 
 

@@ -11,14 +11,15 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from atomic_io import atomic_path
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -220,43 +221,10 @@ def read_dllogger_json(path: str | os.PathLike) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- atomic, safe I/O
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
-
-    A crash (or an exception, e.g. disk full) leaves the old file untouched and no partial file
-    under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it and put it back
-    os.umask(mask)
-    return mask
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save` that never leaves a half-written file under `path`."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:

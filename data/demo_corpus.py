@@ -37,8 +37,8 @@ from typing import Iterator
 if __package__ in (None, ""):  # run as a script: make the flat project layout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from atomic_io import atomic_text_writer  # noqa: E402
 from data.sharding import split_sentences_regex  # noqa: E402
-from data.text_formatting import atomic_text_writer  # noqa: E402
 
 REPO_VOCAB = Path(__file__).resolve().parent.parent / "vocab" / "vocab"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: shards pad with id 0

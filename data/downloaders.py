@@ -12,7 +12,7 @@ import os
 import shutil
 from typing import Any
 
-from data.text_formatting import atomic_text_writer
+from atomic_io import atomic_text_writer
 
 WIKI_URL = "https://dumps.wikimedia.org/enwiki/latest/enwiki-latest-pages-articles.xml.bz2"
 

@@ -8,24 +8,11 @@
 from __future__ import annotations
 
 import bz2
-import contextlib
 import glob
 import os
 from typing import IO, Iterable, Iterator
 
-
-@contextlib.contextmanager
-def atomic_text_writer(path: str) -> Iterator[IO[str]]:
-    """A text file written under a temporary name and renamed into place on success."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from atomic_io import atomic_text_writer
 
 
 def _open_text(path: str) -> IO[str]:

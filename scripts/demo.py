@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from attention_masks import load_mask_file, sparsity_report  # noqa: E402
-from utils import atomic_write_text, read_dllogger_json  # noqa: E402
+from atomic_io import atomic_write_text  # noqa: E402
+from utils import read_dllogger_json  # noqa: E402
 
 
 @dataclass(frozen=True)

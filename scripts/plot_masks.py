@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attention_masks  # noqa: E402
-from utils import atomic_path  # noqa: E402
+from atomic_io import atomic_path  # noqa: E402
 
 MAX_GRID_PANELS = 256  # above this the layers x heads grid is unreadable: fall back to layer means
 

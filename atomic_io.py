@@ -1,0 +1,52 @@
+"""Atomic file writes: a file appears under its final name complete or not at all.
+
+Torch-free, so the tokenizer, the downloaders and the data pipeline share it with the training code.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    A crash (or an exception, e.g. disk full) leaves the old file untouched and no partial file
+    under the final name. The temporary name is `.<name>.<random>.tmp` (training.py recognises
+    stale ones by it).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() would
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_text_writer(path: str | os.PathLike) -> Iterator[IO[str]]:
+    """A UTF-8 text file (newlines written as given) that appears under `path` only once complete."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        yield f
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_text_writer(path) as f:
+        f.write(text)

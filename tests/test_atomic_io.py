@@ -1,0 +1,38 @@
+"""atomic_io: a file appears complete under its final name, or the old one stays."""
+import os
+
+import pytest
+
+from atomic_io import atomic_path, atomic_text_writer, atomic_write_text
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_atomic_path_replaces_in_one_rename_with_a_plain_mode(tmp_path):
+    target = tmp_path / "sub" / "file.bin"  # missing parents are created
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+        assert not target.exists() and tmp.name.startswith(".file.bin.") and tmp.suffix == ".tmp"
+    assert target.read_bytes() == b"new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    assert leftovers(target.parent) == []
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "vocab.txt"
+    target.write_text("old\n")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_text_writer(target) as f:
+            f.write("half of the new")
+            raise OSError("disk full")
+    assert target.read_text() == "old\n"
+    assert leftovers(tmp_path) == []
+
+
+def test_text_is_utf8_with_unix_newlines(tmp_path):
+    atomic_write_text(tmp_path / "t.txt", "naïve\nline\n")
+    assert (tmp_path / "t.txt").read_bytes() == "naïve\nline\n".encode("utf-8")
