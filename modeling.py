@@ -528,11 +528,11 @@ class BertModel(BertPreTrainedModel):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         hidden = self.embeddings(input_ids, token_type_ids)
-        hidden = self.encoder(hidden, self.prepare_attention(attention_mask, input_ids.size(1), hidden))
+        hidden = self.encoder(hidden, self.layer_attentions(attention_mask, input_ids.size(1), hidden))
         return hidden, self.pooler(hidden)
 
-    def prepare_attention(self, attention_mask: torch.Tensor | None, seq_len: int,
-                          hidden: torch.Tensor) -> list[LayerAttention]:
+    def layer_attentions(self, attention_mask: torch.Tensor | None, seq_len: int,
+                         hidden: torch.Tensor) -> list[LayerAttention]:
         """Each layer's attention (padding + its sparse mask), built once per forward pass."""
         key_padding = None if attention_mask is None else attention_mask == 0
         keep = None if self.sparse_mask is None else self.sparse_mask(seq_len)  # [L or 1, H or 1, n, n]
