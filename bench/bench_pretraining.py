@@ -2,8 +2,8 @@
 
 One training step = forward + MLM/NSP loss (+ the DAM penalty) + backward + AdamW step +
 zero_grad(set_to_none=True). Both models get the same synthetic batches (15 % of tokens masked,
-every sequence full length unless --pad_fraction), the same optimizer (fused AdamW on CUDA,
-foreach on CPU) and the same precision. Ours runs the MLM vocab projection on the masked rows
+every sequence full length unless --pad_fraction), the same optimizer (`optimization.build_adamw`:
+fused AdamW on CUDA, foreach on CPU, the project's parameter groups) and the same precision. Ours runs the MLM vocab projection on the masked rows
 only (the GUIDE contract); HF's `BertForPreTraining` projects every token (its design). Rows where
 something fails (missing feature, compile error, OOM, time budget) say so instead of crashing.
 
@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import device_name, git_commit, write_results  # noqa: E402
 import modeling  # noqa: E402
+from optimization import build_adamw  # noqa: E402
 import run_pretraining  # noqa: E402
 
 PRESETS = {
@@ -111,19 +112,6 @@ def hf_model(cfg: dict, seq_len: int, attn_dropout: float) -> torch.nn.Module:
     return model
 
 
-def optimizer_for(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
-    mask_params = set(model.mask_parameters()) if hasattr(model, "mask_parameters") else set()
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p not in mask_params
-             and p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p not in mask_params
-                and p.dim() <= 1]
-    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
-    if mask_params:
-        groups.append({"params": list(mask_params), "weight_decay": 0.0})
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=1e-4, **fused)
-
-
 def max_predictions(seq_len: int) -> int:
     """NVIDIA's --max_predictions_per_seq for a length: 20 at 128, 80 at 512."""
     return max(round(MASK_FRACTION * seq_len), round(seq_len * 20 / 128))
@@ -147,7 +135,7 @@ def hf_loss(model, batch: Batch) -> torch.Tensor:
 
 def time_training(model, loss_fn, batches, args, device, compile_model: bool) -> dict:
     model.to(device).train()
-    optimizer = optimizer_for(model, device)
+    optimizer = build_adamw(model, lr=1e-4)  # run_glue.py's builder: fused on CUDA, foreach on CPU
     forward = model
     if compile_model and hasattr(model, "compile_encoder"):
         model.compile_encoder()  # ours: what run_pretraining.py --compile does
