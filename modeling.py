@@ -264,12 +264,13 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attend: LayerAttention) -> torch.Tensor:
         batch, seq_len, width = hidden.shape
-
-        def heads(x: torch.Tensor) -> torch.Tensor:  # [B, n, H*d] -> [B, H, n, d]
-            return x.view(batch, seq_len, self.num_heads, -1).transpose(1, 2)
-
-        context = attend(heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden)),
-                         self.dropout_p if self.training else 0.0)
+        # One GEMM for Q, K and V: the weights are concatenated per call (a small copy next to the
+        # GEMM), so the checkpoint keeps NVIDIA's separate query / key / value tensors.
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(hidden, weight, bias).view(batch, seq_len, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, n, d]
+        context = attend(q, k, v, self.dropout_p if self.training else 0.0)
         return context.transpose(1, 2).reshape(batch, seq_len, width)
 
 
@@ -368,7 +369,8 @@ class BertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(hidden)) + self.bias
+        # The bias inside the GEMM (its epilogue) rather than one more pass over the [rows, vocab] scores.
+        return F.linear(self.transform(hidden), self.decoder.weight, self.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
