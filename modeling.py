@@ -443,14 +443,6 @@ class BertPreTrainedModel(nn.Module):
     def set_checkpoint_activations(self, enabled: bool) -> None:
         self.bert_model.encoder.checkpoint_activations = enabled
 
-    def compile_encoder(self, **compile_kwargs: Any) -> None:
-        """`torch.compile` the BERT body in place (state-dict names unchanged).
-
-        Only the body, whose shapes are always static; the pretraining head's row count is static
-        only when the caller passes `max_predictions` (run_pretraining.py does).
-        """
-        self.bert_model.compile(**compile_kwargs)
-
     # -- checkpoint I/O
 
     @classmethod

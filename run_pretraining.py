@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds a collective waits for the other ranks before this one stops with an error "
                         "(a dead or stuck worker turns into an exit, not a hang)")
     p.add_argument("--no_cuda", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the BERT body (static shapes)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model and the loss (static shapes)")
     args = p.parse_args(argv)
     args.fp16 = args.fp16 or args.amp
     args.max_steps = int(args.max_steps)
@@ -180,6 +180,17 @@ def pretraining_loss(prediction_scores: torch.Tensor, seq_relationship_score: to
     mlm = F.cross_entropy(prediction_scores.float(), labels, ignore_index=-1)
     nsp = F.cross_entropy(seq_relationship_score.float(), next_sentence_labels.view(-1))
     return mlm + nsp
+
+
+def compile_for_training(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """What --compile does: `torch.compile` the model in place and return the compiled
+    `pretraining_loss`. With --max_predictions_per_seq every shape in the step is static, so the
+    heads and the fp32 cross-entropy fuse as well as the body. Under DDP, pass the DDP module:
+    compiling the wrapper lets dynamo split the graph at gradient buckets, so all-reduces overlap
+    the backward (a compiled inner module would hand DDP every gradient at once, at the end).
+    State-dict names are unchanged (in-place compile adds no prefix)."""
+    model.compile()
+    return torch.compile(pretraining_loss)
 
 
 def mask_module(model: torch.nn.Module) -> attention_masks.AttentionMask | None:
@@ -321,10 +332,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         warm_start(model, args.init_checkpoint)
 
     raw_model = model
-    if args.compile:
-        model.compile_encoder()
     compress = dtype if args.allreduce_post_accumulation_fp16 and dtype is not None else None
     model = training.wrap_distributed(model, device, compress_dtype=compress)
+    loss_fn = compile_for_training(model) if args.compile else pretraining_loss
     sync_every_micro_step = not args.allreduce_post_accumulation
     masks = mask_module(raw_model)
     if isinstance(masks, attention_masks.DifferentiableMask):
@@ -396,8 +406,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         scores, nsp_scores = model(input_ids, segment_ids, input_mask, masked_lm_labels,
                                                    max_predictions=args.max_predictions_per_seq)
                         penalty = raw_model.mask_penalty()
-                        loss = pretraining_loss(scores, nsp_scores, masked_lm_labels, next_sentence_labels,
-                                                args.max_predictions_per_seq) + penalty
+                        loss = loss_fn(scores, nsp_scores, masked_lm_labels, next_sentence_labels,
+                                       args.max_predictions_per_seq) + penalty
                     grad_scaler.scale(loss / accumulation).backward()
                 step_loss += loss.detach()
                 step_penalty += penalty.detach()

@@ -117,12 +117,12 @@ def max_predictions(seq_len: int) -> int:
     return max(round(MASK_FRACTION * seq_len), round(seq_len * 20 / 128))
 
 
-def our_loss(model, batch: Batch) -> torch.Tensor:
+def our_loss(model, batch: Batch, criterion=run_pretraining.pretraining_loss) -> torch.Tensor:
     """What run_pretraining.py computes per micro-step (static-shape MLM rows, no host sync)."""
     k = max_predictions(batch.input_ids.shape[1])
     scores, nsp = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.masked_lm_labels,
                         max_predictions=k)
-    loss = run_pretraining.pretraining_loss(scores, nsp, batch.masked_lm_labels, batch.next_sentence_labels, k)
+    loss = criterion(scores, nsp, batch.masked_lm_labels, batch.next_sentence_labels, k)
     return loss + model.mask_penalty()
 
 
@@ -133,14 +133,22 @@ def hf_loss(model, batch: Batch) -> torch.Tensor:
     return out.loss
 
 
+def compiled(model, loss_fn):
+    """(model, loss_fn) as each side's user compiles them: ours as run_pretraining.py --compile
+    does (model and loss), HF as `torch.compile(model)` (its forward computes the loss)."""
+    if isinstance(model, modeling.BertForPreTraining):
+        criterion = run_pretraining.compile_for_training(model)
+        return model, lambda m, batch: loss_fn(m, batch, criterion)
+    return torch.compile(model), loss_fn
+
+
 def time_training(model, loss_fn, batches, args, device, compile_model: bool) -> dict:
     model.to(device).train()
     optimizer = build_adamw(model, lr=1e-4)  # run_glue.py's builder: fused on CUDA, foreach on CPU
     forward = model
-    if compile_model and hasattr(model, "compile_encoder"):
-        model.compile_encoder()  # ours: what run_pretraining.py --compile does
-    elif compile_model:
-        forward = torch.compile(model)  # HF: what a careful user would do
+    if compile_model:
+        forward, loss_fn = compiled(model, loss_fn)
+
     def precision():
         return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
