@@ -5,7 +5,8 @@
 #   bash bench/run_gpu.sh tests      # one part: tests | attention | pretraining | pretraining_no_dropout
 set -uo pipefail
 cd "$(dirname "$0")/.."
-parts=("${@:-tests attention pretraining pretraining_no_dropout}")
+# Default order: most wanted first, so a run cut short by the device's time still has it.
+parts=("${@:-tests pretraining pretraining_no_dropout attention}")
 status=0
 for part in ${parts[*]}; do
   echo "=== $part"
