@@ -12,6 +12,7 @@
 #   25 init_checkpoint  26 attention_mask_type (config value if "config")  27 lamb (λ; config if "config")
 #   28 run_phase2 (true|false: DAM masks need mask_seq_length 512 in the config for phase 2)
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (torchrun's rendezvous), e.g. from SLURM.
+# EXTRA_ARGS: more run_pretraining.py flags for both phases, e.g. EXTRA_ARGS="--compile".
 set -euo pipefail
 
 train_batch_size=${1:-8192}
@@ -68,6 +69,7 @@ common_flags() {  # flags shared by both phases
   [ "$allreduce_post_accumulation_fp16" == "true" ] && flags+=" --allreduce_post_accumulation_fp16"
   [ "$attention_mask_type" != "config" ] && flags+=" --attention_mask_type=$attention_mask_type"
   [ "$lamb" != "config" ] && flags+=" --lamb=$lamb"
+  flags+=" ${EXTRA_ARGS:-}"
   echo "$flags"
 }
 

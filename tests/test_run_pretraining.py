@@ -451,3 +451,33 @@ def test_torchrun_two_processes_match_one(shards, tmp_path, accumulation, compil
     tolerance = 1e-4 if compiled else 1e-5  # compiled kernels round differently
     for step in losses[1]:
         assert losses[2][step] == pytest.approx(losses[1][step], rel=tolerance, abs=tolerance), step
+
+
+# ----------------------------------------------------------------------------- scripts/run_pretraining.sh
+
+
+def test_run_pretraining_sh_passes_both_phases_nvidia_flags_and_extra_args(tmp_path):
+    """The launcher script with a stand-in torchrun that records its arguments."""
+    bin_dir, data = tmp_path / "bin", tmp_path / "data"
+    bin_dir.mkdir()
+    data.mkdir()
+    record = tmp_path / "calls.txt"
+    (bin_dir / "torchrun").write_text(f'#!/usr/bin/env bash\necho "$@" >> {record}\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RESULTS_DIR": str(tmp_path / "results"),
+           "EXTRA_ARGS": "--compile --max_bad_steps=5"}
+    # positional: batch 64, lr 1e-3, bf16, 2 GPUs, ... phase-1 data (22), phase-2 data (23), mask 26, λ 27
+    params = ["64", "1e-3", "bf16", "2", "0.1", "10", "5", "false", "false", "true", "4", "1", "job", "true",
+              "false", "0", "32", "5e-4", "0.1", "3", "8", str(data), str(data), str(ROOT), "None", "dam_s", "1e-3",
+              "true"]
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "run_pretraining.sh"), *params], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    phase1, phase2 = record.read_text().splitlines()
+    for call in (phase1, phase2):
+        assert "--nproc_per_node=2" in call and "--bf16" in call and "--attention_mask_type=dam_s" in call
+        assert "--lamb=1e-3" in call and "--allreduce_post_accumulation " in call
+        assert "--compile --max_bad_steps=5" in call and "--allreduce_post_accumulation_fp16" not in call
+    assert "--max_seq_length=128 --max_predictions_per_seq=20 --gradient_accumulation_steps=4" in phase1
+    assert "--train_batch_size=32" in phase2 and "--max_seq_length=512 --max_predictions_per_seq=80" in phase2
+    assert "--phase2 --resume_from_checkpoint --phase1_end_step=10" in phase2
