@@ -237,13 +237,32 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 # ============================================================================ modules
 
 
+class LayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` that keeps the residual stream in the compute dtype under autocast.
+
+    Autocast runs layer_norm in fp32 and returns fp32, so every residual add and every saved
+    activation after it would be fp32 (what HF BERT does). NVIDIA's half-precision recipes (amp O2,
+    or the `.half()` model of --allreduce_post_accumulation_fp16) keep the stream in half; so do
+    we: the kernel still accumulates its statistics in fp32, and the memory-bound LayerNorm /
+    dropout / residual kernels move half the bytes. Without autocast this is plain LayerNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        if dtype == self.weight.dtype:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype),
+                                self.eps)
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
@@ -278,7 +297,7 @@ class BertSelfOutput(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -354,7 +373,7 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense_act = nn.Linear(config.hidden_size, config.hidden_size)
         self.act = ACT2FN[config.hidden_act]
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.act(self.dense_act(hidden)))

@@ -205,6 +205,25 @@ def test_cuda_dam_search_on_flex_matches_sdpa_loss_and_grads(mask_type):
         torch.testing.assert_close(results["flex"][name], grad, atol=atol, rtol=1e-2, msg=name)
 
 
+def test_autocast_keeps_the_residual_stream_in_half_with_fp32_parameter_grads():
+    """Under autocast every LayerNorm returns the autocast dtype (NVIDIA's half residual stream);
+    the outputs stay within bf16 rounding of fp32, and the parameters' gradients stay fp32."""
+    torch.manual_seed(0)
+    model = BertModel(tiny_config()).eval()
+    ids, types, mask = random_batch(997)
+    reference, _ = model(ids, types, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after_embeddings = model.embeddings(ids, types)
+        sequence_output, pooled = model(ids, types, mask)
+    assert after_embeddings.dtype == sequence_output.dtype == torch.bfloat16
+    torch.testing.assert_close(sequence_output.float(), reference, atol=0.1, rtol=0.05)
+    sequence_output.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert p.grad.dtype == torch.float32, name
+    assert model.embeddings.LayerNorm.weight.grad.abs().sum() > 0
+
+
 def test_vocab_is_padded_to_multiple_of_eight_and_decoder_tied():
     model = BertForPreTraining(tiny_config(vocab_size=30522, hidden_size=32, num_attention_heads=2))
     assert model.bert.embeddings.word_embeddings.weight.shape[0] == 30528
