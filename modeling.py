@@ -244,7 +244,8 @@ class LayerNorm(nn.LayerNorm):
     activation after it would be fp32 (what HF BERT does). NVIDIA's half-precision recipes (amp O2,
     or the `.half()` model of --allreduce_post_accumulation_fp16) keep the stream in half; so do
     we: the kernel still accumulates its statistics in fp32, and the memory-bound LayerNorm /
-    dropout / residual kernels move half the bytes. Without autocast this is plain LayerNorm.
+    dropout / residual kernels read and write the stream at half the width. Without autocast this
+    is plain LayerNorm.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

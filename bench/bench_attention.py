@@ -129,12 +129,6 @@ def time_path(fn, q, k, v, warmup, iters, device):
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
-
-
-
-
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")

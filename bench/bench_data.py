@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from atomic_io import atomic_write_text  # noqa: E402
 from data import demo_corpus  # noqa: E402
 from data.create_pretraining_data import InstanceConfig, create_shard  # noqa: E402
 import pretraining_data  # noqa: E402
@@ -95,8 +96,7 @@ def main() -> None:
                           "python": platform.python_version()},
               "config": vars(args), "create": [{k: v for k, v in r.items() if k != "shard"} for r in create],
               "loader": loader}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_common import device_name, git_commit, write_results  # noqa: E402
+from bench_common import device_name, git_commit, short_error, write_results  # noqa: E402
 import modeling  # noqa: E402
 from optimization import build_adamw  # noqa: E402
 import run_pretraining  # noqa: E402
@@ -195,7 +195,7 @@ def measure(build, loss_fn, batches, args, device, compile_model, deadline) -> d
         model = build()
         return time_training(model, loss_fn, batches, args, device, compile_model)
     except Exception as exc:  # a missing feature / OOM is a table row, not a crash
-        return {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:100]}
+        return {"error": short_error(exc)}
     finally:
         del model
         if device.type == "cuda":
@@ -333,10 +333,6 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {config} | {r['mode']} | {fmt_result(r['ours'])} | {fmt_result(r['hf'])} | {ratio} | "
                      f"{mfus[0]} | {mfus[1]} | {peaks} | {notes} |")
     return "\n".join(lines)
-
-
-
-
 
 
 if __name__ == "__main__":
