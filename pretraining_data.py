@@ -8,7 +8,10 @@ next_sentence_labels]` as int64, `masked_lm_labels` being -1 except at the store
 list is shuffled with `random.Random(seed + epoch)`, rank r of W reads file `(f_id*W + r) % n`,
 samples are shuffled within a file (here by a generator seeded with seed, epoch, file and rank),
 and the next file is loaded in a background thread while the current one trains. Its
-`state_dict()` records the exact next batch, so a resumed run continues where it stopped.
+`state_dict()` records the exact next batch, so a resumed run continues where it stopped. Only
+rank 0 saves it, and ranks reading shards of other sizes stand at other positions, so the state also
+counts the batches every rank has taken (the same number on each); each rank rebuilds its own
+position from that count and its files' lengths.
 """
 from __future__ import annotations
 
@@ -69,6 +72,12 @@ def shard_index_for_rank(f_id: int, rank: int, world_size: int, num_files: int) 
         remainder = world_size % num_files
         return (f_id * world_size + rank + remainder * f_id) % num_files
     return (f_id * world_size + rank) % num_files
+
+
+def shard_length(path: str | os.PathLike) -> int:
+    """Number of instances in a shard, from its header."""
+    with h5py.File(os.fspath(path), "r") as f:
+        return int(f["next_sentence_labels"].shape[0])
 
 
 def masked_lm_labels(positions: torch.Tensor, ids: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -222,6 +231,10 @@ class PretrainingBatches:
         self.epoch = 0
         self.file_index = 0   # f_id within the epoch
         self.batch_index = 0  # next batch within that file
+        # Rank-independent position: batches taken since the start of file `start_file_index` of
+        # epoch `start_epoch` (where this stream, or the run it resumed, began at batch 0).
+        self.start_epoch, self.start_file_index, self.batches_taken = 0, 0, 0
+        self._lengths: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") if prefetch else None
         self._pending: tuple[str, Future] | None = None
 
@@ -242,6 +255,25 @@ class PretrainingBatches:
 
     def _next_position(self, epoch: int, f_id: int) -> tuple[int, int]:
         return (epoch, f_id + 1) if f_id + 1 < len(self.files) else (epoch + 1, 0)
+
+    def _batches_in(self, path: str) -> int:
+        if path not in self._lengths:
+            self._lengths[path] = shard_length(path)
+        return -(-self._lengths[path] // self.batch_size)
+
+    def position_after(self, epoch: int, f_id: int, batches: int) -> tuple[int, int, int]:
+        """(epoch, f_id, batch_index) of this rank after taking `batches` batches from batch 0 of
+        file `f_id` of `epoch`."""
+        files = self.epoch_files(epoch)
+        while True:
+            path = files[shard_index_for_rank(f_id, self.rank, self.world_size, len(files))]
+            in_file = self._batches_in(path)
+            if batches < in_file:
+                return epoch, f_id, batches
+            batches -= in_file
+            next_epoch, f_id = self._next_position(epoch, f_id)
+            if next_epoch != epoch:
+                epoch, files = next_epoch, self.epoch_files(next_epoch)
 
     # ------------------------------------------------------------------ loading
 
@@ -270,6 +302,7 @@ class PretrainingBatches:
                 if self.pin_memory:
                     batch = [t.pin_memory() for t in batch]
                 self.batch_index += 1
+                self.batches_taken += 1
                 yield f_id, batch
             self.epoch, self.file_index = self._next_position(epoch, f_id)
             self.batch_index = 0
@@ -277,12 +310,16 @@ class PretrainingBatches:
     # ------------------------------------------------------------------ resume
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain ints and strings (JSON- and weights_only-safe)."""
+        """Plain ints and strings (JSON- and weights_only-safe). `epoch`, `file_index` and
+        `batch_index` are this rank's; `start_*` and `batches_taken` are the same on every rank."""
         return {"epoch": self.epoch, "file_index": self.file_index, "batch_index": self.batch_index,
+                "start_epoch": self.start_epoch, "start_file_index": self.start_file_index,
+                "batches_taken": self.batches_taken,
                 "seed": self.seed, "num_files": len(self.files), "world_size": self.world_size,
                 "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the exact next batch of this rank, whichever rank saved `state`."""
         if state["num_files"] != len(self.files):
             raise ValueError(f"the data position was saved with {state['num_files']} shards but "
                              f"{len(self.files)} are given: resume with the same --input_dir")
@@ -293,6 +330,13 @@ class PretrainingBatches:
             logger.warning("data position saved with other %s: resuming at the start of file %d of "
                            "epoch %d instead of the exact batch", ", ".join(changed), self.file_index, self.epoch)
             self.batch_index = 0
+            self.start_epoch, self.start_file_index, self.batches_taken = self.epoch, self.file_index, 0
+        else:  # a state without the count (older versions) is read as rank 0's place
+            self.start_epoch = int(state.get("start_epoch", self.epoch))
+            self.start_file_index = int(state.get("start_file_index", self.file_index))
+            self.batches_taken = int(state.get("batches_taken", self.batch_index))
+            self.epoch, self.file_index, self.batch_index = self.position_after(
+                self.start_epoch, self.start_file_index, self.batches_taken)
 
     def close(self) -> None:
         if self._pool is not None:

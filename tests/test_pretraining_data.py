@@ -202,3 +202,27 @@ def test_resume_with_other_shards_is_refused(shard_dir):
     state = pd.PretrainingBatches(files, 8, PRED, seed=1).state_dict()
     with pytest.raises(ValueError, match="same --input_dir"):
         pd.PretrainingBatches(files[:2], 8, PRED, seed=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("stop_after", [6, 13, 20])
+def test_every_rank_resumes_exactly_from_rank0_state(shard_dir, stop_after):
+    """run_pretraining saves rank 0's state only; ranks whose shards differ in size must still
+    continue at their own next batch, also after a second resume."""
+    files = pd.list_shards(shard_dir)
+
+    def stream(rank):
+        return pd.PretrainingBatches(files, 8, PRED, seed=1, rank=rank, world_size=2, prefetch=False)
+
+    rank0 = stream(0)
+    take(rank0, stop_after)
+    for rank in (0, 1):
+        reference = take(stream(rank), stop_after + 8)
+        resumed = stream(rank)
+        resumed.load_state_dict(rank0.state_dict())
+        got = take(resumed, 4)
+        again = stream(rank)
+        again.load_state_dict(resumed.state_dict())
+        got += take(again, 4)
+        for (f_ref, b_ref), (f_new, b_new) in zip(reference[stop_after:], got, strict=True):
+            assert f_ref == f_new
+            assert all(torch.equal(x, y) for x, y in zip(b_ref, b_new))
