@@ -121,13 +121,18 @@ def _read_shard(path: str, max_pred_length: int) -> dict[str, np.ndarray]:
     try:
         with h5py.File(path, "r") as f:
             _check_file(f, path, max_pred_length)
-            arrays = {name: np.asarray(f[name][:]) for name in SHARD_LAYOUT}
+            arrays = {name: _native(f[name][:]) for name in SHARD_LAYOUT}
     except ShardError:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise _unreadable(path, e) from None
     _check_values(path, arrays)
     return arrays
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """The array in this machine's byte order (torch cannot wrap a big-endian array)."""
+    return np.asarray(array, dtype=array.dtype.newbyteorder("="))
 
 
 def shard_sequence_length(path: str | os.PathLike, max_pred_length: int) -> int:

@@ -226,3 +226,14 @@ def test_every_rank_resumes_exactly_from_rank0_state(shard_dir, stop_after):
         for (f_ref, b_ref), (f_new, b_new) in zip(reference[stop_after:], got, strict=True):
             assert f_ref == f_new
             assert all(torch.equal(x, y) for x, y in zip(b_ref, b_new))
+
+
+def test_big_endian_shard_loads_like_a_native_one(tmp_path):
+    """A shard that passes the header check must also load (torch rejects big-endian arrays)."""
+    a = shard_arrays(12)
+    native = pd.PretrainingDataset(write_shard(tmp_path / "le.hdf5", a), PRED)
+    swapped = {name: x.astype(x.dtype.newbyteorder(">")) for name, x in a.items()}
+    path = write_shard(tmp_path / "be.hdf5", swapped)
+    assert pd.shard_sequence_length(path, PRED) == SEQ
+    big = pd.PretrainingDataset(path, PRED)
+    assert all(torch.equal(x, y) for x, y in zip(native.batch(range(12)), big.batch(range(12))))
