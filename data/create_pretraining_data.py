@@ -144,19 +144,21 @@ def read_documents(paths: Iterable[str], on_bytes: Callable[[int], None] = lambd
 
 
 def chunk_documents(documents: Iterable[list[str]], chunk_chars: int) -> Iterator[list[list[str]]]:
-    """Group documents into chunks of about `chunk_chars` characters. A short last chunk is merged
-    into the one before, so no chunk is too small to draw random next segments from."""
+    """Group documents into chunks of about `chunk_chars` characters and at least two documents
+    (a random next segment must come from another document: alone in its chunk, a long document
+    would get label 0 for B drawn from anywhere in itself). A short or single-document last chunk
+    is merged into the one before, so no chunk is too small to draw random next segments from."""
     pending: list[list[str]] | None = None
     chunk: list[list[str]] = []
     size = 0
     for doc in documents:
         chunk.append(doc)
         size += sum(len(line) for line in doc)
-        if size >= chunk_chars:
+        if size >= chunk_chars and len(chunk) >= 2:
             if pending is not None:
                 yield pending
             pending, chunk, size = chunk, [], 0
-    if pending is not None and chunk and size < chunk_chars // 2:
+    if pending is not None and chunk and (size < chunk_chars // 2 or len(chunk) < 2):
         pending.extend(chunk)
         chunk = []
     if pending is not None:

@@ -157,6 +157,28 @@ def test_not_random_next_b_follows_a_in_the_document(tmp_path):
     assert checked > 100
 
 
+def test_a_document_longer_than_a_chunk_gets_honest_next_sentence_labels(tmp_path):
+    """Alone in its chunk, a long document's random-next draws all hit itself and were stored with
+    label 0 although B came from anywhere in it."""
+    words = _words()
+    docs = [words[:600]] + [words[600 + d * 12:612 + d * 12] for d in range(60)]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join("\n".join(doc) for doc in docs) + "\n", encoding="utf-8")
+    chunk_chars = 2000
+    chunks = list(cpd.chunk_documents(cpd.read_documents([str(corpus)]), chunk_chars))
+    assert all(len(c) >= 2 for c in chunks)
+    tok = BertTokenizer(VOCAB)
+    where = {tok.vocab[w]: (d, s) for d, doc in enumerate(docs) for s, w in enumerate(doc)}
+    a = make_shard(tmp_path, corpus, max_seq_length=12, short_seq_prob=0.0, dupe_factor=1,
+                   chunk_mb=chunk_chars / 2**20)
+    orig = original_tokens(a)
+    for row in np.flatnonzero(a["next_sentence_labels"] == 0):
+        tokens = orig[row, :int(a["input_mask"][row].sum())]
+        first_sep = int(np.flatnonzero(tokens == SEP)[0])
+        last_a, first_b = where[tokens[first_sep - 1]], where[tokens[first_sep + 1]]
+        assert first_b == (last_a[0], last_a[1] + 1)
+
+
 def test_deterministic_for_seed_and_process_count(corpus, tmp_path):
     one = make_shard(tmp_path, corpus, "a.hdf5", dupe_factor=2, random_seed=3, chunk_mb=0.02)
     again = make_shard(tmp_path, corpus, "b.hdf5", dupe_factor=2, random_seed=3, chunk_mb=0.02)
@@ -174,6 +196,11 @@ def test_chunks_merge_a_short_tail_and_keep_every_document():
     assert [len(c) for c in chunks] == [10, 14]  # the 4-document tail joined the chunk before
     assert [len(c) for c in cpd.chunk_documents(iter(docs[:16]), chunk_chars=100)] == [10, 6]
     assert sum(chunks, []) == docs
+    long_doc = [["y" * 150]]
+    for docs_in in (long_doc + docs[:12], docs[:12] + long_doc, long_doc):
+        lone = list(cpd.chunk_documents(iter(docs_in), chunk_chars=100))
+        assert sum(lone, []) == docs_in
+        assert all(len(c) >= 2 for c in lone) or len(docs_in) == 1
 
 
 def _cased_vocab(path: Path) -> Path:
