@@ -202,12 +202,17 @@ def _check_values(path: str, a: dict[str, np.ndarray]) -> None:
     if positions.size and (positions.min() < 0 or positions.max() >= seq):
         raise ShardError(f"shard {path!r}: masked_lm_positions holds values outside [0, {seq}) "
                          f"(min {positions.min()}, max {positions.max()}): {REMAKE_HINT}")
-    labels = a["next_sentence_labels"]
-    if labels.size and (labels.min() < 0 or labels.max() > 1):
-        raise ShardError(f"shard {path!r}: next_sentence_labels must be 0 or 1, found "
-                         f"{sorted(set(np.unique(labels).tolist()) - {0, 1})[:5]}: {REMAKE_HINT}")
-    if (a["input_ids"] < 0).any():
-        raise ShardError(f"shard {path!r}: input_ids holds negative ids: {REMAKE_HINT}")
+    # Other values would crash the model far from the file (embedding index errors, CUDA asserts)
+    # or, in input_mask, silently turn the additive mask into a bonus.
+    for name in ("next_sentence_labels", "segment_ids", "input_mask"):
+        values = a[name]
+        if values.size and (values.min() < 0 or values.max() > 1):
+            raise ShardError(f"shard {path!r}: {name} must be 0 or 1, found "
+                             f"{sorted(set(np.unique(values).tolist()) - {0, 1})[:5]}: {REMAKE_HINT}")
+    used = np.cumsum(positions == 0, axis=1) == 0  # prediction slots before the 0 padding
+    for name, ids in (("input_ids", a["input_ids"]), ("masked_lm_ids", a["masked_lm_ids"][used])):
+        if (ids < 0).any():
+            raise ShardError(f"shard {path!r}: {name} holds negative ids: {REMAKE_HINT}")
 
 
 class PretrainingBatches:

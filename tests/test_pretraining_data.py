@@ -92,6 +92,9 @@ def test_labels_agree_with_a_created_shard(tmp_path):
     (lambda a: a.update(input_ids=a["input_ids"].astype(np.float32)), "input_ids has dtype float32"),
     (lambda a: a.update(next_sentence_labels=a["next_sentence_labels"] * 3), "next_sentence_labels must be 0 or 1"),
     (lambda a: a["masked_lm_positions"].__setitem__((0, 0), SEQ + 4), "outside"),
+    (lambda a: a["segment_ids"].__setitem__((0, 1), 2), "segment_ids must be 0 or 1, found \\[2\\]"),
+    (lambda a: a["input_mask"].__setitem__((1, 1), 2), "input_mask must be 0 or 1"),
+    (lambda a: a["masked_lm_ids"].__setitem__((2, 0), -5), "masked_lm_ids holds negative ids"),
     (lambda a: a.update(masked_lm_positions=np.zeros((10, 8), np.int32), masked_lm_ids=np.zeros((10, 8), np.int32)),
      "--max_predictions_per_seq 8"),
 ])
