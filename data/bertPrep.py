@@ -110,7 +110,8 @@ def text_formatting_step(wd: Path, dataset: str, args: argparse.Namespace) -> No
         n = text_formatting.format_books(str(books), str(output))
     else:
         corpus = wd / "download" / "demo" / "corpus.txt"
-        if not corpus.is_file():
+        # The corpus is written before the vocab is trained: one without the other is a stopped build.
+        if not (corpus.is_file() and corpus.with_name("vocab.txt").is_file()):
             download(wd, "demo", args)
         n = text_formatting.format_plain_text([str(corpus)], str(output))
     print(f"{output}: {n} articles")

@@ -280,3 +280,25 @@ def test_bertprep_sharding_and_hdf5_folder_names(tmp_path, monkeypatch):
     stamp = os.path.getmtime(out / names[1])
     bertPrep.main(["--action", "create_hdf5_files", *common, *hdf5])  # finished shards are kept
     assert os.path.getmtime(out / names[1]) == stamp
+
+
+def test_bertprep_demo_rebuilds_after_a_build_interrupted_before_the_vocab(tmp_path, monkeypatch):
+    """corpus.txt is written before the (slow) vocab training: a run stopped in between must not
+    leave create_hdf5_files to fall back silently to another vocab."""
+    monkeypatch.setenv("BERT_PREP_WORKING_DIR", str(tmp_path))
+    demo = tmp_path / "download" / "demo"
+    demo.mkdir(parents=True)
+    (demo / "corpus.txt").write_text("First sentence here.\nSecond one.\n\nOther document.\nMore text.\n")
+    builds = []
+
+    def fake_build(out, vocab, vocab_size):
+        builds.append(vocab)
+        (Path(out) / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+        return {}
+
+    monkeypatch.setattr(demo_corpus, "build_demo", fake_build)
+    bertPrep.main(["--action", "text_formatting", "--dataset", "demo", "--demo_vocab", "train"])
+    assert builds == ["train"]
+    assert bertPrep.default_vocab(tmp_path, "demo") == str(demo / "vocab.txt")
+    bertPrep.main(["--action", "text_formatting", "--dataset", "demo", "--demo_vocab", "train"])
+    assert builds == ["train"]  # complete: not rebuilt
