@@ -599,6 +599,9 @@ def _export_from_checkpoint(checkpoint: str, config_path: str, out: str, step: i
     if not isinstance(module, DifferentiableMask):
         raise ValueError(f"{config_path} sets attention_mask_type={config.attention_mask_type!r}; "
                          f"export needs dam_u or dam_s")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} not found: pass --checkpoint the ckpt_<step>.pt "
+                                f"written by the DAM search run")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as err:  # torch's message runs to many lines; its first says what failed

@@ -24,7 +24,7 @@ Hard masking (-inf) and the -10000 bias agree to within float rounding (exp(-100
 0) with one exception handled here: a query row whose every key is dropped. The reference then
 shifts all its scores equally, i.e. attends as if unmasked; the block path keeps such rows whole
 to match. (A row whose only kept keys are padding stays a documented corner case: the reference
-mixes those padded keys with the dropped ones, the block path attends over all real keys.)
+mixes those padded keys with the dropped ones; both flex paths attend over all real keys.)
 
 FlexAttention has no attention dropout and (through torch 2.13) no backward on CPU; see
 ../shared/reference/sparse_attention_patterns.md §2 for versions, block sizes and known issues.
@@ -109,13 +109,29 @@ def keep_empty_rows(keep: torch.Tensor) -> torch.Tensor:
     return keep | ~keep.any(dim=-1, keepdim=True)
 
 
+def rows_without_real_keys(keep: torch.Tensor, key_padding: torch.Tensor) -> torch.Tensor:
+    """Bool [B, H', n]: query rows whose every kept key is padding (``keep``: bool [H', n, n]).
+
+    The block path makes such a row attend over all real keys, as the learnable flex path does
+    (its -10000 bias lands on every real key). One matmul counts kept real keys per row, so no
+    [B, H', n, n] tensor is built; half on CUDA is exact here because only a zero count matters.
+    """
+    dtype = torch.float16 if keep.device.type == "cuda" else torch.float32
+    real = (~key_padding.bool()).to(dtype)
+    kept_real = torch.matmul(keep.to(dtype), real.T)  # [H', n, B]
+    return (kept_real == 0).permute(2, 0, 1)
+
+
 def block_layouts(keep: torch.Tensor | None, block_size: int,
-                  key_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  key_padding: torch.Tensor | None = None,
+                  empty_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial, full) bool [B', H', n/b, n/b] tile layouts (n rounded up to a multiple of b).
 
     A tile is computed when any of its entries is kept and not padding; it is *full* (no mask
     applied inside) when every entry is. ``keep``: bool [H', n, n] or [n, n] or None (all kept).
-    Nothing of size B·H·n² is built: rows are reduced per q-tile first, then keys per batch.
+    ``empty_rows``: bool [B, H', n] rows that attend over every real key (`rows_without_real_keys`);
+    their q-tiles visit every tile holding a real key. Nothing of size B·H·n² is built: rows are
+    reduced per q-tile first, then keys per batch.
     """
     if keep is None and key_padding is None:
         raise ValueError("block_layouts needs a keep mask, key padding, or both")
@@ -133,6 +149,10 @@ def block_layouts(keep: torch.Tensor | None, block_size: int,
             raise ValueError(f"key_padding covers {key_padding.shape[-1]} keys but keep covers {n}")
         real = _pad_to_blocks(~key_padding.bool(), block_size, (1,), value=False)[:, None, None, :]
         cols_any, cols_all = cols_any & real, cols_all & real  # [B, H', nb, n_padded]
+        if empty_rows is not None:
+            padded_rows = _pad_to_blocks(empty_rows, block_size, (2,), value=False)
+            tile_has_empty = padded_rows.unflatten(-1, (nb, block_size)).any(dim=-1)  # [B, H', nb]
+            cols_any = cols_any | (tile_has_empty[..., None] & real)
     any_kept = cols_any.unflatten(-1, (nb, block_size)).any(dim=-1)
     full = cols_all.unflatten(-1, (nb, block_size)).all(dim=-1)
     return any_kept & ~full, full
@@ -157,27 +177,32 @@ def block_mask_from_keep(keep: torch.Tensor | None, block_size: int = DEFAULT_BL
     """
     if not flex_available():
         raise RuntimeError("FlexAttention needs torch >= 2.5 (torch.nn.attention.flex_attention)")
-    keep_bool = None
+    keep_bool = empty = None
     if keep is not None:
         keep_bool = keep_empty_rows(keep.bool() if keep.dim() == 3 else keep.bool()[None])
-    partial, full = block_layouts(keep_bool, block_size, key_padding)
+        if key_padding is not None:
+            empty = rows_without_real_keys(keep_bool, key_padding)
+    partial, full = block_layouts(keep_bool, block_size, key_padding, empty)
     n = keep_bool.shape[-1] if keep_bool is not None else key_padding.shape[-1]
     num, idx = _to_indices(partial)
     full_num, full_idx = _to_indices(full)
-    mask_mod = _token_mask_mod(keep_bool, key_padding, block_size)
+    mask_mod = _token_mask_mod(keep_bool, key_padding, block_size, empty)
     return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block_size,
                                     mask_mod=mask_mod, seq_lengths=(n, n))
 
 
 def _token_mask_mod(keep: torch.Tensor | None, key_padding: torch.Tensor | None,
-                    block_size: int) -> Callable:
+                    block_size: int, empty_rows: torch.Tensor | None = None) -> Callable:
     """The exact token mask, evaluated by the kernel inside partial tiles only. Captured tensors
-    are padded to whole tiles so indices in a ragged last tile stay in bounds."""
+    are padded to whole tiles so indices in a ragged last tile stay in bounds. ``empty_rows``
+    (bool [B, H', n], with key padding only): rows that attend over every real key."""
     if keep is not None:
         keep = _pad_to_blocks(keep, block_size, (1, 2), value=False)
         per_head = keep.shape[0] > 1
     if key_padding is not None:
         real = _pad_to_blocks(~key_padding.bool(), block_size, (1,), value=False)
+    if empty_rows is not None:
+        empty = _pad_to_blocks(empty_rows, block_size, (2,), value=False)
 
     if keep is None:
         def padding_only(b, h, q_idx, kv_idx):
@@ -192,7 +217,14 @@ def _token_mask_mod(keep: torch.Tensor | None, key_padding: torch.Tensor | None,
 
     def kept_and_real(b, h, q_idx, kv_idx):
         return kept(b, h, q_idx, kv_idx) & real[b, kv_idx]
-    return kept_and_real
+
+    if empty_rows is None:
+        return kept_and_real
+
+    def kept_or_empty_row_and_real(b, h, q_idx, kv_idx):
+        row_empty = empty[b, h if per_head else 0, q_idx]
+        return (kept(b, h, q_idx, kv_idx) | row_empty) & real[b, kv_idx]
+    return kept_or_empty_row_and_real
 
 
 # ----------------------------------------------------------------------------------------------

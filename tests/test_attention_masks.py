@@ -610,3 +610,11 @@ def test_cli_exports_a_checkpoints_logits(tmp_path, capsys):
     with pytest.raises(ValueError, match="no '\\*sparse_mask.mask_logits'"):
         am.main(["export", "--checkpoint", str(tmp_path / "plain.pt"), "--config", str(tmp_path / "bert_config.json"),
                  "--out", str(out)])
+
+
+def test_cli_export_of_a_missing_checkpoint_says_not_found(tmp_path):
+    cfg_path = tmp_path / "bert_config.json"
+    cfg_path.write_text(json.dumps({"attention_mask_type": "dam_s"}))
+    with pytest.raises(FileNotFoundError, match=r"ckpt_9\.pt not found: pass --checkpoint"):
+        am.main(["export", "--checkpoint", str(tmp_path / "ckpt_9.pt"), "--config", str(cfg_path),
+                 "--out", str(tmp_path / "mask.safetensors")])

@@ -206,6 +206,30 @@ def test_flex_all_dropped_row_attends_as_if_unmasked():
 
 
 @needs_flex
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_flex_row_whose_kept_keys_are_all_padding_attends_over_real_keys(block_size):
+    """Row 3 keeps only padded keys in the padded sequences: the frozen block path must attend over
+    every real key (as the learnable flex path does), not return a zero row; other rows match."""
+    q, k, v = qkv()
+    keep = keeps(40, 4)["random_heads"]
+    keep[1, 3] = 0.0
+    keep[1, 3, 36:] = 1.0  # padding in sequences 1 and 2 (lengths 25, 33), real in sequence 0
+    pad = right_padding(3, 40, [40, 25, 33])
+    with torch.no_grad():
+        out = sa.masked_attention(q, k, v, pad, keep, backend="flex", block_size=block_size)
+        learnable = sa.flex_attention(q, k, v, score_mod=sa._bias_score_mod(keep),
+                                      block_mask=sa.block_mask_from_keep(None, block_size, pad))
+        ref = sa.reference_attention(q, k, v, pad, keep)
+        unmasked = sa.reference_attention(q, k, v, pad, None)
+    torch.testing.assert_close(out[0], ref[0], atol=2e-6, rtol=1e-5)
+    others = [h for h in range(4) if h != 1]
+    torch.testing.assert_close(out[:, others], ref[:, others], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out[1:, 1, 3], unmasked[1:, 1, 3], atol=2e-6, rtol=1e-5)
+    # the learnable path shifts every real key by -10000: equal up to the fp32 rounding of that shift
+    torch.testing.assert_close(out, learnable, atol=2e-3, rtol=0)
+
+
+@needs_flex
 def test_flex_learnable_bias_forward_equals_reference():
     """The DAM path (score_mod over a captured bias + padding block mask), forward on CPU."""
     q, k, v = qkv()
