@@ -153,6 +153,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--attention_mask_file needs --attention_mask_type file (got {args.attention_mask_type})")
     if not Path(args.data_dir).is_dir():
         raise FileNotFoundError(f"--data_dir {args.data_dir} does not exist: point it at the task's GLUE folder")
+    check_task_files(get_task(args.task_name), args)
     for flag in ("vocab_file", "config_file", "attention_mask_file"):
         value = getattr(args, flag)
         if value and not Path(value).is_file():
@@ -161,6 +162,20 @@ def validate_arguments(args: argparse.Namespace) -> None:
         resolve_weights_file(args.init_checkpoint)  # one clear line when the path is wrong
     if args.do_train and not args.init_checkpoint:
         logger.warning("no --init_checkpoint: fine-tuning starts from random weights")
+
+
+def check_task_files(task: GlueTask, args: argparse.Namespace) -> None:
+    """Every file the requested modes will read must exist now, not after hours of training.
+
+    The AX diagnostic is optional: predict() skips it with a warning when it is absent.
+    """
+    layouts = [task.train] if args.do_train else []
+    if args.do_eval:
+        layouts += [split.layout for split in task.dev]
+    if args.do_predict:
+        layouts += [split.layout for split in task.test if split.name != "ax"]
+    for layout in layouts:
+        resolve_file(args.data_dir, layout)
 
 
 def load_model_config(args: argparse.Namespace) -> BertConfig:

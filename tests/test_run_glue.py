@@ -281,6 +281,22 @@ def test_bad_data_names_file_and_line_and_writes_nothing(glue: Path, tmp_path: P
     assert not out.exists()
 
 
+@pytest.mark.parametrize("missing, flag", [("test.tsv", "--do_predict"), ("dev.tsv", "--do_eval")])
+def test_missing_dev_or_test_file_fails_before_training(glue: Path, tmp_path: Path, capsys, missing: str,
+                                                        flag: str) -> None:
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    for name in ("train.tsv", "dev.tsv", "test.tsv"):
+        if name != missing:
+            (data / name).write_bytes((glue / "SST-2" / name).read_bytes())
+    out = tmp_path / "out"
+    argv = glue_args(glue, out, "sst-2", "--do_train", flag, "--data_dir", str(data))
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(data / missing) in err and "\n" not in err
+    assert not out.exists()  # refused before training, not after hours of it
+
+
 def test_dam_type_with_a_checkpoint_without_logits_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
     torch.save({"model": BertForSequenceClassification(tiny_config(), 2).state_dict()}, tmp_path / "dense.pt")
     argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--init_checkpoint", str(tmp_path / "dense.pt"),
