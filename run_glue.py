@@ -203,12 +203,14 @@ def load_model_config(args: argparse.Namespace) -> BertConfig:
 # ============================================================================ model
 
 
-def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None) -> BertForSequenceClassification:
+def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None,
+                allow_new_head: bool = True) -> BertForSequenceClassification:
     """The classifier with the checkpoint's weights and its attention mask frozen.
 
     A DAM config takes the mask logits from the checkpoint and fixes them at 1[σ(a) > 0.5]; a
     pattern or mask-file config builds its fixed mask from the config and ignores any logits in
-    the checkpoint.
+    the checkpoint. A checkpoint fine-tuned on a task with another label count keeps its body and
+    gets a new head when `allow_new_head` (training), and is refused otherwise.
     """
     model = BertForSequenceClassification(config, num_labels)
     is_dam = config.attention_mask_type in DAM_TYPES
@@ -222,6 +224,7 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
                 f"--attention_mask_type file --attention_mask_file <mask.safetensors>")
         if not is_dam:
             state = {k: v for k, v in state.items() if "sparse_mask" not in k}
+        state = drop_foreign_head(state, num_labels, init_checkpoint, allow_new_head)
         model.load_converted_state_dict(state, source=str(init_checkpoint))
     elif is_dam:
         raise ValueError(f"attention_mask_type '{config.attention_mask_type}' needs --init_checkpoint holding the "
@@ -231,6 +234,22 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
         mask.freeze()
     assert not model.mask_parameters(), "the attention mask must have no trainable parameter while fine-tuning"
     return model
+
+
+def drop_foreign_head(state: dict[str, torch.Tensor], num_labels: int, source: str,
+                      allow_new_head: bool) -> dict[str, torch.Tensor]:
+    """`state` without its classifier when that classifier has another number of outputs."""
+    head = {k: v for k, v in state.items() if k.split(".")[-2:-1] == ["classifier"]}
+    outputs = {int(v.shape[0]) for v in head.values() if v.dim() >= 1}
+    if not outputs or outputs == {num_labels}:
+        return state
+    found = ", ".join(map(str, sorted(outputs)))
+    if not allow_new_head:
+        raise ValueError(f"{source}: its classifier has {found} outputs but this task needs {num_labels}: pass the "
+                         f"checkpoint fine-tuned on this task, or add --do_train to train a new head")
+    logger.warning("%s: its classifier has %s outputs, this task needs %d: training a new classifier head",
+                   source, found, num_labels)
+    return {k: v for k, v in state.items() if k not in head}
 
 
 def mask_sparsity(model: BertForSequenceClassification) -> float:
@@ -445,7 +464,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_features = None
     if args.do_train:  # read the data before building anything, so a bad file fails first
         train_features = load_features(task, task.train_examples(args.data_dir), tokenizer, args.max_seq_length)
-    model = build_model(config, task.num_labels, args.init_checkpoint).to(device)
+    model = build_model(config, task.num_labels, args.init_checkpoint, allow_new_head=args.do_train).to(device)
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -246,6 +246,19 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
     assert results(out)["mask_sparsity"] == pytest.approx(expected)
 
 
+def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_training(tmp_path: Path) -> None:
+    # e.g. RTE fine-tuned from an MNLI checkpoint: 3 outputs there, 2 here.
+    torch.manual_seed(0)
+    mnli = BertForSequenceClassification(tiny_config(), 3)
+    torch.save({"model": mnli.state_dict()}, tmp_path / "mnli.pt")
+    model = run_glue.build_model(tiny_config(), 2, str(tmp_path / "mnli.pt"))
+    assert model.classifier.weight.shape == (2, TINY["hidden_size"])
+    torch.testing.assert_close(model.bert.pooler.dense_act.weight, mnli.bert.pooler.dense_act.weight)
+    # Scoring without training would use a random head: refused, naming both label counts.
+    with pytest.raises(ValueError, match="classifier has 3 outputs but this task needs 2"):
+        run_glue.build_model(tiny_config(), 2, str(tmp_path / "mnli.pt"), allow_new_head=False)
+
+
 # ----------------------------------------------------------------------------- bad flags and paths
 
 
