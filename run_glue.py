@@ -200,6 +200,21 @@ def load_model_config(args: argparse.Namespace) -> BertConfig:
     return config
 
 
+def check_casing(tokenizer: BertTokenizer, args: argparse.Namespace) -> None:
+    """Refuse an uncased vocab without --do_lower_case: each capitalised word would be [UNK].
+
+    NVIDIA's flag defaults to off and its scripts always pass it, so forgetting it when calling
+    the script directly silently ruins the scores. A vocab with no Latin letters says nothing.
+    """
+    if args.do_lower_case:
+        return
+    letters = {c for token in tokenizer.vocab if not (token.startswith("[") and token.endswith("]"))
+               for c in token if c.isascii() and c.isalpha()}
+    if letters and not any(c.isupper() for c in letters):
+        raise ValueError(f"--vocab_file {args.vocab_file} is uncased (no upper-case token) but --do_lower_case "
+                         f"is not set, so every capitalised word would become [UNK]: pass --do_lower_case")
+
+
 # ============================================================================ model
 
 
@@ -461,6 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task = get_task(args.task_name)
     config = load_model_config(args)
     tokenizer = BertTokenizer(args.vocab_file, do_lower_case=args.do_lower_case)
+    check_casing(tokenizer, args)
     train_features = None
     if args.do_train:  # read the data before building anything, so a bad file fails first
         train_features = load_features(task, task.train_examples(args.data_dir), tokenizer, args.max_seq_length)

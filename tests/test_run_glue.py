@@ -283,6 +283,16 @@ def test_bad_flags_fail_early_with_one_line(glue: Path, tmp_path: Path, capsys, 
     assert not out.exists()  # nothing written
 
 
+def test_uncased_vocab_without_do_lower_case_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
+    # Without lower-casing, every capitalised word of the data is [UNK] in an uncased vocab.
+    out = tmp_path / "out"
+    argv = [a for a in glue_args(glue, out, "sst-2", "--do_train") if a != "--do_lower_case"]
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is uncased" in err and "pass --do_lower_case" in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_bad_data_names_file_and_line_and_writes_nothing(glue: Path, tmp_path: Path, capsys) -> None:
     data = tmp_path / "SST-2"
     write_tsv(data / "train.tsv", [["sentence", "label"], ["fine", "1"], ["broken", "positive"]])
