@@ -347,6 +347,19 @@ def test_run_glue_sh_positional_parameters(glue: Path, tmp_path: Path) -> None:
     assert "--gradient_accumulation_steps 2" in proc.stdout
 
 
+def test_run_glue_sh_resolves_relative_paths_from_the_callers_directory(glue: Path, tmp_path: Path) -> None:
+    (tmp_path / "data").symlink_to(glue)
+    out = f"out_{tmp_path.name}"  # unique, so a run that wrongly lands in the repository is seen
+    params = ["", "data/SST-2", "data/vocab.txt", "data/config.json", out, "sst-2", "1", "16", "1", "2e-3", "0.1",
+              "1", "1", "fp32", "2", "train"]
+    env = {**os.environ, "MAX_SEQ_LENGTH": str(SEQ), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts/run_glue.sh"), *params], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert not (ROOT / out).exists()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert results(tmp_path / out)["global_step"] == 1 and (tmp_path / out / "logfile").is_file()
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes(glue: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
