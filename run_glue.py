@@ -192,6 +192,8 @@ def load_model_config(args: argparse.Namespace) -> BertConfig:
             f"attention_mask_type '{config.attention_mask_type}' has mask_seq_length {config.mask_seq_length} < "
             f"--max_seq_length {args.max_seq_length}: pass --max_seq_length {config.mask_seq_length} or a mask "
             f"made for longer inputs")
+    if config.attention_mask_type == "file":  # its shape checks, before minutes of tokenizing
+        attention_masks.build_attention_mask(config)
     with open(args.vocab_file, encoding="utf-8") as f:
         vocab_lines = sum(1 for _ in f)
     if vocab_lines > config.vocab_size:

@@ -320,6 +320,20 @@ def test_missing_dev_or_test_file_fails_before_training(glue: Path, tmp_path: Pa
     assert not out.exists()  # refused before training, not after hours of it
 
 
+@pytest.mark.parametrize("shape", [(2, 3, SEQ, SEQ), (2, 2, 2 * SEQ, 2 * SEQ)])
+def test_mask_file_of_another_shape_fails_before_the_data_is_read(glue: Path, tmp_path: Path, capsys,
+                                                                  shape: tuple[int, ...]) -> None:
+    mask_file = tmp_path / "mask.safetensors"
+    attention_masks.save_mask_file(mask_file, torch.ones(shape, dtype=torch.bool), {"mode": "dense"})
+    data = tmp_path / "SST-2"  # a training file that is slow to read in a real run: here, one that fails
+    write_tsv(data / "train.tsv", [["sentence", "label"], ["broken", "positive"]])
+    argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--data_dir", str(data),
+                     "--attention_mask_file", str(mask_file))
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"mask file {mask_file}" in err and str(list(shape)) in err and "\n" not in err
+
+
 def test_dam_type_with_a_checkpoint_without_logits_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
     torch.save({"model": BertForSequenceClassification(tiny_config(), 2).state_dict()}, tmp_path / "dense.pt")
     argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--init_checkpoint", str(tmp_path / "dense.pt"),
