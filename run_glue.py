@@ -153,6 +153,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--attention_mask_file needs --attention_mask_type file (got {args.attention_mask_type})")
     if not Path(args.data_dir).is_dir():
         raise FileNotFoundError(f"--data_dir {args.data_dir} does not exist: point it at the task's GLUE folder")
+    check_task_files(get_task(args.task_name), args)
     for flag in ("vocab_file", "config_file", "attention_mask_file"):
         value = getattr(args, flag)
         if value and not Path(value).is_file():
@@ -161,6 +162,20 @@ def validate_arguments(args: argparse.Namespace) -> None:
         resolve_weights_file(args.init_checkpoint)  # one clear line when the path is wrong
     if args.do_train and not args.init_checkpoint:
         logger.warning("no --init_checkpoint: fine-tuning starts from random weights")
+
+
+def check_task_files(task: GlueTask, args: argparse.Namespace) -> None:
+    """Every file the requested modes will read must exist now, not after hours of training.
+
+    The AX diagnostic is optional: predict() skips it with a warning when it is absent.
+    """
+    layouts = [task.train] if args.do_train else []
+    if args.do_eval:
+        layouts += [split.layout for split in task.dev]
+    if args.do_predict:
+        layouts += [split.layout for split in task.test if split.name != "ax"]
+    for layout in layouts:
+        resolve_file(args.data_dir, layout)
 
 
 def load_model_config(args: argparse.Namespace) -> BertConfig:
@@ -177,6 +192,8 @@ def load_model_config(args: argparse.Namespace) -> BertConfig:
             f"attention_mask_type '{config.attention_mask_type}' has mask_seq_length {config.mask_seq_length} < "
             f"--max_seq_length {args.max_seq_length}: pass --max_seq_length {config.mask_seq_length} or a mask "
             f"made for longer inputs")
+    if config.attention_mask_type == "file":  # its shape checks, before minutes of tokenizing
+        attention_masks.build_attention_mask(config)
     with open(args.vocab_file, encoding="utf-8") as f:
         vocab_lines = sum(1 for _ in f)
     if vocab_lines > config.vocab_size:
@@ -185,15 +202,32 @@ def load_model_config(args: argparse.Namespace) -> BertConfig:
     return config
 
 
+def check_casing(tokenizer: BertTokenizer, args: argparse.Namespace) -> None:
+    """Refuse an uncased vocab without --do_lower_case: each capitalised word would be [UNK].
+
+    NVIDIA's flag defaults to off and its scripts always pass it, so forgetting it when calling
+    the script directly silently ruins the scores. A vocab with no Latin letters says nothing.
+    """
+    if args.do_lower_case:
+        return
+    letters = {c for token in tokenizer.vocab if not (token.startswith("[") and token.endswith("]"))
+               for c in token if c.isascii() and c.isalpha()}
+    if letters and not any(c.isupper() for c in letters):
+        raise ValueError(f"--vocab_file {args.vocab_file} is uncased (no upper-case token) but --do_lower_case "
+                         f"is not set, so every capitalised word would become [UNK]: pass --do_lower_case")
+
+
 # ============================================================================ model
 
 
-def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None) -> BertForSequenceClassification:
+def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None,
+                allow_new_head: bool = True) -> BertForSequenceClassification:
     """The classifier with the checkpoint's weights and its attention mask frozen.
 
     A DAM config takes the mask logits from the checkpoint and fixes them at 1[σ(a) > 0.5]; a
     pattern or mask-file config builds its fixed mask from the config and ignores any logits in
-    the checkpoint.
+    the checkpoint. A checkpoint fine-tuned on a task with another label count keeps its body and
+    gets a new head when `allow_new_head` (training), and is refused otherwise.
     """
     model = BertForSequenceClassification(config, num_labels)
     is_dam = config.attention_mask_type in DAM_TYPES
@@ -207,6 +241,7 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
                 f"--attention_mask_type file --attention_mask_file <mask.safetensors>")
         if not is_dam:
             state = {k: v for k, v in state.items() if "sparse_mask" not in k}
+        state = drop_foreign_head(state, num_labels, init_checkpoint, allow_new_head)
         model.load_converted_state_dict(state, source=str(init_checkpoint))
     elif is_dam:
         raise ValueError(f"attention_mask_type '{config.attention_mask_type}' needs --init_checkpoint holding the "
@@ -216,6 +251,22 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
         mask.freeze()
     assert not model.mask_parameters(), "the attention mask must have no trainable parameter while fine-tuning"
     return model
+
+
+def drop_foreign_head(state: dict[str, torch.Tensor], num_labels: int, source: str,
+                      allow_new_head: bool) -> dict[str, torch.Tensor]:
+    """`state` without its classifier when that classifier has another number of outputs."""
+    head = {k: v for k, v in state.items() if k.split(".")[-2:-1] == ["classifier"]}
+    outputs = {int(v.shape[0]) for v in head.values() if v.dim() >= 1}
+    if not outputs or outputs == {num_labels}:
+        return state
+    found = ", ".join(map(str, sorted(outputs)))
+    if not allow_new_head:
+        raise ValueError(f"{source}: its classifier has {found} outputs but this task needs {num_labels}: pass the "
+                         f"checkpoint fine-tuned on this task, or add --do_train to train a new head")
+    logger.warning("%s: its classifier has %s outputs, this task needs %d: training a new classifier head",
+                   source, found, num_labels)
+    return {k: v for k, v in state.items() if k not in head}
 
 
 def mask_sparsity(model: BertForSequenceClassification) -> float:
@@ -427,10 +478,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task = get_task(args.task_name)
     config = load_model_config(args)
     tokenizer = BertTokenizer(args.vocab_file, do_lower_case=args.do_lower_case)
+    check_casing(tokenizer, args)
     train_features = None
     if args.do_train:  # read the data before building anything, so a bad file fails first
         train_features = load_features(task, task.train_examples(args.data_dir), tokenizer, args.max_seq_length)
-    model = build_model(config, task.num_labels, args.init_checkpoint).to(device)
+    model = build_model(config, task.num_labels, args.init_checkpoint, allow_new_head=args.do_train).to(device)
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,14 @@
 #              logits from the checkpoint, binarised); or a mask file (*.safetensors) from a DAM search
 #
 # MAX_SEQ_LENGTH (default 128) and EVAL_BATCH_SIZE (default: batch_size) may be set in the environment.
+# Relative paths are taken from the caller's directory; the defaults below from this repository.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo=$(cd "$(dirname "$0")/.." && pwd)
 
 init_checkpoint=${1-"/workspace/bert/checkpoints/bert_uncased.pt"}  # "" = random weights
 data_dir=${2:-"${BERT_PREP_WORKING_DIR:-/workspace/bert/data}/download/glue/MRPC/"}
-vocab_file=${3:-"vocab/vocab"}
-config_file=${4:-"bert_config.json"}
+vocab_file=${3:-"$repo/vocab/vocab"}
+config_file=${4:-"$repo/bert_config.json"}
 out_dir=${5:-"results/MRPC"}
 task_name=${6:-"mrpc"}
 num_gpu=${7:-"8"}
@@ -66,6 +67,6 @@ else
   launcher=(python)
 fi
 
-echo "${launcher[*]} run_glue.py ${args[*]}"
-"${launcher[@]}" run_glue.py "${args[@]}" 2>&1 | tee "$out_dir/logfile"
+echo "${launcher[*]} $repo/run_glue.py ${args[*]}"
+"${launcher[@]}" "$repo/run_glue.py" "${args[@]}" 2>&1 | tee "$out_dir/logfile"
 exit "${PIPESTATUS[0]}"

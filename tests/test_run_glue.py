@@ -246,6 +246,19 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
     assert results(out)["mask_sparsity"] == pytest.approx(expected)
 
 
+def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_training(tmp_path: Path) -> None:
+    # e.g. RTE fine-tuned from an MNLI checkpoint: 3 outputs there, 2 here.
+    torch.manual_seed(0)
+    mnli = BertForSequenceClassification(tiny_config(), 3)
+    torch.save({"model": mnli.state_dict()}, tmp_path / "mnli.pt")
+    model = run_glue.build_model(tiny_config(), 2, str(tmp_path / "mnli.pt"))
+    assert model.classifier.weight.shape == (2, TINY["hidden_size"])
+    torch.testing.assert_close(model.bert.pooler.dense_act.weight, mnli.bert.pooler.dense_act.weight)
+    # Scoring without training would use a random head: refused, naming both label counts.
+    with pytest.raises(ValueError, match="classifier has 3 outputs but this task needs 2"):
+        run_glue.build_model(tiny_config(), 2, str(tmp_path / "mnli.pt"), allow_new_head=False)
+
+
 # ----------------------------------------------------------------------------- bad flags and paths
 
 
@@ -270,6 +283,16 @@ def test_bad_flags_fail_early_with_one_line(glue: Path, tmp_path: Path, capsys, 
     assert not out.exists()  # nothing written
 
 
+def test_uncased_vocab_without_do_lower_case_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
+    # Without lower-casing, every capitalised word of the data is [UNK] in an uncased vocab.
+    out = tmp_path / "out"
+    argv = [a for a in glue_args(glue, out, "sst-2", "--do_train") if a != "--do_lower_case"]
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is uncased" in err and "pass --do_lower_case" in err and "\n" not in err
+    assert not out.exists()
+
+
 def test_bad_data_names_file_and_line_and_writes_nothing(glue: Path, tmp_path: Path, capsys) -> None:
     data = tmp_path / "SST-2"
     write_tsv(data / "train.tsv", [["sentence", "label"], ["fine", "1"], ["broken", "positive"]])
@@ -279,6 +302,36 @@ def test_bad_data_names_file_and_line_and_writes_nothing(glue: Path, tmp_path: P
     err = capsys.readouterr().err.strip()
     assert f"{data / 'train.tsv'}:3: label 'positive' is not a sst-2 label" in err and "\n" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("missing, flag", [("test.tsv", "--do_predict"), ("dev.tsv", "--do_eval")])
+def test_missing_dev_or_test_file_fails_before_training(glue: Path, tmp_path: Path, capsys, missing: str,
+                                                        flag: str) -> None:
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    for name in ("train.tsv", "dev.tsv", "test.tsv"):
+        if name != missing:
+            (data / name).write_bytes((glue / "SST-2" / name).read_bytes())
+    out = tmp_path / "out"
+    argv = glue_args(glue, out, "sst-2", "--do_train", flag, "--data_dir", str(data))
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(data / missing) in err and "\n" not in err
+    assert not out.exists()  # refused before training, not after hours of it
+
+
+@pytest.mark.parametrize("shape", [(2, 3, SEQ, SEQ), (2, 2, 2 * SEQ, 2 * SEQ)])
+def test_mask_file_of_another_shape_fails_before_the_data_is_read(glue: Path, tmp_path: Path, capsys,
+                                                                  shape: tuple[int, ...]) -> None:
+    mask_file = tmp_path / "mask.safetensors"
+    attention_masks.save_mask_file(mask_file, torch.ones(shape, dtype=torch.bool), {"mode": "dense"})
+    data = tmp_path / "SST-2"  # a training file that is slow to read in a real run: here, one that fails
+    write_tsv(data / "train.tsv", [["sentence", "label"], ["broken", "positive"]])
+    argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--data_dir", str(data),
+                     "--attention_mask_file", str(mask_file))
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"mask file {mask_file}" in err and str(list(shape)) in err and "\n" not in err
 
 
 def test_dam_type_with_a_checkpoint_without_logits_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
@@ -306,6 +359,19 @@ def test_run_glue_sh_positional_parameters(glue: Path, tmp_path: Path) -> None:
     assert r["global_step"] == 3 and r["attention_mask_type"] == "file" and r["mask_sparsity"] > 0.5
     assert (out / "SST-2.tsv").is_file() and (out / "logfile").is_file()
     assert "--gradient_accumulation_steps 2" in proc.stdout
+
+
+def test_run_glue_sh_resolves_relative_paths_from_the_callers_directory(glue: Path, tmp_path: Path) -> None:
+    (tmp_path / "data").symlink_to(glue)
+    out = f"out_{tmp_path.name}"  # unique, so a run that wrongly lands in the repository is seen
+    params = ["", "data/SST-2", "data/vocab.txt", "data/config.json", out, "sst-2", "1", "16", "1", "2e-3", "0.1",
+              "1", "1", "fp32", "2", "train"]
+    env = {**os.environ, "MAX_SEQ_LENGTH": str(SEQ), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts/run_glue.sh"), *params], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert not (ROOT / out).exists()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert results(tmp_path / out)["global_step"] == 1 and (tmp_path / out / "logfile").is_file()
 
 
 @pytest.mark.slow
