@@ -57,7 +57,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_train_epochs", type=float, default=3.0, help="unused: the run is driven by steps")
     p.add_argument("--max_steps", type=float, default=1000, help="optimizer steps of this phase")
     p.add_argument("--warmup_proportion", type=float, default=0.01, help="warm-up fraction of max_steps")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    # torch >= 2.0's torch.distributed.launch passes the dashed spelling
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
+                   default=int(os.environ.get("LOCAL_RANK", -1)))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--fp16", action="store_true", help="fp16 autocast + dynamic loss scaling")

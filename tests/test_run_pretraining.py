@@ -375,6 +375,14 @@ def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
     assert not list(out.glob("ckpt_*.pt")) or case == "existing_run"
 
 
+def test_torch_distributed_launch_local_rank_spelling_is_accepted(monkeypatch):
+    """torch >= 2.0's `python -m torch.distributed.launch` (NVIDIA's launcher) passes `--local-rank=N`."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    required = ["--input_dir", "d", "--config_file", "c", "--output_dir", "o"]
+    assert run_pretraining.parse_arguments([*required, "--local-rank=1"]).local_rank == 1
+    assert run_pretraining.parse_arguments([*required, "--local_rank", "2"]).local_rank == 2
+
+
 # ----------------------------------------------------------------------------- torchrun (gloo)
 
 
