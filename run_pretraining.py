@@ -322,7 +322,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     group["step"] = 0
                     group["lr"] = args.learning_rate
         if continuing:
-            if "grad_scaler" in checkpoint and args.fp16:
+            # An fp32 / bf16 run saved a disabled scaler ({}): --fp16 then starts at --init_loss_scale.
+            if checkpoint.get("grad_scaler") and args.fp16:
                 grad_scaler.load_state_dict(checkpoint["grad_scaler"])
             if "data" in checkpoint:
                 batches.load_state_dict(checkpoint["data"])

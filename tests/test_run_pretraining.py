@@ -260,6 +260,17 @@ def test_phase2_resets_schedule_and_continues_numbering(shards, tmp_path):
     assert lrs[1] == pytest.approx(5e-3 * (1 - 1 / 3) ** 0.5)  # phase 2's own poly schedule at its step 1
 
 
+def test_fp32_run_resumes_under_fp16_with_a_fresh_loss_scale(shards, tmp_path, capsys):
+    """A disabled scaler saves {}: resuming that run with --fp16 starts the scale at --init_loss_scale."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, steps_this_run=2)) == 0
+    assert training.load_checkpoint(out / "ckpt_2.pt")["grad_scaler"] == {}
+    argv = base_args(shards, out, config, max_steps=3, fp16=True, init_loss_scale=1024, resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 0, capsys.readouterr().err
+    assert training.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]["scale"] == 1024.0
+
+
 # ----------------------------------------------------------------------------- faults
 
 
