@@ -83,7 +83,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-summary", dest="json_summary", default="results/dllogger.json")
     p.add_argument("--use_env", action="store_true", help="accepted; LOCAL_RANK is always read from the environment")
     p.add_argument("--disable_progress_bar", action="store_true")
-    p.add_argument("--steps_this_run", type=int, default=-1, help="stop after this many steps in this invocation")
+    p.add_argument("--steps_this_run", type=int, default=-1,
+                   help="stop once the phase's step, resumed steps included, reaches this (NVIDIA's meaning)")
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per rank")
     # -- SparseBERT and this project
     p.add_argument("--lamb", type=float, default=None, help="λ of the mask penalty (overrides dam_lambda)")
@@ -343,9 +344,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(masks, attention_masks.DifferentiableMask):
         masks.set_progress(global_step / args.max_steps)
 
-    target_step = args.max_steps
-    if args.steps_this_run > 0:
-        target_step = min(args.max_steps, global_step + args.steps_this_run)
+    target_step = min(args.max_steps, args.steps_this_run) if args.steps_this_run > 0 else args.max_steps
+    if global_step >= target_step:
+        logger.info("step %d already reaches --max_steps / --steps_this_run %d: nothing to train",
+                    global_step, target_step)
 
     metrics = MetricLogger(args.json_summary)
     metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,

@@ -260,6 +260,18 @@ def test_phase2_resets_schedule_and_continues_numbering(shards, tmp_path):
     assert lrs[1] == pytest.approx(5e-3 * (1 - 1 / 3) ** 0.5)  # phase 2's own poly schedule at its step 1
 
 
+def test_steps_this_run_counts_the_resumed_steps_as_nvidia(shards, tmp_path):
+    """NVIDIA stops once the phase's step (resumed offset included) reaches --steps_this_run."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=6, steps_this_run=2)) == 0
+    resume = dict(max_steps=6, resume_from_checkpoint=True)
+    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=4, **resume)) == 0
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]
+    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=3, **resume)) == 0
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]  # already past it: nothing to do
+
+
 def test_fp32_run_resumes_under_fp16_with_a_fresh_loss_scale(shards, tmp_path, capsys):
     """A disabled scaler saves {}: resuming that run with --fp16 starts the scale at --init_loss_scale."""
     config = write_config(tmp_path / "config.json")
