@@ -267,6 +267,10 @@ def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str,
         return step, step > 0
     if saved_phase2:
         return int(checkpoint["global_step"]), True
+    if resume_step > args.phase1_end_step:
+        # ckpt_<P + k> would sort below phase 1's newest: kept-last-3 deletes it, resume restarts phase 2.
+        raise ValueError(f"phase-1 checkpoint ckpt_{resume_step}.pt is past --phase1_end_step "
+                         f"{args.phase1_end_step}: pass --phase1_end_step {resume_step} (phase 1's last step)")
     return 0, False
 
 

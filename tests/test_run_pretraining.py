@@ -283,6 +283,20 @@ def test_fp32_run_resumes_under_fp16_with_a_fresh_loss_scale(shards, tmp_path, c
     assert training.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]["scale"] == 1024.0
 
 
+def test_phase2_refuses_a_phase1_end_step_below_the_phase1_checkpoint(shards, tmp_path, capsys):
+    """ckpt_<P+k> below phase 1's newest would be deleted as 'old' and resume would restart phase 2."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=4)) == 0
+    capsys.readouterr()
+    argv = base_args(shards, out, config, max_steps=2, phase2=True, resume_from_checkpoint=True,
+                     phase1_end_step=2, num_steps_per_checkpoint=1)
+    assert run_pretraining.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--phase1_end_step 4" in err[0], err
+    assert [s for s, _ in training.list_checkpoints(out)] == [4]
+
+
 # ----------------------------------------------------------------------------- faults
 
 
