@@ -274,6 +274,21 @@ def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str,
     return 0, False
 
 
+def restore_grad_scaler(args: argparse.Namespace, grad_scaler: torch.amp.GradScaler,
+                        saved: dict[str, Any] | None) -> None:
+    """The saved fp16 loss scale, unless this run set its own.
+
+    An fp32 / bf16 run saved a disabled scaler ({}): --fp16 then starts at --init_loss_scale. A
+    --loss_scale given on resume (e.g. to escape a collapsing dynamic scale) is used as given.
+    """
+    if not args.fp16 or not saved:
+        return
+    if args.loss_scale > 0:
+        logger.info("--loss_scale %g replaces the checkpoint's loss scale %g", args.loss_scale, saved.get("scale"))
+        return
+    grad_scaler.load_state_dict(saved)
+
+
 def latest_checkpoint(output_dir: str) -> str:
     found = training.list_checkpoints(output_dir)
     return found[-1][1].name if found else "none"
@@ -327,9 +342,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     group["step"] = 0
                     group["lr"] = args.learning_rate
         if continuing:
-            # An fp32 / bf16 run saved a disabled scaler ({}): --fp16 then starts at --init_loss_scale.
-            if checkpoint.get("grad_scaler") and args.fp16:
-                grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+            restore_grad_scaler(args, grad_scaler, checkpoint.get("grad_scaler"))
             if "data" in checkpoint:
                 batches.load_state_dict(checkpoint["data"])
             rng_states = checkpoint.get("rng")

@@ -260,6 +260,17 @@ def test_phase2_resets_schedule_and_continues_numbering(shards, tmp_path):
     assert lrs[1] == pytest.approx(5e-3 * (1 - 1 / 3) ** 0.5)  # phase 2's own poly schedule at its step 1
 
 
+def test_static_loss_scale_given_on_resume_wins_over_the_saved_dynamic_one(shards, tmp_path):
+    """--loss_scale on resume (e.g. to escape a collapsing dynamic scale) is the scale that is used."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, steps_this_run=2, fp16=True)) == 0
+    argv = base_args(shards, out, config, max_steps=3, fp16=True, loss_scale=64, resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 0
+    scaler = training.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]
+    assert scaler["scale"] == 64.0 and scaler["growth_interval"] == 2**31 - 1
+
+
 def test_steps_this_run_counts_the_resumed_steps_as_nvidia(shards, tmp_path):
     """NVIDIA stops once the phase's step (resumed offset included) reaches --steps_this_run."""
     config = write_config(tmp_path / "config.json")
