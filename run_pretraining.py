@@ -126,6 +126,10 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--steps_this_run must be -1 (all of --max_steps) or >= 1, got {args.steps_this_run}")
     if not args.dist_timeout > 0:
         raise ValueError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
+    if not args.init_loss_scale > 0:
+        raise ValueError(f"--init_loss_scale must be > 0 (the first fp16 loss scale), got {args.init_loss_scale}")
+    if not args.loss_scale >= 0:
+        raise ValueError(f"--loss_scale must be 0 (dynamic) or > 0 (a static scale), got {args.loss_scale}")
     if args.lamb is not None and args.lamb < 0:
         raise ValueError(f"--lamb (λ of the mask penalty) must be >= 0, got {args.lamb}")
     if not Path(args.input_dir).is_dir():

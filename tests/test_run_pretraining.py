@@ -391,7 +391,7 @@ def test_init_checkpoint_warm_starts_hf_weights_with_fresh_mask(shards, tmp_path
 
 
 @pytest.mark.parametrize("case", ["accumulation", "fp16_bf16", "dam_short_mask", "missing_dir", "empty_dir",
-                                  "vocab", "existing_run", "seq_length"])
+                                  "vocab", "existing_run", "seq_length", "init_loss_scale", "loss_scale"])
 def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
@@ -417,6 +417,10 @@ def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
         expect = "--resume_from_checkpoint"
     elif case == "seq_length":
         flags, expect = dict(max_seq_length=64), "sequences of length 32"
+    elif case == "init_loss_scale":  # a zero scale zeroes every gradient: all steps would be skipped
+        flags, expect = dict(fp16=True, init_loss_scale=0), "--init_loss_scale must be > 0"
+    elif case == "loss_scale":
+        flags, expect = dict(fp16=True, loss_scale=-4), "--loss_scale must be 0 (dynamic) or > 0"
     assert run_pretraining.main(base_args(shards, out, config, **flags)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("run_pretraining.py: error:") and expect in err[0], err
