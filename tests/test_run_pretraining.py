@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -306,6 +307,53 @@ def test_phase2_refuses_a_phase1_end_step_below_the_phase1_checkpoint(shards, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--phase1_end_step 4" in err[0], err
     assert [s for s, _ in training.list_checkpoints(out)] == [4]
+
+
+def fake_dllogger() -> types.ModuleType:
+    """NVIDIA/dllogger's API as far as MetricLogger uses it; JSONStreamBackend opens its file as
+    the real one does (`open(filename, "a" if append else "w")`, no folder created)."""
+    module = types.ModuleType("dllogger")
+    module.Verbosity = types.SimpleNamespace(OFF=-1, DEFAULT=0, VERBOSE=1)
+
+    class StdOutBackend:
+        def __init__(self, verbosity, step_format=str):
+            self.step_format = step_format
+
+        def log(self, step, data):
+            print(self.step_format(step), data)
+
+    class JSONStreamBackend:
+        def __init__(self, verbosity, filename, append=False):
+            self.file = open(filename, "a" if append else "w")
+
+        def log(self, step, data):
+            self.file.write("DLLL " + json.dumps({"type": "LOG", "step": step, "data": data}) + "\n")
+            self.file.flush()
+
+    def init(backends):
+        module.backends = backends
+
+    def log(step, data, verbosity=1):
+        for backend in module.backends:
+            backend.log(step, data)
+
+    module.StdOutBackend, module.JSONStreamBackend = StdOutBackend, JSONStreamBackend
+    module.init, module.log, module.flush = init, log, lambda: None
+    return module
+
+
+def test_dllogger_summary_folder_is_made_and_a_resumed_run_appends(shards, tmp_path, monkeypatch):
+    """With dllogger installed (NGC / the Dockerfile), as without it: the --json-summary folder is
+    created and a resumed run keeps the records of the run before it."""
+    monkeypatch.setitem(sys.modules, "dllogger", fake_dllogger())
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    summary = tmp_path / "results" / "dllogger.json"
+    argv = base_args(shards, out, config, max_steps=4, **{"json-summary": summary})
+    assert run_pretraining.main([*argv, "--steps_this_run", "2"]) == 0
+    assert run_pretraining.main([*argv, "--resume_from_checkpoint"]) == 0
+    steps = [r["step"][1] for r in read_dllogger_json(summary) if "average_loss" in r["data"]]
+    assert steps == [1, 2, 3, 4]
 
 
 # ----------------------------------------------------------------------------- faults
