@@ -265,6 +265,9 @@ def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str,
     """
     saved_phase2 = checkpoint.get("phase2")
     if not args.phase2:
+        if saved_phase2:  # its ckpt_<k> would overwrite phase 1's files and be pruned below ckpt_<P + k>
+            raise ValueError(f"ckpt_{resume_step}.pt is a phase-2 checkpoint: resume it with --phase2 "
+                             f"--phase1_end_step {resume_step - int(checkpoint['global_step'])}")
         return int(checkpoint.get("global_step", resume_step)), True
     if saved_phase2 is None:  # a foreign checkpoint: NVIDIA's arithmetic
         step = max(resume_step - args.phase1_end_step, 0)

@@ -309,6 +309,20 @@ def test_phase2_refuses_a_phase1_end_step_below_the_phase1_checkpoint(shards, tm
     assert [s for s, _ in training.list_checkpoints(out)] == [4]
 
 
+def test_phase2_checkpoint_resumed_without_phase2_is_refused(shards, tmp_path, capsys):
+    """Without --phase2 its ckpt_<k> would sort below ckpt_<P+k>: overwritten phase-1 files, pruned new ones."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=2)) == 0
+    phase2 = dict(max_steps=2, resume_from_checkpoint=True, phase1_end_step=2)
+    assert run_pretraining.main(base_args(shards, out, config, phase2=True, steps_this_run=1, **phase2)) == 0
+    capsys.readouterr()
+    assert run_pretraining.main(base_args(shards, out, config, **phase2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--phase2" in err[0], err
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+
+
 def fake_dllogger() -> types.ModuleType:
     """NVIDIA/dllogger's API as far as MetricLogger uses it; JSONStreamBackend opens its file as
     the real one does (`open(filename, "a" if append else "w")`, no folder created)."""
