@@ -273,7 +273,11 @@ def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str,
         step = max(resume_step - args.phase1_end_step, 0)
         return step, step > 0
     if saved_phase2:
-        return int(checkpoint["global_step"]), True
+        step = int(checkpoint["global_step"])
+        if resume_step - step != args.phase1_end_step:  # new names would collide with or sort below the old
+            raise ValueError(f"ckpt_{resume_step}.pt was numbered with --phase1_end_step {resume_step - step}, "
+                             f"this run has {args.phase1_end_step}: pass --phase1_end_step {resume_step - step}")
+        return step, True
     if resume_step > args.phase1_end_step:
         # ckpt_<P + k> would sort below phase 1's newest: kept-last-3 deletes it, resume restarts phase 2.
         raise ValueError(f"phase-1 checkpoint ckpt_{resume_step}.pt is past --phase1_end_step "

@@ -323,6 +323,19 @@ def test_phase2_checkpoint_resumed_without_phase2_is_refused(shards, tmp_path, c
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
 
 
+def test_phase2_resume_with_another_phase1_end_step_is_refused(shards, tmp_path, capsys):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=2)) == 0
+    phase2 = dict(max_steps=3, resume_from_checkpoint=True, phase2=True)
+    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=1, phase1_end_step=2, **phase2)) == 0
+    capsys.readouterr()
+    assert run_pretraining.main(base_args(shards, out, config, phase1_end_step=1, **phase2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--phase1_end_step 2" in err[0], err
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+
+
 def fake_dllogger() -> types.ModuleType:
     """NVIDIA/dllogger's API as far as MetricLogger uses it; JSONStreamBackend opens its file as
     the real one does (`open(filename, "a" if append else "w")`, no folder created)."""
