@@ -263,26 +263,33 @@ def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str,
     A phase-1 checkpoint loaded with --phase2 starts phase 2 at step 0 (schedule and optimizer
     step reset, moments kept); a phase-2 checkpoint continues phase 2.
     """
+    check_checkpoint_numbering(args, resume_step, checkpoint)
     saved_phase2 = checkpoint.get("phase2")
     if not args.phase2:
-        if saved_phase2:  # its ckpt_<k> would overwrite phase 1's files and be pruned below ckpt_<P + k>
-            raise ValueError(f"ckpt_{resume_step}.pt is a phase-2 checkpoint: resume it with --phase2 "
-                             f"--phase1_end_step {resume_step - int(checkpoint['global_step'])}")
         return int(checkpoint.get("global_step", resume_step)), True
     if saved_phase2 is None:  # a foreign checkpoint: NVIDIA's arithmetic
         step = max(resume_step - args.phase1_end_step, 0)
         return step, step > 0
     if saved_phase2:
-        step = int(checkpoint["global_step"])
-        if resume_step - step != args.phase1_end_step:  # new names would collide with or sort below the old
-            raise ValueError(f"ckpt_{resume_step}.pt was numbered with --phase1_end_step {resume_step - step}, "
-                             f"this run has {args.phase1_end_step}: pass --phase1_end_step {resume_step - step}")
-        return step, True
-    if resume_step > args.phase1_end_step:
-        # ckpt_<P + k> would sort below phase 1's newest: kept-last-3 deletes it, resume restarts phase 2.
+        return int(checkpoint["global_step"]), True
+    return 0, False
+
+
+def check_checkpoint_numbering(args: argparse.Namespace, resume_step: int, checkpoint: dict[str, Any]) -> None:
+    """Refuse flags under which this run's ckpt_<n> would overwrite the earlier phase's files or sort
+    below them (keep-last-3 would prune the new ones and a resume would pick the old phase)."""
+    saved_phase2 = checkpoint.get("phase2")
+    if saved_phase2:
+        offset = resume_step - int(checkpoint["global_step"])
+        if not args.phase2:
+            raise ValueError(f"ckpt_{resume_step}.pt is a phase-2 checkpoint: resume it with --phase2 "
+                             f"--phase1_end_step {offset}")
+        if offset != args.phase1_end_step:
+            raise ValueError(f"ckpt_{resume_step}.pt was numbered with --phase1_end_step {offset}, this run has "
+                             f"{args.phase1_end_step}: pass --phase1_end_step {offset}")
+    elif saved_phase2 is not None and args.phase2 and resume_step > args.phase1_end_step:
         raise ValueError(f"phase-1 checkpoint ckpt_{resume_step}.pt is past --phase1_end_step "
                          f"{args.phase1_end_step}: pass --phase1_end_step {resume_step} (phase 1's last step)")
-    return 0, False
 
 
 def restore_grad_scaler(args: argparse.Namespace, grad_scaler: torch.amp.GradScaler,
