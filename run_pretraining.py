@@ -57,7 +57,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_train_epochs", type=float, default=3.0, help="unused: the run is driven by steps")
     p.add_argument("--max_steps", type=float, default=1000, help="optimizer steps of this phase")
     p.add_argument("--warmup_proportion", type=float, default=0.01, help="warm-up fraction of max_steps")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    # torch >= 2.0's torch.distributed.launch passes the dashed spelling
+    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
+                   default=int(os.environ.get("LOCAL_RANK", -1)))
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--fp16", action="store_true", help="fp16 autocast + dynamic loss scaling")
@@ -81,7 +83,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-summary", dest="json_summary", default="results/dllogger.json")
     p.add_argument("--use_env", action="store_true", help="accepted; LOCAL_RANK is always read from the environment")
     p.add_argument("--disable_progress_bar", action="store_true")
-    p.add_argument("--steps_this_run", type=int, default=-1, help="stop after this many steps in this invocation")
+    p.add_argument("--steps_this_run", type=int, default=-1,
+                   help="stop once the phase's step, resumed steps included, reaches this (NVIDIA's meaning)")
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per rank")
     # -- SparseBERT and this project
     p.add_argument("--lamb", type=float, default=None, help="λ of the mask penalty (overrides dam_lambda)")
@@ -123,6 +126,10 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--steps_this_run must be -1 (all of --max_steps) or >= 1, got {args.steps_this_run}")
     if not args.dist_timeout > 0:
         raise ValueError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
+    if not args.init_loss_scale > 0:
+        raise ValueError(f"--init_loss_scale must be > 0 (the first fp16 loss scale), got {args.init_loss_scale}")
+    if not args.loss_scale >= 0:
+        raise ValueError(f"--loss_scale must be 0 (dynamic) or > 0 (a static scale), got {args.loss_scale}")
     if args.lamb is not None and args.lamb < 0:
         raise ValueError(f"--lamb (λ of the mask penalty) must be >= 0, got {args.lamb}")
     if not Path(args.input_dir).is_dir():
@@ -256,6 +263,7 @@ def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str,
     A phase-1 checkpoint loaded with --phase2 starts phase 2 at step 0 (schedule and optimizer
     step reset, moments kept); a phase-2 checkpoint continues phase 2.
     """
+    check_checkpoint_numbering(args, resume_step, checkpoint)
     saved_phase2 = checkpoint.get("phase2")
     if not args.phase2:
         return int(checkpoint.get("global_step", resume_step)), True
@@ -265,6 +273,38 @@ def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str,
     if saved_phase2:
         return int(checkpoint["global_step"]), True
     return 0, False
+
+
+def check_checkpoint_numbering(args: argparse.Namespace, resume_step: int, checkpoint: dict[str, Any]) -> None:
+    """Refuse flags under which this run's ckpt_<n> would overwrite the earlier phase's files or sort
+    below them (keep-last-3 would prune the new ones and a resume would pick the old phase)."""
+    saved_phase2 = checkpoint.get("phase2")
+    if saved_phase2:
+        offset = resume_step - int(checkpoint["global_step"])
+        if not args.phase2:
+            raise ValueError(f"ckpt_{resume_step}.pt is a phase-2 checkpoint: resume it with --phase2 "
+                             f"--phase1_end_step {offset}")
+        if offset != args.phase1_end_step:
+            raise ValueError(f"ckpt_{resume_step}.pt was numbered with --phase1_end_step {offset}, this run has "
+                             f"{args.phase1_end_step}: pass --phase1_end_step {offset}")
+    elif saved_phase2 is not None and args.phase2 and resume_step > args.phase1_end_step:
+        raise ValueError(f"phase-1 checkpoint ckpt_{resume_step}.pt is past --phase1_end_step "
+                         f"{args.phase1_end_step}: pass --phase1_end_step {resume_step} (phase 1's last step)")
+
+
+def restore_grad_scaler(args: argparse.Namespace, grad_scaler: torch.amp.GradScaler,
+                        saved: dict[str, Any] | None) -> None:
+    """The saved fp16 loss scale, unless this run set its own.
+
+    An fp32 / bf16 run saved a disabled scaler ({}): --fp16 then starts at --init_loss_scale. A
+    --loss_scale given on resume (e.g. to escape a collapsing dynamic scale) is used as given.
+    """
+    if not args.fp16 or not saved:
+        return
+    if args.loss_scale > 0:
+        logger.info("--loss_scale %g replaces the checkpoint's loss scale %g", args.loss_scale, saved.get("scale"))
+        return
+    grad_scaler.load_state_dict(saved)
 
 
 def latest_checkpoint(output_dir: str) -> str:
@@ -320,8 +360,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     group["step"] = 0
                     group["lr"] = args.learning_rate
         if continuing:
-            if "grad_scaler" in checkpoint and args.fp16:
-                grad_scaler.load_state_dict(checkpoint["grad_scaler"])
+            restore_grad_scaler(args, grad_scaler, checkpoint.get("grad_scaler"))
             if "data" in checkpoint:
                 batches.load_state_dict(checkpoint["data"])
             rng_states = checkpoint.get("rng")
@@ -340,9 +379,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if isinstance(masks, attention_masks.DifferentiableMask):
         masks.set_progress(global_step / args.max_steps)
 
-    target_step = args.max_steps
-    if args.steps_this_run > 0:
-        target_step = min(args.max_steps, global_step + args.steps_this_run)
+    target_step = min(args.max_steps, args.steps_this_run) if args.steps_this_run > 0 else args.max_steps
+    if global_step >= target_step:
+        logger.info("step %d already reaches --max_steps / --steps_this_run %d: nothing to train",
+                    global_step, target_step)
 
     metrics = MetricLogger(args.json_summary)
     metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,

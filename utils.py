@@ -158,18 +158,19 @@ class MetricLogger:
         self._dllogger = None
         if not self.enabled:
             return
+        if json_path:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         try:
             import dllogger  # type: ignore
-
-            backends = [dllogger.StdOutBackend(dllogger.Verbosity.VERBOSE, step_format=format_step)]
-            if json_path:
-                backends.append(dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, str(json_path)))
-            dllogger.init(backends=backends)
-            self._dllogger = dllogger
         except ImportError:
             if json_path:
-                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
                 self._file = open(json_path, "a", encoding="utf-8")
+            return
+        backends = [dllogger.StdOutBackend(dllogger.Verbosity.VERBOSE, step_format=format_step)]
+        if json_path:
+            backends.append(_json_backend(dllogger, str(json_path)))
+        dllogger.init(backends=backends)
+        self._dllogger = dllogger
 
     def log(self, step: Any, data: dict[str, Any]) -> None:
         if not self.enabled:
@@ -194,6 +195,15 @@ class MetricLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _json_backend(dllogger: Any, path: str) -> Any:
+    """dllogger's JSON backend in append mode, so a resumed run keeps the records before it
+    (dllogger truncates by default; releases before `append` existed always truncate)."""
+    try:
+        return dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, path, append=True)
+    except TypeError:
+        return dllogger.JSONStreamBackend(dllogger.Verbosity.VERBOSE, path)
 
 
 def _plain(value: Any) -> Any:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,128 @@ def test_phase2_resets_schedule_and_continues_numbering(shards, tmp_path):
     assert lrs[1] == pytest.approx(5e-3 * (1 - 1 / 3) ** 0.5)  # phase 2's own poly schedule at its step 1
 
 
+def test_static_loss_scale_given_on_resume_wins_over_the_saved_dynamic_one(shards, tmp_path):
+    """--loss_scale on resume (e.g. to escape a collapsing dynamic scale) is the scale that is used."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, steps_this_run=2, fp16=True)) == 0
+    argv = base_args(shards, out, config, max_steps=3, fp16=True, loss_scale=64, resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 0
+    scaler = training.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]
+    assert scaler["scale"] == 64.0 and scaler["growth_interval"] == 2**31 - 1
+
+
+def test_steps_this_run_counts_the_resumed_steps_as_nvidia(shards, tmp_path):
+    """NVIDIA stops once the phase's step (resumed offset included) reaches --steps_this_run."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=6, steps_this_run=2)) == 0
+    resume = dict(max_steps=6, resume_from_checkpoint=True)
+    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=4, **resume)) == 0
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]
+    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=3, **resume)) == 0
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]  # already past it: nothing to do
+
+
+def test_fp32_run_resumes_under_fp16_with_a_fresh_loss_scale(shards, tmp_path, capsys):
+    """A disabled scaler saves {}: resuming that run with --fp16 starts the scale at --init_loss_scale."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, steps_this_run=2)) == 0
+    assert training.load_checkpoint(out / "ckpt_2.pt")["grad_scaler"] == {}
+    argv = base_args(shards, out, config, max_steps=3, fp16=True, init_loss_scale=1024, resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 0, capsys.readouterr().err
+    assert training.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]["scale"] == 1024.0
+
+
+def test_phase2_refuses_a_phase1_end_step_below_the_phase1_checkpoint(shards, tmp_path, capsys):
+    """ckpt_<P+k> below phase 1's newest would be deleted as 'old' and resume would restart phase 2."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=4)) == 0
+    capsys.readouterr()
+    argv = base_args(shards, out, config, max_steps=2, phase2=True, resume_from_checkpoint=True,
+                     phase1_end_step=2, num_steps_per_checkpoint=1)
+    assert run_pretraining.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--phase1_end_step 4" in err[0], err
+    assert [s for s, _ in training.list_checkpoints(out)] == [4]
+
+
+def test_phase2_checkpoint_resumed_without_phase2_is_refused(shards, tmp_path, capsys):
+    """Without --phase2 its ckpt_<k> would sort below ckpt_<P+k>: overwritten phase-1 files, pruned new ones."""
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=2)) == 0
+    phase2 = dict(max_steps=2, resume_from_checkpoint=True, phase1_end_step=2)
+    assert run_pretraining.main(base_args(shards, out, config, phase2=True, steps_this_run=1, **phase2)) == 0
+    capsys.readouterr()
+    assert run_pretraining.main(base_args(shards, out, config, **phase2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--phase2" in err[0], err
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+
+
+def test_phase2_resume_with_another_phase1_end_step_is_refused(shards, tmp_path, capsys):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=2)) == 0
+    phase2 = dict(max_steps=3, resume_from_checkpoint=True, phase2=True)
+    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=1, phase1_end_step=2, **phase2)) == 0
+    capsys.readouterr()
+    assert run_pretraining.main(base_args(shards, out, config, phase1_end_step=1, **phase2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--phase1_end_step 2" in err[0], err
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+
+
+def fake_dllogger() -> types.ModuleType:
+    """NVIDIA/dllogger's API as far as MetricLogger uses it; JSONStreamBackend opens its file as
+    the real one does (`open(filename, "a" if append else "w")`, no folder created)."""
+    module = types.ModuleType("dllogger")
+    module.Verbosity = types.SimpleNamespace(OFF=-1, DEFAULT=0, VERBOSE=1)
+
+    class StdOutBackend:
+        def __init__(self, verbosity, step_format=str):
+            self.step_format = step_format
+
+        def log(self, step, data):
+            print(self.step_format(step), data)
+
+    class JSONStreamBackend:
+        def __init__(self, verbosity, filename, append=False):
+            self.file = open(filename, "a" if append else "w")
+
+        def log(self, step, data):
+            self.file.write("DLLL " + json.dumps({"type": "LOG", "step": step, "data": data}) + "\n")
+            self.file.flush()
+
+    def init(backends):
+        module.backends = backends
+
+    def log(step, data, verbosity=1):
+        for backend in module.backends:
+            backend.log(step, data)
+
+    module.StdOutBackend, module.JSONStreamBackend = StdOutBackend, JSONStreamBackend
+    module.init, module.log, module.flush = init, log, lambda: None
+    return module
+
+
+def test_dllogger_summary_folder_is_made_and_a_resumed_run_appends(shards, tmp_path, monkeypatch):
+    """With dllogger installed (NGC / the Dockerfile), as without it: the --json-summary folder is
+    created and a resumed run keeps the records of the run before it."""
+    monkeypatch.setitem(sys.modules, "dllogger", fake_dllogger())
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    summary = tmp_path / "results" / "dllogger.json"
+    argv = base_args(shards, out, config, max_steps=4, **{"json-summary": summary})
+    assert run_pretraining.main([*argv, "--steps_this_run", "2"]) == 0
+    assert run_pretraining.main([*argv, "--resume_from_checkpoint"]) == 0
+    steps = [r["step"][1] for r in read_dllogger_json(summary) if "average_loss" in r["data"]]
+    assert steps == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------- faults
 
 
@@ -343,7 +466,7 @@ def test_init_checkpoint_warm_starts_hf_weights_with_fresh_mask(shards, tmp_path
 
 
 @pytest.mark.parametrize("case", ["accumulation", "fp16_bf16", "dam_short_mask", "missing_dir", "empty_dir",
-                                  "vocab", "existing_run", "seq_length"])
+                                  "vocab", "existing_run", "seq_length", "init_loss_scale", "loss_scale"])
 def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
@@ -369,10 +492,22 @@ def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
         expect = "--resume_from_checkpoint"
     elif case == "seq_length":
         flags, expect = dict(max_seq_length=64), "sequences of length 32"
+    elif case == "init_loss_scale":  # a zero scale zeroes every gradient: all steps would be skipped
+        flags, expect = dict(fp16=True, init_loss_scale=0), "--init_loss_scale must be > 0"
+    elif case == "loss_scale":
+        flags, expect = dict(fp16=True, loss_scale=-4), "--loss_scale must be 0 (dynamic) or > 0"
     assert run_pretraining.main(base_args(shards, out, config, **flags)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("run_pretraining.py: error:") and expect in err[0], err
     assert not list(out.glob("ckpt_*.pt")) or case == "existing_run"
+
+
+def test_torch_distributed_launch_local_rank_spelling_is_accepted(monkeypatch):
+    """torch >= 2.0's `python -m torch.distributed.launch` (NVIDIA's launcher) passes `--local-rank=N`."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    required = ["--input_dir", "d", "--config_file", "c", "--output_dir", "o"]
+    assert run_pretraining.parse_arguments([*required, "--local-rank=1"]).local_rank == 1
+    assert run_pretraining.parse_arguments([*required, "--local_rank", "2"]).local_rank == 2
 
 
 # ----------------------------------------------------------------------------- torchrun (gloo)
