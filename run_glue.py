@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,6 +52,7 @@ from schedulers import LinearWarmUpScheduler
 from tokenization import BertTokenizer
 from utils import (
     MetricLogger,
+    add_local_rank_argument,
     atomic_save,
     autocast,
     barrier,
@@ -98,7 +98,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=float, default=-1.0, help="> 0: optimizer steps, overriding the epochs")
     p.add_argument("--warmup_proportion", type=float, default=0.1)
     p.add_argument("--no_cuda", action="store_true")
-    p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    add_local_rank_argument(p)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--fp16", action="store_true", help="fp16 autocast + loss scaling")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,8 @@ import modeling
 from modeling import BertForPreTraining, read_state_dict, resolve_weights_file
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
-from utils import (MetricLogger, all_reduce_mean, autocast, get_rank, get_world_size, init_distributed,
-                   is_main_process, precision_dtype, seed_everything)
+from utils import (MetricLogger, add_local_rank_argument, all_reduce_mean, autocast, get_rank, get_world_size,
+                   init_distributed, is_main_process, precision_dtype, seed_everything)
 
 logger = logging.getLogger("run_pretraining")
 
@@ -57,9 +56,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_train_epochs", type=float, default=3.0, help="unused: the run is driven by steps")
     p.add_argument("--max_steps", type=float, default=1000, help="optimizer steps of this phase")
     p.add_argument("--warmup_proportion", type=float, default=0.01, help="warm-up fraction of max_steps")
-    # torch >= 2.0's torch.distributed.launch passes the dashed spelling
-    p.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
-                   default=int(os.environ.get("LOCAL_RANK", -1)))
+    add_local_rank_argument(p)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--fp16", action="store_true", help="fp16 autocast + dynamic loss scaling")

@@ -5,6 +5,7 @@ contexts, a dllogger-compatible metric logger, and atomic, pickle-free file I/O.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -40,6 +41,13 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+def add_local_rank_argument(parser: "argparse.ArgumentParser") -> None:
+    """NVIDIA's --local_rank, also under the dashed spelling torch >= 2.0's torch.distributed.launch
+    passes (--local-rank=N). The LOCAL_RANK variable, which torchrun sets, wins (init_distributed)."""
+    parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
+                        default=int(os.environ.get("LOCAL_RANK", -1)))
 
 
 def init_distributed(local_rank: int = -1, no_cuda: bool = False, timeout_s: int = 1800) -> torch.device:

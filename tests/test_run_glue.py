@@ -283,6 +283,13 @@ def test_bad_flags_fail_early_with_one_line(glue: Path, tmp_path: Path, capsys, 
     assert not out.exists()  # nothing written
 
 
+def test_torch_distributed_launch_local_rank_spelling_is_accepted(glue: Path, tmp_path: Path) -> None:
+    """torch >= 2.0's `python -m torch.distributed.launch` passes `--local-rank=N`."""
+    argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train")
+    assert run_glue.parse_arguments([*argv, "--local-rank=1"]).local_rank == 1
+    assert run_glue.parse_arguments([*argv, "--local_rank", "2"]).local_rank == 2
+
+
 def test_uncased_vocab_without_do_lower_case_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
     # Without lower-casing, every capitalised word of the data is [UNK] in an uncased vocab.
     out = tmp_path / "out"
