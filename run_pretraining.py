@@ -485,6 +485,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{average:.4f}")
                 window_loss, window_penalty, window_steps = zero.clone(), zero.clone(), 0
 
+            if global_step == target_step or stop_requested:
+                meter.stop()  # the last checkpoint is not training time (NVIDIA stops its clock here too)
             due = not bad and (global_step % args.num_steps_per_checkpoint == 0 or global_step == target_step)
             if not args.skip_checkpoint and (due or stop_requested):
                 save(global_step)

@@ -393,6 +393,7 @@ class ThroughputMeter:
         self.sequences = 0
         self._counted_steps = 0
         self._start = time.perf_counter()
+        self._end: float | None = None
 
     def update(self, sequences: int) -> None:
         """Count one finished optimizer step of `sequences` sequences (over all ranks)."""
@@ -408,7 +409,14 @@ class ThroughputMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def stop(self) -> None:
+        """Stop the clock: what follows (NVIDIA: the final checkpoint) is not training time."""
+        self._sync()
+        self._end = time.perf_counter()
+
     def elapsed(self) -> float:
+        if self._end is not None:
+            return self._end - self._start
         self._sync()
         return time.perf_counter() - self._start
 

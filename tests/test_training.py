@@ -188,6 +188,17 @@ def test_throughput_meter_skips_warmup_steps():
     assert meter.sequences == 24 and meter.sequences_per_second() > 0 and meter.seconds_per_step() > 0
 
 
+def test_throughput_meter_stop_freezes_the_clock(monkeypatch):
+    clock = iter([0.0, 1.0, 2.0])  # a fourth reading would raise StopIteration
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    meter = training.ThroughputMeter(torch.device("cpu"), warmup_steps=1)  # reads 0.0
+    meter.update(8)  # warm-up: the clock starts at 1.0
+    meter.update(8)
+    meter.update(8)
+    meter.stop()  # reads 2.0: what follows (the last checkpoint) is not counted
+    assert meter.elapsed() == 1.0 and meter.sequences_per_second() == 16.0 and meter.seconds_per_step() == 0.5
+
+
 # ----------------------------------------------------------------------------- DDP gradient averaging
 
 
