@@ -162,6 +162,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
         resolve_weights_file(args.init_checkpoint)  # one clear line when the path is wrong
     if args.do_train and not args.init_checkpoint:
         logger.warning("no --init_checkpoint: fine-tuning starts from random weights")
+    if not args.do_train and not args.init_checkpoint:
+        raise ValueError("--do_eval / --do_predict without --do_train and --init_checkpoint would score random "
+                         "weights: pass --init_checkpoint fine-tuned on this task, or add --do_train")
 
 
 def check_task_files(task: GlueTask, args: argparse.Namespace) -> None:
@@ -255,17 +258,25 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
 
 def drop_foreign_head(state: dict[str, torch.Tensor], num_labels: int, source: str,
                       allow_new_head: bool) -> dict[str, torch.Tensor]:
-    """`state` without its classifier when that classifier has another number of outputs."""
+    """`state` without its classifier when that classifier has another number of outputs.
+
+    Without `allow_new_head` (scoring only) the checkpoint must hold this task's classifier: a new
+    head would be random, and so would every score.
+    """
     head = {k: v for k, v in state.items() if k.split(".")[-2:-1] == ["classifier"]}
     outputs = {int(v.shape[0]) for v in head.values() if v.dim() >= 1}
-    if not outputs or outputs == {num_labels}:
+    if outputs == {num_labels}:
         return state
     found = ", ".join(map(str, sorted(outputs)))
     if not allow_new_head:
-        raise ValueError(f"{source}: its classifier has {found} outputs but this task needs {num_labels}: pass the "
-                         f"checkpoint fine-tuned on this task, or add --do_train to train a new head")
-    logger.warning("%s: its classifier has %s outputs, this task needs %d: training a new classifier head",
-                   source, found, num_labels)
+        problem = (f"{source}: its classifier has {found} outputs but this task needs {num_labels}" if outputs
+                   else f"{source} has no classifier (a pretraining checkpoint?), so every score would come "
+                        f"from a random head")
+        raise ValueError(f"{problem}: pass the checkpoint fine-tuned on this task, or add --do_train to train "
+                         f"a new head")
+    if outputs:
+        logger.warning("%s: its classifier has %s outputs, this task needs %d: training a new classifier head",
+                       source, found, num_labels)
     return {k: v for k, v in state.items() if k not in head}
 
 

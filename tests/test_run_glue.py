@@ -15,7 +15,7 @@ import torch
 
 import attention_masks
 import run_glue
-from modeling import BertConfig, BertForSequenceClassification
+from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification
 from utils import read_dllogger_json, safe_torch_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,6 +257,33 @@ def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_trainin
     # Scoring without training would use a random head: refused, naming both label counts.
     with pytest.raises(ValueError, match="classifier has 3 outputs but this task needs 2"):
         run_glue.build_model(tiny_config(), 2, str(tmp_path / "mnli.pt"), allow_new_head=False)
+
+
+@pytest.mark.parametrize("mode", ["--do_eval", "--do_predict"])
+def test_scoring_a_checkpoint_without_classifier_is_refused_before_the_data_is_read(
+        glue: Path, tmp_path: Path, capsys, mode: str) -> None:
+    torch.save({"model": BertForPreTraining(tiny_config()).state_dict()}, tmp_path / "pretrained.pt")
+    data = tmp_path / "SST-2"  # dev and test files that fail if read: the checkpoint must be refused first
+    for name in ("dev.tsv", "test.tsv"):
+        write_tsv(data / name, [["sentence", "label"], ["broken"]])
+    out = tmp_path / "out"
+    argv = glue_args(glue, out, "sst-2", mode, "--data_dir", str(data),
+                     "--init_checkpoint", str(tmp_path / "pretrained.pt"))
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'pretrained.pt'} has no classifier" in err and "add --do_train" in err and "\n" not in err
+    assert not out.exists()
+    # Without any checkpoint the whole model would be random: refused the same way.
+    assert run_glue.main([a for a in argv if a not in ("--init_checkpoint", str(tmp_path / "pretrained.pt"))]) == 1
+    assert "add --do_train" in capsys.readouterr().err and not out.exists()
+
+
+def test_training_from_a_pretraining_checkpoint_gets_a_new_head(glue: Path, tmp_path: Path) -> None:
+    torch.save({"model": BertForPreTraining(tiny_config()).state_dict()}, tmp_path / "pretrained.pt")
+    out = tmp_path / "out"
+    assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "1",
+                                   "--init_checkpoint", str(tmp_path / "pretrained.pt"))) == 0
+    assert results(out)["global_step"] == 1
 
 
 # ----------------------------------------------------------------------------- bad flags and paths
