@@ -688,14 +688,34 @@ def resolve_weights_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def find_config_beside(weights_file: Path) -> BertConfig:
+def config_file_beside(weights_file: Path) -> Path | None:
+    """The model folder's own config: the first of CONFIG_NAMES next to `weights_file`."""
     for name in CONFIG_NAMES:
         candidate = weights_file.parent / name
         if candidate.is_file():
-            return BertConfig.from_json_file(candidate)
-    raise FileNotFoundError(
-        f"no {' or '.join(CONFIG_NAMES)} next to {weights_file}: pass the config explicitly (--config_file)"
-    )
+            return candidate
+    return None
+
+
+def find_config_beside(weights_file: Path) -> BertConfig:
+    """The config next to `weights_file`, its relative attention_mask_file taken from that folder."""
+    config_file = config_file_beside(weights_file)
+    if config_file is None:
+        raise FileNotFoundError(
+            f"no {' or '.join(CONFIG_NAMES)} next to {weights_file}: pass the config explicitly (--config_file)"
+        )
+    return mask_file_from_folder(BertConfig.from_json_file(config_file), weights_file.parent)
+
+
+def mask_file_from_folder(config: BertConfig, folder: Path) -> BertConfig:
+    """`config` with a relative attention_mask_file resolved against the model folder it was saved in.
+
+    A saved model folder names its mask relative to itself, so it loads the same from any directory.
+    """
+    mask_file = config.attention_mask_file
+    if not mask_file or Path(mask_file).is_absolute():
+        return config
+    return config.replace(attention_mask_file=str(folder / mask_file))
 
 
 def read_state_dict(weights_file: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ type whose logits are read from --init_checkpoint and binarised on load (1[σ(a)
 Whatever its source, the mask is frozen: it has no trainable parameter during fine-tuning.
 
 Outputs in --output_dir: results.txt (JSON: metrics, throughput, latency percentiles),
-dllogger.json, pytorch_model.bin ({"model": state_dict}) + config.json, and with --do_predict
+dllogger.json, pytorch_model.bin ({"model": state_dict}) + config.json (+ attention_mask.safetensors,
+a copy of a mask file, which config.json names relative to the folder), and with --do_predict
 predictions.json plus the GLUE server's submission files (CoLA.tsv, MNLI-m.tsv, AX.tsv, ...).
 """
 from __future__ import annotations
@@ -35,7 +36,14 @@ import attention_masks
 import training
 from atomic_io import atomic_write_text
 from glue_metrics import compute_metrics
-from modeling import BertConfig, BertForSequenceClassification, read_state_dict, resolve_weights_file
+from modeling import (
+    BertConfig,
+    BertForSequenceClassification,
+    config_file_beside,
+    mask_file_from_folder,
+    read_state_dict,
+    resolve_weights_file,
+)
 from optimization import build_adamw
 from processors.glue import (
     Features,
@@ -69,6 +77,7 @@ logger = logging.getLogger("run_glue")
 MAX_GRAD_NORM = 1.0
 WEIGHT_DECAY = 0.01
 DAM_TYPES = attention_masks.DAM_MODES
+MASK_FILE = "attention_mask.safetensors"  # the copy of a mask file in --output_dir
 
 
 # ============================================================================ arguments
@@ -162,6 +171,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
         resolve_weights_file(args.init_checkpoint)  # one clear line when the path is wrong
     if args.do_train and not args.init_checkpoint:
         logger.warning("no --init_checkpoint: fine-tuning starts from random weights")
+    if not args.do_train and not args.init_checkpoint:
+        raise ValueError("--do_eval / --do_predict without --do_train and --init_checkpoint would score random "
+                         "weights: pass --init_checkpoint fine-tuned on this task, or add --do_train")
 
 
 def check_task_files(task: GlueTask, args: argparse.Namespace) -> None:
@@ -184,6 +196,9 @@ def load_model_config(args: argparse.Namespace) -> BertConfig:
     if args.attention_mask_file:
         overrides.update(attention_mask_type="file", attention_mask_file=args.attention_mask_file)
     config = training.load_config(args.config_file, **overrides)
+    folder = saved_model_folder(args)
+    if folder is not None and not args.attention_mask_file:
+        config = mask_file_from_folder(config, folder)
     if args.max_seq_length > config.max_position_embeddings:
         raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds max_position_embeddings "
                          f"{config.max_position_embeddings} of {args.config_file}")
@@ -200,6 +215,18 @@ def load_model_config(args: argparse.Namespace) -> BertConfig:
         raise ValueError(f"--vocab_file {args.vocab_file} has {vocab_lines} tokens but {args.config_file} has "
                          f"vocab_size {config.vocab_size}: use the vocab the model was trained with")
     return config
+
+
+def saved_model_folder(args: argparse.Namespace) -> Path | None:
+    """The --init_checkpoint folder when --config_file is that folder's own config (e.g. a run_glue
+    output): its relative attention_mask_file names the copy in that folder, not a path from here."""
+    if not args.init_checkpoint:
+        return None
+    weights_file = resolve_weights_file(args.init_checkpoint)
+    own_config = config_file_beside(weights_file)
+    if own_config is not None and own_config.samefile(args.config_file):
+        return weights_file.parent
+    return None
 
 
 def check_casing(tokenizer: BertTokenizer, args: argparse.Namespace) -> None:
@@ -255,18 +282,41 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
 
 def drop_foreign_head(state: dict[str, torch.Tensor], num_labels: int, source: str,
                       allow_new_head: bool) -> dict[str, torch.Tensor]:
-    """`state` without its classifier when that classifier has another number of outputs."""
+    """`state` without its classifier when that classifier has another number of outputs.
+
+    Without `allow_new_head` (scoring only) the checkpoint must hold this task's classifier: a new
+    head would be random, and so would every score.
+    """
     head = {k: v for k, v in state.items() if k.split(".")[-2:-1] == ["classifier"]}
     outputs = {int(v.shape[0]) for v in head.values() if v.dim() >= 1}
-    if not outputs or outputs == {num_labels}:
+    if outputs == {num_labels}:
         return state
     found = ", ".join(map(str, sorted(outputs)))
     if not allow_new_head:
-        raise ValueError(f"{source}: its classifier has {found} outputs but this task needs {num_labels}: pass the "
-                         f"checkpoint fine-tuned on this task, or add --do_train to train a new head")
-    logger.warning("%s: its classifier has %s outputs, this task needs %d: training a new classifier head",
-                   source, found, num_labels)
+        problem = (f"{source}: its classifier has {found} outputs but this task needs {num_labels}" if outputs
+                   else f"{source} has no classifier (a pretraining checkpoint?), so every score would come "
+                        f"from a random head")
+        raise ValueError(f"{problem}: pass the checkpoint fine-tuned on this task, or add --do_train to train "
+                         f"a new head")
+    if outputs:
+        logger.warning("%s: its classifier has %s outputs, this task needs %d: training a new classifier head",
+                       source, found, num_labels)
     return {k: v for k, v in state.items() if k not in head}
+
+
+def save_fine_tuned(model: BertForSequenceClassification, config: BertConfig, output_dir: Path) -> None:
+    """pytorch_model.bin + config.json; a mask from a file is saved beside them and named relative to
+    the folder, so the folder loads the same from any directory (modeling.find_config_beside)."""
+    atomic_save({"model": model.state_dict()}, output_dir / "pytorch_model.bin")
+    if config.attention_mask_type == "file":
+        mask = model.bert.sparse_mask
+        metadata = mask.describe()
+        # The mask in use (the source file may have changed since), in its stored shape, with the
+        # mode the source file recorded, so a reload reports the same provenance.
+        attention_masks.save_mask_file(output_dir / MASK_FILE, mask.binarize(),
+                                       {**metadata, "mode": metadata.get("source_mode")})
+        config = config.replace(attention_mask_file=MASK_FILE)
+    config.to_json_file(output_dir / "config.json")
 
 
 def mask_sparsity(model: BertForSequenceClassification) -> float:
@@ -494,8 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.do_train:
         results.update(train(args, task, model, train_features, device, metrics))
         if is_main_process() and not args.skip_checkpoint:
-            atomic_save({"model": model.state_dict()}, output_dir / "pytorch_model.bin")
-            config.to_json_file(output_dir / "config.json")
+            save_fine_tuned(model, config, output_dir)
     # Evaluation and prediction run on rank 0, as NVIDIA's script does; the others wait.
     if is_main_process():
         if args.do_eval:

@@ -332,7 +332,7 @@ def truncate_pair(tokens_a: list, tokens_b: list, max_length: int) -> None:
 
 def convert_examples_to_features(examples: Sequence[InputExample], tokenizer: Tokenizer, max_seq_length: int,
                                  labels: Sequence[str] | None) -> Features:
-    """`[CLS] A [SEP] (B [SEP])`, segment ids 0 / 1, zero padding to `max_seq_length`.
+    """`[CLS] A [SEP] (B [SEP])`, segment ids 0 / 1, zero padding to `max_seq_length`; an empty B is left out.
 
     `labels` is the task's label list (None for regression). Examples without a label get -1 (nan
     for regression), so test sets convert the same way.
@@ -350,7 +350,9 @@ def convert_examples_to_features(examples: Sequence[InputExample], tokenizer: To
         label_index = {label: i for i, label in enumerate(labels)}
     cls_id, sep_id = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]"])
     ids_a = encode_texts(tokenizer, [ex.text_a for ex in examples])
-    pair_rows = [row for row, ex in enumerate(examples) if ex.text_b is not None]
+    # As NVIDIA / Google BERT: an empty text_b (a few QQP rows) is a single sentence, and a text_b
+    # that tokenizes to nothing keeps the pair budget but adds no second segment.
+    pair_rows = [row for row, ex in enumerate(examples) if ex.text_b]
     ids_b = dict(zip(pair_rows, encode_texts(tokenizer, [examples[row].text_b for row in pair_rows])))
     for row, example in enumerate(examples):
         tokens_a, tokens_b = ids_a[row], ids_b.get(row)
@@ -360,7 +362,7 @@ def convert_examples_to_features(examples: Sequence[InputExample], tokenizer: To
             del tokens_a[max_seq_length - 2:]
         ids = [cls_id, *tokens_a, sep_id]
         len_a = len(ids)
-        if tokens_b is not None:
+        if tokens_b:
             ids += [*tokens_b, sep_id]
         input_ids[row, : len(ids)] = ids
         input_mask[row, : len(ids)] = 1

@@ -261,6 +261,20 @@ def test_features_truncate_longest_first_single_and_regression() -> None:
         convert_examples_to_features([], tok, 2, None)
 
 
+def test_empty_second_sentence_is_a_single_sentence_as_in_nvidia_bert() -> None:
+    # NVIDIA / Google BERT test `if example.text_b:` for the length budget and `if tokens_b:` for
+    # the second segment. QQP has rows whose second question is empty.
+    tok = WhitespaceTokenizer(list(string.ascii_lowercase))
+    long_a = " ".join("abcdefghij")
+    f = convert_examples_to_features([InputExample("t-0", "0", long_a, "", None),
+                                      InputExample("t-1", "1", long_a, "  ", None)], tok, 8, ("0", "1"))
+    v = tok.vocab
+    assert f.input_ids[0].tolist() == [v[t] for t in ["[CLS]", "a", "b", "c", "d", "e", "f", "[SEP]"]]
+    # Text that tokenizes to nothing keeps the pair budget (one [SEP] less used) but gets no segment B.
+    assert f.input_ids[1].tolist() == [v[t] for t in ["[CLS]", "a", "b", "c", "d", "e", "[SEP]"]] + [0]
+    assert f.segment_ids.sum() == 0 and f.input_mask.sum(axis=1).tolist() == [8, 7]
+
+
 @given(st.integers(0, 30), st.integers(0, 30), st.integers(0, 40))
 def test_truncate_pair_fits_and_keeps_the_balance(len_a: int, len_b: int, budget: int) -> None:
     a, b = list(range(len_a)), list(range(len_b))

@@ -15,7 +15,7 @@ import torch
 
 import attention_masks
 import run_glue
-from modeling import BertConfig, BertForSequenceClassification
+from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification
 from utils import read_dllogger_json, safe_torch_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,6 +219,43 @@ def test_outputs_change_with_the_mask_and_a_mask_file_equals_its_pattern(tmp_pat
     torch.testing.assert_close(logits["file"], logits["star"])
 
 
+def write_pattern_mask(path: Path, name: str) -> torch.Tensor:
+    mask = attention_masks.pattern_mask(name, SEQ)[None, None]
+    attention_masks.save_mask_file(path, mask, {"mode": name})
+    return mask
+
+
+def test_a_model_fine_tuned_with_a_mask_file_is_a_self_contained_folder(glue: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    first, elsewhere, out = tmp_path / "first", tmp_path / "elsewhere", tmp_path / "out"
+    star = write_pattern_mask(first / "masks/mask.safetensors", "star")
+    monkeypatch.chdir(first)  # the mask path is typed relative to where the run starts
+    assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "2",
+                                   "--attention_mask_type", "file",
+                                   "--attention_mask_file", "masks/mask.safetensors")) == 0
+    assert json.loads((out / "config.json").read_text())["attention_mask_file"] == "attention_mask.safetensors"
+    copy, metadata = attention_masks.load_mask_file(out / "attention_mask.safetensors")
+    assert torch.equal(copy, star) and metadata["mode"] == "star"
+    # Elsewhere, decoys of another pattern sit at both relative paths: the folder's own mask must win.
+    write_pattern_mask(elsewhere / "masks/mask.safetensors", "strided")
+    write_pattern_mask(elsewhere / "attention_mask.safetensors", "strided")
+    monkeypatch.chdir(elsewhere)
+    model = BertForSequenceClassification.from_pretrained(out, num_labels=2)
+    assert torch.equal(model.bert.sparse_mask.binarize(), star)
+    again = tmp_path / "again"
+    assert run_glue.main(glue_args(glue, again, "sst-2", "--do_eval", "--init_checkpoint", str(out),
+                                   "--config_file", str(out / "config.json"))) == 0
+    assert results(again)["eval:loss"] == pytest.approx(results(out)["eval:loss"], rel=1e-6)
+    assert results(again)["mask_sparsity"] == pytest.approx(attention_masks.sparsity(star))
+    # Any other --config_file keeps its meaning: a relative mask path is read from the current directory.
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY, "attention_mask_type": "file",
+                                  "attention_mask_file": "masks/mask.safetensors"}))
+    args = run_glue.parse_arguments(glue_args(glue, tmp_path / "x", "sst-2", "--do_eval",
+                                              "--init_checkpoint", str(out), "--config_file", str(config)))
+    assert run_glue.load_model_config(args).attention_mask_file == "masks/mask.safetensors"
+
+
 def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_path: Path) -> None:
     logits = dam_checkpoint(tmp_path / "dam.pt")
     model = run_glue.build_model(tiny_config(attention_mask_type="dam_u"), 2, str(tmp_path / "dam.pt"))
@@ -257,6 +294,33 @@ def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_trainin
     # Scoring without training would use a random head: refused, naming both label counts.
     with pytest.raises(ValueError, match="classifier has 3 outputs but this task needs 2"):
         run_glue.build_model(tiny_config(), 2, str(tmp_path / "mnli.pt"), allow_new_head=False)
+
+
+@pytest.mark.parametrize("mode", ["--do_eval", "--do_predict"])
+def test_scoring_a_checkpoint_without_classifier_is_refused_before_the_data_is_read(
+        glue: Path, tmp_path: Path, capsys, mode: str) -> None:
+    torch.save({"model": BertForPreTraining(tiny_config()).state_dict()}, tmp_path / "pretrained.pt")
+    data = tmp_path / "SST-2"  # dev and test files that fail if read: the checkpoint must be refused first
+    for name in ("dev.tsv", "test.tsv"):
+        write_tsv(data / name, [["sentence", "label"], ["broken"]])
+    out = tmp_path / "out"
+    argv = glue_args(glue, out, "sst-2", mode, "--data_dir", str(data),
+                     "--init_checkpoint", str(tmp_path / "pretrained.pt"))
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'pretrained.pt'} has no classifier" in err and "add --do_train" in err and "\n" not in err
+    assert not out.exists()
+    # Without any checkpoint the whole model would be random: refused the same way.
+    assert run_glue.main([a for a in argv if a not in ("--init_checkpoint", str(tmp_path / "pretrained.pt"))]) == 1
+    assert "add --do_train" in capsys.readouterr().err and not out.exists()
+
+
+def test_training_from_a_pretraining_checkpoint_gets_a_new_head(glue: Path, tmp_path: Path) -> None:
+    torch.save({"model": BertForPreTraining(tiny_config()).state_dict()}, tmp_path / "pretrained.pt")
+    out = tmp_path / "out"
+    assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "1",
+                                   "--init_checkpoint", str(tmp_path / "pretrained.pt"))) == 0
+    assert results(out)["global_step"] == 1
 
 
 # ----------------------------------------------------------------------------- bad flags and paths
