@@ -14,7 +14,8 @@ appended to the HDF5 file before the next chunk is read. Chunk k always uses the
 (`--random_seed`, k), so the output is identical for any `--n_processes`.
 
 The file is written to a temporary name, synced and renamed at the end (atomic_io.atomic_path): a
-shard that exists is complete, also after a power loss.
+shard that exists is complete, also after a power loss. The temporary files of this output that killed
+runs left are removed when the next run starts.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the flat project layout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atomic_io import atomic_path  # noqa: E402
+from atomic_io import atomic_path, remove_stale_temps  # noqa: E402
 from data.parallel import ordered_map  # noqa: E402
 from tokenization import BertTokenizer  # noqa: E402
 
@@ -423,6 +424,7 @@ def create_shard(input_files: Sequence[str], output_file: str, vocab_file: str, 
                disable=not progress)
     documents = read_documents(files, on_bytes=bar.update)
     chunks = chunk_documents(documents, max(1, int(chunk_mb * 2**20)))
+    remove_stale_temps(output_file)  # each killed run leaves one shard-sized temp file
     try:
         # atomic_path syncs the data before the rename: after a power loss a shard that exists is
         # complete, which bertPrep relies on when it skips existing shards.

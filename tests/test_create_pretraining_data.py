@@ -285,6 +285,17 @@ def test_shard_data_is_on_disk_before_it_is_renamed_into_place(corpus, tmp_path,
     assert ("fsync", renamed[0][1]) in events[:events.index(renamed[0])], events
 
 
+def test_temp_files_a_kill_left_for_this_shard_are_removed_and_nothing_else(corpus, tmp_path):
+    stale = [tmp_path / ".s.hdf5.4242.tmp", tmp_path / ".s.hdf5.k3x_9qab.tmp"]  # old pid form, atomic_io form
+    kept = [tmp_path / ".t.hdf5.4242.tmp", tmp_path / "s.hdf5.4242.tmp", tmp_path / ".s.hdf5.a.b.tmp",
+            tmp_path / ".s.hdf5.tmp", tmp_path / "notes.txt"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    cpd.create_shard([str(corpus)], str(tmp_path / "s.hdf5"), VOCAB, cpd.InstanceConfig(dupe_factor=1),
+                     progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.hdf5"] + [p.name for p in kept])
+
+
 def test_input_file_forms(corpus, tmp_path):
     (tmp_path / "a.txt").write_text("x")
     (tmp_path / "b.txt").write_text("y")

@@ -69,6 +69,17 @@ def test_shard_articles_keeps_every_sentence_once_and_balances(tmp_path):
     assert [Path(f).read_text() for f in again.training_files] == [Path(f).read_text() for f in result.training_files]
 
 
+def test_sharding_removes_the_sentence_files_a_kill_left_and_nothing_else(tmp_path):
+    write_articles(tmp_path / "in.txt", 20)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale, kept = out / ".wiki_sentences.4242.tmp", [out / ".books_sentences.4242.tmp", out / "wiki_notes.tmp"]
+    for path in [stale] + kept:
+        path.write_text("partial")
+    sharding.shard_articles([str(tmp_path / "in.txt")], str(out), "wiki", 2, 1, 0.2, "regex")
+    assert not stale.exists() and all(p.exists() for p in kept)
+
+
 def test_sharding_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="text_formatting"):
         sharding.shard_articles([str(tmp_path / "missing.txt")], str(tmp_path), "x", 2, 1, 0.1, "regex")
