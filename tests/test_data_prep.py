@@ -139,6 +139,23 @@ def test_wordpiece_trainer_is_deterministic_and_bert_shaped():
     assert {"r", "##u", "##n"} <= set(vocab) and "run" in vocab  # characters, then frequent merges
 
 
+def test_demo_vocab_copy_interrupted_midway_leaves_no_truncated_vocab(tmp_path, monkeypatch):
+    """bertPrep takes an existing vocab.txt as done, so a half-copied one would be used."""
+    def killed_midway(src, dst, **_):
+        Path(dst).write_bytes(Path(src).read_bytes()[:1000])
+        raise KeyboardInterrupt
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\nold\n")
+    monkeypatch.setattr(demo_corpus.shutil, "copyfile", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        demo_corpus.prepare_vocab("", str(vocab), str(ROOT / "vocab" / "vocab"), 0)
+    assert vocab.read_text() == "[PAD]\nold\n" and [p.name for p in tmp_path.iterdir()] == ["vocab.txt"]
+    monkeypatch.undo()
+    assert demo_corpus.prepare_vocab("", str(vocab), str(ROOT / "vocab" / "vocab"), 0) == str(ROOT / "vocab" / "vocab")
+    assert vocab.read_bytes() == (ROOT / "vocab" / "vocab").read_bytes()
+
+
 @pytest.fixture(scope="module")
 def demo_documents():
     return demo_corpus.reference_documents(), demo_corpus.library_documents()
