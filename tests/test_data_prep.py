@@ -119,6 +119,20 @@ def test_books_and_plain_text_formatting(tmp_path):
         text_formatting.format_books(str(tmp_path / "none"), str(out))
 
 
+def test_formatting_nothing_keeps_an_earlier_output_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text("Chapter one.\n")
+    out = tmp_path / "formatted_one_article_per_line" / "bookscorpus_one_book_per_line.txt"
+    assert text_formatting.format_books(str(tmp_path / "books"), str(out)) == 1
+    (tmp_path / "books" / "a.txt").write_text("\n\n")  # e.g. a copy that is still being made
+    monkeypatch.setenv("BERT_PREP_WORKING_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        bertPrep.main(["--action", "text_formatting", "--dataset", "bookscorpus", "--books_dir", str(tmp_path / "books")])
+    message = str(info.value)
+    assert message.startswith("bertPrep: no articles") and str(out) in message and "\n" not in message, message
+    assert out.read_text() == "Chapter one.\n\n" and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
 # ----------------------------------------------------------------------------- demo corpus
 
 
