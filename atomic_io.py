@@ -5,10 +5,14 @@ Torch-free, so the tokenizer, the downloaders and the data pipeline share it wit
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -32,6 +36,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writes of `path` left beside it; returns them.
+
+    A SIGKILL or power loss skips atomic_path's cleanup, so every interrupted write leaves one
+    `.<name>.<random>.tmp` (`<random>` has no dot, so other files' temporaries never match). Call it
+    only where no other process is writing `path` at the same time.
+    """
+    path = Path(path)
+    own_temp = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp")
+    if not path.parent.is_dir():
+        return []
+    stale = [p for p in path.parent.iterdir() if own_temp.fullmatch(p.name) and p.is_file()]
+    for temp in stale:
+        logger.warning("removing %s, left by an interrupted write", temp)
+        temp.unlink(missing_ok=True)
+    return stale
 
 
 def _umask() -> int:

@@ -94,10 +94,11 @@ def masked_lm_labels(positions: torch.Tensor, ids: torch.Tensor, seq_length: int
 class PretrainingDataset(torch.utils.data.Dataset):
     """One HDF5 shard, checked and held in memory."""
 
-    def __init__(self, path: str | os.PathLike, max_pred_length: int):
+    def __init__(self, path: str | os.PathLike, max_pred_length: int, vocab_size: int | None = None):
         self.path = os.fspath(path)
         self.max_pred_length = max_pred_length
-        self.arrays = {name: torch.from_numpy(a) for name, a in _read_shard(self.path, max_pred_length).items()}
+        arrays = _read_shard(self.path, max_pred_length, vocab_size)
+        self.arrays = {name: torch.from_numpy(a) for name, a in arrays.items()}
         self.seq_length = self.arrays["input_ids"].shape[1]
 
     def __len__(self) -> int:
@@ -115,7 +116,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
         return [t[0] for t in self.batch([index])]
 
 
-def _read_shard(path: str, max_pred_length: int) -> dict[str, np.ndarray]:
+def _read_shard(path: str, max_pred_length: int, vocab_size: int | None) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretraining shard {path!r} does not exist")
     try:
@@ -126,7 +127,7 @@ def _read_shard(path: str, max_pred_length: int) -> dict[str, np.ndarray]:
         raise
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise _unreadable(path, e) from None
-    _check_values(path, arrays)
+    _check_values(path, arrays, vocab_size)
     return arrays
 
 
@@ -196,7 +197,7 @@ def _check_layout(path: str, layout: dict[str, tuple[tuple, np.dtype]], max_pred
                          f"--max_predictions_per_seq {widths['pred']} (phase 2 shards use 80)")
 
 
-def _check_values(path: str, a: dict[str, np.ndarray]) -> None:
+def _check_values(path: str, a: dict[str, np.ndarray], vocab_size: int | None) -> None:
     seq = a["input_ids"].shape[1]
     positions = a["masked_lm_positions"]
     if positions.size and (positions.min() < 0 or positions.max() >= seq):
@@ -213,6 +214,17 @@ def _check_values(path: str, a: dict[str, np.ndarray]) -> None:
     for name, ids in (("input_ids", a["input_ids"]), ("masked_lm_ids", a["masked_lm_ids"][used])):
         if (ids < 0).any():
             raise ShardError(f"shard {path!r}: {name} holds negative ids: {REMAKE_HINT}")
+    if vocab_size is not None:
+        _check_vocab_size(path, [a["input_ids"], a["masked_lm_ids"][used]], vocab_size)
+
+
+def _check_vocab_size(path: str, ids: list[np.ndarray], vocab_size: int) -> None:
+    """Shards made with another vocab would crash the embedding far from the file (a CUDA assert)."""
+    largest = max((int(x.max()) for x in ids if x.size), default=-1)
+    if largest >= vocab_size:
+        raise ShardError(f"shard {path!r} holds token id {largest} but the config has vocab_size {vocab_size}: "
+                         f"make the shards with the config's vocab (create_pretraining_data.py --vocab_file), "
+                         f"or use the bert_config.json that matches the shards' vocab")
 
 
 class PretrainingBatches:
@@ -225,7 +237,7 @@ class PretrainingBatches:
 
     def __init__(self, files: Sequence[str], batch_size: int, max_pred_length: int, seed: int,
                  rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
-                 prefetch: bool = True):
+                 prefetch: bool = True, vocab_size: int | None = None):
         if not files:
             raise ValueError("PretrainingBatches needs at least one shard (see list_shards)")
         if batch_size < 1:
@@ -233,6 +245,7 @@ class PretrainingBatches:
         self.files = sorted(os.fspath(f) for f in files)
         self.batch_size = batch_size
         self.max_pred_length = max_pred_length
+        self.vocab_size = vocab_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -292,11 +305,12 @@ class PretrainingBatches:
             future = self._pending[1]
             self._pending = None
             return future.result()
-        return PretrainingDataset(path, self.max_pred_length)
+        return PretrainingDataset(path, self.max_pred_length, self.vocab_size)
 
     def _start_prefetch(self, path: str) -> None:
         if self._pool is not None and (self._pending is None or self._pending[0] != path):
-            self._pending = (path, self._pool.submit(PretrainingDataset, path, self.max_pred_length))
+            self._pending = (path, self._pool.submit(PretrainingDataset, path, self.max_pred_length,
+                                                          self.vocab_size))
 
     # ------------------------------------------------------------------ iteration
 

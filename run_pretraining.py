@@ -344,7 +344,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                             static=args.loss_scale > 0)
     batches = pretraining_data.PretrainingBatches(
         shards, batch_size=micro_batch, max_pred_length=args.max_predictions_per_seq, seed=args.seed,
-        rank=rank, world_size=world_size)
+        rank=rank, world_size=world_size, vocab_size=config.vocab_size)
 
     global_step, rng_states = 0, None
     if found is not None:

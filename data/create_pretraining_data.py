@@ -13,7 +13,9 @@ segments come from the same chunk, instances are shuffled within the chunk), and
 appended to the HDF5 file before the next chunk is read. Chunk k always uses the RNG seeded by
 (`--random_seed`, k), so the output is identical for any `--n_processes`.
 
-The file is written to a temporary name and renamed at the end: a shard that exists is complete.
+The file is written to a temporary name, synced and renamed at the end (atomic_io.atomic_path): a
+shard that exists is complete, also after a power loss. The temporary files of this output that killed
+runs left are removed when the next run starts.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the flat project layout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from atomic_io import atomic_path, remove_stale_temps  # noqa: E402
 from data.parallel import ordered_map  # noqa: E402
 from tokenization import BertTokenizer  # noqa: E402
 
@@ -377,14 +380,10 @@ def process_chunks(chunks: Iterable[list[list[str]]], processor_args: tuple, n_p
 
 
 class ShardWriter:
-    """Appends rows to a gzip HDF5 shard under a temporary name; `commit` renames it into place."""
+    """Appends rows to a new gzip HDF5 file (create_shard gives it atomic_io's temporary path)."""
 
-    def __init__(self, path: str, cfg: InstanceConfig):
-        self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        self.tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        self.file = h5py.File(self.tmp_path, "w")
+    def __init__(self, path: str | os.PathLike, cfg: InstanceConfig):
+        self.file = h5py.File(path, "w")
         self.rows = 0
         widths = {"input_ids": cfg.max_seq_length, "input_mask": cfg.max_seq_length,
                   "segment_ids": cfg.max_seq_length, "masked_lm_positions": cfg.max_predictions_per_seq,
@@ -403,14 +402,11 @@ class ShardWriter:
             dataset[self.rows:] = arrays[name]
         self.rows += n
 
-    def commit(self) -> None:
-        self.file.close()
-        os.replace(self.tmp_path, self.path)
+    def __enter__(self) -> ShardWriter:
+        return self
 
-    def abort(self) -> None:
-        self.file.close()
-        if os.path.exists(self.tmp_path):
-            os.unlink(self.tmp_path)
+    def __exit__(self, *exc_info) -> None:
+        self.file.close()  # before atomic_path syncs and renames (or deletes) the file
 
 
 def create_shard(input_files: Sequence[str], output_file: str, vocab_file: str, cfg: InstanceConfig,
@@ -428,18 +424,17 @@ def create_shard(input_files: Sequence[str], output_file: str, vocab_file: str, 
                disable=not progress)
     documents = read_documents(files, on_bytes=bar.update)
     chunks = chunk_documents(documents, max(1, int(chunk_mb * 2**20)))
-    writer = ShardWriter(output_file, cfg)
+    remove_stale_temps(output_file)  # each killed run leaves one shard-sized temp file
     try:
-        for arrays in process_chunks(chunks, processor_args, max(1, n_processes)):
-            writer.append(arrays)
-            bar.set_postfix(instances=writer.rows)
-        if writer.rows == 0:
-            raise ValueError(f"no instances made from {', '.join(files)}: the input must be text with one "
-                             f"sentence per line and a blank line between documents")
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
+        # atomic_path syncs the data before the rename: after a power loss a shard that exists is
+        # complete, which bertPrep relies on when it skips existing shards.
+        with atomic_path(output_file) as tmp, ShardWriter(tmp, cfg) as writer:
+            for arrays in process_chunks(chunks, processor_args, max(1, n_processes)):
+                writer.append(arrays)
+                bar.set_postfix(instances=writer.rows)
+            if writer.rows == 0:
+                raise ValueError(f"no instances made from {', '.join(files)}: the input must be text with one "
+                                 f"sentence per line and a blank line between documents")
     finally:
         bar.close()
     return writer.rows

@@ -37,7 +37,7 @@ from typing import Iterator
 if __package__ in (None, ""):  # run as a script: make the flat project layout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atomic_io import atomic_text_writer  # noqa: E402
+from atomic_io import atomic_path, atomic_text_writer  # noqa: E402
 from data.sharding import split_sentences_regex  # noqa: E402
 
 REPO_VOCAB = Path(__file__).resolve().parent.parent / "vocab" / "vocab"
@@ -241,7 +241,8 @@ def prepare_vocab(corpus_file: str, vocab_file: str, choice: str, vocab_size: in
         return "trained"
     if not os.path.isfile(choice):
         raise FileNotFoundError(f"--vocab {choice!r} is not a file: use auto, train or a vocab.txt path")
-    shutil.copyfile(choice, vocab_file)
+    with atomic_path(vocab_file) as tmp:  # bertPrep takes an existing vocab.txt as complete
+        shutil.copyfile(choice, tmp)
     return choice
 
 

@@ -13,7 +13,8 @@ could loop forever while balancing (NVIDIA/DeepLearningExamples#489, #1083):
   balance assigns articles, largest first, to the currently smallest shard (a heap; one step per
          article, so it always ends; shards end within one article of each other);
   pass 2 streams the temporary file into the shard files.
-Every shard is written under a temporary name and renamed when complete.
+Every shard is written under a temporary name and renamed when complete; the sentence file a killed
+run left is removed when the next one starts.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import resource
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
+from atomic_io import remove_stale_temps
 from data.parallel import ordered_map
 
 logger = logging.getLogger(__name__)
@@ -163,6 +165,8 @@ def shard_articles(input_files: Sequence[str], output_dir: str, dataset: str, n_
                                 f"--action text_formatting first")
     get_splitter(segmentation_method)  # report a fallback once, here
     os.makedirs(output_dir, exist_ok=True)
+    # Each killed run leaves its corpus-sized sentence file (named like atomic_io's temporaries).
+    remove_stale_temps(os.path.join(output_dir, f"{dataset}_sentences"))
     sentences_path = os.path.join(output_dir, f".{dataset}_sentences.{os.getpid()}.tmp")
     names = {(split, i): shard_name(output_dir, dataset, split, i)
              for split, n in (("training", n_training_shards), ("test", n_test_shards)) for i in range(n)}

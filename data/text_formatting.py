@@ -78,15 +78,18 @@ def paragraph_articles(paths: Iterable[str]) -> Iterator[str]:
 
 
 def write_articles(articles: Iterable[str], output_file: str) -> int:
-    """One article per line followed by a blank line (NVIDIA's formatted layout); returns the count."""
+    """One article per line followed by a blank line (NVIDIA's formatted layout); returns the count.
+
+    With no article nothing is written: an earlier output stays as it was.
+    """
     n = 0
     with atomic_text_writer(output_file) as out:
         for article in articles:
             out.write(" ".join(article.split()) + "\n\n")
             n += 1
-    if n == 0:
-        os.unlink(output_file)
-        raise ValueError(f"no articles found for {output_file!r}: check the input folder")
+        if n == 0:  # raised inside the writer, so it drops its temp file instead of replacing the output
+            raise ValueError(f"no articles found for {output_file!r}, nothing written: check the input folder "
+                             f"or files")
     return n
 
 

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from atomic_io import atomic_path, atomic_text_writer, atomic_write_text
+from atomic_io import atomic_path, atomic_text_writer, atomic_write_text, remove_stale_temps
 
 
 def leftovers(folder):
@@ -36,3 +36,12 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 def test_text_is_utf8_with_unix_newlines(tmp_path):
     atomic_write_text(tmp_path / "t.txt", "naïve\nline\n")
     assert (tmp_path / "t.txt").read_bytes() == "naïve\nline\n".encode("utf-8")
+
+
+def test_remove_stale_temps_takes_only_files_named_as_the_path_s_temporaries(tmp_path):
+    (tmp_path / ".f.bin.abc_12.tmp").write_bytes(b"x")
+    (tmp_path / ".f.bin.dir.tmp").mkdir()
+    (tmp_path / ".f.bin2.abc.tmp").write_bytes(b"x")
+    assert remove_stale_temps(tmp_path / "f.bin") == [tmp_path / ".f.bin.abc_12.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".f.bin.dir.tmp", ".f.bin2.abc.tmp"]
+    assert remove_stale_temps(tmp_path / "missing" / "f.bin") == []

@@ -1,4 +1,5 @@
 """data/create_pretraining_data.py: schema, instance structure, masking statistics, determinism."""
+import os
 import random
 from pathlib import Path
 
@@ -269,6 +270,30 @@ def test_errors_are_clear_and_leave_nothing_behind(tmp_path):
         cpd.create_shard([str(empty)], str(out), str(tmp_path / "nope"), cpd.InstanceConfig())
     with pytest.raises(ValueError, match="max_seq_length"):
         cpd.create_shard([str(empty)], str(out), VOCAB, cpd.InstanceConfig(max_seq_length=4))
+
+
+def test_shard_data_is_on_disk_before_it_is_renamed_into_place(corpus, tmp_path, monkeypatch):
+    """bertPrep skips a shard that exists: after a power loss it must not exist unless complete."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", os.stat(src).st_ino, str(dst))),
+                                                         real_replace(src, dst))[1])
+    out = tmp_path / "s.hdf5"
+    cpd.create_shard([str(corpus)], str(out), VOCAB, cpd.InstanceConfig(dupe_factor=1), progress=False)
+    renamed = [e for e in events if e[0] == "replace" and e[2] == str(out)]
+    assert len(renamed) == 1, events
+    assert ("fsync", renamed[0][1]) in events[:events.index(renamed[0])], events
+
+
+def test_temp_files_a_kill_left_for_this_shard_are_removed_and_nothing_else(corpus, tmp_path):
+    stale = [tmp_path / ".s.hdf5.4242.tmp", tmp_path / ".s.hdf5.k3x_9qab.tmp"]  # old pid form, atomic_io form
+    kept = [tmp_path / ".t.hdf5.4242.tmp", tmp_path / "s.hdf5.4242.tmp", tmp_path / ".s.hdf5.a.b.tmp",
+            tmp_path / ".s.hdf5.tmp", tmp_path / "notes.txt"]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    cpd.create_shard([str(corpus)], str(tmp_path / "s.hdf5"), VOCAB, cpd.InstanceConfig(dupe_factor=1),
+                     progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.hdf5"] + [p.name for p in kept])
 
 
 def test_input_file_forms(corpus, tmp_path):

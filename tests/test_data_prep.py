@@ -69,6 +69,17 @@ def test_shard_articles_keeps_every_sentence_once_and_balances(tmp_path):
     assert [Path(f).read_text() for f in again.training_files] == [Path(f).read_text() for f in result.training_files]
 
 
+def test_sharding_removes_the_sentence_files_a_kill_left_and_nothing_else(tmp_path):
+    write_articles(tmp_path / "in.txt", 20)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale, kept = out / ".wiki_sentences.4242.tmp", [out / ".books_sentences.4242.tmp", out / "wiki_notes.tmp"]
+    for path in [stale] + kept:
+        path.write_text("partial")
+    sharding.shard_articles([str(tmp_path / "in.txt")], str(out), "wiki", 2, 1, 0.2, "regex")
+    assert not stale.exists() and all(p.exists() for p in kept)
+
+
 def test_sharding_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="text_formatting"):
         sharding.shard_articles([str(tmp_path / "missing.txt")], str(tmp_path), "x", 2, 1, 0.1, "regex")
@@ -108,6 +119,20 @@ def test_books_and_plain_text_formatting(tmp_path):
         text_formatting.format_books(str(tmp_path / "none"), str(out))
 
 
+def test_formatting_nothing_keeps_an_earlier_output_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text("Chapter one.\n")
+    out = tmp_path / "formatted_one_article_per_line" / "bookscorpus_one_book_per_line.txt"
+    assert text_formatting.format_books(str(tmp_path / "books"), str(out)) == 1
+    (tmp_path / "books" / "a.txt").write_text("\n\n")  # e.g. a copy that is still being made
+    monkeypatch.setenv("BERT_PREP_WORKING_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        bertPrep.main(["--action", "text_formatting", "--dataset", "bookscorpus", "--books_dir", str(tmp_path / "books")])
+    message = str(info.value)
+    assert message.startswith("bertPrep: no articles") and str(out) in message and "\n" not in message, message
+    assert out.read_text() == "Chapter one.\n\n" and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
 # ----------------------------------------------------------------------------- demo corpus
 
 
@@ -126,6 +151,23 @@ def test_wordpiece_trainer_is_deterministic_and_bert_shaped():
     assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert len(vocab) == len(set(vocab)) <= 60
     assert {"r", "##u", "##n"} <= set(vocab) and "run" in vocab  # characters, then frequent merges
+
+
+def test_demo_vocab_copy_interrupted_midway_leaves_no_truncated_vocab(tmp_path, monkeypatch):
+    """bertPrep takes an existing vocab.txt as done, so a half-copied one would be used."""
+    def killed_midway(src, dst, **_):
+        Path(dst).write_bytes(Path(src).read_bytes()[:1000])
+        raise KeyboardInterrupt
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\nold\n")
+    monkeypatch.setattr(demo_corpus.shutil, "copyfile", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        demo_corpus.prepare_vocab("", str(vocab), str(ROOT / "vocab" / "vocab"), 0)
+    assert vocab.read_text() == "[PAD]\nold\n" and [p.name for p in tmp_path.iterdir()] == ["vocab.txt"]
+    monkeypatch.undo()
+    assert demo_corpus.prepare_vocab("", str(vocab), str(ROOT / "vocab" / "vocab"), 0) == str(ROOT / "vocab" / "vocab")
+    assert vocab.read_bytes() == (ROOT / "vocab" / "vocab").read_bytes()
 
 
 @pytest.fixture(scope="module")

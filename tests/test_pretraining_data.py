@@ -1,4 +1,5 @@
 """pretraining_data.py: labels from stored positions, shard validation, rank files, exact resume."""
+import json
 from pathlib import Path
 
 import h5py
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 import pretraining_data as pd
+import run_pretraining
 from data import create_pretraining_data as cpd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,3 +242,28 @@ def test_big_endian_shard_loads_like_a_native_one(tmp_path):
     assert pd.shard_sequence_length(path, PRED) == SEQ
     big = pd.PretrainingDataset(path, PRED)
     assert all(torch.equal(x, y) for x, y in zip(native.batch(range(12)), big.batch(range(12))))
+
+
+def test_ids_beyond_the_config_vocab_name_the_shard_the_id_and_the_fix(tmp_path):
+    a = shard_arrays(10)  # ids in [1000, 2000)
+    a["masked_lm_ids"][3, 0] = 2500  # a used slot: rows always use at least their first one
+    path = write_shard(tmp_path / "other_vocab.hdf5", a)
+    with pytest.raises(pd.ShardError, match="token id 2500 .*vocab_size 2000.*bert_config.json") as info:
+        pd.PretrainingDataset(path, PRED, vocab_size=2000)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert len(pd.PretrainingDataset(path, PRED, vocab_size=2501)) == 10
+
+
+def test_run_pretraining_stops_on_a_shard_of_another_vocab_with_one_line(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "x_training_0.hdf5", shard_arrays(16))  # ids up to 1999
+    config = tmp_path / "bert_config.json"
+    config.write_text(json.dumps(dict(vocab_size=1000, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=SEQ)))
+    argv = ["--do_train", "--disable_progress_bar", "--input_dir", str(shards), "--config_file", str(config),
+            "--output_dir", str(tmp_path / "out"), "--max_seq_length", str(SEQ), "--max_predictions_per_seq",
+            str(PRED), "--train_batch_size", "4", "--max_steps", "2", "--json-summary", str(tmp_path / "d.json")]
+    assert run_pretraining.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x_training_0.hdf5" in err[0] and "vocab_size 1000" in err[0], err
