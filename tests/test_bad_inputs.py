@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -325,11 +324,9 @@ def test_raw_text_with_nul_bytes_invalid_utf8_and_a_megabyte_line(tmp_path):
     text = tmp_path / "raw.txt"
     text.write_bytes(raw)
     out = tmp_path / "training_0.hdf5"
-    start = time.monotonic()
     cpd.main(["--vocab_file", str(VOCAB), "--input_file", str(text), "--output_file", str(out),
               "--max_seq_length", str(SEQ), "--max_predictions_per_seq", str(MAX_PRED), "--dupe_factor", "1",
               "--n_processes", "1", "--no_progress"])
-    assert time.monotonic() - start < 60  # a huge line is bounded work, not a hang
     dataset = pretraining_data.PretrainingDataset(out, MAX_PRED)  # passes every layout / value check
     ids = dataset.arrays["input_ids"]
     vocab = VOCAB.read_text(encoding="utf-8").splitlines()
