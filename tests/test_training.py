@@ -181,11 +181,18 @@ def test_sigterm_becomes_a_flag_and_handler_is_restored():
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
-def test_throughput_meter_skips_warmup_steps():
+def test_throughput_meter_skips_warmup_steps(monkeypatch):
+    """On a fake clock, one second per step: the rates cover only the steps after the warm-up, timed
+    from the end of the last warm-up step (not from construction)."""
+    now = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
     meter = training.ThroughputMeter(torch.device("cpu"), warmup_steps=2)
     for _ in range(5):
-        meter.update(8)
-    assert meter.sequences == 24 and meter.sequences_per_second() > 0 and meter.seconds_per_step() > 0
+        now[0] += 1.0
+        meter.update(8)  # steps end at t = 1 .. 5; the warm-up ends at t = 2
+    assert meter.sequences == 24
+    assert meter.sequences_per_second() == 24 / (5 - 2)
+    assert meter.seconds_per_step() == (5 - 2) / 3
 
 
 # ----------------------------------------------------------------------------- DDP gradient averaging
