@@ -169,6 +169,31 @@ def test_rng_states_round_trip():
     assert not training.restore_rng_states(states * 2)  # saved by 2 ranks, this run has 1
 
 
+# ----------------------------------------------------------------------------- run_script
+
+
+@pytest.mark.parametrize("error", [ValueError("bad --lamb -1: must be >= 0"), FileNotFoundError("x.json not found"),
+                                   training.TrainingError("3 consecutive bad steps")])
+def test_run_script_turns_user_errors_into_one_line_and_exit_1(capsys, error):
+    def body():
+        raise error
+
+    assert training.run_script("tool.py", body) == 1
+    assert capsys.readouterr().err == f"tool.py: error: {error}\n"
+
+
+def test_run_script_keeps_the_traceback_of_a_bug_and_returns_0_on_success(capsys):
+    def bug():
+        raise RuntimeError("connection reset by peer")  # looks like a lost peer, but there is no peer
+
+    with pytest.raises(RuntimeError, match="connection reset"):
+        training.run_script("tool.py", bug)
+    with pytest.raises(KeyError):
+        training.run_script("tool.py", lambda: {}["missing"])
+    assert training.run_script("tool.py", lambda: None) == 0
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------- SIGTERM, meter
 
 
