@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -227,7 +226,11 @@ def test_pickled_checkpoint_refused_by_glue_loading_and_mask_export(tmp_path):
 # ----------------------------------------------------------------------------- mask files
 
 
-@pytest.mark.parametrize("layers, n, expect", [(3, SEQ, "3"), (2, SEQ // 2, "16")])
+# The numbers are checked in context: a bare "3" (layers) is also in the "32" of any shape or path.
+@pytest.mark.parametrize("layers, n, expect", [
+    (3, SEQ, ["mask.safetensors holds a mask of shape [3, 2, 32, 32]", "this model needs [2, 2, 32, 32]"]),
+    (2, SEQ // 2, ["mask_seq_length 16 < --max_seq_length 32", "set mask_seq_length >= 32"]),
+])
 def test_mask_file_that_does_not_fit_the_model(good_shard, tmp_path, capsys, layers, n, expect):
     mask_path = tmp_path / "mask.safetensors"
     attention_masks.save_mask_file(mask_path, torch.ones(layers, 2, n, n, dtype=torch.bool), {"source": "test"})
@@ -235,9 +238,8 @@ def test_mask_file_that_does_not_fit_the_model(good_shard, tmp_path, capsys, lay
                           mask_seq_length=n)
     assert run_pretraining.main(base_args(good_shard.parent, tmp_path / "out", config)) == 1
     line = one_error_line(capsys)
-    assert "config.json" in line and expect in line, line
+    assert "config.json" in line and all(part in line for part in expect), line
     assert not (tmp_path / "out").exists()
-    assert "mask.safetensors" in line or "mask_seq_length" in line
 
 
 # ----------------------------------------------------------------------------- config files
@@ -322,11 +324,9 @@ def test_raw_text_with_nul_bytes_invalid_utf8_and_a_megabyte_line(tmp_path):
     text = tmp_path / "raw.txt"
     text.write_bytes(raw)
     out = tmp_path / "training_0.hdf5"
-    start = time.monotonic()
     cpd.main(["--vocab_file", str(VOCAB), "--input_file", str(text), "--output_file", str(out),
               "--max_seq_length", str(SEQ), "--max_predictions_per_seq", str(MAX_PRED), "--dupe_factor", "1",
               "--n_processes", "1", "--no_progress"])
-    assert time.monotonic() - start < 60  # a huge line is bounded work, not a hang
     dataset = pretraining_data.PretrainingDataset(out, MAX_PRED)  # passes every layout / value check
     ids = dataset.arrays["input_ids"]
     vocab = VOCAB.read_text(encoding="utf-8").splitlines()

@@ -55,12 +55,12 @@ def test_minilm_weights_match_transformers_bert_model():
     torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=0)
 
 
-def hf_pretraining_folder(tmp_path: Path, vocab_size: int = 997) -> Path:
+def hf_pretraining_folder(tmp_path: Path, vocab_size: int = 997, head: str = "BertForPreTraining", **extra) -> Path:
     torch.manual_seed(1)
     hf_config = transformers.BertConfig(vocab_size=vocab_size, hidden_size=48, num_hidden_layers=2,
                                         num_attention_heads=4, intermediate_size=96,
-                                        max_position_embeddings=64)
-    model = transformers.BertForPreTraining(hf_config).eval()
+                                        max_position_embeddings=64, **extra)
+    model = getattr(transformers, head)(hf_config).eval()
     # Random init leaves some tensors at constants; make every tensor distinctive.
     with torch.no_grad():
         for p in model.parameters():
@@ -106,6 +106,19 @@ def test_gradients_match_transformers(tmp_path):
         torch.testing.assert_close(ours_grad, their, atol=1e-5, rtol=1e-4, msg=name)
         checked += 1
     assert checked == len(their_grads)  # every HF parameter (tied ones listed once on both sides)
+
+
+def test_sequence_classifier_matches_transformers(tmp_path):
+    """The GLUE model: HF's fine-tuned classifier folder (pooler + classifier names) gives HF's logits."""
+    folder = hf_pretraining_folder(tmp_path, head="BertForSequenceClassification", num_labels=3)
+    theirs = transformers.BertForSequenceClassification.from_pretrained(str(folder), attn_implementation="eager").eval()
+    ours = BertForSequenceClassification.from_pretrained(folder, num_labels=3).eval()
+    assert ours.load_report.missing_keys == [] and ours.load_report.unexpected_keys == []
+    ids, types, mask = random_batch(997)
+    with torch.no_grad():
+        logits = ours(ids, types, mask)
+        ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask).logits
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
 
 
 def test_save_in_hf_format_loads_into_transformers(tmp_path):

@@ -169,6 +169,31 @@ def test_rng_states_round_trip():
     assert not training.restore_rng_states(states * 2)  # saved by 2 ranks, this run has 1
 
 
+# ----------------------------------------------------------------------------- run_script
+
+
+@pytest.mark.parametrize("error", [ValueError("bad --lamb -1: must be >= 0"), FileNotFoundError("x.json not found"),
+                                   training.TrainingError("3 consecutive bad steps")])
+def test_run_script_turns_user_errors_into_one_line_and_exit_1(capsys, error):
+    def body():
+        raise error
+
+    assert training.run_script("tool.py", body) == 1
+    assert capsys.readouterr().err == f"tool.py: error: {error}\n"
+
+
+def test_run_script_keeps_the_traceback_of_a_bug_and_returns_0_on_success(capsys):
+    def bug():
+        raise RuntimeError("connection reset by peer")  # looks like a lost peer, but there is no peer
+
+    with pytest.raises(RuntimeError, match="connection reset"):
+        training.run_script("tool.py", bug)
+    with pytest.raises(KeyError):
+        training.run_script("tool.py", lambda: {}["missing"])
+    assert training.run_script("tool.py", lambda: None) == 0
+    assert capsys.readouterr().err == ""
+
+
 # ----------------------------------------------------------------------------- SIGTERM, meter
 
 
@@ -181,11 +206,18 @@ def test_sigterm_becomes_a_flag_and_handler_is_restored():
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
-def test_throughput_meter_skips_warmup_steps():
+def test_throughput_meter_skips_warmup_steps(monkeypatch):
+    """On a fake clock, one second per step: the rates cover only the steps after the warm-up, timed
+    from the end of the last warm-up step (not from construction)."""
+    now = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
     meter = training.ThroughputMeter(torch.device("cpu"), warmup_steps=2)
     for _ in range(5):
-        meter.update(8)
-    assert meter.sequences == 24 and meter.sequences_per_second() > 0 and meter.seconds_per_step() > 0
+        now[0] += 1.0
+        meter.update(8)  # steps end at t = 1 .. 5; the warm-up ends at t = 2
+    assert meter.sequences == 24
+    assert meter.sequences_per_second() == 24 / (5 - 2)
+    assert meter.seconds_per_step() == (5 - 2) / 3
 
 
 def test_throughput_meter_stop_freezes_the_clock(monkeypatch):
