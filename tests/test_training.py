@@ -221,14 +221,16 @@ def test_throughput_meter_skips_warmup_steps(monkeypatch):
 
 
 def test_throughput_meter_stop_freezes_the_clock(monkeypatch):
-    clock = iter([0.0, 1.0, 2.0])  # a fourth reading would raise StopIteration
-    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
-    meter = training.ThroughputMeter(torch.device("cpu"), warmup_steps=1)  # reads 0.0
-    meter.update(8)  # warm-up: the clock starts at 1.0
-    meter.update(8)
-    meter.update(8)
-    meter.stop()  # reads 2.0: what follows (the last checkpoint) is not counted
-    assert meter.elapsed() == 1.0 and meter.sequences_per_second() == 16.0 and meter.seconds_per_step() == 0.5
+    """What follows stop() (the last checkpoint) is not training time."""
+    now = [0.0]
+    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
+    meter = training.ThroughputMeter(torch.device("cpu"), warmup_steps=1)
+    for _ in range(3):
+        now[0] += 1.0
+        meter.update(8)  # steps end at t = 1 .. 3; the warm-up ends at t = 1
+    meter.stop()
+    now[0] += 100.0  # a slow final checkpoint
+    assert meter.elapsed() == 2.0 and meter.sequences_per_second() == 16 / 2 and meter.seconds_per_step() == 1.0
 
 
 # ----------------------------------------------------------------------------- DDP gradient averaging
