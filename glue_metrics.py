@@ -57,10 +57,12 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation; nan when either side is constant (as scipy)."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    # Constancy is tested on the values: the mean of a constant 0.1 is not exactly 0.1, so its
+    # centred values (and the denominator) are tiny but not zero.
+    if x.size == 0 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
     xc, yc = x - x.mean(), y - y.mean()
     denom = math.sqrt(float(xc @ xc) * float(yc @ yc))
-    if denom == 0.0:
-        return math.nan
     return float(np.clip((xc @ yc) / denom, -1.0, 1.0))
 
 
