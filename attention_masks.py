@@ -591,14 +591,7 @@ def export_mask(model_or_mask: nn.Module, path: str | os.PathLike, **metadata: A
 # Command line: pattern table, mask-file report, export from a checkpoint
 # ----------------------------------------------------------------------------------------------
 
-def _export_from_checkpoint(checkpoint: str, config_path: str, out: str, step: int | None) -> dict[str, Any]:
-    import modeling  # lazily: attention_masks does not depend on modeling
-
-    config = modeling.BertConfig.from_json_file(config_path)
-    module = build_attention_mask(config)
-    if not isinstance(module, DifferentiableMask):
-        raise ValueError(f"{config_path} sets attention_mask_type={config.attention_mask_type!r}; "
-                         f"export needs dam_u or dam_s")
+def _read_checkpoint(checkpoint: str) -> dict[str, Any]:
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found: pass --checkpoint the ckpt_<step>.pt "
                                 f"written by the DAM search run")
@@ -608,14 +601,41 @@ def _export_from_checkpoint(checkpoint: str, config_path: str, out: str, step: i
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"cannot read checkpoint {checkpoint} safely ({reason}); only tensor checkpoints "
                          f"without pickled objects are accepted") from None
-    state = state.get("model", state) if isinstance(state, dict) else {}
+    return state if isinstance(state, dict) else {}
+
+
+def _search_config(state: dict[str, Any], checkpoint: str, config_path: str | None) -> tuple[Any, str]:
+    """The config the search ran with, and where it came from. run_pretraining.py records it in the
+    checkpoint with its command-line overrides applied (--attention_mask_type, --lamb), which a
+    bert_config.json does not hold; --config is for checkpoints that record none."""
+    import modeling  # lazily: attention_masks does not depend on modeling
+
+    recorded = state.get("config")
+    if isinstance(recorded, str):
+        try:
+            return modeling.BertConfig.from_dict(json.loads(recorded)), f"the config recorded in {checkpoint}"
+        except (json.JSONDecodeError, TypeError, AttributeError) as err:
+            raise ValueError(f"checkpoint {checkpoint} records an unreadable config ({err})") from None
+    if config_path is None:
+        raise ValueError(f"checkpoint {checkpoint} records no config: pass --config, the search run's bert_config.json")
+    return modeling.BertConfig.from_json_file(config_path), config_path
+
+
+def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None) -> dict[str, Any]:
+    state = _read_checkpoint(checkpoint)
+    config, config_source = _search_config(state, checkpoint, config_path)
+    module = build_attention_mask(config)
+    if not isinstance(module, DifferentiableMask):
+        raise ValueError(f"{config_source} sets attention_mask_type={config.attention_mask_type!r}; "
+                         f"export needs dam_u or dam_s")
+    state = state.get("model", state)
     keys = [k for k in state if k.endswith("sparse_mask.mask_logits")]
     if not keys:
         raise ValueError(f"checkpoint {checkpoint} has no '*sparse_mask.mask_logits' (not a DAM search run)")
     logits = state[keys[0]]
     if logits.shape != module.mask_logits.shape:
         raise ValueError(f"checkpoint {checkpoint}: mask_logits shape {list(logits.shape)} does not match "
-                         f"{list(module.mask_logits.shape)} from {config_path}")
+                         f"{list(module.mask_logits.shape)} from {config_source}")
     module.mask_logits.data.copy_(logits)
     extra = {"source_checkpoint": str(checkpoint)}
     if step is not None:
@@ -632,7 +652,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("mask_file")
     p = sub.add_parser("export", help="binarise the DAM logits of a checkpoint into a mask file")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--config", required=True, help="bert_config.json of the search run")
+    p.add_argument("--config", default=None,
+                   help="bert_config.json of the search run; only read when the checkpoint records no config "
+                        "(run_pretraining.py's do, with their command-line overrides)")
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--step", type=int, default=None)
     args = parser.parse_args(argv)

@@ -618,3 +618,25 @@ def test_cli_export_of_a_missing_checkpoint_says_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"ckpt_9\.pt not found: pass --checkpoint"):
         am.main(["export", "--checkpoint", str(tmp_path / "ckpt_9.pt"), "--config", str(cfg_path),
                  "--out", str(tmp_path / "mask.safetensors")])
+
+
+def test_cli_export_reads_the_search_config_recorded_in_the_checkpoint(tmp_path):
+    """The README's search passes the mask type and λ on the command line over a dense
+    bert_config.json; exporting its checkpoint with that same file must give the run's mask and λ."""
+    import modeling
+
+    searched = bert_config(attention_mask_type="dam_s", dam_lambda=1e-3)  # what run_pretraining trained
+    torch.manual_seed(0)
+    model = modeling.BertForPreTraining(searched)
+    with torch.no_grad():
+        model.bert.sparse_mask.mask_logits.normal_()
+    bert_config().to_json_file(tmp_path / "bert_config.json")  # attention_mask_type dense, as shipped
+    torch.save({"model": model.state_dict(), "config": searched.to_json_string()}, tmp_path / "ckpt_5.pt")
+    out = tmp_path / "mask.safetensors"
+    am.main(["export", "--checkpoint", str(tmp_path / "ckpt_5.pt"), "--config", str(tmp_path / "bert_config.json"),
+             "--out", str(out)])
+    mask, meta = am.load_mask_file(out)
+    assert torch.equal(mask, model.bert.sparse_mask.full_mask())
+    assert meta["mode"] == "dam_s" and meta["lambda"] == 1e-3
+    am.main(["export", "--checkpoint", str(tmp_path / "ckpt_5.pt"), "--out", str(out)])  # --config not needed
+    assert torch.equal(am.load_mask_file(out)[0], mask)
