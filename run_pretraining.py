@@ -47,7 +47,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True, help="where ckpt_<step>.pt and the mask file go")
     p.add_argument("--vocab_file", default=None, help="WordPiece vocab; checked against the config's vocab_size")
     p.add_argument("--init_checkpoint", default=None,
-                   help="warm-start weights (NVIDIA ckpt, state dict, HF folder); mask logits start fresh")
+                   help="warm-start weights (NVIDIA ckpt, state dict, HF folder); mask logits start fresh, "
+                        "except under --phase2 (the phase-1 checkpoint: its mask search continues)")
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--max_predictions_per_seq", type=int, default=20)
     p.add_argument("--train_batch_size", type=int, default=32,
@@ -227,10 +228,12 @@ def build_model(args: argparse.Namespace, config, device: torch.device) -> BertF
     return model.to(device)
 
 
-def warm_start(model: BertForPreTraining, path: str) -> None:
-    """Weights from another BERT checkpoint; the attention mask keeps its fresh initialisation."""
+def warm_start(model: BertForPreTraining, path: str, keep_mask: bool = False) -> None:
+    """Weights from another BERT checkpoint; the attention mask keeps its fresh initialisation
+    unless ``keep_mask`` (phase 2 started from the phase-1 checkpoint continues its mask search)."""
     state = read_state_dict(resolve_weights_file(path))
-    state = {k: v for k, v in state.items() if "sparse_mask" not in k}
+    if not keep_mask:
+        state = {k: v for k, v in state.items() if "sparse_mask" not in k}
     report = model.load_converted_state_dict(state, source=str(path))
     logger.info("warm start from %s (missing %d keys, unexpected %d)", path,
                 len(report.missing_keys), len(report.unexpected_keys))
@@ -365,7 +368,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     "continuing" if continuing else "new phase: schedule reset")
         del checkpoint
     elif args.init_checkpoint:
-        warm_start(model, args.init_checkpoint)
+        warm_start(model, args.init_checkpoint, keep_mask=args.phase2)
 
     raw_model = model
     compress = dtype if args.allreduce_post_accumulation_fp16 and dtype is not None else None

@@ -462,6 +462,20 @@ def test_init_checkpoint_warm_starts_hf_weights_with_fresh_mask(shards, tmp_path
     assert logits.abs().max() < 0.01  # N(0, 1e-3) initialisation, not loaded
 
 
+def test_phase2_from_an_init_checkpoint_continues_the_mask_search(shards, tmp_path):
+    """Phase 2 started from the phase-1 checkpoint named by --init_checkpoint (NVIDIA's SLURM
+    chaining, and what the 'needs a phase-1 checkpoint' error suggests) keeps the searched logits."""
+    config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
+    phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
+    assert run_pretraining.main(base_args(shards, phase1, config, max_steps=2, lamb=1e-2)) == 0
+    searched = weights(phase1 / "ckpt_2.pt")["bert.sparse_mask.mask_logits"]
+    assert (searched < 0).all()  # λ pushed every gate off; a fresh N(0, 1e-3) start keeps about half
+    argv = base_args(shards, phase2, config, max_steps=1, learning_rate=0.0, phase2=True, resume_from_checkpoint=True,
+                     init_checkpoint=phase1 / "ckpt_2.pt", phase1_end_step=2)
+    assert run_pretraining.main(argv) == 0
+    assert torch.equal(weights(phase2 / "ckpt_3.pt")["bert.sparse_mask.mask_logits"], searched)
+
+
 # ----------------------------------------------------------------------------- bad flags
 
 
