@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import attention_masks
 import modeling
 from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification, BertModel
 
@@ -339,6 +340,29 @@ def test_own_folder_round_trip_with_config(tmp_path):
     ids, types, mask = random_batch(997)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, types, mask)[0], loaded(ids, types, mask)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("hf_format", [False, True])
+def test_folder_saved_with_a_mask_file_loads_the_same_from_elsewhere(tmp_path, monkeypatch, hf_format):
+    """The folder holds its own copy of the mask: decoys of another pattern at the source's relative
+    path and at the copy's name in the new working directory must not be read."""
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    for folder, name in ((first, "star"), (elsewhere, "strided")):
+        for path in ("masks/mask.safetensors", modeling.MASK_FILE):
+            attention_masks.save_mask_file(folder / path, attention_masks.pattern_mask(name, 32)[None, None],
+                                           {"mode": name})
+    monkeypatch.chdir(first)  # the mask path is typed relative to where the model is built
+    model = BertForPreTraining(tiny_config(attention_mask_type="file", attention_mask_file="masks/mask.safetensors"))
+    folder = model.eval().save_pretrained(tmp_path / "out", hf_format=hf_format)
+    monkeypatch.chdir(elsewhere)
+    loaded = BertForPreTraining.from_pretrained(folder).eval()
+    assert torch.equal(loaded.bert.sparse_mask.binarize(), model.bert.sparse_mask.binarize())
+    assert loaded.bert.sparse_mask.describe()["source_mode"] == "star"
+    ids, types, mask = random_batch(997)
+    with torch.no_grad():
+        for mine, theirs in zip(model(ids, types, mask), loaded(ids, types, mask)):
+            # An HF folder stores the real vocab rows only, so the padding columns are not compared.
+            torch.testing.assert_close(mine[..., :997], theirs[..., :997], atol=0, rtol=0)
 
 
 def test_headless_weights_load_into_pretraining_model_with_prefix(tmp_path):
