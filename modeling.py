@@ -40,6 +40,7 @@ MASK_TYPES = attention_masks.MASK_TYPES
 TEMPERATURE_SCHEDULES = attention_masks.TEMPERATURE_SCHEDULES
 CONFIG_NAMES = ("bert_config.json", "config.json")
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
+MASK_FILE = "attention_mask.safetensors"  # a saved model folder's own copy of a mask file
 
 ACT2FN = {
     "gelu": F.gelu,  # exact erf GELU, as the original BERT
@@ -517,11 +518,13 @@ class BertPreTrainedModel(nn.Module):
             state = to_hf_state_dict(state, self.config.vocab_size)
         with atomic_path(directory / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
+        config = save_mask_into_folder(self.config, self.bert_model.sparse_mask, directory)
         if hf_format:
-            hf_config = {**self.config.to_dict(), "model_type": "bert", "architectures": [type(self).__name__]}
+            # transformers keeps the fields it does not know, so our mask fields ride along in config.json.
+            hf_config = {**config.to_dict(), "model_type": "bert", "architectures": [type(self).__name__]}
             atomic_write_text(directory / "config.json", json.dumps(hf_config, indent=2, sort_keys=True))
         else:
-            self.config.to_json_file(directory / "bert_config.json")
+            config.to_json_file(directory / "bert_config.json")
         return directory
 
 
@@ -716,6 +719,24 @@ def mask_file_from_folder(config: BertConfig, folder: Path) -> BertConfig:
     if not mask_file or Path(mask_file).is_absolute():
         return config
     return config.replace(attention_mask_file=str(folder / mask_file))
+
+
+def save_mask_into_folder(config: BertConfig, mask: attention_masks.AttentionMask | None,
+                          directory: Path) -> BertConfig:
+    """The config to write into the model folder `directory`, saving a mask that comes from a file there.
+
+    The copy is named relative to the folder (`mask_file_from_folder` resolves it on load), so the
+    folder loads the same from any directory, even once the source file is gone. Other masks live
+    in the config (patterns) or the weights (DAM logits): the config comes back unchanged.
+    """
+    if config.attention_mask_type != "file":
+        return config
+    metadata = mask.describe()
+    # The mask in use (the source file may have changed since), in its stored shape, with the
+    # mode the source file recorded, so a reload reports the same provenance.
+    attention_masks.save_mask_file(directory / MASK_FILE, mask.binarize(),
+                                   {**metadata, "mode": metadata.get("source_mode")})
+    return config.replace(attention_mask_file=MASK_FILE)
 
 
 def read_state_dict(weights_file: Path) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ from modeling import (
     mask_file_from_folder,
     read_state_dict,
     resolve_weights_file,
+    save_mask_into_folder,
 )
 from optimization import build_adamw
 from processors.glue import (
@@ -77,7 +78,6 @@ logger = logging.getLogger("run_glue")
 MAX_GRAD_NORM = 1.0
 WEIGHT_DECAY = 0.01
 DAM_TYPES = attention_masks.DAM_MODES
-MASK_FILE = "attention_mask.safetensors"  # the copy of a mask file in --output_dir
 
 
 # ============================================================================ arguments
@@ -306,17 +306,9 @@ def drop_foreign_head(state: dict[str, torch.Tensor], num_labels: int, source: s
 
 def save_fine_tuned(model: BertForSequenceClassification, config: BertConfig, output_dir: Path) -> None:
     """pytorch_model.bin + config.json; a mask from a file is saved beside them and named relative to
-    the folder, so the folder loads the same from any directory (modeling.find_config_beside)."""
+    the folder, so the folder loads the same from any directory (modeling.save_mask_into_folder)."""
     atomic_save({"model": model.state_dict()}, output_dir / "pytorch_model.bin")
-    if config.attention_mask_type == "file":
-        mask = model.bert.sparse_mask
-        metadata = mask.describe()
-        # The mask in use (the source file may have changed since), in its stored shape, with the
-        # mode the source file recorded, so a reload reports the same provenance.
-        attention_masks.save_mask_file(output_dir / MASK_FILE, mask.binarize(),
-                                       {**metadata, "mode": metadata.get("source_mode")})
-        config = config.replace(attention_mask_file=MASK_FILE)
-    config.to_json_file(output_dir / "config.json")
+    save_mask_into_folder(config, model.bert.sparse_mask, output_dir).to_json_file(output_dir / "config.json")
 
 
 def mask_sparsity(model: BertForSequenceClassification) -> float:

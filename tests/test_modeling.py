@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import attention_masks
 import modeling
 from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification, BertModel
 
@@ -69,56 +70,62 @@ def hf_pretraining_folder(tmp_path: Path, vocab_size: int = 997, head: str = "Be
     return tmp_path / "hf"
 
 
-def test_pretraining_heads_match_transformers(tmp_path):
-    folder = hf_pretraining_folder(tmp_path)
-    theirs = transformers.BertForPreTraining.from_pretrained(str(folder), attn_implementation="eager").eval()
-    ours = BertForPreTraining.from_pretrained(folder).eval()
-    assert ours.load_report.missing_keys == [] and ours.load_report.unexpected_keys == []
-    assert ours.config.padded_vocab_size == 1000
-    ids, types, mask = random_batch(997)
-    with torch.no_grad():
-        mlm, nsp = ours(ids, types, mask)
-        ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
-    torch.testing.assert_close(mlm[..., :997], ref.prediction_logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=1e-5, rtol=0)
+# Each head class under its Hugging Face name: (constructor arguments, HF output fields in our
+# output order, whether HF's class has a pooler; HF drops it where the head does not read it).
+HEADS = {
+    BertForPreTraining: ({}, ("prediction_logits", "seq_relationship_logits"), True),
+    modeling.BertForMaskedLM: ({}, ("logits",), False),
+    modeling.BertForNextSentencePrediction: ({}, ("logits",), True),
+    BertForSequenceClassification: ({"num_labels": 3}, ("logits",), True),
+    modeling.BertForTokenClassification: ({"num_labels": 5}, ("logits",), False),
+    modeling.BertForQuestionAnswering: ({}, ("start_logits", "end_logits"), False),
+}
 
 
-def test_gradients_match_transformers(tmp_path):
-    """Every parameter's gradient equals HF's on the same weights: the one Q/K/V GEMM against HF's
-    three projections, the MLM bias inside the decoder GEMM against HF's separate add."""
-    folder = hf_pretraining_folder(tmp_path)
-    theirs = transformers.BertForPreTraining.from_pretrained(str(folder), attn_implementation="eager").eval()
-    ours = BertForPreTraining.from_pretrained(folder).eval()
-    ids, types, mask = random_batch(997)
+@pytest.mark.parametrize("head", list(HEADS), ids=lambda cls: cls.__name__)
+def test_task_heads_match_transformers_outputs_and_grads(tmp_path, head):
+    """Each head, loaded from HF's folder for that head, gives HF's outputs and every parameter's
+    gradient on a padded batch: the one Q/K/V GEMM against HF's three projections, the MLM bias
+    inside the decoder GEMM against HF's separate add, the padded vocab rows trimmed."""
+    kwargs, fields, has_pooler = HEADS[head]
+    folder = hf_pretraining_folder(tmp_path, head=head.__name__, **kwargs)
+    theirs = getattr(transformers, head.__name__).from_pretrained(str(folder), attn_implementation="eager").eval()
+    ours = head.from_pretrained(folder, **kwargs).eval()
+    pooler = [] if has_pooler else ["bert.pooler.dense_act.weight", "bert.pooler.dense_act.bias"]
+    assert ours.load_report.missing_keys == pooler and ours.load_report.unexpected_keys == []
+    mine, refs = head_outputs(ours, theirs, fields)
+    for out, ref, name in zip(mine, refs, fields):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0, msg=name)
     g = torch.Generator().manual_seed(5)
-    mlm_weights, nsp_weights = torch.randn(3, 24, 997, generator=g), torch.randn(3, 2, generator=g)
-    mlm, nsp = ours(ids, types, mask)
-    ((mlm[..., :997] * mlm_weights).sum() + (nsp * nsp_weights).sum()).backward()
-    ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
-    ((ref.prediction_logits * mlm_weights).sum() + (ref.seq_relationship_logits * nsp_weights).sum()).backward()
-    their_grads = {name: p.grad for name, p in theirs.named_parameters()}
-    checked = 0
-    for name, p in ours.named_parameters():
-        if "sparse_mask" in name:
-            continue
-        their = their_grads[name.replace(".dense_act.", ".dense.")]
-        ours_grad = p.grad[:997] if p.shape[0] == 1000 else p.grad  # padded vocab rows
-        torch.testing.assert_close(ours_grad, their, atol=1e-5, rtol=1e-4, msg=name)
-        checked += 1
-    assert checked == len(their_grads)  # every HF parameter (tied ones listed once on both sides)
+    weights = [torch.randn(ref.shape, generator=g) for ref in refs]
+    sum((out * w).sum() for out, w in zip(mine, weights)).backward()
+    sum((ref * w).sum() for ref, w in zip(refs, weights)).backward()
+    assert_same_grads(ours, theirs)
 
 
-def test_sequence_classifier_matches_transformers(tmp_path):
-    """The GLUE model: HF's fine-tuned classifier folder (pooler + classifier names) gives HF's logits."""
-    folder = hf_pretraining_folder(tmp_path, head="BertForSequenceClassification", num_labels=3)
-    theirs = transformers.BertForSequenceClassification.from_pretrained(str(folder), attn_implementation="eager").eval()
-    ours = BertForSequenceClassification.from_pretrained(folder, num_labels=3).eval()
-    assert ours.load_report.missing_keys == [] and ours.load_report.unexpected_keys == []
+def head_outputs(ours: torch.nn.Module, theirs: torch.nn.Module,
+                 fields: tuple[str, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Both models' outputs on a padded batch, ours trimmed to HF's real vocab columns."""
     ids, types, mask = random_batch(997)
-    with torch.no_grad():
-        logits = ours(ids, types, mask)
-        ref = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask).logits
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    mine = ours(ids, types, mask)
+    mine = mine if isinstance(mine, tuple) else (mine,)
+    reference = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    refs = [getattr(reference, name) for name in fields]
+    assert all(out.shape[-1] in (ref.shape[-1], ours.config.padded_vocab_size) for out, ref in zip(mine, refs))
+    return [out[..., :ref.shape[-1]] for out, ref in zip(mine, refs, strict=True)], refs
+
+
+def assert_same_grads(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Every HF parameter's gradient equals ours (tied ones listed once on both sides)."""
+    their_grads = {name: p.grad for name, p in theirs.named_parameters()}
+    our_params = {name.replace(".dense_act.", ".dense."): p for name, p in ours.named_parameters()}
+    assert their_grads.keys() <= our_params.keys()
+    for name, their in their_grads.items():
+        grad = our_params[name].grad
+        assert grad is not None, f"{name} gets no gradient"
+        if name.endswith(("word_embeddings.weight", "predictions.bias")):
+            grad = grad[:their.shape[0]]  # padded vocab rows
+        torch.testing.assert_close(grad, their, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_save_in_hf_format_loads_into_transformers(tmp_path):
@@ -333,6 +340,29 @@ def test_own_folder_round_trip_with_config(tmp_path):
     ids, types, mask = random_batch(997)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, types, mask)[0], loaded(ids, types, mask)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("hf_format", [False, True])
+def test_folder_saved_with_a_mask_file_loads_the_same_from_elsewhere(tmp_path, monkeypatch, hf_format):
+    """The folder holds its own copy of the mask: decoys of another pattern at the source's relative
+    path and at the copy's name in the new working directory must not be read."""
+    first, elsewhere = tmp_path / "first", tmp_path / "elsewhere"
+    for folder, name in ((first, "star"), (elsewhere, "strided")):
+        for path in ("masks/mask.safetensors", modeling.MASK_FILE):
+            attention_masks.save_mask_file(folder / path, attention_masks.pattern_mask(name, 32)[None, None],
+                                           {"mode": name})
+    monkeypatch.chdir(first)  # the mask path is typed relative to where the model is built
+    model = BertForPreTraining(tiny_config(attention_mask_type="file", attention_mask_file="masks/mask.safetensors"))
+    folder = model.eval().save_pretrained(tmp_path / "out", hf_format=hf_format)
+    monkeypatch.chdir(elsewhere)
+    loaded = BertForPreTraining.from_pretrained(folder).eval()
+    assert torch.equal(loaded.bert.sparse_mask.binarize(), model.bert.sparse_mask.binarize())
+    assert loaded.bert.sparse_mask.describe()["source_mode"] == "star"
+    ids, types, mask = random_batch(997)
+    with torch.no_grad():
+        for mine, theirs in zip(model(ids, types, mask), loaded(ids, types, mask)):
+            # An HF folder stores the real vocab rows only, so the padding columns are not compared.
+            torch.testing.assert_close(mine[..., :997], theirs[..., :997], atol=0, rtol=0)
 
 
 def test_headless_weights_load_into_pretraining_model_with_prefix(tmp_path):

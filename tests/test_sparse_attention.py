@@ -2,6 +2,8 @@
 
 On CPU FlexAttention runs eagerly and forward-only, so flex outputs are checked here and flex
 gradients in the CUDA tests (skipped without a GPU)."""
+import functools
+import math
 import warnings
 
 import pytest
@@ -35,13 +37,17 @@ def right_padding(batch, n, lengths):
 
 
 def keeps(n, heads):
-    """Shared band+global pattern, per-head random mask, and a mask with an all-dropped row."""
+    """Shared band+global pattern, per-head random mask, a mask with an all-dropped row, and one
+    whose row 3 keeps only the last 4 keys (padding in a padded sequence)."""
     g = torch.Generator().manual_seed(1)
     band = attention_masks.pattern_mask("longformer", n, window=5, global_tokens=(0,)).float()
     random_heads = (torch.rand(heads, n, n, generator=g) > 0.7).float()
     empty_row = band.clone()
     empty_row[7] = 0.0
-    return {"band": band, "random_heads": random_heads, "empty_row": empty_row}
+    padded_keys_only = random_heads.clone()
+    padded_keys_only[:, 3] = 0.0
+    padded_keys_only[:, 3, n - 4:] = 1.0
+    return {"band": band, "random_heads": random_heads, "empty_row": empty_row, "padded_keys_only": padded_keys_only}
 
 
 # ------------------------------------------------------------------------------- reference / sdpa
@@ -56,30 +62,34 @@ def test_score_bias_broadcasts_instead_of_materialising():
     assert bias[1, 0, 0, 9].item() == sa.MASKED_BIAS and bias[1, 0, 0, 8].item() == 0.0
 
 
-def test_reference_matches_explicit_softmax():
-    q, k, v = qkv(batch=2, heads=2, n=12)
-    pad = right_padding(2, 12, [12, 7])
-    keep = keeps(12, 2)["band"]
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    scores = scores + (1 - keep) * sa.MASKED_BIAS + pad[:, None, None, :] * sa.MASKED_BIAS
-    expected = scores.softmax(-1) @ v
-    torch.testing.assert_close(sa.reference_attention(q, k, v, pad, keep), expected, atol=1e-5, rtol=1e-5)
+def explicit_attention(q, k, v, key_padding, keep):
+    """The module docstring's semantics in plain ops: softmax(QKᵀ/√d + bias) @ V, the bias -10000
+    for every padded key plus -10000 for every dropped key (keep = 0), so a padded dropped key gets
+    -20000. Nothing is read from sparse_attention, so the oracle is independent of the code."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores + (1.0 - keep) * -10000.0 + key_padding[:, None, None, :].to(q.dtype) * -10000.0
+    weights = (scores - scores.amax(dim=-1, keepdim=True).detach()).exp()
+    return weights / weights.sum(dim=-1, keepdim=True) @ v
 
 
-@pytest.mark.parametrize("mask_name", ["band", "random_heads", "empty_row"])
-def test_sdpa_backend_equals_reference_with_grads(mask_name):
-    q, k, v = qkv(grad=True)
-    keep = keeps(40, 4)[mask_name].requires_grad_(True)
+@pytest.mark.parametrize("attention", [sa.reference_attention, functools.partial(sa.masked_attention, backend="sdpa")],
+                         ids=["reference", "sdpa"])
+@pytest.mark.parametrize("mask_name", ["band", "random_heads", "empty_row", "padded_keys_only"])
+def test_sdpa_backend_equals_explicit_softmax_with_grads(attention, mask_name):
+    """Outputs and gradients w.r.t. q, k, v and a learnable keep mask. Both sides run in fp64: fp32
+    rounds a score minus 10000 to ~1e-3, which shows (1e-4 errors) in the rows attending through
+    that bias, the all-dropped row and the padded-keys-only row."""
+    q, k, v = qkv(dtype=torch.float64, grad=True)
+    keep = keeps(40, 4)[mask_name].double().requires_grad_(True)
     pad = right_padding(3, 40, [40, 25, 33])
-    out = sa.masked_attention(q, k, v, pad, keep, backend="sdpa")
+    out = attention(q, k, v, pad, keep)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v, keep))
-    q2, k2, v2 = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    keep2 = keep.detach().clone().requires_grad_(True)
-    ref = sa.reference_attention(q2, k2, v2, pad, keep2)
-    ref_grads = torch.autograd.grad(ref.square().sum(), (q2, k2, v2, keep2))
-    torch.testing.assert_close(out, ref)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want)
+    expected = explicit_attention(q, k, v, pad, keep)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v, keep))
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
+    # keep's gradient is 10000 x the score bias's (up to ~1e5 here): compared at the bias's scale.
+    for got, want, name, scale in zip(grads, expected_grads, ("q", "k", "v", "keep"), (1, 1, 1, 1e-4)):
+        torch.testing.assert_close(got * scale, want * scale, atol=1e-12, rtol=1e-10, msg=name)
     assert grads[3].abs().sum() > 0  # the mask gets a gradient
 
 
