@@ -26,7 +26,7 @@ import attention_masks
 import pretraining_data
 import training
 import modeling
-from modeling import BertForPreTraining, read_state_dict, resolve_weights_file
+from modeling import BertConfig, BertForPreTraining, read_state_dict, resolve_weights_file
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
 from utils import (MetricLogger, add_local_rank_argument, all_reduce_mean, autocast, get_rank, get_world_size,
@@ -96,6 +96,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         "(a dead or stuck worker turns into an exit, not a hang)")
     p.add_argument("--no_cuda", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model and the loss (static shapes)")
+    p.add_argument("--check_only", action="store_true",
+                   help="check the flags, config and shard headers, then exit without training or writing "
+                        "anything (run_pretraining.sh checks phase 2 this way before phase 1 starts)")
     args = p.parse_args(argv)
     args.fp16 = args.fp16 or args.amp
     args.max_steps = int(args.max_steps)
@@ -134,7 +137,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--input_dir {args.input_dir} does not exist: point it at a folder of .hdf5 shards")
 
 
-def load_model_config(args: argparse.Namespace):
+def load_model_config(args: argparse.Namespace) -> BertConfig:
     """The config with command-line overrides, checked against the sequence length and vocab."""
     config = training.load_config(args.config_file, attention_mask_type=args.attention_mask_type, dam_lambda=args.lamb)
     if args.max_seq_length > config.max_position_embeddings:
@@ -320,16 +323,26 @@ def checkpoint_name_step(args: argparse.Namespace, global_step: int) -> int:
 # ============================================================================ training
 
 
+def checked_inputs(args: argparse.Namespace) -> tuple[BertConfig, list[str]]:
+    """The run's config and shards, checked (shard headers only) before anything is built."""
+    config = load_model_config(args)
+    shards = pretraining_data.list_shards(args.input_dir)
+    check_shards(shards, args.max_seq_length, args.max_predictions_per_seq)
+    return config, shards
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     validate_arguments(args)
+    if args.check_only:
+        checked_inputs(args)
+        print(f"run_pretraining.py: {args.input_dir} and {args.config_file} pass the checks", flush=True)
+        return {}
     device = init_distributed(args.local_rank, no_cuda=args.no_cuda, timeout_s=args.dist_timeout)
     rank, world_size = get_rank(), get_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     seed_everything(args.seed + rank)
-    config = load_model_config(args)
-    shards = pretraining_data.list_shards(args.input_dir)
-    check_shards(shards, args.max_seq_length, args.max_predictions_per_seq)
+    config, shards = checked_inputs(args)
     found = resume_state(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if is_main_process():

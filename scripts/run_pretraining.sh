@@ -10,9 +10,11 @@
 #   17 train_batch_size_phase2  18 learning_rate_phase2  19 warmup_proportion_phase2  20 train_steps_phase2
 #   21 gradient_accumulation_steps_phase2  22 DATA_DIR_PHASE1  23 DATA_DIR_PHASE2  24 CODEDIR
 #   25 init_checkpoint  26 attention_mask_type (config value if "config")  27 lamb (λ; config if "config")
-#   28 run_phase2 (true|false: DAM masks need mask_seq_length 512 in the config for phase 2)
+#   28 run_phase2 (true|false: a mask other than dense needs mask_seq_length 512 in the config for
+#      phase 2; phase 2's flags and data are checked before phase 1 starts)
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (torchrun's rendezvous), e.g. from SLURM.
 # EXTRA_ARGS: more run_pretraining.py flags for both phases, e.g. EXTRA_ARGS="--compile".
+# PYTHON: the interpreter of the phase-2 check (default: python).
 set -euo pipefail
 
 train_batch_size=${1:-8192}
@@ -86,6 +88,21 @@ run_logged() {  # $1 = log name, rest = command
   "$@"
 }
 
+# Phase 2 (seq 512) resumes phase 1. Its flags are checked before phase 1 starts, so a phase-2
+# mistake (its data folder, a mask built for fewer than 512 tokens) costs seconds, not phase 1's hours.
+ga2=1; [ "$accumulate_gradients" == "true" ] && ga2=$gradient_accumulation_steps_phase2
+PHASE2_ARGS="$(common_flags) --input_dir=$DATA_DIR_PHASE2"
+PHASE2_ARGS+=" --train_batch_size=$train_batch_size_phase2 --learning_rate=$learning_rate_phase2"
+PHASE2_ARGS+=" --warmup_proportion=$warmup_proportion_phase2 --max_steps=$train_steps_phase2"
+PHASE2_ARGS+=" --max_seq_length=512 --max_predictions_per_seq=80 --gradient_accumulation_steps=$ga2"
+PHASE2_ARGS+=" --phase2 --resume_from_checkpoint --phase1_end_step=$train_steps"
+if [ "$run_phase2" == "true" ]; then
+  ${PYTHON:-python} "$CODEDIR/run_pretraining.py" $PHASE2_ARGS --check_only || {
+    echo "run_pretraining.sh: phase 2 would fail (above): fix it, or pass false as parameter 28 for phase 1 only" >&2
+    exit 1
+  }
+fi
+
 # ---------------------------------------------------------------- phase 1 (seq 128)
 ga1=1; [ "$accumulate_gradients" == "true" ] && ga1=$gradient_accumulation_steps
 CMD="$LAUNCH $CODEDIR/run_pretraining.py $(common_flags) --input_dir=$DATA_DIR_PHASE1"
@@ -102,12 +119,7 @@ echo "finished pretraining phase 1"
 [ "$run_phase2" == "true" ] || exit 0
 
 # ---------------------------------------------------------------- phase 2 (seq 512), resumes phase 1
-ga2=1; [ "$accumulate_gradients" == "true" ] && ga2=$gradient_accumulation_steps_phase2
-CMD="$LAUNCH $CODEDIR/run_pretraining.py $(common_flags) --input_dir=$DATA_DIR_PHASE2"
-CMD+=" --train_batch_size=$train_batch_size_phase2 --learning_rate=$learning_rate_phase2"
-CMD+=" --warmup_proportion=$warmup_proportion_phase2 --max_steps=$train_steps_phase2"
-CMD+=" --max_seq_length=512 --max_predictions_per_seq=80 --gradient_accumulation_steps=$ga2"
-CMD+=" --phase2 --resume_from_checkpoint --phase1_end_step=$train_steps"
+CMD="$LAUNCH $CODEDIR/run_pretraining.py $PHASE2_ARGS"
 gbs=$((train_batch_size_phase2 * num_gpus * ${NNODES:-1}))
 run_logged "$RESULTS_DIR/$job_name.pyt_bert_pretraining_phase2_${precision}_gbs${gbs}.$stamp.log" $CMD
 echo "finished pretraining phase 2"

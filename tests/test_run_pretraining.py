@@ -516,6 +516,21 @@ def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
     assert not list(out.glob("ckpt_*.pt")) or case == "existing_run"
 
 
+def test_check_only_checks_config_and_shards_and_writes_nothing(shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    good = base_args(shards, out, write_config(tmp_path / "config.json"), check_only=True)
+    assert run_pretraining.main(good) == 0
+    assert "pass the checks" in capsys.readouterr().out and not out.exists()
+    # The two mistakes a phase-2 check exists for: shards of another length, a mask too short.
+    for config, flags, expect in ((tmp_path / "config.json", dict(max_seq_length=64), "sequences of length 32"),
+                                  (write_config(tmp_path / "dam.json", attention_mask_type="dam_s", mask_seq_length=16),
+                                   {}, "mask_seq_length 16 < --max_seq_length 32")):
+        assert run_pretraining.main(base_args(shards, out, config, check_only=True, **flags)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expect in err[0], err
+    assert not out.exists()
+
+
 def test_torch_distributed_launch_local_rank_spelling_is_accepted(monkeypatch):
     """torch >= 2.0's `python -m torch.distributed.launch` (NVIDIA's launcher) passes `--local-rank=N`."""
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -613,8 +628,11 @@ def test_run_pretraining_sh_passes_both_phases_nvidia_flags_and_extra_args(tmp_p
     record = tmp_path / "calls.txt"
     (bin_dir / "torchrun").write_text(f'#!/usr/bin/env bash\necho "$@" >> {record}\n')
     (bin_dir / "torchrun").chmod(0o755)
+    checks = tmp_path / "checks.txt"  # the phase-2 check's interpreter, recorded the same way
+    (bin_dir / "check_python").write_text(f'#!/usr/bin/env bash\necho "$@" >> {checks}\n')
+    (bin_dir / "check_python").chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RESULTS_DIR": str(tmp_path / "results"),
-           "EXTRA_ARGS": "--compile --max_bad_steps=5"}
+           "EXTRA_ARGS": "--compile --max_bad_steps=5", "PYTHON": "check_python"}
     # positional: batch 64, lr 1e-3, bf16, 2 GPUs, ... phase-1 data (22), phase-2 data (23), mask 26, λ 27
     params = ["64", "1e-3", "bf16", "2", "0.1", "10", "5", "false", "false", "true", "4", "1", "job", "true",
               "false", "0", "32", "5e-4", "0.1", "3", "8", str(data), str(data), str(ROOT), "None", "dam_s", "1e-3",
@@ -630,3 +648,28 @@ def test_run_pretraining_sh_passes_both_phases_nvidia_flags_and_extra_args(tmp_p
     assert "--max_seq_length=128 --max_predictions_per_seq=20 --gradient_accumulation_steps=4" in phase1
     assert "--train_batch_size=32" in phase2 and "--max_seq_length=512 --max_predictions_per_seq=80" in phase2
     assert "--phase2 --resume_from_checkpoint --phase1_end_step=10" in phase2
+    # Phase 2's flags were checked, before phase 1 ran, with exactly the flags phase 2 then got.
+    (check,) = checks.read_text().splitlines()
+    script = str(ROOT / "run_pretraining.py")
+    assert check == phase2[phase2.index(script):] + " --check_only"
+
+
+def test_run_pretraining_sh_stops_before_phase1_when_phase2_would_fail(tmp_path):
+    """The shipped config's mask_seq_length 128 with a DAM search and phase 2 at 512: refused in
+    seconds, before phase 1 (a stand-in torchrun records whether it was called)."""
+    bin_dir, data = tmp_path / "bin", tmp_path / "data"
+    bin_dir.mkdir()
+    data.mkdir()
+    record = tmp_path / "calls.txt"
+    (bin_dir / "torchrun").write_text(f'#!/usr/bin/env bash\necho "$@" >> {record}\n')
+    (bin_dir / "torchrun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RESULTS_DIR": str(tmp_path / "results"),
+           "PYTHON": sys.executable}
+    params = ["64", "1e-3", "fp32", "1", "0.1", "10", "5", "false", "false", "false", "1", "1", "job", "false",
+              "false", "0", "32", "5e-4", "0.1", "3", "1", str(data), str(data), str(ROOT), "None", "dam_s", "1e-3",
+              "true"]
+    result = subprocess.run(["bash", str(ROOT / "scripts" / "run_pretraining.sh"), *params], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and not record.exists()
+    assert "mask_seq_length 128 < --max_seq_length 512" in result.stderr
+    assert "phase 2 would fail" in result.stderr and "parameter 28" in result.stderr
