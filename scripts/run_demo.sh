@@ -4,8 +4,6 @@
 # Arguments go to scripts/demo.py, e.g. `bash scripts/run_demo.sh --out /tmp/demo --pretrain_steps 100`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python -c "import torch" 2>/dev/null; then
-  python -m pip install --quiet torch==2.13.0
-fi
+bash scripts/install_torch.sh
 python -m pip install --quiet -r requirements.txt
 python scripts/demo.py "$@"
