@@ -644,7 +644,7 @@ def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("patterns", help="print every pattern's sparsity at --seq_len")
     p.add_argument("--seq_len", type=int, default=128)

@@ -84,7 +84,7 @@ DAM_TYPES = attention_masks.DAM_MODES
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # -- NVIDIA's flags (reference §4.1)
     p.add_argument("--task_name", required=True, help="cola, sst-2, mrpc, sts-b, qqp, mnli, qnli, rte or wnli")
     p.add_argument("--data_dir", required=True, help="the task's folder of the GLUE download (train/dev/test .tsv)")

@@ -130,7 +130,7 @@ def time_path(fn, q, k, v, warmup, iters, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="GPU quick preset: S = 128, 512, 2048 and 8192, 6 paths, budget 100 s")
     p.add_argument("--seq_lens", type=int, nargs="+", default=None)

@@ -66,8 +66,8 @@ def bench_loader(shard: str, batch_size: int, max_pred: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mb", type=float, default=4.0, help="MB of text to turn into a shard")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mb", type=float, default=4.0, help="MB of text to turn into a shard, rounded to whole copies of the demo corpus (about 1 MB; at least one)")
     p.add_argument("--dupe_factor", type=int, default=5, help="bertPrep's default is 5")
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--max_predictions_per_seq", type=int, default=20)

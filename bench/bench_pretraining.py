@@ -209,7 +209,7 @@ def measure(build, loss_fn, batches, args, device, compile_model, deadline) -> d
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="base on CUDA, small on CPU")
     p.add_argument("--quick", action="store_true",

@@ -452,7 +452,7 @@ def str2bool(value: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vocab_file", required=True, help="WordPiece vocab (one token per line)")
     p.add_argument("--input_file", required=True, nargs="+",
                    help="text file(s): paths, folders of .txt files, globs or comma-separated lists")
