@@ -515,6 +515,10 @@ class BertPreTrainedModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not k.endswith("cls.predictions.decoder.weight")}  # tied: stored once
         if hf_format:
+            if self.config.attention_mask_type != "dense":
+                logger.warning("%s: transformers' BERT has no sparse attention mask and attends densely; "
+                               "this project's from_pretrained restores the '%s' mask", directory,
+                               self.config.attention_mask_type)
             state = to_hf_state_dict(state, self.config.vocab_size)
         with atomic_path(directory / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
@@ -793,11 +797,13 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor], own_keys, vocab_size
 
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
-    """Our names → Hugging Face's (`dense_act` → `dense`), vocab rows trimmed to the real vocab."""
+    """Our names → Hugging Face's (`dense_act` → `dense`), vocab rows trimmed to the real vocab.
+
+    DAM mask logits stay (under our name): transformers skips them with a note, and our own reload
+    gets the searched mask back instead of a fresh one.
+    """
     hf = {}
     for key, tensor in state_dict.items():
-        if "sparse_mask" in key:
-            continue  # HF BERT has no attention mask parameters
         key = key.replace(".dense_act.", ".dense.")
         if key.endswith(_VOCAB_ROW_KEYS):
             tensor = tensor[:vocab_size].contiguous()

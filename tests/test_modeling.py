@@ -140,6 +140,15 @@ def test_save_in_hf_format_loads_into_transformers(tmp_path):
     torch.testing.assert_close(nsp, ref.seq_relationship_logits, atol=1e-5, rtol=0)
 
 
+def test_dam_model_saved_in_hf_format_keeps_its_mask_and_still_loads_into_transformers(tmp_path):
+    ours = BertForPreTraining(tiny_config(attention_mask_type="dam_s", dam_init_std=1.0)).eval()
+    ours.save_pretrained(tmp_path / "export", hf_format=True)
+    again = BertForPreTraining.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(again.bert.sparse_mask.mask_logits, ours.bert.sparse_mask.mask_logits, rtol=0, atol=0)
+    assert not again.load_report.missing_keys and not again.load_report.unexpected_keys
+    transformers.BertForPreTraining.from_pretrained(str(tmp_path / "export"))  # the extra tensor is skipped
+
+
 # ----------------------------------------------------------------------------- model behaviour
 
 
