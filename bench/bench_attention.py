@@ -25,6 +25,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,51 +67,62 @@ def make_inputs(batch, heads, n, head_dim, device, dtype):
     return [torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
 
 
-def build_path(path, q, keep, block_size, device, flex):
-    """A zero-argument callable running one forward + backward, plus the tensors it learns."""
+def build_path(path: str, q: torch.Tensor, keep: torch.Tensor, block_size: int, device: torch.device,
+               flex) -> tuple[Callable, list[torch.Tensor]]:
+    """A callable running one forward, plus the tensors it learns (their grads are cleared every step).
+
+    Learnable biases are rebuilt inside the callable, as the model does each forward (one built
+    here would lose its autograd graph at the first backward)."""
     n, heads = q.shape[-2], q.shape[1]
     dtype = q.dtype
     learn = LEARN_OPTIONS if device.type == "cuda" else None
     if path == "sdpa_dense":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v), []
     if path == "sdpa_masked":
         bias = sa.score_bias(None, keep.float(), dtype)
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), []
     if path == "flex_dense":
-        return lambda q, k, v: flex(q, k, v)
+        return lambda q, k, v: flex(q, k, v), []
     if path == "flex_block":
         block_mask = sa.block_mask_from_keep(keep, block_size)
-        return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+        return lambda q, k, v: flex(q, k, v, block_mask=block_mask), []
     if path == "dam_sdpa":
         keep_soft = torch.full((heads, n, n), 1.0, device=device, requires_grad=True)
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=sa.score_bias(None, keep_soft, dtype))
+        return (lambda q, k, v: F.scaled_dot_product_attention(q, k, v,
+                                                               attn_mask=sa.score_bias(None, keep_soft, dtype)),
+                [keep_soft])
     if path == "dam_flex":
         keep_soft = torch.full((heads, n, n), 1.0, device=device, requires_grad=True)
-        return lambda q, k, v: flex(q, k, v, score_mod=sa._bias_score_mod(keep_soft), kernel_options=learn)
+        return (lambda q, k, v: flex(q, k, v, score_mod=sa._bias_score_mod(keep_soft), kernel_options=learn),
+                [keep_soft])
     if path == "dam_s_flex":
         offset_logits = torch.zeros(heads, n, device=device, requires_grad=True)
 
         def offset_bias(score, b, h, q_idx, kv_idx):
             return score + offset_logits[h, (q_idx - kv_idx).abs()]
-        return lambda q, k, v: flex(q, k, v, score_mod=offset_bias, kernel_options=learn)
+        return lambda q, k, v: flex(q, k, v, score_mod=offset_bias, kernel_options=learn), [offset_logits]
     if path == "dam_block_flex":
         nb = math.ceil(n / block_size)
         tile_logits = torch.zeros(heads, nb, nb, device=device, requires_grad=True)
 
         def tile_bias(score, b, h, q_idx, kv_idx):
             return score + tile_logits[h, q_idx // block_size, kv_idx // block_size]
-        return lambda q, k, v: flex(q, k, v, score_mod=tile_bias, kernel_options=learn)
+        return lambda q, k, v: flex(q, k, v, score_mod=tile_bias, kernel_options=learn), [tile_logits]
     raise ValueError(path)
 
 
 LEARN_OPTIONS = dict(sa.LEARNABLE_BIAS_KERNEL_OPTIONS)
 
 
-def time_path(fn, q, k, v, warmup, iters, device):
+def time_path(fn: Callable, learned: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              warmup: int, iters: int, device: torch.device) -> float:
+    """Mean ms of one forward + backward. Every grad is cleared as zero_grad(set_to_none=True) does,
+    so a learned [H, n, n] bias is not accumulated in place (an extra read-add-write) each step."""
     def step():
         out = fn(q, k, v)
         out.backward(torch.ones_like(out))
-        q.grad = k.grad = v.grad = None
+        for t in (q, k, v, *learned):
+            t.grad = None
 
     for _ in range(warmup):
         step()
@@ -205,8 +217,8 @@ def main(argv=None) -> list[dict]:
                 else:
                     try:
                         q, k, v = make_inputs(batch, args.heads, n, args.head_dim, device, dtype)
-                        fn = build_path(path, q, keep, args.block_size, device, flex)
-                        row["ms"] = time_path(fn, q, k, v, args.warmup, args.iters, device)
+                        fn, learned = build_path(path, q, keep, args.block_size, device, flex)
+                        row["ms"] = time_path(fn, learned, q, k, v, args.warmup, args.iters, device)
                     except Exception as exc:  # a missing feature or OOM is a row, not a crash
                         row["note"] = short_error(exc)
                     finally:

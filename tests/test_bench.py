@@ -1,0 +1,34 @@
+"""Bench helpers whose mistakes would change a reported number."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench_attention as ba  # noqa: E402
+import sparse_attention as sa  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def test_time_path_clears_the_learned_bias_grad_every_step():
+    keep = ba.band_global_mask(32, 16, "token")
+    q, k, v = ba.make_inputs(1, 2, 32, 8, CPU, torch.float32)
+    fn, learned = ba.build_path("dam_sdpa", q, keep, 16, CPU, None)
+    assert len(learned) == 1 and learned[0].shape == (2, 32, 32)
+    ba.time_path(fn, learned, q, k, v, warmup=1, iters=2, device=CPU)
+    assert all(t.grad is None for t in (q, k, v, *learned))
+
+
+@pytest.mark.skipif(not sa.flex_available(), reason="torch has no flex_attention")
+def test_dam_flex_reads_its_learned_bias_at_every_call():
+    n = 128
+    keep = ba.band_global_mask(n, 64, "block")
+    q, k, v = (t.detach() for t in ba.make_inputs(1, 2, n, 16, CPU, torch.float32))  # CPU flex: forward only
+    fn, (keep_soft,) = ba.build_path("dam_flex", q, keep, 64, CPU, sa.flex_attention)
+    with torch.no_grad():
+        before = fn(q, k, v)
+        keep_soft[:, :, n // 2:] = 0.0  # drop the second half of the keys
+        after = fn(q, k, v)
+    assert not torch.allclose(before, after)
