@@ -63,8 +63,12 @@ def tile_sparsity(keep: torch.Tensor, block_size: int) -> float:
     return 1.0 - (partial | full).float().mean().item()
 
 
-def make_inputs(batch, heads, n, head_dim, device, dtype):
-    return [torch.randn(batch, heads, n, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+def make_inputs(batch: int, heads: int, n: int, head_dim: int, device: torch.device, dtype: torch.dtype,
+                seed: int = 0) -> list[torch.Tensor]:
+    """q, k, v drawn from a fixed seed on the CPU, so every path of a row reads the same inputs."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, n, head_dim, generator=g).to(device, dtype).requires_grad_()
+            for _ in range(3)]
 
 
 def build_path(path: str, q: torch.Tensor, keep: torch.Tensor, block_size: int, device: torch.device,
@@ -139,6 +143,14 @@ def time_path(fn: Callable, learned: list[torch.Tensor], q: torch.Tensor, k: tor
     for _ in range(iters):
         step()
     return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def run_path(path: str, keep: torch.Tensor, batch: int, args: argparse.Namespace, device: torch.device,
+             dtype: torch.dtype, flex) -> float:
+    """One row's ms; its tensors die on return, before the next path allocates."""
+    q, k, v = make_inputs(batch, args.heads, keep.shape[-1], args.head_dim, device, dtype)
+    fn, learned = build_path(path, q, keep, args.block_size, device, flex)
+    return time_path(fn, learned, q, k, v, args.warmup, args.iters, device)
 
 
 def parse_args(argv=None):
@@ -216,9 +228,7 @@ def main(argv=None) -> list[dict]:
                     row["note"] = "unavailable: FlexAttention has no backward on CPU"
                 else:
                     try:
-                        q, k, v = make_inputs(batch, args.heads, n, args.head_dim, device, dtype)
-                        fn, learned = build_path(path, q, keep, args.block_size, device, flex)
-                        row["ms"] = time_path(fn, learned, q, k, v, args.warmup, args.iters, device)
+                        row["ms"] = run_path(path, keep, batch, args, device, dtype, flex)
                     except Exception as exc:  # a missing feature or OOM is a row, not a crash
                         row["note"] = short_error(exc)
                     finally:

@@ -21,6 +21,11 @@ def test_time_path_clears_the_learned_bias_grad_every_step():
     assert all(t.grad is None for t in (q, k, v, *learned))
 
 
+def test_every_path_reads_the_same_inputs():
+    first, second = ba.make_inputs(2, 2, 16, 8, CPU, torch.float32), ba.make_inputs(2, 2, 16, 8, CPU, torch.float32)
+    assert all(torch.equal(a, b) and a.requires_grad for a, b in zip(first, second))
+
+
 @pytest.mark.skipif(not sa.flex_available(), reason="torch has no flex_attention")
 def test_dam_flex_reads_its_learned_bias_at_every_call():
     n = 128
