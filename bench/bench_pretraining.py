@@ -21,6 +21,7 @@ dense bf16/fp16 spec of known GPUs (H100/H200 SXM 989, A100 312); none on CPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import sys
 import time
@@ -198,10 +199,13 @@ def measure(build, loss_fn, batches, args, device, compile_model, deadline) -> d
         return {"error": short_error(exc)}
     finally:
         del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         if compile_model:
             torch._dynamo.reset()
+        # model.compile() stores a bound method on the model: a cycle that refcounting never frees,
+        # so without a collection its weights and Adam state would count in the next model's peak.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Bench helpers whose mistakes would change a reported number."""
+import argparse
 import sys
+import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -7,9 +10,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import bench_attention as ba  # noqa: E402
+import bench_pretraining as bp  # noqa: E402
 import sparse_attention as sa  # noqa: E402
 
 CPU = torch.device("cpu")
+
+
+class Cyclic(torch.nn.Module):
+    """A module only a garbage collection frees, as `model.compile()` leaves one."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+        self.me = [self]
+
+    def forward(self, x):
+        return self.linear(x).sum()
+
+
+def test_measure_frees_a_model_held_by_a_reference_cycle():
+    refs = []
+
+    def build():
+        model = Cyclic()
+        refs.append(weakref.ref(model))
+        return model
+
+    batches = [bp.make_batch(2, 16, 0.0, CPU, 0)]
+    args = argparse.Namespace(warmup=1, steps=1, bf16=False)
+    result = bp.measure(build, lambda m, b: m(b.input_ids[:, :4].float()), batches, args, CPU, False,
+                        time.perf_counter() + 60)
+    assert "seq_per_s" in result
+    assert refs[0]() is None
 
 
 def test_time_path_clears_the_learned_bias_grad_every_step():
