@@ -16,7 +16,8 @@ columns' MFU so the ratio is the seq/s ratio):
     6 · P_layer · L · n  +  6 · (d² + d·V) · n_masked  +  12 · L · n² · d
 P_layer = 4d² + 2·d·d_ff (attention projections + FFN weights), n_masked = round(0.15 n); the
 last term is QKᵀ and PV (4n²d forward per layer) × 3 for training. Peak: --peak_tflops, else the
-dense bf16/fp16 spec of known GPUs (H100/H200 SXM 989, A100 312); none on CPU.
+dense bf16/fp16 spec of known GPUs (H100/H200 SXM 989, H100/H200 NVL 835, H100 PCIe 756, A100 312),
+only with --bf16 (an fp32 run has no such peak); none on CPU.
 """
 from __future__ import annotations
 
@@ -45,7 +46,10 @@ PRESETS = {
 }
 # Default batch per (device, seq_len): the issue's anchors on CUDA, small enough for 2 cores on CPU.
 DEFAULT_BATCH = {("cuda", 128): 256, ("cuda", 512): 64, ("cpu", 128): 8, ("cpu", 512): 2}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16/fp16 tensor-core spec
+# Dense bf16/fp16 tensor-core spec by a substring of the device name; the first match wins, so the
+# PCIe / NVL cards (lower clocks and power) come before their SXM namesakes.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+               "A100": 312.0}
 VOCAB_SIZE = 30522
 MASK_FRACTION = 0.15
 
@@ -262,7 +266,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     warnings.filterwarnings("ignore", category=UserWarning)
     cfg = PRESETS[args.preset]
-    peak_tflops = args.peak_tflops or peak_for(device)
+    peak_tflops = peak_tflops_for(args, device)
     commit = git_commit()  # the code being measured: read before the run, not after
     started = time.perf_counter()
     deadline = started + args.time_budget_s
@@ -299,10 +303,18 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def peak_tflops_for(args: argparse.Namespace, device: torch.device) -> float | None:
+    """--peak_tflops, else the card's half-precision spec for a --bf16 run: an fp32 run does not
+    reach that peak, so an MFU against it would read 2-15x too low."""
+    return args.peak_tflops or (peak_for(device) if args.bf16 else None)
+
+
 def peak_for(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    return peak_for_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_for_name(name: str) -> float | None:
+    """Dense bf16 TFLOP/s of a CUDA device name, None when unknown."""
     return next((tf for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 

@@ -1,4 +1,4 @@
-"""Bench helpers whose mistakes would change a reported number."""
+"""Bench helpers whose mistakes would change a reported number: peaks, freeing, gradients, inputs."""
 import argparse
 import sys
 import time
@@ -14,6 +14,26 @@ import bench_pretraining as bp  # noqa: E402
 import sparse_attention as sa  # noqa: E402
 
 CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA A100-SXM4-80GB", 312.0), ("Tesla T4", None)])
+def test_peak_matches_the_card_variant(name, tflops):
+    assert bp.peak_for_name(name) == tflops
+
+
+def test_no_half_precision_peak_for_an_fp32_run():
+    cuda = torch.device("cuda")  # never queried: an fp32 run stops before the device name
+    assert bp.peak_tflops_for(argparse.Namespace(peak_tflops=None, bf16=False), cuda) is None
+    assert bp.peak_tflops_for(argparse.Namespace(peak_tflops=123.0, bf16=False), cuda) == 123.0
+
+
+def test_train_flops_count_the_matmuls_of_bert_base_at_128():
+    cfg = bp.PRESETS["base"]
+    d, layers, d_ff, n, masked = 768, 12, 3072, 128, 19
+    forward = layers * n * (2 * 4 * d * d + 2 * 2 * d * d_ff + 4 * n * d) + masked * 2 * (d * d + d * 30522)
+    assert bp.train_flops_per_sequence(cfg, n) == 3 * forward
 
 
 class Cyclic(torch.nn.Module):
