@@ -745,16 +745,42 @@ def save_mask_into_folder(config: BertConfig, mask: attention_masks.AttentionMas
 
 def read_state_dict(weights_file: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a torch file loaded with weights_only (never unpickled)."""
+    return _read_weights(weights_file)[0]
+
+
+def read_checkpoint(weights_file: Path) -> tuple[dict[str, torch.Tensor], BertConfig | None]:
+    """`read_state_dict`, plus the config the checkpoint records (run_pretraining.py's do, under
+    "config"), or None (NVIDIA's, Hugging Face's, a bare state dict), from one read of the file."""
+    state, checkpoint = _read_weights(weights_file)
+    return state, recorded_config(checkpoint, str(weights_file))
+
+
+def _read_weights(weights_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict, and the checkpoint dict around it ({} when the file is the state dict itself)."""
     if weights_file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(weights_file))
-    obj = safe_torch_load(weights_file)
+        return load_file(str(weights_file)), {}
+    obj = checkpoint = safe_torch_load(weights_file)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # NVIDIA checkpoint / fine-tuning output
+    else:
+        checkpoint = {}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{weights_file} is not a state dict (name → tensor) nor an NVIDIA checkpoint with 'model'")
-    return obj
+    return obj, checkpoint
+
+
+def recorded_config(checkpoint: dict[str, Any], source: str) -> BertConfig | None:
+    """The config a checkpoint records as a JSON string under "config" (with the run's command-line
+    overrides applied, which no bert_config.json holds), or None when it records none."""
+    recorded = checkpoint.get("config")
+    if not isinstance(recorded, str):
+        return None
+    try:
+        return BertConfig.from_dict(json.loads(recorded))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"checkpoint {source} records an unreadable config ({err})") from None
 
 
 # Foreign → ours substring renames (Hugging Face and old TF-port names).
