@@ -535,13 +535,16 @@ class BertPreTrainedModel(nn.Module):
 class BertModel(BertPreTrainedModel):
     """Embeddings → encoder (with the sparse mask in every layer) → pooler."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, mask_logits_from_checkpoint: bool = False) -> None:
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
         # The mask initialises its own logits (N(0, dam_init_std)); init_weights leaves it alone.
-        self.sparse_mask = attention_masks.build_attention_mask(config)
+        # Logits a checkpoint will overwrite are drawn from a copy of the RNG state, so every weight
+        # drawn after them, and every later random number, is the same whatever the mask.
+        with torch.random.fork_rng(devices=[], enabled=mask_logits_from_checkpoint):
+            self.sparse_mask = attention_masks.build_attention_mask(config)
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
@@ -637,10 +640,10 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
 class _BertWithClassifier(BertPreTrainedModel):
     """BERT + dropout + a linear classifier: the shape shared by the sequence and token heads."""
 
-    def __init__(self, config: BertConfig, num_labels: int = 2) -> None:
+    def __init__(self, config: BertConfig, num_labels: int = 2, mask_logits_from_checkpoint: bool = False) -> None:
         super().__init__(config)
         self.num_labels = num_labels
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, mask_logits_from_checkpoint)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.init_weights()

@@ -257,7 +257,9 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
     the checkpoint. A checkpoint fine-tuned on a task with another label count keeps its body and
     gets a new head when `allow_new_head` (training), and is refused otherwise.
     """
-    model = BertForSequenceClassification(config, num_labels)
+    # A DAM mask's logits come from the checkpoint: building them leaves the global RNG untouched,
+    # so a seed gives the same new head and dropout as with the mask file exported from it.
+    model = BertForSequenceClassification(config, num_labels, mask_logits_from_checkpoint=True)
     is_dam = config.attention_mask_type in DAM_TYPES
     if init_checkpoint:
         state, searched = read_checkpoint(resolve_weights_file(init_checkpoint))

@@ -333,6 +333,23 @@ def test_dam_layout_mismatch_stops_run_glue_in_one_line(glue: Path, tmp_path: Pa
     assert "\n" not in err
 
 
+def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask(glue: Path, tmp_path: Path) -> None:
+    # Both routes freeze the same mask; building the DAM one must not shift the random draws of the
+    # new classifier head or of the dropout that follows.
+    search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_u", hidden_dropout_prob=0.1)
+    attention_masks.main(["export", "--checkpoint", str(tmp_path / "search.pt"), "--out", str(tmp_path / "m.safetensors")])
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "hidden_dropout_prob": 0.1}))
+    routes = {"file": ["--attention_mask_type", "file", "--attention_mask_file", str(tmp_path / "m.safetensors")],
+              "dam": ["--attention_mask_type", "dam_u"]}
+    for route, flags in routes.items():
+        assert run_glue.main(glue_args(glue, tmp_path / route, "sst-2", "--do_train", "--do_eval", "--max_steps", "3",
+                                       "--config_file", str(tmp_path / "config.json"),
+                                       "--init_checkpoint", str(tmp_path / "search.pt"), *flags)) == 0
+    file_run, dam_run = results(tmp_path / "file"), results(tmp_path / "dam")
+    assert 0.2 < dam_run["mask_sparsity"] < 0.8 and dam_run["mask_sparsity"] == file_run["mask_sparsity"]
+    assert dam_run["train:loss"] == file_run["train:loss"] and dam_run["eval:loss"] == file_run["eval:loss"]
+
+
 def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_training(tmp_path: Path) -> None:
     # e.g. RTE fine-tuned from an MNLI checkpoint: 3 outputs there, 2 here.
     torch.manual_seed(0)
