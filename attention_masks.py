@@ -493,6 +493,17 @@ def build_attention_mask(config: Any) -> AttentionMask | None:
         block_size=int(getattr(config, "dam_block_size", 1)))
 
 
+def gate_layout(config: Any) -> dict[str, Any]:
+    """The config fields that say which layer, head and (i, j) entries each DAM logit gates: logits
+    searched under one layout mean another mask under any other, even where their shape agrees."""
+    layout = {name: getattr(config, name) for name in (
+        "attention_mask_type", "mask_seq_length", "dam_block_size", "dam_share_across_layers",
+        "num_hidden_layers", "num_attention_heads")}
+    if config.attention_mask_type == "dam_u":  # dam_s gates are symmetric whatever the flag
+        layout["dam_symmetric"] = config.dam_symmetric
+    return layout
+
+
 def load_mask_module(path: str | os.PathLike | None, seq_len: int, num_layers: int, num_heads: int) -> FixedMask:
     """A frozen FixedMask from a mask file, checked against the model's layers, heads and length."""
     if not path:
@@ -610,12 +621,9 @@ def _search_config(state: dict[str, Any], checkpoint: str, config_path: str | No
     bert_config.json does not hold; --config is for checkpoints that record none."""
     import modeling  # lazily: attention_masks does not depend on modeling
 
-    recorded = state.get("config")
-    if isinstance(recorded, str):
-        try:
-            return modeling.BertConfig.from_dict(json.loads(recorded)), f"the config recorded in {checkpoint}"
-        except (json.JSONDecodeError, TypeError, AttributeError) as err:
-            raise ValueError(f"checkpoint {checkpoint} records an unreadable config ({err})") from None
+    recorded = modeling.recorded_config(state, checkpoint)
+    if recorded is not None:
+        return recorded, f"the config recorded in {checkpoint}"
     if config_path is None:
         raise ValueError(f"checkpoint {checkpoint} records no config: pass --config, the search run's bert_config.json")
     return modeling.BertConfig.from_json_file(config_path), config_path

@@ -535,13 +535,16 @@ class BertPreTrainedModel(nn.Module):
 class BertModel(BertPreTrainedModel):
     """Embeddings → encoder (with the sparse mask in every layer) → pooler."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, mask_logits_from_checkpoint: bool = False) -> None:
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
         # The mask initialises its own logits (N(0, dam_init_std)); init_weights leaves it alone.
-        self.sparse_mask = attention_masks.build_attention_mask(config)
+        # Logits a checkpoint will overwrite are drawn from a copy of the RNG state, so every weight
+        # drawn after them, and every later random number, is the same whatever the mask.
+        with torch.random.fork_rng(devices=[], enabled=mask_logits_from_checkpoint):
+            self.sparse_mask = attention_masks.build_attention_mask(config)
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
@@ -637,10 +640,10 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
 class _BertWithClassifier(BertPreTrainedModel):
     """BERT + dropout + a linear classifier: the shape shared by the sequence and token heads."""
 
-    def __init__(self, config: BertConfig, num_labels: int = 2) -> None:
+    def __init__(self, config: BertConfig, num_labels: int = 2, mask_logits_from_checkpoint: bool = False) -> None:
         super().__init__(config)
         self.num_labels = num_labels
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, mask_logits_from_checkpoint)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.init_weights()
@@ -745,16 +748,42 @@ def save_mask_into_folder(config: BertConfig, mask: attention_masks.AttentionMas
 
 def read_state_dict(weights_file: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a torch file loaded with weights_only (never unpickled)."""
+    return _read_weights(weights_file)[0]
+
+
+def read_checkpoint(weights_file: Path) -> tuple[dict[str, torch.Tensor], BertConfig | None]:
+    """`read_state_dict`, plus the config the checkpoint records (run_pretraining.py's do, under
+    "config"), or None (NVIDIA's, Hugging Face's, a bare state dict), from one read of the file."""
+    state, checkpoint = _read_weights(weights_file)
+    return state, recorded_config(checkpoint, str(weights_file))
+
+
+def _read_weights(weights_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict, and the checkpoint dict around it ({} when the file is the state dict itself)."""
     if weights_file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(weights_file))
-    obj = safe_torch_load(weights_file)
+        return load_file(str(weights_file)), {}
+    obj = checkpoint = safe_torch_load(weights_file)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # NVIDIA checkpoint / fine-tuning output
+    else:
+        checkpoint = {}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{weights_file} is not a state dict (name → tensor) nor an NVIDIA checkpoint with 'model'")
-    return obj
+    return obj, checkpoint
+
+
+def recorded_config(checkpoint: dict[str, Any], source: str) -> BertConfig | None:
+    """The config a checkpoint records as a JSON string under "config" (with the run's command-line
+    overrides applied, which no bert_config.json holds), or None when it records none."""
+    recorded = checkpoint.get("config")
+    if not isinstance(recorded, str):
+        return None
+    try:
+        return BertConfig.from_dict(json.loads(recorded))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"checkpoint {source} records an unreadable config ({err})") from None
 
 
 # Foreign → ours substring renames (Hugging Face and old TF-port names).

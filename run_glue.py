@@ -41,7 +41,7 @@ from modeling import (
     BertForSequenceClassification,
     config_file_beside,
     mask_file_from_folder,
-    read_state_dict,
+    read_checkpoint,
     resolve_weights_file,
     save_mask_into_folder,
 )
@@ -251,21 +251,26 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
                 allow_new_head: bool = True) -> BertForSequenceClassification:
     """The classifier with the checkpoint's weights and its attention mask frozen.
 
-    A DAM config takes the mask logits from the checkpoint and fixes them at 1[σ(a) > 0.5]; a
+    A DAM config takes the mask logits from the checkpoint and fixes them at 1[σ(a) > 0.5], after
+    checking its gate layout against the search config the checkpoint records (if any); a
     pattern or mask-file config builds its fixed mask from the config and ignores any logits in
     the checkpoint. A checkpoint fine-tuned on a task with another label count keeps its body and
     gets a new head when `allow_new_head` (training), and is refused otherwise.
     """
-    model = BertForSequenceClassification(config, num_labels)
+    # A DAM mask's logits come from the checkpoint: building them leaves the global RNG untouched,
+    # so a seed gives the same new head and dropout as with the mask file exported from it.
+    model = BertForSequenceClassification(config, num_labels, mask_logits_from_checkpoint=True)
     is_dam = config.attention_mask_type in DAM_TYPES
     if init_checkpoint:
-        state = read_state_dict(resolve_weights_file(init_checkpoint))
+        state, searched = read_checkpoint(resolve_weights_file(init_checkpoint))
         has_logits = any(key.endswith("sparse_mask.mask_logits") for key in state)
         if is_dam and not has_logits:
             raise ValueError(
                 f"attention_mask_type '{config.attention_mask_type}' reads its mask logits from --init_checkpoint, "
                 f"but {init_checkpoint} has none: pass the DAM pretraining checkpoint, or export its mask and use "
                 f"--attention_mask_type file --attention_mask_file <mask.safetensors>")
+        if is_dam and searched is not None:
+            check_gate_layout(searched, config, init_checkpoint)
         if not is_dam:
             state = {k: v for k, v in state.items() if "sparse_mask" not in k}
         state = drop_foreign_head(state, num_labels, init_checkpoint, allow_new_head)
@@ -278,6 +283,21 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
         mask.freeze()
     assert not model.mask_parameters(), "the attention mask must have no trainable parameter while fine-tuning"
     return model
+
+
+def check_gate_layout(searched: BertConfig, config: BertConfig, init_checkpoint: str) -> None:
+    """Refuse DAM logits whose recorded search config lays its gates out otherwise than `config`:
+    a shape check misses e.g. another mask_seq_length with another dam_block_size and as many gates."""
+    search_layout, layout = attention_masks.gate_layout(searched), attention_masks.gate_layout(config)
+    differing = [f"{name}={search_layout[name]!r} (search) vs {layout[name]!r}"
+                 for name in search_layout if name in layout and search_layout[name] != layout[name]]
+    if differing:
+        raise ValueError(
+            f"{init_checkpoint}: its mask logits were searched under another gate layout than this run's config "
+            f"({', '.join(differing)}), so each would gate other attention entries: use the search's "
+            f"bert_config.json and mask flags, or export its mask (python attention_masks.py export --checkpoint "
+            f"{init_checkpoint} --out mask.safetensors) and pass --attention_mask_type file "
+            f"--attention_mask_file mask.safetensors")
 
 
 def drop_foreign_head(state: dict[str, torch.Tensor], num_labels: int, source: str,

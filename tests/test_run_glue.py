@@ -283,6 +283,73 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
     assert results(out)["mask_sparsity"] == pytest.approx(expected)
 
 
+def search_checkpoint(path: Path, **search: object) -> BertConfig:
+    """A DAM pretraining checkpoint as run_pretraining.py writes it: the weights, and the config
+    the search ran with recorded under "config"."""
+    config = tiny_config(**search)
+    model = BertForPreTraining(config)
+    torch.save({"model": model.state_dict(), "config": config.to_json_string()}, path)
+    return config
+
+
+@pytest.mark.parametrize("search, here, named", [
+    # Same number of gates per head (256, 16 and 36): the logits' shape alone cannot tell.
+    ({"attention_mask_type": "dam_u"}, {"attention_mask_type": "dam_u", "mask_seq_length": 32, "dam_block_size": 2},
+     ["mask_seq_length=16 (search) vs 32", "dam_block_size=1 (search) vs 2"]),
+    ({"attention_mask_type": "dam_s"}, {"attention_mask_type": "dam_u", "dam_block_size": 4},
+     ["attention_mask_type='dam_s' (search) vs 'dam_u'", "dam_block_size=1 (search) vs 4"]),
+    ({"attention_mask_type": "dam_u", "dam_symmetric": True, "dam_block_size": 2},
+     {"attention_mask_type": "dam_u", "mask_seq_length": 24, "dam_block_size": 4},
+     ["dam_symmetric=True (search) vs False", "mask_seq_length=16 (search) vs 24"]),
+    ({"attention_mask_type": "dam_s", "dam_share_across_layers": True}, {"attention_mask_type": "dam_s"},
+     ["dam_share_across_layers=True (search) vs False"]),
+])
+def test_dam_logits_searched_under_another_layout_are_refused_naming_the_fields(
+        tmp_path: Path, search: dict, here: dict, named: list[str]) -> None:
+    search_checkpoint(tmp_path / "search.pt", **search)
+    with pytest.raises(ValueError) as caught:
+        run_glue.build_model(tiny_config(**here), 2, str(tmp_path / "search.pt"))
+    message = str(caught.value)
+    assert all(field in message for field in named), message
+    assert "use the search's bert_config.json" in message and "--attention_mask_file" in message
+    assert "\n" not in message
+
+
+def test_dam_logits_load_when_only_fields_without_layout_meaning_differ(tmp_path: Path) -> None:
+    # λ, τ and the init only shaped the search; dam_symmetric means nothing for dam_s.
+    search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_s", dam_lambda=1e-3, dam_temperature=0.5,
+                      dam_symmetric=True, dam_init_std=0.1)
+    model = run_glue.build_model(tiny_config(attention_mask_type="dam_s"), 2, str(tmp_path / "search.pt"))
+    assert model.bert.sparse_mask.frozen
+
+
+def test_dam_layout_mismatch_stops_run_glue_in_one_line(glue: Path, tmp_path: Path, capsys) -> None:
+    search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_s")
+    argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--init_checkpoint", str(tmp_path / "search.pt"),
+                     "--attention_mask_type", "dam_u")
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("run_glue.py: error: ") and "attention_mask_type='dam_s' (search) vs 'dam_u'" in err
+    assert "\n" not in err
+
+
+def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask(glue: Path, tmp_path: Path) -> None:
+    # Both routes freeze the same mask; building the DAM one must not shift the random draws of the
+    # new classifier head or of the dropout that follows.
+    search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_u", hidden_dropout_prob=0.1)
+    attention_masks.main(["export", "--checkpoint", str(tmp_path / "search.pt"), "--out", str(tmp_path / "m.safetensors")])
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "hidden_dropout_prob": 0.1}))
+    routes = {"file": ["--attention_mask_type", "file", "--attention_mask_file", str(tmp_path / "m.safetensors")],
+              "dam": ["--attention_mask_type", "dam_u"]}
+    for route, flags in routes.items():
+        assert run_glue.main(glue_args(glue, tmp_path / route, "sst-2", "--do_train", "--do_eval", "--max_steps", "3",
+                                       "--config_file", str(tmp_path / "config.json"),
+                                       "--init_checkpoint", str(tmp_path / "search.pt"), *flags)) == 0
+    file_run, dam_run = results(tmp_path / "file"), results(tmp_path / "dam")
+    assert 0.2 < dam_run["mask_sparsity"] < 0.8 and dam_run["mask_sparsity"] == file_run["mask_sparsity"]
+    assert dam_run["train:loss"] == file_run["train:loss"] and dam_run["eval:loss"] == file_run["eval:loss"]
+
+
 def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_training(tmp_path: Path) -> None:
     # e.g. RTE fine-tuned from an MNLI checkpoint: 3 outputs there, 2 here.
     torch.manual_seed(0)
