@@ -38,11 +38,6 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
-
-
 def add_local_rank_argument(parser: "argparse.ArgumentParser") -> None:
     """NVIDIA's --local_rank, also under the dashed spelling torch >= 2.0's torch.distributed.launch
     passes (--local-rank=N). The LOCAL_RANK variable, which torchrun sets, wins (init_distributed)."""
