@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from modeling import BertConfig
-from utils import atomic_save, get_rank, get_world_size, is_main_process, rng_state, safe_torch_load, set_rng_state
+from utils import all_gather_object, atomic_save, get_rank, get_world_size, is_main_process, rng_state, safe_torch_load, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -340,12 +340,7 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG states (dropout, DAM noise), gathered so rank 0 can checkpoint them all."""
-    state = rng_state()
-    if get_world_size() == 1:
-        return [state]
-    gathered: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(gathered, state)
-    return gathered
+    return all_gather_object(rng_state())
 
 
 def restore_rng_states(states: list[dict[str, Any]]) -> bool:

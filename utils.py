@@ -38,6 +38,15 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (`[obj]` on one process)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def add_local_rank_argument(parser: "argparse.ArgumentParser") -> None:
     """NVIDIA's --local_rank, also under the dashed spelling torch >= 2.0's torch.distributed.launch
     passes (--local-rank=N). The LOCAL_RANK variable, which torchrun sets, wins (init_distributed)."""
