@@ -64,7 +64,6 @@ from utils import (
     add_local_rank_argument,
     atomic_save,
     autocast,
-    barrier,
     get_rank,
     get_world_size,
     init_distributed,
@@ -557,7 +556,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results.update(train(args, task, model, train_features, device, metrics))
         if is_main_process() and not args.skip_checkpoint:
             save_fine_tuned(model, config, output_dir)
-    # Evaluation and prediction run on rank 0, as NVIDIA's script does; the others wait.
+    # Evaluation and prediction run on rank 0, as NVIDIA's script does. The others finish now and
+    # torchrun waits for rank 0: a barrier would fail them once scoring outlasts --dist_timeout.
     if is_main_process():
         if args.do_eval:
             eval_start = time.perf_counter()
@@ -576,7 +576,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             summary["F1"] = results["f1"]
         metrics.log((), {**summary, **{k: v for k, v in results.items() if isinstance(v, float)}})
     metrics.close()
-    barrier()
     return results
 
 

@@ -29,7 +29,7 @@ import modeling
 from modeling import BertConfig, BertForPreTraining, read_state_dict, resolve_weights_file
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
-from utils import (MetricLogger, add_local_rank_argument, all_reduce_mean, autocast, get_rank, get_world_size,
+from utils import (MetricLogger, add_local_rank_argument, all_gather_object, all_reduce_mean, autocast, get_rank, get_world_size,
                    init_distributed, is_main_process, precision_dtype, seed_everything)
 
 logger = logging.getLogger("run_pretraining")
@@ -173,6 +173,17 @@ def check_shards(shards: list[str], max_seq_length: int, max_pred_length: int) -
         if width != max_seq_length:
             raise ValueError(f"shard {shard} holds sequences of length {width} but --max_seq_length is "
                              f"{max_seq_length}: pass --max_seq_length {width} or the matching --input_dir")
+
+
+def check_same_shards(shards: list[str], input_dir: str) -> None:
+    """Every rank must list the same shards: rank r reads file (f_id*W + r) % n of one shuffled list,
+    so a node whose copy lacks a file would silently read other data than its peers."""
+    names = [Path(shard).name for shard in shards]
+    for rank, theirs in enumerate(all_gather_object(names)):
+        if theirs != names:
+            which = "other names" if len(theirs) == len(names) else len(names)
+            raise ValueError(f"rank {rank} finds {len(theirs)} shards in --input_dir {input_dir} but rank "
+                             f"{get_rank()} finds {which}: give every node the same copy of the shards")
 
 
 # ============================================================================ pieces of a step
@@ -343,6 +354,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     seed_everything(args.seed + rank)
     config, shards = checked_inputs(args)
+    check_same_shards(shards, args.input_dir)
     found = resume_state(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if is_main_process():

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from modeling import BertConfig
-from utils import atomic_save, get_rank, get_world_size, is_main_process, rng_state, safe_torch_load, set_rng_state
+from utils import all_gather_object, atomic_save, get_rank, get_world_size, is_main_process, rng_state, safe_torch_load, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,23 @@ def wrap_distributed(model: nn.Module, device: torch.device, compress_dtype: tor
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
               gradient_as_bucket_view=True)
     if compress_dtype is not None:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        hook = default_hooks.fp16_compress_hook if compress_dtype == torch.float16 else default_hooks.bf16_compress_hook
-        ddp.register_comm_hook(None, hook)
+        ddp.register_comm_hook(None, compress_hook(compress_dtype))
     return ddp
+
+
+def compress_hook(dtype: torch.dtype) -> Callable[..., torch.futures.Future]:
+    """A DDP comm hook that all-reduces each gradient bucket in `dtype` (the mean over ranks).
+
+    torch's `fp16_compress_hook` maths for either dtype: its `bf16_compress_hook` is refused by name
+    on any backend but NCCL >= 2.10, though gloo all-reduces bf16 (CPU runs with --bf16).
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    # No annotations: DDP compares them with the classes, and this module's are strings.
+    def half_precision_allreduce(process_group, bucket):  # type: ignore[no-untyped-def]
+        return default_hooks._compress_hook(dtype, process_group, bucket)
+
+    return half_precision_allreduce
 
 
 def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -328,12 +340,7 @@ def is_collective_failure(exc: BaseException) -> bool:
 
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG states (dropout, DAM noise), gathered so rank 0 can checkpoint them all."""
-    state = rng_state()
-    if get_world_size() == 1:
-        return [state]
-    gathered: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(gathered, state)
-    return gathered
+    return all_gather_object(rng_state())
 
 
 def restore_rng_states(states: list[dict[str, Any]]) -> bool:

@@ -38,9 +38,13 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def barrier() -> None:
-    if get_world_size() > 1:
-        dist.barrier()
+def all_gather_object(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (`[obj]` on one process)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def add_local_rank_argument(parser: "argparse.ArgumentParser") -> None:

@@ -526,6 +526,31 @@ def test_torchrun_two_processes(glue: Path, tmp_path: Path) -> None:
     assert len(read_server_file(out / "SST-2.tsv")) == 25
 
 
+SLOW_EVAL_DRIVER = """
+import sys, time
+sys.path.insert(0, sys.argv.pop(1))
+import run_glue
+evaluate = run_glue.evaluate
+run_glue.evaluate = lambda *a, **k: (time.sleep(4), evaluate(*a, **k))[1]  # a large dev set
+sys.exit(run_glue.main())
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_evaluation_longer_than_dist_timeout_completes(glue: Path, tmp_path: Path) -> None:
+    """Rank 0 scores the dev set alone; the other rank's wait is not a stuck collective."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(SLOW_EVAL_DRIVER)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           str(ROOT), *glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "1", "--no_cuda",
+                                 "--dist_timeout", "2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "acc" in results(out)
+
+
 @pytest.mark.slow
 def test_run_glue_all_prints_the_table_row(glue: Path, tmp_path: Path) -> None:
     out = tmp_path / "all"

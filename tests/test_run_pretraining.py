@@ -617,6 +617,32 @@ def test_torchrun_two_processes_match_one(shards, tmp_path, accumulation, compil
         assert losses[2][step] == pytest.approx(losses[1][step], rel=tolerance, abs=tolerance), step
 
 
+ONE_SHARD_MISSING_ON_RANK_1 = """
+import os, sys
+sys.path.insert(0, sys.argv.pop(1))
+import pretraining_data, run_pretraining
+if os.environ["RANK"] == "1":  # a node whose copy of the data lacks a shard
+    list_shards = pretraining_data.list_shards
+    pretraining_data.list_shards = lambda path: list_shards(path)[:-1]
+sys.exit(run_pretraining.main())
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_that_list_other_shards_stop_with_one_line(shards, tmp_path):
+    """Rank r reads file (f_id*W + r) % n of the one shuffled list: ranks with other lists read other data."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(ONE_SHARD_MISSING_ON_RANK_1)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           str(ROOT), *base_args(shards, out, write_config(tmp_path / "config.json"), max_steps=1)]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert "run_pretraining.py: error: rank 1 finds 1 shards in --input_dir" in result.stderr
+    assert not list(out.glob("ckpt_*.pt"))
+
+
 # ----------------------------------------------------------------------------- scripts/run_pretraining.sh
 
 

@@ -236,23 +236,24 @@ def test_throughput_meter_stop_freezes_the_clock(monkeypatch):
 # ----------------------------------------------------------------------------- DDP gradient averaging
 
 
-def _ddp_worker(rank: int, world_size: int, init_file: str) -> None:
+def _ddp_worker(rank: int, world_size: int, init_file: str, compress_dtype: torch.dtype | None = None) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         for accumulation in (1, 2):
-            _check_ddp_gradients(rank, world_size, accumulation)
+            _check_ddp_gradients(rank, world_size, accumulation, compress_dtype)
     finally:
         dist.destroy_process_group()
 
 
-def _check_ddp_gradients(rank: int, world_size: int, accumulation: int) -> None:
+def _check_ddp_gradients(rank: int, world_size: int, accumulation: int,
+                         compress_dtype: torch.dtype | None = None) -> None:
     torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's weights
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
     torch.manual_seed(0)
     reference = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
     if rank == 0:
         model.load_state_dict(reference.state_dict())
-    ddp = training.wrap_distributed(model, torch.device("cpu"))
+    ddp = training.wrap_distributed(model, torch.device("cpu"), compress_dtype=compress_dtype)
     assert training.unwrap_model(ddp) is model
     generator = torch.Generator().manual_seed(123)
     x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 1, generator=generator)
@@ -269,10 +270,18 @@ def _check_ddp_gradients(rank: int, world_size: int, accumulation: int) -> None:
             dist.all_gather(others, local)
             assert not torch.allclose(others[0], others[1])
     nn.functional.mse_loss(reference(x), y).backward()
+    tolerance = 1e-5 if compress_dtype is None else 1e-2  # half-precision all-reduce
     for ours, ref in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=tolerance, atol=tolerance)
 
 
 def test_ddp_gradients_equal_single_process_mean(tmp_path):
     """2 gloo ranks, accumulation 1 and 2: the synced gradient is the mean over the global batch."""
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ddp_gradients_all_reduced_in_half_precision_on_gloo(tmp_path, dtype):
+    """--allreduce_post_accumulation_fp16 on CPU: gloo all-reduces fp16 and bf16 (torch's own bf16
+    hook refuses any backend but NCCL)."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), dtype), nprocs=2, join=True)
