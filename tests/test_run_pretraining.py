@@ -646,27 +646,36 @@ def test_torchrun_ranks_that_list_other_shards_stop_with_one_line(shards, tmp_pa
 # ----------------------------------------------------------------------------- scripts/run_pretraining.sh
 
 
-def test_run_pretraining_sh_passes_both_phases_nvidia_flags_and_extra_args(tmp_path):
-    """The launcher script with a stand-in torchrun that records its arguments."""
-    bin_dir, data = tmp_path / "bin", tmp_path / "data"
+def recorder(bin_dir: Path, name: str, record: Path) -> None:
+    """A stand-in command `name` that appends its arguments to `record`."""
+    (bin_dir / name).write_text(f'#!/usr/bin/env bash\necho "$@" >> {record}\n')
+    (bin_dir / name).chmod(0o755)
+
+
+def run_launcher(tmp_path: Path, params: list[str], **env: str) -> subprocess.CompletedProcess:
+    """scripts/run_pretraining.sh with a stand-in torchrun recording to tmp_path / "calls.txt"."""
+    bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
+    recorder(bin_dir, "torchrun", tmp_path / "calls.txt")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RESULTS_DIR": str(tmp_path / "results"), **env}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "run_pretraining.sh"), *params], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_run_pretraining_sh_passes_both_phases_nvidia_flags_and_extra_args(tmp_path):
+    """The launcher script with stand-ins for torchrun and the phase-2 check's interpreter."""
+    data, checks = tmp_path / "data", tmp_path / "checks.txt"
     data.mkdir()
-    record = tmp_path / "calls.txt"
-    (bin_dir / "torchrun").write_text(f'#!/usr/bin/env bash\necho "$@" >> {record}\n')
-    (bin_dir / "torchrun").chmod(0o755)
-    checks = tmp_path / "checks.txt"  # the phase-2 check's interpreter, recorded the same way
-    (bin_dir / "check_python").write_text(f'#!/usr/bin/env bash\necho "$@" >> {checks}\n')
-    (bin_dir / "check_python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RESULTS_DIR": str(tmp_path / "results"),
-           "EXTRA_ARGS": "--compile --max_bad_steps=5", "PYTHON": "check_python"}
+    (tmp_path / "check_bin").mkdir()
+    recorder(tmp_path / "check_bin", "check_python", checks)
     # positional: batch 64, lr 1e-3, bf16, 2 GPUs, ... phase-1 data (22), phase-2 data (23), mask 26, λ 27
     params = ["64", "1e-3", "bf16", "2", "0.1", "10", "5", "false", "false", "true", "4", "1", "job", "true",
               "false", "0", "32", "5e-4", "0.1", "3", "8", str(data), str(data), str(ROOT), "None", "dam_s", "1e-3",
               "true"]
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "run_pretraining.sh"), *params], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = run_launcher(tmp_path, params, EXTRA_ARGS="--compile --max_bad_steps=5",
+                          PYTHON=str(tmp_path / "check_bin" / "check_python"))
     assert result.returncode == 0, result.stderr
-    phase1, phase2 = record.read_text().splitlines()
+    phase1, phase2 = (tmp_path / "calls.txt").read_text().splitlines()
     for call in (phase1, phase2):
         assert "--nproc_per_node=2" in call and "--bf16" in call and "--attention_mask_type=dam_s" in call
         assert "--lamb=1e-3" in call and "--allreduce_post_accumulation " in call
@@ -682,20 +691,13 @@ def test_run_pretraining_sh_passes_both_phases_nvidia_flags_and_extra_args(tmp_p
 
 def test_run_pretraining_sh_stops_before_phase1_when_phase2_would_fail(tmp_path):
     """The shipped config's mask_seq_length 128 with a DAM search and phase 2 at 512: refused in
-    seconds, before phase 1 (a stand-in torchrun records whether it was called)."""
-    bin_dir, data = tmp_path / "bin", tmp_path / "data"
-    bin_dir.mkdir()
+    seconds, before phase 1 (the stand-in torchrun records whether it was called)."""
+    data = tmp_path / "data"
     data.mkdir()
-    record = tmp_path / "calls.txt"
-    (bin_dir / "torchrun").write_text(f'#!/usr/bin/env bash\necho "$@" >> {record}\n')
-    (bin_dir / "torchrun").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RESULTS_DIR": str(tmp_path / "results"),
-           "PYTHON": sys.executable}
     params = ["64", "1e-3", "fp32", "1", "0.1", "10", "5", "false", "false", "false", "1", "1", "job", "false",
               "false", "0", "32", "5e-4", "0.1", "3", "1", str(data), str(data), str(ROOT), "None", "dam_s", "1e-3",
               "true"]
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "run_pretraining.sh"), *params], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and not record.exists()
+    result = run_launcher(tmp_path, params, PYTHON=sys.executable)
+    assert result.returncode == 1 and not (tmp_path / "calls.txt").exists()
     assert "mask_seq_length 128 < --max_seq_length 512" in result.stderr
     assert "phase 2 would fail" in result.stderr and "parameter 28" in result.stderr

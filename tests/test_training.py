@@ -206,15 +206,22 @@ def test_sigterm_becomes_a_flag_and_handler_is_restored():
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
-def test_throughput_meter_skips_warmup_steps(monkeypatch):
-    """On a fake clock, one second per step: the rates cover only the steps after the warm-up, timed
-    from the end of the last warm-up step (not from construction)."""
+def meter_after_steps(monkeypatch, warmup_steps: int, steps: int) -> tuple[training.ThroughputMeter, list[float]]:
+    """A meter on a fake clock that has counted `steps` steps of 8 sequences, one second each
+    (they end at t = 1 .. steps), and the clock to move on."""
     now = [0.0]
     monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
-    meter = training.ThroughputMeter(torch.device("cpu"), warmup_steps=2)
-    for _ in range(5):
+    meter = training.ThroughputMeter(torch.device("cpu"), warmup_steps=warmup_steps)
+    for _ in range(steps):
         now[0] += 1.0
-        meter.update(8)  # steps end at t = 1 .. 5; the warm-up ends at t = 2
+        meter.update(8)
+    return meter, now
+
+
+def test_throughput_meter_skips_warmup_steps(monkeypatch):
+    """The rates cover only the steps after the warm-up, timed from the end of the last warm-up
+    step (not from construction)."""
+    meter, _ = meter_after_steps(monkeypatch, warmup_steps=2, steps=5)  # the warm-up ends at t = 2
     assert meter.sequences == 24
     assert meter.sequences_per_second() == 24 / (5 - 2)
     assert meter.seconds_per_step() == (5 - 2) / 3
@@ -222,12 +229,7 @@ def test_throughput_meter_skips_warmup_steps(monkeypatch):
 
 def test_throughput_meter_stop_freezes_the_clock(monkeypatch):
     """What follows stop() (the last checkpoint) is not training time."""
-    now = [0.0]
-    monkeypatch.setattr(training.time, "perf_counter", lambda: now[0])
-    meter = training.ThroughputMeter(torch.device("cpu"), warmup_steps=1)
-    for _ in range(3):
-        now[0] += 1.0
-        meter.update(8)  # steps end at t = 1 .. 3; the warm-up ends at t = 1
+    meter, now = meter_after_steps(monkeypatch, warmup_steps=1, steps=3)  # the warm-up ends at t = 1
     meter.stop()
     now[0] += 100.0  # a slow final checkpoint
     assert meter.elapsed() == 2.0 and meter.sequences_per_second() == 16 / 2 and meter.seconds_per_step() == 1.0
