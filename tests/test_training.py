@@ -275,6 +275,8 @@ def _check_ddp_gradients(rank: int, world_size: int, accumulation: int,
     tolerance = 1e-5 if compress_dtype is None else 1e-2  # half-precision all-reduce
     for ours, ref in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(ours.grad, ref.grad, rtol=tolerance, atol=tolerance)
+        if compress_dtype is not None:  # the all-reduce really ran in half: every value fits it
+            assert torch.equal(ours.grad, ours.grad.to(compress_dtype).float())
 
 
 def test_ddp_gradients_equal_single_process_mean(tmp_path):
