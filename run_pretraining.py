@@ -29,8 +29,8 @@ import modeling
 from modeling import BertConfig, BertForPreTraining, read_state_dict, resolve_weights_file
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
-from utils import (MetricLogger, add_local_rank_argument, all_gather_object, all_reduce_mean, autocast, get_rank, get_world_size,
-                   init_distributed, is_main_process, precision_dtype, seed_everything)
+from utils import (MetricLogger, add_local_rank_argument, all_gather_object, all_reduce_mean, autocast, get_rank,
+                   get_world_size, init_distributed, is_main_process, precision_dtype, seed_everything)
 
 logger = logging.getLogger("run_pretraining")
 
