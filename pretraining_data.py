@@ -211,11 +211,12 @@ def _check_values(path: str, a: dict[str, np.ndarray], vocab_size: int | None) -
             raise ShardError(f"shard {path!r}: {name} must be 0 or 1, found "
                              f"{sorted(set(np.unique(values).tolist()) - {0, 1})[:5]}: {REMAKE_HINT}")
     used = np.cumsum(positions == 0, axis=1) == 0  # prediction slots before the 0 padding
-    for name, ids in (("input_ids", a["input_ids"]), ("masked_lm_ids", a["masked_lm_ids"][used])):
-        if (ids < 0).any():
+    ids = {"input_ids": a["input_ids"], "masked_lm_ids": a["masked_lm_ids"][used]}
+    for name, values in ids.items():
+        if (values < 0).any():
             raise ShardError(f"shard {path!r}: {name} holds negative ids: {REMAKE_HINT}")
     if vocab_size is not None:
-        _check_vocab_size(path, [a["input_ids"], a["masked_lm_ids"][used]], vocab_size)
+        _check_vocab_size(path, list(ids.values()), vocab_size)
 
 
 def _check_vocab_size(path: str, ids: list[np.ndarray], vocab_size: int) -> None:
