@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from atomic_io import atomic_path, atomic_write_text
+from utils import safe_torch_load
 
 PATTERN_NAMES = ("dense", "no_diagonal", "strided", "fixed", "longformer", "logsparse", "bigbird", "star")
 DAM_MODES = ("dam_u", "dam_s")
@@ -606,12 +607,7 @@ def _read_checkpoint(checkpoint: str) -> dict[str, Any]:
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found: pass --checkpoint the ckpt_<step>.pt "
                                 f"written by the DAM search run")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's message runs to many lines; its first says what failed
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"cannot read checkpoint {checkpoint} safely ({reason}); only tensor checkpoints "
-                         f"without pickled objects are accepted") from None
+    state = safe_torch_load(checkpoint)
     return state if isinstance(state, dict) else {}
 
 
