@@ -87,6 +87,7 @@ class BertConfig:
     dam_share_across_layers: bool = False
     dam_symmetric: bool = False
     dam_block_size: int = 1
+    dam_penalty_gradient: str = "kept_gates"
     attention_mask_file: str | None = None
     pattern_params: dict = field(default_factory=dict)
     pattern_seed: int = 0
@@ -138,6 +139,7 @@ class BertConfig:
                              "'attention_probs_dropout_prob' to 0 or use attention_backend 'auto'")
         _check_choice("attention_mask_type", self.attention_mask_type, MASK_TYPES)
         _check_choice("dam_temperature_schedule", self.dam_temperature_schedule, TEMPERATURE_SCHEDULES)
+        _check_choice("dam_penalty_gradient", self.dam_penalty_gradient, attention_masks.PENALTY_GRADIENTS)
         if self.dam_lambda < 0:
             raise ValueError(f"bert_config field 'dam_lambda' must be >= 0 (e.g. 1e-4 ... 1e-1), got {self.dam_lambda}")
         if self.dam_temperature <= 0 or (self.dam_temperature_final is not None and self.dam_temperature_final <= 0):
@@ -226,7 +228,7 @@ _FIELD_TYPES = {
     "mask_seq_length": int, "dam_lambda": float, "dam_temperature": float,
     "dam_temperature_final": float, "dam_temperature_schedule": str, "dam_init_std": float,
     "dam_share_across_layers": bool, "dam_symmetric": bool, "dam_block_size": int,
-    "attention_mask_file": str, "pattern_params": dict, "pattern_seed": int,
+    "dam_penalty_gradient": str, "attention_mask_file": str, "pattern_params": dict, "pattern_seed": int,
 }
 
 

@@ -228,9 +228,16 @@ def build_lamb(
     eps: float = 1e-6,
     max_grad_norm: float = 1.0,
     prefer_apex: bool = True,
+    mask_lr: float | None = None,
 ) -> torch.optim.Optimizer:
-    """Pretraining optimizer: apex FusedLAMB on CUDA when importable, otherwise `Lamb`."""
+    """Pretraining optimizer: apex FusedLAMB on CUDA when importable, otherwise `Lamb`.
+
+    ``mask_lr`` is the peak learning rate of the mask-logits group (default ``lr``, as the released
+    code); a scheduler scales every group's own base rate, so both follow the same schedule.
+    """
     groups = param_groups(model, weight_decay)
+    if mask_lr is not None:
+        groups[-1]["lr"] = mask_lr
     kwargs = dict(lr=lr, bias_correction=True, betas=betas, eps=eps, weight_decay=weight_decay,
                   grad_averaging=True, max_grad_norm=max_grad_norm)
     fused = _fused_lamb_class() if prefer_apex else None

@@ -54,6 +54,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_batch_size", type=int, default=32,
                    help="sequences per GPU per optimizer step (after accumulation)")
     p.add_argument("--learning_rate", type=float, default=5e-5)
+    p.add_argument("--mask_learning_rate", type=float, default=None,
+                   help="peak learning rate of the DAM mask logits, same schedule (default: --learning_rate, "
+                        "as the released code); warm-started searches want it far higher, e.g. 0.05")
     p.add_argument("--num_train_epochs", type=float, default=3.0, help="unused: the run is driven by steps")
     p.add_argument("--max_steps", type=float, default=1000, help="optimizer steps of this phase")
     p.add_argument("--warmup_proportion", type=float, default=0.01, help="warm-up fraction of max_steps")
@@ -131,6 +134,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--init_loss_scale must be > 0 (the first fp16 loss scale), got {args.init_loss_scale}")
     if not args.loss_scale >= 0:
         raise ValueError(f"--loss_scale must be 0 (dynamic) or > 0 (a static scale), got {args.loss_scale}")
+    if args.mask_learning_rate is not None and not args.mask_learning_rate > 0:
+        raise ValueError(f"--mask_learning_rate must be > 0, got {args.mask_learning_rate}")
     if args.lamb is not None and args.lamb < 0:
         raise ValueError(f"--lamb (λ of the mask penalty) must be >= 0, got {args.lamb}")
     if not Path(args.input_dir).is_dir():
@@ -365,7 +370,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     accumulation = args.gradient_accumulation_steps
 
     model = build_model(args, config, device)
-    optimizer = build_lamb(model, lr=args.learning_rate)
+    optimizer = build_lamb(model, lr=args.learning_rate, mask_lr=args.mask_learning_rate)
     scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
     grad_scaler = training.make_grad_scaler(device, enabled=args.fp16,
                                             init_scale=args.loss_scale or args.init_loss_scale,
@@ -381,9 +386,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model.load_converted_state_dict(checkpoint["model"], source=str(path))
         if "optimizer" in checkpoint and training.load_optimizer_state(optimizer, checkpoint["optimizer"]):
             if not continuing:  # a fresh phase: new schedule, bias correction restarts
-                for group in optimizer.param_groups:
+                for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
                     group["step"] = 0
-                    group["lr"] = args.learning_rate
+                    group["lr"] = base_lr
         if continuing:
             restore_grad_scaler(args, grad_scaler, checkpoint.get("grad_scaler"))
             if "data" in checkpoint:
@@ -506,6 +511,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     "average_loss": average,
                     "step_loss": last_step,
                     "learning_rate": optimizer.param_groups[0]["lr"],
+                    "mask_learning_rate": optimizer.param_groups[-1]["lr"],
                     "mask_penalty": penalty_mean,
                     "mask_sparsity": deterministic_sparsity(raw_model),
                     "skipped_steps": bad_steps.skipped,

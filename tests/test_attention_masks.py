@@ -234,12 +234,46 @@ def test_straight_through_gradient_is_the_soft_sample_gradient():
     assert torch.allclose(module.mask_logits.grad, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_penalty_gradient_is_nonzero_and_pushes_logits_down():
-    module = dam("dam_u", n=8, penalty_weight=1e-2)
+def penalty_gradient_and_noise(penalty_gradient: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logit grad of the penalty alone, the hard sample, the expected straight-through pull) of one dam_s forward."""
+    module = dam("dam_s", n=8, layers=1, heads=4, penalty_weight=1e-2, penalty_gradient=penalty_gradient,
+                 temperature=0.7)
+    torch.manual_seed(seed)
+    u = torch.rand_like(module.mask_logits).clamp_(1e-6, 1.0 - 1e-6)
+    torch.manual_seed(seed)
     module(8)
     module.penalty().backward()
-    grad = module.mask_logits.grad
-    assert (grad > 0).all()  # gradient descent lowers every keep logit: sparser masks
+    noisy = module.mask_logits.detach() + u.log() - (-u).log1p()
+    soft = torch.sigmoid(noisy / 0.7)
+    cells = torch.tensor([8.0] + [2.0 * (8 - d) for d in range(1, 8)])
+    return module.mask_logits.grad, (noisy > 0).float(), 1e-2 * cells * soft * (1 - soft) / 0.7
+
+
+def test_default_penalty_gradient_is_the_released_codes_zero_on_gates_sampled_zero():
+    grad, hard, full = penalty_gradient_and_noise("kept_gates")
+    assert 0 < hard.sum() < hard.numel()  # both kinds of gate in this sample
+    assert (grad[hard == 0] == 0).all()
+    assert torch.allclose(grad[hard == 1], full[hard == 1], rtol=1e-5)
+    assert am.DifferentiableMask("dam_s", 8, 1, 1).penalty_gradient == "kept_gates"
+
+
+def test_all_gates_penalty_gradient_pulls_every_gate_down():
+    grad, hard, full = penalty_gradient_and_noise("all_gates")
+    assert 0 < hard.sum() < hard.numel()
+    assert (grad > 0).all() and torch.allclose(grad, full, rtol=1e-5)
+
+
+def test_penalty_value_does_not_depend_on_its_gradient_estimator():
+    values = []
+    for estimator in am.PENALTY_GRADIENTS:
+        torch.manual_seed(3)
+        module = dam("dam_u", n=8, penalty_weight=0.5, penalty_gradient=estimator)
+        keep = module(8)
+        values.append(module.penalty().item())
+        assert values[-1] == 0.5 * keep.sum().item()
+    assert values[0] == values[1]
+    with pytest.raises(ValueError, match="dam_penalty_gradient='sign'; choose one of kept_gates, all_gates"):
+        dam("dam_s", penalty_gradient="sign")
 
 
 def test_penalty_exact_on_hand_computed_case():

@@ -293,10 +293,11 @@ FIELD_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.flo
                          st.text(max_size=12), st.lists(st.integers(), max_size=3),
                          st.dictionaries(st.text(max_size=8), st.integers(), max_size=2),
                          st.sampled_from(["dense", "star", "dam_u", "dam_s", "file", "bigbird", "linear",
-                                          "gelu", "relu", "constant", "exponential"]))
+                                          "gelu", "relu", "constant", "exponential", "kept_gates", "all_gates"]))
 FIELD_NAMES = st.sampled_from(sorted(set(TINY) | {
     "attention_mask_type", "dam_lambda", "dam_temperature", "dam_temperature_final", "dam_temperature_schedule",
-    "dam_init_std", "dam_share_across_layers", "dam_symmetric", "dam_block_size", "attention_mask_file",
+    "dam_init_std", "dam_share_across_layers", "dam_symmetric", "dam_block_size", "dam_penalty_gradient",
+    "attention_mask_file",
     "pattern_params", "pattern_seed", "hidden_act", "type_vocab_size", "initializer_range", "layer_norm_eps",
     "mask_bogus", "dam_x", "pattern_nope", "model_type", "extra"}))
 

@@ -125,7 +125,10 @@ def assert_same_grads(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
         assert grad is not None, f"{name} gets no gradient"
         if name.endswith(("word_embeddings.weight", "predictions.bias")):
             grad = grad[:their.shape[0]]  # padded vocab rows
-        torch.testing.assert_close(grad, their, atol=1e-5, rtol=1e-4, msg=name)
+        # fp32 sums in another order differ by a few ulps of the tensor's largest entry (a 6e-5 difference
+        # on a gradient whose entries reach 172 under transformers 5.24), so atol scales with that entry.
+        atol = 1e-5 + 1e-6 * their.abs().max().item()
+        torch.testing.assert_close(grad, their, atol=atol, rtol=1e-4, msg=name)
 
 
 def test_save_in_hf_format_loads_into_transformers(tmp_path):

@@ -261,6 +261,22 @@ def test_phase2_resets_schedule_and_continues_numbering(shards, tmp_path):
     assert lrs[1] == pytest.approx(5e-3 * (1 - 1 / 3) ** 0.5)  # phase 2's own poly schedule at its step 1
 
 
+def test_mask_learning_rate_gives_the_mask_logits_their_own_rate_under_the_same_schedule(shards, tmp_path):
+    config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(shards, out, config, max_steps=4, mask_learning_rate=0.5)) == 0
+    model_lrs, mask_lrs = records(out, "learning_rate"), records(out, "mask_learning_rate")
+    for step in (1, 2, 3):
+        assert mask_lrs[step] == pytest.approx(0.5 / 1e-2 * model_lrs[step]) and model_lrs[step] > 0
+    groups = training.load_checkpoint(out / "ckpt_4.pt")["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["decay", "no_decay", "mask_logits"]
+    assert groups[0]["initial_lr"] == 1e-2 and groups[2]["initial_lr"] == 0.5
+
+    default = tmp_path / "default"
+    assert run_pretraining.main(base_args(shards, default, config, max_steps=2)) == 0
+    assert records(default, "mask_learning_rate") == records(default, "learning_rate")  # the released code's
+
+
 def test_static_loss_scale_given_on_resume_wins_over_the_saved_dynamic_one(shards, tmp_path):
     """--loss_scale on resume (e.g. to escape a collapsing dynamic scale) is the scale that is used."""
     config = write_config(tmp_path / "config.json")
@@ -480,7 +496,8 @@ def test_phase2_from_an_init_checkpoint_continues_the_mask_search(shards, tmp_pa
 
 
 @pytest.mark.parametrize("case", ["accumulation", "fp16_bf16", "dam_short_mask", "missing_dir", "empty_dir",
-                                  "vocab", "existing_run", "seq_length", "init_loss_scale", "loss_scale"])
+                                  "vocab", "existing_run", "seq_length", "init_loss_scale", "loss_scale",
+                                  "mask_learning_rate"])
 def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
@@ -510,6 +527,8 @@ def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
         flags, expect = dict(fp16=True, init_loss_scale=0), "--init_loss_scale must be > 0"
     elif case == "loss_scale":
         flags, expect = dict(fp16=True, loss_scale=-4), "--loss_scale must be 0 (dynamic) or > 0"
+    elif case == "mask_learning_rate":
+        flags, expect = dict(mask_learning_rate=0), "--mask_learning_rate must be > 0, got 0.0"
     assert run_pretraining.main(base_args(shards, out, config, **flags)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("run_pretraining.py: error:") and expect in err[0], err
