@@ -246,6 +246,21 @@ def offset_keep_fraction(mask: torch.Tensor) -> torch.Tensor:
     return kept / counts
 
 
+def diagonal_finding(mask: torch.Tensor, offsets_shown: int = 8) -> str:
+    """The paper's headline check of a binary mask [..., n, n], in two lines: in how many of its
+    (layer, head) masks the main diagonal is dropped (fewer than half its entries kept) and offset 1
+    kept (at least half), then the kept fraction per offset |i - j|, averaged over layers and heads."""
+    per_head = offset_keep_fraction(_as_layers_heads(mask)).flatten(0, 1)  # [L*H, n]
+    total, n = per_head.shape
+    dropped = int((per_head[:, 0] < 0.5).sum())
+    kept_next = int((per_head[:, 1] >= 0.5).sum()) if n > 1 else 0
+    mean = per_head.mean(dim=0)
+    shown = " ".join(f"{d}: {v:.2f}" for d, v in enumerate(mean[:offsets_shown].tolist()))
+    rest = f"; {offsets_shown}..{n - 1}: {mean[offsets_shown:].mean().item():.2f}" if n > offsets_shown else ""
+    return (f"Main diagonal dropped in {dropped} of {total} layer-heads; offset 1 kept in {kept_next} of {total}.\n"
+            f"Kept fraction per offset |i - j|: {shown}{rest}")
+
+
 def block_layout(mask: torch.Tensor, block_size: int) -> torch.Tensor:
     """Bool[..., n/b, n/b]: a block is on when any of its b x b entries is kept (what a block-sparse
     kernel would still have to compute)."""

@@ -674,3 +674,13 @@ def test_cli_export_reads_the_search_config_recorded_in_the_checkpoint(tmp_path)
     assert meta["mode"] == "dam_s" and meta["lambda"] == 1e-3
     am.main(["export", "--checkpoint", str(tmp_path / "ckpt_5.pt"), "--out", str(out)])  # --config not needed
     assert torch.equal(am.load_mask_file(out)[0], mask)
+
+
+def test_diagonal_finding_counts_heads_and_averages_offsets():
+    n = 10
+    d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
+    no_diag, band = (d >= 1) & (d <= 2), d <= 1  # head 0 drops the diagonal, head 1 keeps it
+    text = am.diagonal_finding(torch.stack([no_diag, band])[None], offsets_shown=3)
+    first, second = text.splitlines()
+    assert first == "Main diagonal dropped in 1 of 2 layer-heads; offset 1 kept in 2 of 2."
+    assert second == "Kept fraction per offset |i - j|: 0: 0.50 1: 1.00 2: 0.50; 3..9: 0.00"
