@@ -510,7 +510,8 @@ def test_warm_started_dam_s_search_drops_the_diagonal_and_keeps_offset_1(minilm,
 def test_phase2_from_an_init_checkpoint_continues_the_mask_search(shards, tmp_path):
     """Phase 2 started from the phase-1 checkpoint named by --init_checkpoint (NVIDIA's SLURM
     chaining, and what the 'needs a phase-1 checkpoint' error suggests) keeps the searched logits."""
-    config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
+    # all_gates: every gate is pushed each step, so two steps at a large λ turn all of them off
+    config = write_config(tmp_path / "config.json", attention_mask_type="dam_s", dam_penalty_gradient="all_gates")
     phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
     assert run_pretraining.main(base_args(shards, phase1, config, max_steps=2, lamb=1e-2)) == 0
     searched = weights(phase1 / "ckpt_2.pt")["bert.sparse_mask.mask_logits"]
