@@ -269,13 +269,14 @@ FAULTY_RANK = textwrap.dedent('''
 ''')
 
 
-def run_faulty_torchrun(shards: Path, config: Path, tmp_path: Path, fault: str, port: int) -> tuple[int, float, Path]:
+def run_faulty_torchrun(shards: Path, config: Path, tmp_path: Path, fault: str) -> tuple[int, float, Path]:
     driver = tmp_path / "driver.py"
     driver.write_text(FAULTY_RANK)
     out = tmp_path / "out"
     argv = base_args(shards, out, config, max_steps=50, train_batch_size=4, num_steps_per_checkpoint=2,
                      dist_timeout=8)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    # --standalone: torchrun takes a free port from the OS (a fixed one can be in use)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(driver), str(ROOT), *argv]
     start = time.monotonic()
     result = subprocess.run(cmd, env={**subprocess_env(), "FAULT": fault, "EVENTS": str(tmp_path)},
@@ -285,7 +286,7 @@ def run_faulty_torchrun(shards: Path, config: Path, tmp_path: Path, fault: str, 
 
 
 def test_torchrun_worker_death_stops_the_other_in_bounded_time(shards, config, tmp_path):
-    code, elapsed, out = run_faulty_torchrun(shards, config, tmp_path, "die", port=29671)
+    code, elapsed, out = run_faulty_torchrun(shards, config, tmp_path, "die")
     assert code != 0
     assert elapsed < 90, elapsed  # torchrun tears the survivor down; nothing waits for the 30-minute default
     assert [s for s, _ in training.list_checkpoints(out)] == [2]  # the last good state is intact
@@ -294,7 +295,7 @@ def test_torchrun_worker_death_stops_the_other_in_bounded_time(shards, config, t
 
 @pytest.mark.slow
 def test_torchrun_stuck_worker_times_out_with_one_line(shards, config, tmp_path):
-    code, elapsed, out = run_faulty_torchrun(shards, config, tmp_path, "hang", port=29672)
+    code, elapsed, out = run_faulty_torchrun(shards, config, tmp_path, "hang")
     assert code != 0
     fault_at = float((tmp_path / "fault_at").read_text())
     rank0 = json.loads((tmp_path / "rank0_exit").read_text())

@@ -654,9 +654,9 @@ def test_torchrun_two_processes_match_one(shards, tmp_path, accumulation, compil
         argv = base_args(shards, out, config, max_steps=6, train_batch_size=8 // procs,
                          gradient_accumulation_steps=accumulation, skip_checkpoint=True,
                          allreduce_post_accumulation=True, compile=compiled and procs == 2)
-        port = 29500 + accumulation * 10 + procs + 100 * compiled
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-               "--master_port", str(port), str(driver), str(ROOT), *argv]
+        # --standalone: torchrun takes a free port from the OS (a fixed one can be in use)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+               str(driver), str(ROOT), *argv]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         losses[procs] = records(out, "average_loss")

@@ -244,7 +244,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, compress_dtype: torc
         for accumulation in (1, 2):
             _check_ddp_gradients(rank, world_size, accumulation, compress_dtype)
     finally:
-        dist.destroy_process_group()
+        training.release_distributed()
 
 
 def _check_ddp_gradients(rank: int, world_size: int, accumulation: int,
@@ -289,3 +289,4 @@ def test_ddp_gradients_all_reduced_in_half_precision_on_gloo(tmp_path, dtype):
     """--allreduce_post_accumulation_fp16 on CPU: gloo all-reduces fp16 and bf16 (torch's own bf16
     hook refuses any backend but NCCL)."""
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), dtype), nprocs=2, join=True)
+
