@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 from attention_masks import diagonal_finding, load_mask_file, sparsity_report  # noqa: E402
 from atomic_io import atomic_write_text  # noqa: E402
 from pretrained import bert_config_from_hf, minilm_folder  # noqa: E402
+from stages import Stages, run_python  # noqa: E402
 from utils import read_dllogger_json  # noqa: E402
 
 
@@ -74,33 +74,16 @@ class Pipeline:
         self.data = self.out / "data"
         self.pretrained = minilm_folder()
         self.runs = [SearchRun("dam_s", "dam_s", args.lambda_s), SearchRun("dam_u", "dam_u", args.lambda_u)]
-
-    # -- stage bookkeeping: a stage's folder is trusted only once its marker exists
-
-    def stage(self, name: str, folder: Path, work) -> None:
-        marker = self.out / "stages" / f"{name}.done"
-        if marker.exists():
-            print(f"[demo] {name}: done before, skipped", flush=True)
-            return
-        shutil.rmtree(folder, ignore_errors=True)  # an interrupted attempt is redone from scratch
-        folder.mkdir(parents=True, exist_ok=True)
-        print(f"[demo] {name} ...", flush=True)
-        start = time.perf_counter()
-        work()
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, f"{time.perf_counter() - start:.1f}\n")
-
-    def python(self, *argv: str) -> None:
-        subprocess.run([sys.executable, *argv], cwd=ROOT, check=True)
+        self.stages = Stages(self.out, "demo")
 
     # -- stages
 
     def build_corpus(self) -> None:
-        self.python("data/demo_corpus.py", "--out", str(self.data / "corpus"), "--vocab", "auto")
+        run_python("data/demo_corpus.py", "--out", str(self.data / "corpus"), "--vocab", "auto")
 
     def build_shards(self) -> None:
         a = self.args
-        self.python("data/create_pretraining_data.py", "--vocab_file", str(self.vocab_file),
+        run_python("data/create_pretraining_data.py", "--vocab_file", str(self.vocab_file),
                     "--input_file", str(self.data / "corpus" / "corpus.txt"),
                     "--output_file", str(self.data / "shards" / "training_shard_0.hdf5"),
                     "--max_seq_length", str(a.seq_len), "--max_predictions_per_seq", str(a.max_pred),
@@ -132,13 +115,13 @@ class Pipeline:
                 "--learning_rate", str(a.learning_rate), "--warmup_proportion", "0.1",
                 "--num_steps_per_checkpoint", str(a.pretrain_steps), "--log_freq", str(max(a.pretrain_steps // 10, 1)),
                 "--seed", "42", "--lamb", str(run.lam), "--json-summary", str(folder / "dllogger.json")]
-        self.python(*argv)
-        self.python("scripts/plot_masks.py", str(folder / "attention_mask.safetensors"),
+        run_python(*argv)
+        run_python("scripts/plot_masks.py", str(folder / "attention_mask.safetensors"),
                     "--out", str(folder / "attention_mask.png"))
 
     def finetune(self, name: str, init: Path, mask_args: list[str]) -> None:
         a = self.args
-        self.python("run_glue.py", "--task_name", "sst-2", "--data_dir", str(self.data / "corpus" / "glue" / "SST-2"),
+        run_python("run_glue.py", "--task_name", "sst-2", "--data_dir", str(self.data / "corpus" / "glue" / "SST-2"),
                     "--init_checkpoint", str(init), "--config_file", str(self.glue_config()),
                     "--vocab_file", str(self.vocab_file), "--do_lower_case",
                     "--output_dir", str(self.out / "glue" / name), "--do_train", "--do_eval", "--do_predict",
@@ -171,13 +154,13 @@ class Pipeline:
         if self.args.fresh:
             shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stage("corpus", self.data / "corpus", self.build_corpus)
-        self.stage("shards", self.data / "shards", self.build_shards)
+        self.stages.stage("corpus", self.data / "corpus", self.build_corpus)
+        self.stages.stage("shards", self.data / "shards", self.build_shards)
         for run in self.runs:
-            self.stage(f"pretrain_{run.name}", self.out / "pretrain" / run.name, lambda run=run: self.pretrain(run))
+            self.stages.stage(f"pretrain_{run.name}", self.out / "pretrain" / run.name, lambda run=run: self.pretrain(run))
         for row, init, mask_args in self.glue_runs():
             folder_name = row.split(" ")[0]
-            self.stage(f"glue_{folder_name}", self.out / "glue" / folder_name,
+            self.stages.stage(f"glue_{folder_name}", self.out / "glue" / folder_name,
                        lambda f=folder_name, i=init, m=mask_args: self.finetune(f, i, m))
         summary = self.summary()
         atomic_write_text(self.out / "summary.md", summary)

@@ -1,5 +1,6 @@
 """data/: sentence splitting, balanced sharding, text formatting, demo corpus/vocab/task,
 downloaders against a local HTTP server, and the bertPrep pipeline with NVIDIA's folder names."""
+import collections
 import functools
 import hashlib
 import http.server
@@ -202,6 +203,22 @@ def test_demo_corpus_format_and_learnable_task(demo_documents, tmp_path):
     dev_rows = [line.split("\t") for line in dev[1:]]
     accuracy = model.score(vectorizer.transform([r[0] for r in dev_rows]), [int(r[1]) for r in dev_rows])
     assert accuracy > 0.75
+
+
+
+def test_demo_pair_task_reads_as_mrpc_and_keeps_each_first_sentence_in_one_split(demo_documents, tmp_path):
+    from processors.glue import get_task
+    reference, library = demo_documents
+    sizes = demo_corpus.write_pair_task(reference, library, str(tmp_path / "MRPC"), seed=0)
+    task = get_task("mrpc")
+    train, dev = task.train_examples(tmp_path / "MRPC"), task.dev_examples(tmp_path / "MRPC", task.dev[0])
+    assert (len(train), len(dev)) == (sizes["train"], sizes["dev"]) and sizes["train"] > 1000
+    assert 0.45 < sum(e.label == "1" for e in train) / len(train) < 0.55
+    for split in (train, dev):  # each positive's negative partner (same first sentence) is in its split
+        firsts = collections.Counter((e.text_a, e.label) for e in split)
+        assert all(firsts[(a, "0")] == n for (a, label), n in firsts.items() if label == "1")
+    positives = {(a, b) for doc in reference + library for a, b in zip(doc, doc[1:])}
+    assert all(((e.text_a, e.text_b) in positives) == (e.label == "1") for e in dev if e.text_a != e.text_b)
 
 
 # ----------------------------------------------------------------------------- downloaders (local server)
