@@ -81,7 +81,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                    help="all-reduce gradients in fp16 (bf16 under --bf16)")
     p.add_argument("--phase1_end_step", type=int, default=7038)
     p.add_argument("--do_train", action="store_true")
-    p.add_argument("--json-summary", dest="json_summary", default="results/dllogger.json")
+    p.add_argument("--json-summary", dest="json_summary", default=None,
+                   help="dllogger JSON-lines file (default: <output_dir>/dllogger.json, so runs never share one)")
     p.add_argument("--use_env", action="store_true", help="accepted; LOCAL_RANK is always read from the environment")
     p.add_argument("--disable_progress_bar", action="store_true")
     p.add_argument("--steps_this_run", type=int, default=-1,
@@ -414,7 +415,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("step %d already reaches --max_steps / --steps_this_run %d: nothing to train",
                     global_step, target_step)
 
-    metrics = MetricLogger(args.json_summary)
+    metrics = MetricLogger(args.json_summary or Path(args.output_dir) / "dllogger.json")
     metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,
                               "batch_size_per_gpu": micro_batch, "learning_rate": args.learning_rate,
                               "world_size": world_size, "attention_mask_type": config.attention_mask_type,

@@ -352,6 +352,18 @@ def test_phase2_resume_with_another_phase1_end_step_is_refused(shards, tmp_path,
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
 
 
+def test_the_default_json_summary_goes_into_the_output_dir(shards, tmp_path, monkeypatch):
+    """Not into ./results of wherever the run starts: two runs with their own --output_dir never
+    append to one file."""
+    monkeypatch.chdir(tmp_path)
+    argv = base_args(shards, tmp_path / "out", write_config(tmp_path / "config.json"), max_steps=2, skip_checkpoint=True)
+    i = argv.index("--json-summary")
+    del argv[i:i + 2]
+    assert run_pretraining.main(argv) == 0
+    assert len(records(tmp_path / "out", "average_loss")) == 2
+    assert not (tmp_path / "results").exists()
+
+
 def fake_dllogger() -> types.ModuleType:
     """NVIDIA/dllogger's API as far as MetricLogger uses it; JSONStreamBackend opens its file as
     the real one does (`open(filename, "a" if append else "w")`, no folder created)."""
