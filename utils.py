@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import random
 import sys
@@ -45,6 +46,18 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a NaN or inf learning rate, λ or timeout would only show up
+    as a diverged run many steps later, so it is refused at parse time."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def add_local_rank_argument(parser: "argparse.ArgumentParser") -> None:
