@@ -369,6 +369,29 @@ def test_build_attention_mask_modes():
         am.build_attention_mask(config(attention_mask_type="bigbird", pattern_params={"seed": 1}))
 
 
+@pytest.mark.parametrize("pattern, params, message", [
+    ("star", {"drop_diagonal": "false"},
+     "field 'pattern_params' entry 'drop_diagonal' (pattern 'star') must be true or false, got the string \"false\""),
+    ("strided", {"stride": "4"}, "entry 'stride' (pattern 'strided') must be integer (a whole number), got the string"),
+    ("longformer", {"window": 3.5}, "entry 'window' (pattern 'longformer') must be integer"),
+    ("bigbird", {"per_head": 1}, "entry 'per_head' (pattern 'bigbird') must be true or false, got 1"),
+    ("longformer", {"global_tokens": 5}, "entry 'global_tokens' (pattern 'longformer') must be a list of token positions"),
+    ("star", {"global_tokens": [0, "64"]}, "entry 'global_tokens' (pattern 'star') item must be integer"),
+    ("star", {"global_tokens": [0, -1]}, "entry 'global_tokens' (pattern 'star') items must be >= 0"),
+    ("bigbird", {"num_random": 10**9}, "num_random=1000000000 must be <= the mask length 16"),
+])
+def test_pattern_params_of_the_wrong_type_or_range_are_refused(pattern, params, message):
+    with pytest.raises(ValueError) as error:
+        am.build_attention_mask(config(attention_mask_type=pattern, mask_seq_length=16, pattern_params=params))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_pattern_params_take_whole_floats_and_a_huge_num_global():
+    assert torch.equal(am.pattern_mask("strided", 16, stride=4.0), am.pattern_mask("strided", 16, stride=4))
+    assert torch.equal(am.pattern_mask("star", 16, global_tokens=[0.0]), am.pattern_mask("star", 16))
+    assert am.pattern_mask("bigbird", 16, num_global=10**12).all()  # every token global, no 10^12 loop
+
+
 # ------------------------------------------------------------------------------ mask files
 
 def test_mask_file_round_trip_is_bit_exact(tmp_path):
