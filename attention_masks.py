@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from atomic_io import atomic_path, atomic_write_text
+from atomic_io import atomic_path, atomic_write_text, refuse_overwriting_inputs
 from utils import check_json_type, describe_json_value, safe_torch_load
 
 PATTERN_NAMES = ("dense", "no_diagonal", "strided", "fixed", "longformer", "logsparse", "bigbird", "star")
@@ -593,6 +593,20 @@ def mask_statistics(mask: torch.Tensor) -> dict[str, Any]:
             "sparsity_per_layer": table.mean(dim=1).tolist(), "sparsity_per_head": table.tolist()}
 
 
+def _refuse_replacing_unrelated_file(sidecar: Path, mask_path: Path) -> None:
+    """The sidecar name <stem>.json can be another file (d/config.safetensors -> d/config.json):
+    replace only a sidecar an export wrote, recognised by its format tag."""
+    if not sidecar.exists():
+        return
+    try:
+        previous = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        previous = None
+    if not isinstance(previous, dict) or previous.get("format") != MASK_FILE_FORMAT:
+        raise ValueError(f"mask file {mask_path} would replace {sidecar}, which is not a mask sidecar "
+                         f"(its metadata JSON); choose another mask file name")
+
+
 def save_mask_file(path: str | os.PathLike, mask: torch.Tensor,
                    metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write bool ``mask`` [L, H, n, n] and its metadata (user fields + sparsity statistics) atomically.
@@ -608,11 +622,11 @@ def save_mask_file(path: str | os.PathLike, mask: torch.Tensor,
         text = json.dumps(meta, sort_keys=True)
     except TypeError as err:
         raise ValueError(f"mask metadata must be JSON-serialisable: {err}") from None
+    _refuse_replacing_unrelated_file(path.with_suffix(".json"), path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({MASK_FILE_KEY: mask}, str(tmp), metadata={MASK_METADATA_KEY: text})
-    sidecar = path.with_suffix(".json")
-    atomic_write_text(sidecar, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 
@@ -682,6 +696,9 @@ def _search_config(state: dict[str, Any], checkpoint: str, config_path: str | No
 
 
 def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None) -> dict[str, Any]:
+    refuse_overwriting_inputs(out, [("--checkpoint", checkpoint), ("--config", config_path)], "--out")
+    refuse_overwriting_inputs(Path(out).with_suffix(".json"), [("--checkpoint", checkpoint), ("--config", config_path)],
+                              "the sidecar of --out")
     state = _read_checkpoint(checkpoint)
     config, config_source = _search_config(state, checkpoint, config_path)
     module = build_attention_mask(config)

@@ -707,3 +707,28 @@ def test_diagonal_finding_counts_heads_and_averages_offsets():
     first, second = text.splitlines()
     assert first == "Main diagonal dropped in 1 of 2 layer-heads; offset 1 kept in 2 of 2."
     assert second == "Kept fraction per offset |i - j|: 0: 0.50 1: 1.00 2: 0.50; 3..9: 0.00"
+
+
+def test_mask_export_never_replaces_an_unrelated_file_with_its_sidecar(tmp_path):
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    (tmp_path / "config.json").write_text('{"hidden_size": 768}')
+    with pytest.raises(ValueError, match="config.json, which is not a mask sidecar"):
+        am.save_mask_file(tmp_path / "config.safetensors", mask)
+    assert (tmp_path / "config.json").read_text() == '{"hidden_size": 768}'
+    assert not (tmp_path / "config.safetensors").exists()
+    am.save_mask_file(tmp_path / "m.safetensors", mask)
+    am.save_mask_file(tmp_path / "m.safetensors", mask, {"step": 2})  # its own sidecar is replaced
+    assert json.loads((tmp_path / "m.json").read_text())["step"] == 2
+
+
+def test_mask_export_cli_refuses_out_equal_to_its_inputs(tmp_path):
+    checkpoint = tmp_path / "ckpt.safetensors"
+    checkpoint.write_bytes(b"not read")
+    with pytest.raises(ValueError, match="--out .* is the same file as --checkpoint"):
+        am.main(["export", "--checkpoint", str(checkpoint), "--out", str(checkpoint)])
+    config = tmp_path / "search.json"
+    config.write_text("{}")
+    with pytest.raises(ValueError, match="sidecar of --out .* is the same file as --config"):
+        am.main(["export", "--checkpoint", str(checkpoint), "--config", str(config),
+                 "--out", str(tmp_path / "search.safetensors")])
+    assert checkpoint.read_bytes() == b"not read" and config.read_text() == "{}"
