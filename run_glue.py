@@ -34,9 +34,10 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import attention_masks
 import training
-from atomic_io import atomic_write_text
+from atomic_io import atomic_write_text, refuse_overwriting_inputs
 from glue_metrics import compute_metrics
 from modeling import (
+    MASK_FILE,
     BertConfig,
     BertForSequenceClassification,
     config_file_beside,
@@ -169,11 +170,23 @@ def validate_arguments(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--{flag} {value} does not exist")
     if args.init_checkpoint:
         resolve_weights_file(args.init_checkpoint)  # one clear line when the path is wrong
+    if args.do_train and not args.skip_checkpoint:
+        refuse_overwriting_fine_tuning_inputs(args)
     if args.do_train and not args.init_checkpoint:
         logger.warning("no --init_checkpoint: fine-tuning starts from random weights")
     if not args.do_train and not args.init_checkpoint:
         raise ValueError("--do_eval / --do_predict without --do_train and --init_checkpoint would score random "
                          "weights: pass --init_checkpoint fine-tuned on this task, or add --do_train")
+
+
+def refuse_overwriting_fine_tuning_inputs(args: argparse.Namespace) -> None:
+    """Training saves pytorch_model.bin, config.json and a mask file into --output_dir: none of them
+    may be a file this run reads (fine-tuning 'in place' would replace the starting checkpoint)."""
+    weights = resolve_weights_file(args.init_checkpoint) if args.init_checkpoint else None
+    inputs = [("--init_checkpoint", weights), ("--config_file", args.config_file),
+              ("--attention_mask_file", args.attention_mask_file), ("--vocab_file", args.vocab_file)]
+    for name in ("pytorch_model.bin", "config.json", MASK_FILE):
+        refuse_overwriting_inputs(Path(args.output_dir) / name, inputs, f"--output_dir's {name}")
 
 
 def check_task_files(task: GlueTask, args: argparse.Namespace) -> None:

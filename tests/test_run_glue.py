@@ -577,3 +577,14 @@ def test_every_float_flag_refuses_non_finite_values_at_parse_time(glue: Path, tm
             run_glue.parse_arguments([*glue_args(glue, tmp_path / "out"), f"{flag}={value}"])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"argument {flag}: must be a finite number, got {value}" in err
+
+
+def test_fine_tuning_into_the_folder_of_its_init_checkpoint_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"the starting weights")
+    argv = glue_args(glue, out) + ["--do_train", "--init_checkpoint", str(out / "pytorch_model.bin")]
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("run_glue.py: error: --output_dir's pytorch_model.bin") and "--init_checkpoint" in err
+    assert (out / "pytorch_model.bin").read_bytes() == b"the starting weights"
