@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -72,3 +72,22 @@ def atomic_text_writer(path: str | os.PathLike) -> Iterator[IO[str]]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_text_writer(path) as f:
         f.write(text)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    # samefile also catches hard links; resolve() covers an output that does not exist yet.
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def refuse_overwriting_inputs(output: str | os.PathLike,
+                              inputs: Iterable[tuple[str, str | os.PathLike | None]], flag_name: str) -> None:
+    """Raise ValueError when ``output`` is the same file as one of ``inputs`` ((flag, path) pairs);
+    a tool writing there would replace what it reads. Call it before writing anything."""
+    out = Path(output)
+    for input_flag, path in inputs:
+        if path is not None and _same_file(out, Path(path)):
+            raise ValueError(f"{flag_name} {output} is the same file as {input_flag} {path}: it would be "
+                             f"overwritten; choose another {flag_name}")

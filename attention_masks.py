@@ -30,8 +30,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from atomic_io import atomic_path, atomic_write_text
-from utils import safe_torch_load
+from atomic_io import atomic_path, atomic_write_text, refuse_overwriting_inputs
+from utils import check_json_type, describe_json_value, safe_torch_load
 
 PATTERN_NAMES = ("dense", "no_diagonal", "strided", "fixed", "longformer", "logsparse", "bigbird", "star")
 DAM_MODES = ("dam_u", "dam_s")
@@ -132,12 +132,15 @@ def _bigbird(n: int, num_heads: int, window: int = 3, num_global: int = 2, num_r
     DeepSpeed. ``per_head`` gives each head its own draw (head 0's equals the shared draw)."""
     if num_global < 0 or num_random < 0:
         raise ValueError(f"bigbird: need num_global >= 0 and num_random >= 0 (got {num_global}, {num_random})")
+    if num_random > n:  # more draws per row than keys only costs memory (a [heads, n, num_random] tensor)
+        raise ValueError(f"bigbird: num_random={num_random} must be <= the mask length {n}")
     heads = num_heads if per_head else 1
     generator = torch.Generator().manual_seed(int(seed))
     picks = torch.randint(0, n, (heads, n, num_random), generator=generator)
     random_keys = torch.zeros(heads, n, n, dtype=torch.bool).scatter_(-1, picks, True)
     random_keys[:, :num_global] = False  # global rows already see everything
-    return _band_and_globals(n, window, range(num_global))[None] | random_keys
+    # global tokens at or beyond n vanish anyway; a huge num_global must not loop over them
+    return _band_and_globals(n, window, range(min(num_global, n)))[None] | random_keys
 
 
 def _star(n: int, num_heads: int, window: int = 3, global_tokens=(0,)) -> torch.Tensor:
@@ -161,6 +164,32 @@ def pattern_parameters(name: str) -> dict[str, Any]:
     return defaults
 
 
+def check_pattern_params(name: str, params: dict[str, Any],
+                         source: str = "bert_config: field 'pattern_params'") -> dict[str, Any]:
+    """``params`` with JSON numbers as their defaults' types (4.0 -> 4), or a ValueError naming
+    ``source`` and the parameter for a key ``name`` does not take or a value of another type than
+    its default's (a JSON "false" is not False)."""
+    allowed = pattern_parameters(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"pattern {name!r} has no parameter(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(allowed)}")
+    return {key: _check_pattern_param(f"{source} entry '{key}' (pattern {name!r})", value, allowed[key])
+            for key, value in params.items()}
+
+
+def _check_pattern_param(where: str, value: Any, default: Any) -> Any:
+    if not isinstance(default, tuple):
+        return check_json_type(where, value, type(default))
+    # token positions: a JSON list of whole numbers >= 0
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where} must be a list of token positions, got {describe_json_value(value)}")
+    positions = tuple(check_json_type(f"{where} item", position, int) for position in value)
+    if any(position < 0 for position in positions):
+        raise ValueError(f"{where} items must be >= 0, got {list(positions)}")
+    return positions
+
+
 def _pattern_builder(name: str) -> Callable[..., torch.Tensor]:
     if name not in _PATTERNS:
         raise ValueError(f"unknown attention pattern {name!r}; choose one of {', '.join(PATTERN_NAMES)}")
@@ -174,14 +203,10 @@ def pattern_masks(name: str, seq_len: int, num_heads: int = 1, **params: Any) ->
     ``drop_diagonal=True`` removes the main diagonal from any pattern (the paper's diagonal study).
     """
     builder = _pattern_builder(name)
-    allowed = pattern_parameters(name)
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"pattern {name!r} has no parameter(s) {', '.join(unknown)}; "
-                         f"allowed: {', '.join(allowed)}")
+    params = check_pattern_params(name, params)
     if seq_len < 1 or num_heads < 1:
         raise ValueError(f"seq_len={seq_len} and num_heads={num_heads} must be >= 1")
-    drop_diagonal = bool(params.pop("drop_diagonal", False))
+    drop_diagonal = params.pop("drop_diagonal", False)
     mask = builder(seq_len, num_heads, **params)
     if drop_diagonal:
         mask = mask & ~torch.eye(seq_len, dtype=torch.bool)
@@ -568,6 +593,20 @@ def mask_statistics(mask: torch.Tensor) -> dict[str, Any]:
             "sparsity_per_layer": table.mean(dim=1).tolist(), "sparsity_per_head": table.tolist()}
 
 
+def _refuse_replacing_unrelated_file(sidecar: Path, mask_path: Path) -> None:
+    """The sidecar name <stem>.json can be another file (d/config.safetensors -> d/config.json):
+    replace only a sidecar an export wrote, recognised by its format tag."""
+    if not sidecar.exists():
+        return
+    try:
+        previous = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        previous = None
+    if not isinstance(previous, dict) or previous.get("format") != MASK_FILE_FORMAT:
+        raise ValueError(f"mask file {mask_path} would replace {sidecar}, which is not a mask sidecar "
+                         f"(its metadata JSON); choose another mask file name")
+
+
 def save_mask_file(path: str | os.PathLike, mask: torch.Tensor,
                    metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write bool ``mask`` [L, H, n, n] and its metadata (user fields + sparsity statistics) atomically.
@@ -583,11 +622,11 @@ def save_mask_file(path: str | os.PathLike, mask: torch.Tensor,
         text = json.dumps(meta, sort_keys=True)
     except TypeError as err:
         raise ValueError(f"mask metadata must be JSON-serialisable: {err}") from None
+    _refuse_replacing_unrelated_file(path.with_suffix(".json"), path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({MASK_FILE_KEY: mask}, str(tmp), metadata={MASK_METADATA_KEY: text})
-    sidecar = path.with_suffix(".json")
-    atomic_write_text(sidecar, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
 
 
@@ -657,6 +696,9 @@ def _search_config(state: dict[str, Any], checkpoint: str, config_path: str | No
 
 
 def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None) -> dict[str, Any]:
+    refuse_overwriting_inputs(out, [("--checkpoint", checkpoint), ("--config", config_path)], "--out")
+    refuse_overwriting_inputs(Path(out).with_suffix(".json"), [("--checkpoint", checkpoint), ("--config", config_path)],
+                              "the sidecar of --out")
     state = _read_checkpoint(checkpoint)
     config, config_source = _search_config(state, checkpoint, config_path)
     module = build_attention_mask(config)

@@ -32,7 +32,7 @@ import attention_masks
 import sparse_attention
 from sparse_attention import LayerAttention
 from atomic_io import atomic_path, atomic_write_text
-from utils import safe_torch_load
+from utils import check_json_type, describe_json_value, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,17 @@ ACT2FN = {
     "swish": F.silu,
 }
 
-# Fields that configure the attention mask. An unknown key that looks like one of these is a typo
-# the user must hear about; other unknown keys (e.g. a Hugging Face config.json's extras) are kept.
+# Unknown keys a user must hear about: those that look like a mask field, or that are within
+# MAX_TYPO_DISTANCE edits of any field (a typo would otherwise silently leave the default in
+# place). Other unknown keys (e.g. a Hugging Face config.json's extras) are kept.
 MASK_FIELD_PREFIXES = ("attention_mask", "mask_", "dam_", "pattern_")
+MAX_TYPO_DISTANCE = 2
+# Hugging Face fields we keep in `extra` but whose only value we implement.
+IMPLEMENTED_HF_VALUES = {"position_embedding_type": "absolute"}
+# Bounds checked before any allocation: beyond them a model only fails later with an allocator
+# traceback. 2**24 is far above any BERT dimension (vocabularies of 250k, 8k positions).
+MAX_DIMENSION = 2**24
+MAX_PARAMETERS = 10**11
 
 
 # ============================================================================ config
@@ -102,28 +110,40 @@ class BertConfig:
 
     def _check_types(self) -> None:
         for f in dataclasses.fields(self):
-            if f.name == "extra":
-                continue
             value = getattr(self, f.name)
-            expected = _FIELD_TYPES[f.name]
-            if value is None and f.name in _OPTIONAL_FIELDS:
+            if f.name == "extra" or (value is None and f.name in _OPTIONAL_FIELDS):
                 continue
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
-                continue
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ValueError(
-                    f"bert_config field '{f.name}' must be {expected.__name__}, got {value!r} "
-                    f"({type(value).__name__})"
-                )
+            setattr(self, f.name, check_json_type(f"bert_config: field '{f.name}'", value, _FIELD_TYPES[f.name]))
+
+    def _check_sizes(self) -> None:
+        for name in _DIMENSIONS:
+            if getattr(self, name) > MAX_DIMENSION:
+                raise ValueError(f"bert_config: field '{name}' is {getattr(self, name)}, above {MAX_DIMENSION} "
+                                 f"(no BERT dimension is that large); fix '{name}'")
+        if self.parameter_count() > MAX_PARAMETERS:
+            raise ValueError(
+                f"bert_config: the model would have {self.parameter_count():.3g} parameters (limit "
+                f"{MAX_PARAMETERS:.0e}); lower 'num_hidden_layers' ({self.num_hidden_layers}), 'hidden_size' "
+                f"({self.hidden_size}), 'intermediate_size' ({self.intermediate_size}) or 'vocab_size' "
+                f"({self.vocab_size})")
+        mask_entries = self.num_hidden_layers * self.num_attention_heads * self.mask_seq_length**2
+        if self.attention_mask_type != "dense" and mask_entries > MAX_PARAMETERS:
+            raise ValueError(f"bert_config: the attention mask would have {mask_entries:.3g} entries (limit "
+                             f"{MAX_PARAMETERS:.0e}); lower 'mask_seq_length' ({self.mask_seq_length})")
+
+    def _check_extra(self) -> None:
+        for name, implemented in IMPLEMENTED_HF_VALUES.items():
+            value = self.extra.get(name, implemented)
+            if value != implemented:
+                raise ValueError(f"bert_config: field '{name}' is {describe_json_value(value)}; only "
+                                 f"{implemented!r} is implemented: remove the field or set it to {implemented!r}")
 
     def _check_values(self) -> None:
-        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                    "mask_seq_length", "dam_block_size")
-        for name in positive:
+        for name in _DIMENSIONS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"bert_config field '{name}' must be > 0, got {getattr(self, name)}")
+        self._check_sizes()
+        self._check_extra()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"bert_config field 'num_attention_heads' ({self.num_attention_heads}) must divide "
@@ -174,10 +194,8 @@ class BertConfig:
         for key, value in data.items():
             if key in known:
                 kwargs[key] = value
-            elif key.startswith(MASK_FIELD_PREFIXES):
-                mask_fields = sorted(k for k in known if k.startswith(MASK_FIELD_PREFIXES))
-                raise ValueError(f"bert_config: unknown attention-mask field '{key}'; known fields: {', '.join(mask_fields)}")
             elif key != "extra":
+                _refuse_likely_typo(key, known)
                 extra[key] = value
         return cls(**kwargs, extra=extra)
 
@@ -209,6 +227,14 @@ class BertConfig:
         """A validated copy with some fields changed (command-line overrides)."""
         return dataclasses.replace(self, **changes)
 
+    def parameter_count(self) -> int:
+        """Parameters of the embeddings and the encoder layers (the heads add little)."""
+        h, i = self.hidden_size, self.intermediate_size
+        embeddings = (self.padded_vocab_size + self.max_position_embeddings + self.type_vocab_size + 2) * h
+        attention = 4 * (h * h + h) + 2 * h  # Q, K, V, output projections and their LayerNorm
+        feed_forward = 2 * h * i + i + h + 2 * h
+        return embeddings + self.num_hidden_layers * (attention + feed_forward)
+
     @property
     def padded_vocab_size(self) -> int:
         """Embedding rows: the vocab padded to a multiple of 8 (tensor-core friendly, as NVIDIA)."""
@@ -220,6 +246,8 @@ class BertConfig:
 
 
 _OPTIONAL_FIELDS = {"dam_temperature_final", "attention_mask_file"}
+_DIMENSIONS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size", "mask_seq_length", "dam_block_size")
 _FIELD_TYPES = {
     "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
     "intermediate_size": int, "hidden_act": str, "hidden_dropout_prob": float,
@@ -230,6 +258,25 @@ _FIELD_TYPES = {
     "dam_share_across_layers": bool, "dam_symmetric": bool, "dam_block_size": int,
     "dam_penalty_gradient": str, "attention_mask_file": str, "pattern_params": dict, "pattern_seed": int,
 }
+
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, char_b in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (char_a != char_b))
+    return row[-1]
+
+
+def _refuse_likely_typo(key: str, known: set[str]) -> None:
+    """Raise for an unknown key that is probably a misspelt field (see MASK_FIELD_PREFIXES)."""
+    if key.startswith(MASK_FIELD_PREFIXES):
+        mask_fields = sorted(k for k in known if k.startswith(MASK_FIELD_PREFIXES))
+        raise ValueError(f"bert_config: unknown attention-mask field '{key}'; known fields: {', '.join(mask_fields)}")
+    distance, nearest = min((_edit_distance(key, name), name) for name in known)
+    if distance <= MAX_TYPO_DISTANCE:
+        raise ValueError(f"bert_config: unknown field '{key}'; did you mean '{nearest}'? Rename it")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

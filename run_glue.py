@@ -34,9 +34,10 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 import attention_masks
 import training
-from atomic_io import atomic_write_text
+from atomic_io import atomic_write_text, refuse_overwriting_inputs
 from glue_metrics import compute_metrics
 from modeling import (
+    MASK_FILE,
     BertConfig,
     BertForSequenceClassification,
     config_file_beside,
@@ -64,6 +65,7 @@ from utils import (
     add_local_rank_argument,
     atomic_save,
     autocast,
+    finite_float,
     get_rank,
     get_world_size,
     init_distributed,
@@ -101,10 +103,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_seq_length", type=int, default=128)
     p.add_argument("--train_batch_size", type=int, default=32, help="per GPU per optimizer step (after accumulation)")
     p.add_argument("--eval_batch_size", type=int, default=8)
-    p.add_argument("--learning_rate", type=float, default=5e-5)
-    p.add_argument("--num_train_epochs", type=float, default=3.0)
-    p.add_argument("--max_steps", type=float, default=-1.0, help="> 0: optimizer steps, overriding the epochs")
-    p.add_argument("--warmup_proportion", type=float, default=0.1)
+    p.add_argument("--learning_rate", type=finite_float, default=5e-5)
+    p.add_argument("--num_train_epochs", type=finite_float, default=3.0)
+    p.add_argument("--max_steps", type=finite_float, default=-1.0, help="> 0: optimizer steps, overriding the epochs")
+    p.add_argument("--warmup_proportion", type=finite_float, default=0.1)
     p.add_argument("--no_cuda", action="store_true")
     add_local_rank_argument(p)
     p.add_argument("--seed", type=int, default=1)
@@ -112,16 +114,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true", help="fp16 autocast + loss scaling")
     p.add_argument("--amp", action="store_true", help="same as --fp16")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--loss_scale", type=float, default=0.0, help="0 = dynamic; > 0 = this static scale")
+    p.add_argument("--loss_scale", type=finite_float, default=0.0, help="0 = dynamic; > 0 = this static scale")
     p.add_argument("--skip_checkpoint", action="store_true", help="do not write pytorch_model.bin")
     # -- this project
     p.add_argument("--attention_mask_type", default=None,
                    help="override the config: dense | a pattern | dam_u | dam_s (logits from --init_checkpoint) | file")
     p.add_argument("--attention_mask_file", default=None, help="mask file for --attention_mask_type file")
-    p.add_argument("--max_grad_norm", type=float, default=MAX_GRAD_NORM, help="global gradient-norm clip (0 = off)")
+    p.add_argument("--max_grad_norm", type=finite_float, default=MAX_GRAD_NORM, help="global gradient-norm clip (0 = off)")
     p.add_argument("--max_bad_steps", type=int, default=25,
                    help="stop after this many consecutive non-finite (skipped) optimizer steps")
-    p.add_argument("--dist_timeout", type=float, default=1800,
+    p.add_argument("--dist_timeout", type=finite_float, default=1800,
                    help="seconds a collective may wait for a dead or stuck worker before the run stops")
     p.add_argument("--json-summary", dest="json_summary", default=None,
                    help="dllogger JSON file (default: <output_dir>/dllogger.json)")
@@ -168,11 +170,23 @@ def validate_arguments(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"--{flag} {value} does not exist")
     if args.init_checkpoint:
         resolve_weights_file(args.init_checkpoint)  # one clear line when the path is wrong
+    if args.do_train and not args.skip_checkpoint:
+        refuse_overwriting_fine_tuning_inputs(args)
     if args.do_train and not args.init_checkpoint:
         logger.warning("no --init_checkpoint: fine-tuning starts from random weights")
     if not args.do_train and not args.init_checkpoint:
         raise ValueError("--do_eval / --do_predict without --do_train and --init_checkpoint would score random "
                          "weights: pass --init_checkpoint fine-tuned on this task, or add --do_train")
+
+
+def refuse_overwriting_fine_tuning_inputs(args: argparse.Namespace) -> None:
+    """Training saves pytorch_model.bin, config.json and a mask file into --output_dir: none of them
+    may be a file this run reads (fine-tuning 'in place' would replace the starting checkpoint)."""
+    weights = resolve_weights_file(args.init_checkpoint) if args.init_checkpoint else None
+    inputs = [("--init_checkpoint", weights), ("--config_file", args.config_file),
+              ("--attention_mask_file", args.attention_mask_file), ("--vocab_file", args.vocab_file)]
+    for name in ("pytorch_model.bin", "config.json", MASK_FILE):
+        refuse_overwriting_inputs(Path(args.output_dir) / name, inputs, f"--output_dir's {name}")
 
 
 def check_task_files(task: GlueTask, args: argparse.Namespace) -> None:

@@ -29,7 +29,7 @@ import modeling
 from modeling import BertConfig, BertForPreTraining, read_state_dict, resolve_weights_file
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
-from utils import (MetricLogger, add_local_rank_argument, all_gather_object, all_reduce_mean, autocast, get_rank,
+from utils import (MetricLogger, add_local_rank_argument, finite_float, all_gather_object, all_reduce_mean, autocast, get_rank,
                    get_world_size, init_distributed, is_main_process, precision_dtype, seed_everything)
 
 logger = logging.getLogger("run_pretraining")
@@ -53,22 +53,22 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_predictions_per_seq", type=int, default=20)
     p.add_argument("--train_batch_size", type=int, default=32,
                    help="sequences per GPU per optimizer step (after accumulation)")
-    p.add_argument("--learning_rate", type=float, default=5e-5)
-    p.add_argument("--mask_learning_rate", type=float, default=None,
+    p.add_argument("--learning_rate", type=finite_float, default=5e-5)
+    p.add_argument("--mask_learning_rate", type=finite_float, default=None,
                    help="peak learning rate of the DAM mask logits, same schedule (default: --learning_rate, "
                         "as the released code); warm-started searches want it far higher, e.g. 0.05")
-    p.add_argument("--num_train_epochs", type=float, default=3.0, help="unused: the run is driven by steps")
-    p.add_argument("--max_steps", type=float, default=1000, help="optimizer steps of this phase")
-    p.add_argument("--warmup_proportion", type=float, default=0.01, help="warm-up fraction of max_steps")
+    p.add_argument("--num_train_epochs", type=finite_float, default=3.0, help="unused: the run is driven by steps")
+    p.add_argument("--max_steps", type=finite_float, default=1000, help="optimizer steps of this phase")
+    p.add_argument("--warmup_proportion", type=finite_float, default=0.01, help="warm-up fraction of max_steps")
     add_local_rank_argument(p)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--fp16", action="store_true", help="fp16 autocast + dynamic loss scaling")
     p.add_argument("--amp", action="store_true", help="same as --fp16")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (no loss scaling)")
-    p.add_argument("--loss_scale", type=float, default=0.0, help="0 = dynamic; > 0 = this scale, never grown")
-    p.add_argument("--init_loss_scale", type=float, default=2.0**20)
-    p.add_argument("--log_freq", type=float, default=1.0, help="log every N optimizer steps")
+    p.add_argument("--loss_scale", type=finite_float, default=0.0, help="0 = dynamic; > 0 = this scale, never grown")
+    p.add_argument("--init_loss_scale", type=finite_float, default=2.0**20)
+    p.add_argument("--log_freq", type=finite_float, default=1.0, help="log every N optimizer steps")
     p.add_argument("--checkpoint_activations", action="store_true")
     p.add_argument("--resume_from_checkpoint", action="store_true")
     p.add_argument("--resume_step", type=int, default=-1, help="-1 = newest ckpt in output_dir")
@@ -89,13 +89,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stop once the phase's step, resumed steps included, reaches this (NVIDIA's meaning)")
     p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per rank")
     # -- SparseBERT and this project
-    p.add_argument("--lamb", type=float, default=None, help="λ of the mask penalty (overrides dam_lambda)")
+    p.add_argument("--lamb", type=finite_float, default=None, help="λ of the mask penalty (overrides dam_lambda)")
     p.add_argument("--attention_mask_type", default=None,
                    help="override the config: dense | a pattern | dam_u | dam_s | file")
     p.add_argument("--export_mask", action="store_true", help="also write the binarised mask at every checkpoint")
     p.add_argument("--max_bad_steps", type=int, default=25,
                    help="stop after this many consecutive non-finite (skipped) optimizer steps")
-    p.add_argument("--dist_timeout", type=float, default=1800,
+    p.add_argument("--dist_timeout", type=finite_float, default=1800,
                    help="seconds a collective waits for the other ranks before this one stops with an error "
                         "(a dead or stuck worker turns into an exit, not a hang)")
     p.add_argument("--no_cuda", action="store_true")

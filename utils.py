@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import random
 import sys
@@ -45,6 +46,52 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a NaN or inf learning rate, λ or timeout would only show up
+    as a diverged run many steps later, so it is refused at parse time."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def describe_json_value(value: Any) -> str:
+    """A config value as the user wrote it in JSON: `the string "false"`, `NaN`, `[1, 2]`."""
+    if isinstance(value, str):
+        return f"the string {json.dumps(value)}"
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def check_json_type(where: str, value: Any, expected: type) -> Any:
+    """``value`` as ``expected`` (bool, int, float, str or dict), or a ValueError naming ``where``.
+
+    JSON has one number type and Python's json reads NaN / Infinity, so: a bool field takes only
+    true / false (bool("false") is True), an int field a whole number (768.0 passes as 768), a float
+    field a finite number (ints widen)."""
+    got = describe_json_value(value)
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is bool and not isinstance(value, bool):
+        raise ValueError(f"{where} must be true or false, got {got}")
+    if expected is int:
+        if not is_number or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{where} must be integer (a whole number), got {got}")
+        return int(value)
+    if expected is float:
+        if not is_number or not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number, got {got}")
+        return float(value)
+    if not isinstance(value, expected):
+        noun = {str: "str (a JSON string)", dict: "dict (a JSON object)"}.get(expected, expected.__name__)
+        raise ValueError(f"{where} must be {noun}, got {got}")
+    return value
 
 
 def add_local_rank_argument(parser: "argparse.ArgumentParser") -> None:

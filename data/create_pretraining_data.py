@@ -34,7 +34,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the flat project layout importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from atomic_io import atomic_path, remove_stale_temps  # noqa: E402
+from atomic_io import atomic_path, refuse_overwriting_inputs, remove_stale_temps  # noqa: E402
 from data.parallel import ordered_map  # noqa: E402
 from tokenization import BertTokenizer  # noqa: E402
 
@@ -417,6 +417,8 @@ def create_shard(input_files: Sequence[str], output_file: str, vocab_file: str, 
 
     cfg.validate()
     files = expand_input_files(input_files)
+    refuse_overwriting_inputs(output_file, [("--vocab_file", vocab_file), *(("--input_file", f) for f in files)],
+                              "--output_file")
     processor_args = (vocab_file, bool(do_lower_case), cfg, random_seed)
     ChunkProcessor(*processor_args)  # fail on a bad vocab here, not inside a worker
     total = sum(os.path.getsize(f) for f in files)

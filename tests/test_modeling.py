@@ -459,6 +459,76 @@ def test_bad_config_fields_raise_clear_errors(changes, message):
         BertConfig.from_dict({**tiny_config().to_dict(), **changes})
 
 
+@pytest.mark.parametrize("changes, message", [
+    ({"dam_symmetric": "false"}, "bert_config: field 'dam_symmetric' must be true or false, got the string \"false\""),
+    ({"dam_share_across_layers": 0}, "field 'dam_share_across_layers' must be true or false, got 0"),
+    ({"hidden_size": 48.5}, "field 'hidden_size' must be integer (a whole number), got 48.5"),
+    ({"pattern_seed": True}, "field 'pattern_seed' must be integer (a whole number), got true"),
+    ({"dam_lambda": float("nan")}, "field 'dam_lambda' must be a finite number, got NaN"),
+    ({"initializer_range": float("inf")}, "field 'initializer_range' must be a finite number, got Infinity"),
+    ({"dam_temperature_final": float("-inf")}, "field 'dam_temperature_final' must be a finite number"),
+    ({"layer_norm_eps": "1e-12"}, "field 'layer_norm_eps' must be a finite number, got the string \"1e-12\""),
+    ({"hidden_dropout_prob": False}, "field 'hidden_dropout_prob' must be a finite number, got false"),
+])
+def test_config_values_must_have_their_json_type(changes, message):
+    with pytest.raises(ValueError) as error:
+        BertConfig.from_dict({**tiny_config().to_dict(), **changes})
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_whole_float_is_an_int_and_json_nan_in_a_file_is_refused(tmp_path):
+    config = BertConfig.from_dict({**tiny_config().to_dict(), "hidden_size": 48.0, "dam_lambda": 1})
+    assert config.hidden_size == 48 and isinstance(config.hidden_size, int) and config.dam_lambda == 1.0
+    path = tmp_path / "bert_config.json"
+    path.write_text(tiny_config().to_json_string().replace('"dam_lambda": 0.0', '"dam_lambda": NaN'))
+    with pytest.raises(ValueError, match="field 'dam_lambda' must be a finite number, got NaN"):
+        BertConfig.from_json_file(path)
+
+
+def test_parameter_count_is_the_embeddings_and_layers_of_the_model():
+    config = tiny_config()
+    model = BertModel(config)
+    counted = sum(p.numel() for part in (model.embeddings, model.encoder) for p in part.parameters())
+    assert config.parameter_count() == counted
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"hidden_size": 10**9, "num_attention_heads": 1}, "'hidden_size'"),
+    ({"vocab_size": 10**8}, "'vocab_size'"),
+    ({"num_hidden_layers": 10**7}, "'num_hidden_layers' (10000000)"),
+    ({"hidden_size": 2**20, "num_attention_heads": 1, "intermediate_size": 2**20}, "'hidden_size' (1048576)"),
+    ({"attention_mask_type": "dam_s", "mask_seq_length": 2**20, "max_position_embeddings": 2**20,
+      "num_hidden_layers": 12, "num_attention_heads": 4}, "'mask_seq_length' (1048576)"),
+])
+def test_absurd_sizes_are_refused_before_allocating(changes, field):
+    # BertConfig alone: the model is never built, so a pass here means nothing was allocated
+    with pytest.raises(ValueError) as error:
+        BertConfig.from_dict({**tiny_config().to_dict(), **changes})
+    assert field in str(error.value) and "\n" not in str(error.value)
+    assert BertConfig().parameter_count() < modeling.MAX_PARAMETERS  # bert-base passes
+
+
+HF_EXTRAS = {"model_type": "bert", "architectures": ["BertModel"], "transformers_version": "4.40.0",
+             "torch_dtype": "float32", "pad_token_id": 0, "use_cache": True, "classifier_dropout": None,
+             "gradient_checkpointing": False, "position_embedding_type": "absolute", "_name_or_path": "x"}
+
+
+@pytest.mark.parametrize("typo, field", [("num_hidden_layer", "num_hidden_layers"), ("hiden_size", "hidden_size"),
+                                         ("vocab_sise", "vocab_size"), ("intermediate_sizes", "intermediate_size")])
+def test_misspelt_field_is_refused_naming_the_field_it_resembles(typo, field):
+    good = tiny_config().to_dict()
+    value = good.pop(field)
+    with pytest.raises(ValueError, match=f"unknown field '{typo}'; did you mean '{field}'"):
+        BertConfig.from_dict({**good, typo: value})
+    assert BertConfig.from_dict({**good, field: value, **HF_EXTRAS}).extra == HF_EXTRAS
+
+
+@pytest.mark.parametrize("kind", ["relative_key", "relative_key_query", "rotary"])
+def test_unimplemented_position_embedding_type_is_refused(kind):
+    with pytest.raises(ValueError, match=f"field 'position_embedding_type' is the string \"{kind}\"; only 'absolute'"):
+        BertConfig.from_dict({**tiny_config().to_dict(), "position_embedding_type": kind})
+
+
 def test_config_file_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.json"):
         BertConfig.from_json_file(tmp_path / "missing.json")

@@ -566,3 +566,25 @@ def test_run_glue_all_prints_the_table_row(glue: Path, tmp_path: Path) -> None:
     assert cells[0] == "Star" and cells[1] == f"{100 * mnli['mask_sparsity']:.1f}"
     assert cells[2] == f"{100 * mnli['acc']:.1f}/{100 * mnli['mm:acc']:.1f}" and cells[5] == f"{100 * sst['acc']:.1f}"
     assert cells[3] == "-" and cells[-1].endswith("*")  # QQP not run; the average says it is partial
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_flag_refuses_non_finite_values_at_parse_time(glue: Path, tmp_path: Path, capsys, float_flags, value: str) -> None:
+    flags = float_flags(run_glue.parse_arguments)
+    assert "--learning_rate" in flags and "--max_grad_norm" in flags
+    for flag in flags:
+        with pytest.raises(SystemExit):
+            run_glue.parse_arguments([*glue_args(glue, tmp_path / "out"), f"{flag}={value}"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"argument {flag}: must be a finite number, got {value}" in err
+
+
+def test_fine_tuning_into_the_folder_of_its_init_checkpoint_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"the starting weights")
+    argv = glue_args(glue, out) + ["--do_train", "--init_checkpoint", str(out / "pytorch_model.bin")]
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("run_glue.py: error: --output_dir's pytorch_model.bin") and "--init_checkpoint" in err
+    assert (out / "pytorch_model.bin").read_bytes() == b"the starting weights"

@@ -762,3 +762,16 @@ def test_run_pretraining_sh_stops_before_phase1_when_phase2_would_fail(tmp_path)
     assert result.returncode == 1 and not (tmp_path / "calls.txt").exists()
     assert "mask_seq_length 128 < --max_seq_length 512" in result.stderr
     assert "phase 2 would fail" in result.stderr and "parameter 28" in result.stderr
+
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_flag_refuses_non_finite_values_at_parse_time(capsys, float_flags, value):
+    flags = float_flags(run_pretraining.parse_arguments)
+    assert "--lamb" in flags and "--learning_rate" in flags
+    base = ["--input_dir", "d", "--config_file", "c", "--output_dir", "o"]
+    for flag in flags:
+        with pytest.raises(SystemExit):
+            run_pretraining.parse_arguments([*base, f"{flag}={value}"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"argument {flag}: must be a finite number, got {value}" in err
