@@ -13,10 +13,9 @@ Outputs in --out:
   glue/SST-2/{train,dev,test}.tsv
                             a single-sentence task in SST-2's layout: label 1 when the sentence
                             comes from the language reference, 0 when from a library docstring
-  glue/MRPC/{train,dev,test}.tsv
-                            a sentence-pair task in MRPC's layout: label 1 when the second
-                            sentence follows the first in its document, 0 when it comes from
-                            another document of the same source
+  glue/CoLA/{train,dev,test}.tsv
+                            a single-sentence task in CoLA's layout: label 1 for a sentence as
+                            written, 0 for a sentence of the same text with its words shuffled
 
 The text depends on the Python version; for one Python install every output is deterministic.
 """
@@ -280,41 +279,33 @@ def write_classification_task(reference: list[list[str]], library: list[list[str
     return {"train": len(train), "dev": len(dev), "test": len(test)}
 
 
-def continuation_pairs(documents: list[list[str]], rng: random.Random) -> list[list[tuple[str, str, int]]]:
-    """For each adjacent pair of a document: [(first, second, 1), (first, a sentence of another
-    document, 0)], the two kept together so that one first sentence never spans two splits."""
-    groups = []
-    for i, doc in enumerate(documents):
-        for first, second in zip(doc, doc[1:]):
-            other = documents[(i + rng.randrange(1, len(documents))) % len(documents)]
-            groups.append([(first, second, 1), (first, rng.choice(other), 0)])
-    return groups
-
-
-def write_pair_task(reference: list[list[str]], library: list[list[str]], out_dir: str,
-                    seed: int = 0, n_train: int = 4000, n_dev: int = 500, n_test: int = 500) -> dict:
-    """MRPC-layout task: does the second sentence continue the first? The negative comes from the
-    same source as the positive, so the source alone (the SST-2-format task's cue) does not tell."""
+def write_word_order_task(documents: list[list[str]], out_dir: str, seed: int = 0, n_train: int = 4000,
+                          n_dev: int = 500, n_test: int = 500) -> dict:
+    """CoLA-layout task: is the sentence as written (1) or are its words shuffled (0)? Both classes
+    hold the same words, so only their order tells: a task for masks that keep or drop neighbours.
+    Each sentence (of six words or more) appears once, either kept or shuffled."""
     rng = random.Random(seed)
-    groups = [g for docs in (reference, library) if len(docs) > 1
-              for g in continuation_pairs([d for d in docs if d], rng)]
-    rng.shuffle(groups)
-    groups = groups[:(n_train + n_dev + n_test) // 2]
-    n_dev, n_test = min(n_dev // 2, len(groups) // 8), min(n_test // 2, len(groups) // 8)
-    split = lambda part: [pair for g in part for pair in g]  # noqa: E731
-    dev, test = split(groups[:n_dev]), split(groups[n_dev:n_dev + n_test])
-    train = split(groups[n_dev + n_test:])
-    rng.shuffle(train)
+    sentences = sorted({s for doc in documents for s in doc if len(s.split()) >= 6})
+    rng.shuffle(sentences)
+    examples = []
+    for i, sentence in enumerate(sentences[:n_train + n_dev + n_test]):
+        words = sentence.split()
+        if i % 2:  # the first and last words stay: a capital or a full stop must not give it away
+            middle = words[1:-1]
+            while middle == words[1:-1]:
+                rng.shuffle(middle)
+            words = [words[0], *middle, words[-1]]
+        examples.append((" ".join(words), 0 if i % 2 else 1))
+    rng.shuffle(examples)
+    n_dev, n_test = min(n_dev, len(examples) // 8), min(n_test, len(examples) // 8)
+    dev, test, train = examples[:n_dev], examples[n_dev:n_dev + n_test], examples[n_dev + n_test:]
     os.makedirs(out_dir, exist_ok=True)
     clean = lambda s: " ".join(s.replace("\t", " ").split())  # noqa: E731
-    header = "#1 ID\t#2 ID\t#1 String\t#2 String\n"
-    for name, rows in (("train.tsv", train), ("dev.tsv", dev)):
+    for name, rows in (("train.tsv", train), ("dev.tsv", dev)):  # CoLA: source, label, original label, text
         with atomic_text_writer(os.path.join(out_dir, name)) as f:
-            f.write("Quality\t" + header + "".join(
-                f"{y}\t{2 * i}\t{2 * i + 1}\t{clean(a)}\t{clean(b)}\n" for i, (a, b, y) in enumerate(rows)))
+            f.write("".join(f"demo\t{y}\t{'' if y else '*'}\t{clean(s)}\n" for s, y in rows))
     with atomic_text_writer(os.path.join(out_dir, "test.tsv")) as f:
-        f.write("index\t" + header + "".join(
-            f"{i}\t{2 * i}\t{2 * i + 1}\t{clean(a)}\t{clean(b)}\n" for i, (a, b, _) in enumerate(test)))
+        f.write("index\tsentence\n" + "".join(f"{i}\t{clean(s)}\n" for i, (s, _) in enumerate(test)))
     return {"train": len(train), "dev": len(dev), "test": len(test)}
 
 
@@ -328,9 +319,10 @@ def build_demo(out: str, vocab: str = "auto", vocab_size: int = 8000, seed: int 
     write_corpus(reference + library, corpus)
     vocab_source = prepare_vocab(corpus, os.path.join(out, "vocab.txt"), vocab, vocab_size)
     task = write_classification_task(reference, library, os.path.join(out, "glue", "SST-2"), seed)
-    pair_task = write_pair_task(reference, library, os.path.join(out, "glue", "MRPC"), seed)
+    order_task = write_word_order_task(reference + library, os.path.join(out, "glue", "CoLA"), seed)
     return {"documents": len(reference) + len(library), "sentences": sum(map(len, reference + library)),
-            "corpus_bytes": os.path.getsize(corpus), "vocab": vocab_source, "task": task, "pair_task": pair_task}
+            "corpus_bytes": os.path.getsize(corpus), "vocab": vocab_source, "task": task,
+            "order_task": order_task}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -206,19 +206,25 @@ def test_demo_corpus_format_and_learnable_task(demo_documents, tmp_path):
 
 
 
-def test_demo_pair_task_reads_as_mrpc_and_keeps_each_first_sentence_in_one_split(demo_documents, tmp_path):
+def test_demo_word_order_task_reads_as_cola_and_only_word_order_tells(demo_documents, tmp_path):
     from processors.glue import get_task
     reference, library = demo_documents
-    sizes = demo_corpus.write_pair_task(reference, library, str(tmp_path / "MRPC"), seed=0)
-    task = get_task("mrpc")
-    train, dev = task.train_examples(tmp_path / "MRPC"), task.dev_examples(tmp_path / "MRPC", task.dev[0])
+    sizes = demo_corpus.write_word_order_task(reference + library, str(tmp_path / "CoLA"), seed=0)
+    task = get_task("cola")
+    train, dev = task.train_examples(tmp_path / "CoLA"), task.dev_examples(tmp_path / "CoLA", task.dev[0])
     assert (len(train), len(dev)) == (sizes["train"], sizes["dev"]) and sizes["train"] > 1000
     assert 0.45 < sum(e.label == "1" for e in train) / len(train) < 0.55
-    for split in (train, dev):  # each positive's negative partner (same first sentence) is in its split
-        firsts = collections.Counter((e.text_a, e.label) for e in split)
-        assert all(firsts[(a, "0")] == n for (a, label), n in firsts.items() if label == "1")
-    positives = {(a, b) for doc in reference + library for a, b in zip(doc, doc[1:])}
-    assert all(((e.text_a, e.text_b) in positives) == (e.label == "1") for e in dev if e.text_a != e.text_b)
+    written = {s for doc in reference + library for s in doc}
+    by_words = collections.Counter(tuple(sorted(e.text_a.split())) for e in train + dev)
+    for e in train + dev:
+        words = e.text_a.split()
+        assert (e.text_a in written) == (e.label == "1")  # a shuffled sentence is never one as written
+        assert by_words[tuple(sorted(words))] == 1  # no sentence appears both kept and shuffled
+    shuffled = [e.text_a.split() for e in dev if e.label == "0"]
+    originals = {tuple(sorted(s.split())): s.split() for s in written}
+    for words in shuffled:  # first and last words stay in place
+        original = originals[tuple(sorted(words))]
+        assert (words[0], words[-1]) == (original[0], original[-1]) and words != original
 
 
 # ----------------------------------------------------------------------------- downloaders (local server)
