@@ -166,9 +166,40 @@ def _check_file(f: h5py.File, path: str, max_pred_length: int) -> None:
         raise ShardError(f"shard {path!r} lacks dataset(s) {', '.join(missing)} (it has "
                          f"{', '.join(sorted(f.keys())) or 'none'}): {REMAKE_HINT}")
     for name in SHARD_LAYOUT:
-        if not isinstance(f[name], h5py.Dataset):
-            raise ShardError(f"shard {path!r}: {name!r} is a group, not a dataset: {REMAKE_HINT}")
+        _check_self_contained(f, path, name)
     _check_layout(path, {name: (f[name].shape, f[name].dtype) for name in SHARD_LAYOUT}, max_pred_length)
+    for name in SHARD_LAYOUT:
+        _check_stored(f[name], path, name)
+
+
+def _check_self_contained(f: h5py.File, path: str, name: str) -> None:
+    """A shard's datasets live in the shard: HDF5 can point a dataset at another file (an external
+    link, a virtual dataset, external raw storage), which would train on whatever that file holds."""
+    link = f.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise ShardError(f"shard {path!r}: {name!r} is an HDF5 {type(link).__name__}, not data stored in the "
+                         f"shard: {REMAKE_HINT}")
+    dataset = f[name]
+    if not isinstance(dataset, h5py.Dataset):
+        raise ShardError(f"shard {path!r}: {name!r} is a group, not a dataset: {REMAKE_HINT}")
+    if dataset.is_virtual or dataset.id.get_create_plist().get_external_count() > 0:
+        raise ShardError(f"shard {path!r}: {name!r} reads its values from other files (virtual or external "
+                         f"storage), not from the shard: {REMAKE_HINT}")
+
+
+def _check_stored(dataset: h5py.Dataset, path: str, name: str) -> None:
+    """The rows a shard declares are rows it stores. Chunks never written read back as zeros, so a
+    3 KB file can declare 10^9 rows and cost gigabytes of memory (or a day of training on zeros)."""
+    if dataset.size == 0:
+        return
+    if dataset.chunks is None:
+        stored = dataset.id.get_storage_size() >= dataset.size * dataset.dtype.itemsize
+    else:
+        per_axis = [-(-extent // chunk) for extent, chunk in zip(dataset.shape, dataset.chunks)]
+        stored = dataset.id.get_num_chunks() >= int(np.prod(per_axis))
+    if not stored and dataset.id.get_create_plist().get_layout() != h5py.h5d.COMPACT:
+        raise ShardError(f"shard {path!r}: {name} declares shape {dataset.shape} but stores data for only part "
+                         f"of it (the file is truncated or forged): {REMAKE_HINT}")
 
 
 def _check_layout(path: str, layout: dict[str, tuple[tuple, np.dtype]], max_pred_length: int) -> None:

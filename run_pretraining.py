@@ -153,6 +153,9 @@ def load_model_config(args: argparse.Namespace) -> BertConfig:
         raise ValueError(
             f"attention_mask_type '{config.attention_mask_type}' has mask_seq_length {config.mask_seq_length} < "
             f"--max_seq_length {args.max_seq_length}: set mask_seq_length >= {args.max_seq_length} in {args.config_file}")
+    if config.type_vocab_size < 2:  # NSP pairs: every shard's segment ids are 0 and 1
+        raise ValueError(f"{args.config_file} has type_vocab_size {config.type_vocab_size}, but pretraining "
+                         f"shards hold segment ids 0 and 1: set type_vocab_size to 2 (BERT's)")
     try:  # a bad pattern parameter or mask file fails here, before anything is written
         attention_masks.build_attention_mask(config)
     except ValueError as exc:

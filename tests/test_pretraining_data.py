@@ -124,6 +124,63 @@ def test_truncated_and_corrupt_files(tmp_path):
         pd.PretrainingDataset(tmp_path / "missing.hdf5", PRED)
 
 
+
+def write_shard_with(path: Path, replace_input_ids) -> Path:
+    """A well-formed shard whose input_ids dataset is made by `replace_input_ids(file, name, array)`."""
+    with h5py.File(path, "w") as f:
+        for name, array in shard_arrays(10).items():
+            if name == "input_ids":
+                replace_input_ids(f, name, array)
+            else:
+                f.create_dataset(name, data=array)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["external_storage", "external_link", "virtual", "soft_link"])
+def test_a_shard_never_reads_another_file(tmp_path, kind):
+    """HDF5 lets a dataset point at other files; a shard doing so is refused, not trained on."""
+    other = write_shard(tmp_path / "other.hdf5", shard_arrays(10, seed=1))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(10 * SEQ, dtype=np.int32).tobytes())
+
+    def external_storage(f, name, array):
+        f.create_dataset(name, shape=array.shape, dtype=array.dtype, external=[(str(secret), 0, h5py.h5f.UNLIMITED)])
+
+    def external_link(f, name, array):
+        f[name] = h5py.ExternalLink(str(other), "/input_ids")
+
+    def virtual(f, name, array):
+        layout = h5py.VirtualLayout(shape=array.shape, dtype=array.dtype)
+        layout[:] = h5py.VirtualSource(str(other), "input_ids", shape=array.shape)
+        f.create_virtual_dataset(name, layout)
+
+    def soft_link(f, name, array):
+        f.create_dataset("elsewhere", data=array)
+        f[name] = h5py.SoftLink("/elsewhere")
+
+    path = write_shard_with(tmp_path / "bad.hdf5", locals()[kind])
+    for read in (lambda: pd.shard_sequence_length(path, PRED), lambda: pd.PretrainingDataset(path, PRED)):
+        with pytest.raises(pd.ShardError, match="not data stored in the shard|reads its values from other files"):
+            read()
+
+
+def test_a_shard_declaring_rows_it_does_not_store_is_refused_from_its_header(tmp_path):
+    """3 KB declaring 10^9 rows: refused by the up-front check, not a MemoryError at load time."""
+    path = tmp_path / "forged.hdf5"
+    with h5py.File(path, "w") as f:
+        for name, array in shard_arrays(10).items():
+            f.create_dataset(name, shape=(10**9, *array.shape[1:]), dtype=array.dtype,
+                             chunks=(1000, *array.shape[1:]), compression="gzip")
+    assert path.stat().st_size < 10_000
+    with pytest.raises(pd.ShardError, match=r"declares shape \(1000000000, 32\) but stores data for only part"):
+        pd.shard_sequence_length(path, PRED)
+    contiguous = tmp_path / "contiguous.hdf5"  # unchunked datasets are complete: accepted
+    with h5py.File(contiguous, "w") as f:
+        for name, array in shard_arrays(10).items():
+            f.create_dataset(name, data=array)
+    assert len(pd.PretrainingDataset(contiguous, PRED)) == 10
+
+
 def test_list_shards(tmp_path):
     with pytest.raises(FileNotFoundError, match="no .hdf5"):
         pd.list_shards(tmp_path)

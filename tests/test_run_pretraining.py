@@ -364,6 +364,15 @@ def test_the_default_json_summary_goes_into_the_output_dir(shards, tmp_path, mon
     assert not (tmp_path / "results").exists()
 
 
+def test_a_config_with_one_segment_type_is_refused_before_the_first_step(shards, tmp_path, capsys):
+    """Shards hold segment ids 0 and 1: type_vocab_size 1 would crash the first forward pass."""
+    out = tmp_path / "out"
+    argv = base_args(shards, out, write_config(tmp_path / "config.json", type_vocab_size=1))
+    assert run_pretraining.main(argv) == 1
+    assert "type_vocab_size 1, but pretraining shards hold segment ids 0 and 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def fake_dllogger() -> types.ModuleType:
     """NVIDIA/dllogger's API as far as MetricLogger uses it; JSONStreamBackend opens its file as
     the real one does (`open(filename, "a" if append else "w")`, no folder created)."""
