@@ -22,15 +22,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlparse
 
 import requests
 from tqdm.auto import tqdm
@@ -41,6 +43,11 @@ CACHE_ENV = "PYTORCH_PRETRAINED_BERT_CACHE"
 CHUNK_SIZE = 1 << 20
 # A dropped connection loses the chunk being read, so download in small chunks.
 DOWNLOAD_CHUNK_SIZE = 1 << 16
+MAX_REDIRECTS = 10
+# Extraction limits (safe_extract's defaults): members, unpacked size per archive byte, path length.
+MAX_MEMBERS = 100_000
+MAX_EXPANSION = 100
+MAX_PATH_CHARS = 1024
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -106,7 +113,7 @@ def cached_path(
             )
         return str(_get_from_cache(url_or_path, cache, sha256=sha256, force=force_download,
                                    max_retries=max_retries, backoff=backoff, timeout=timeout,
-                                   progress=progress))
+                                   progress=progress, allow_http=allow_http))
     if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise ValueError(f"unsupported URL scheme {scheme!r} in {url_or_path}: use https, s3 or a local path")
     if not os.path.exists(url_or_path):
@@ -115,7 +122,7 @@ def cached_path(
 
 
 def _get_from_cache(url: str, cache: Path, *, sha256: str | None, force: bool, max_retries: int,
-                    backoff: float, timeout: float, progress: bool) -> Path:
+                    backoff: float, timeout: float, progress: bool, allow_http: bool) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / url_to_filename(url)
     with _file_lock(final.with_name(final.name + ".lock")):
@@ -130,7 +137,7 @@ def _get_from_cache(url: str, cache: Path, *, sha256: str | None, force: bool, m
             etag = _s3_download(url, partial)
         else:
             etag = _http_download(url, partial, max_retries=max_retries, backoff=backoff,
-                                  timeout=timeout, progress=progress)
+                                  timeout=timeout, progress=progress, allow_http=allow_http)
         digest = sha256_of(partial)
         if sha256 is not None and digest != sha256.lower():
             _remove(partial, _partial_meta(partial))
@@ -164,7 +171,7 @@ def _cached_copy_is_valid(final: Path, url: str, sha256: str | None) -> bool:
 
 
 def _http_download(url: str, partial: Path, *, max_retries: int, backoff: float, timeout: float,
-                   progress: bool) -> str | None:
+                   progress: bool, allow_http: bool) -> str | None:
     """Fill `partial` with the body of `url`, resuming and retrying; returns the ETag."""
     meta_path = _partial_meta(partial)
     validator = _read_json(meta_path).get("validator") if partial.exists() else None
@@ -173,7 +180,7 @@ def _http_download(url: str, partial: Path, *, max_retries: int, backoff: float,
         if attempt:
             time.sleep(min(backoff * 2 ** (attempt - 1), 60.0))
         try:
-            return _http_attempt(url, partial, meta_path, validator, timeout, progress)
+            return _http_attempt(url, partial, meta_path, validator, timeout, progress, allow_http)
         except _Retryable as err:
             last_error = err.__cause__ or err
             validator = _read_json(meta_path).get("validator") if partial.exists() else None
@@ -187,8 +194,25 @@ class _Retryable(Exception):
     pass
 
 
+def _get_following_redirects(url: str, headers: dict[str, str], timeout: float, allow_http: bool) -> requests.Response:
+    """GET `url`, following redirects ourselves: the https-only rule holds on every hop (requests
+    would follow an https URL to plain http on its own)."""
+    for _ in range(MAX_REDIRECTS + 1):
+        response = requests.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=False)
+        if not response.is_redirect:
+            return response
+        response.close()
+        target = urljoin(url, response.headers["Location"])
+        scheme = urlparse(target).scheme.lower()
+        if scheme != "https" and not (scheme == "http" and allow_http):
+            raise DownloadError(f"download of {url} redirects to {target}: refusing a {scheme or 'relative'} "
+                                f"hop (only https is followed); download it from an https URL")
+        url = target
+    raise DownloadError(f"download of {url} was redirected more than {MAX_REDIRECTS} times: check the URL")
+
+
 def _http_attempt(url: str, partial: Path, meta_path: Path, validator: str | None,
-                  timeout: float, progress: bool) -> str | None:
+                  timeout: float, progress: bool, allow_http: bool) -> str | None:
     offset = partial.stat().st_size if partial.exists() else 0
     # Identity encoding: Range offsets must count the bytes we store, not gzip-ed ones.
     headers = {"Accept-Encoding": "identity"}
@@ -197,7 +221,7 @@ def _http_attempt(url: str, partial: Path, meta_path: Path, validator: str | Non
         if validator:
             headers["If-Range"] = validator
     try:
-        response = requests.get(url, headers=headers, stream=True, timeout=timeout)
+        response = _get_following_redirects(url, headers, timeout, allow_http)
     except (requests.ConnectionError, requests.Timeout) as err:
         raise _Retryable(str(err)) from err
     with response:
@@ -305,7 +329,7 @@ def _safe_member_path(name: str, archive: str) -> PurePosixPath | None:
     return PurePosixPath(*parts) if parts else None
 
 
-def _zip_members(zf: zipfile.ZipFile, archive: str) -> list[tuple[PurePosixPath, bool, zipfile.ZipInfo]]:
+def _zip_members(zf: zipfile.ZipFile, archive: str) -> list[tuple[PurePosixPath, bool, zipfile.ZipInfo, int]]:
     members = []
     for info in zf.infolist():
         # Unix type bits live in the high 16 bits; many writers leave them 0 (= plain file).
@@ -315,11 +339,11 @@ def _zip_members(zf: zipfile.ZipFile, archive: str) -> list[tuple[PurePosixPath,
                                      "file; refusing to extract")
         path = _safe_member_path(info.filename, archive)
         if path is not None:
-            members.append((path, info.is_dir(), info))
+            members.append((path, info.is_dir(), info, info.file_size))
     return members
 
 
-def _tar_members(tf: tarfile.TarFile, archive: str) -> list[tuple[PurePosixPath, bool, tarfile.TarInfo]]:
+def _tar_members(tf: tarfile.TarFile, archive: str) -> list[tuple[PurePosixPath, bool, tarfile.TarInfo, int]]:
     members = []
     for info in tf.getmembers():
         if not (info.isfile() or info.isdir()):
@@ -327,44 +351,102 @@ def _tar_members(tf: tarfile.TarFile, archive: str) -> list[tuple[PurePosixPath,
                                      "refusing to extract")
         path = _safe_member_path(info.name, archive)
         if path is not None:
-            members.append((path, info.isdir(), info))
+            members.append((path, info.isdir(), info, info.size))
     return members
 
 
-def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike, *, max_members: int = MAX_MEMBERS,
+                 max_bytes: int | None = None) -> list[str]:
     """Extract a zip or tar(.gz/.bz2/.xz) into `dest`; returns the written file paths.
 
-    Every member is checked before anything is written. Each file is written to a temporary
-    name in its folder and renamed into place, so no half-written file is ever left behind.
+    Every member is checked before anything is written: its path, its type, conflicts with the other
+    members and with `dest`, and the totals (at most `max_members` members and `max_bytes` bytes,
+    by default MAX_EXPANSION times the archive's size: an archive bomb is refused, not unpacked).
+    Each file is written to a temporary name and renamed into place; if extraction fails part way
+    (a corrupt member, a full disk) the files it wrote are removed again.
     """
     archive = os.fspath(archive)
     dest_dir = Path(dest).resolve()
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            return _extract(_zip_members(zf, archive), zf.open, dest_dir, archive)
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            return _extract(_tar_members(tf, archive), tf.extractfile, dest_dir, archive)
+    if max_bytes is None:
+        max_bytes = MAX_EXPANSION * max(os.path.getsize(archive), 1 << 20)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                return _extract(_zip_members(zf, archive), zf.open, dest_dir, archive, max_members, max_bytes)
+        if tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                return _extract(_tar_members(tf, archive), tf.extractfile, dest_dir, archive, max_members, max_bytes)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError) as err:
+        reason = str(err) or type(err).__name__
+        raise ValueError(f"{archive} is truncated or corrupt ({reason}): download it again") from None
     raise ValueError(f"{archive} is neither a zip nor a tar archive")
 
 
-def _extract(members: list, open_member, dest_dir: Path, archive: str) -> list[str]:
+def _check_totals(members: list, archive: str, max_members: int, max_bytes: int) -> None:
+    total = sum(size for *_, size in members)
+    if len(members) > max_members or total > max_bytes:
+        raise UnsafeArchiveError(f"{archive}: {len(members)} members, {total} bytes unpacked, over the limit of "
+                                 f"{max_members} members / {max_bytes} bytes (an archive bomb?); pass max_members / "
+                                 f"max_bytes to safe_extract if this archive is trusted")
+
+
+def _check_targets(members: list, dest_dir: Path, archive: str) -> list[tuple[Path, bool, object]]:
+    """Each member's target under `dest_dir`, refusing any that cannot be written as asked."""
+    files = {path for path, is_dir, *_ in members if not is_dir}
+    folders = {parent for path, *_ in members for parent in path.parents} | {
+        path for path, is_dir, *_ in members if is_dir}
     targets = []
-    for path, is_dir, info in members:
+    for path, is_dir, info, _ in members:
+        if not is_dir and path in folders:
+            raise UnsafeArchiveError(f"{archive}: member {str(path)!r} is both a file and a folder in the archive")
+        if len(str(path)) > MAX_PATH_CHARS or any(len(part.encode()) > 255 for part in path.parts):
+            raise UnsafeArchiveError(f"{archive}: member {str(path)[:80]!r}... has a path too long or too deep "
+                                     f"to write")
         target = dest_dir.joinpath(*path.parts)
         # Belt and braces: an existing symlink inside dest must not redirect a member outside.
         resolved = target.resolve()
         if resolved != dest_dir and dest_dir not in resolved.parents:
             raise UnsafeArchiveError(f"{archive}: member {str(path)!r} resolves outside {dest_dir}")
+        blocking = [dest_dir.joinpath(*parent.parts) for parent in path.parents if parent.parts]
+        blocking = [p for p in blocking + ([target] if is_dir else []) if p.exists() and not p.is_dir()]
+        if blocking or path in files and target.is_dir():
+            what = f"file {blocking[0]}" if blocking else f"folder {target}"
+            raise UnsafeArchiveError(f"{archive}: member {str(path)!r} would replace the existing {what}: "
+                                     f"extract elsewhere")
         targets.append((target, is_dir, info))
+    return targets
 
-    written = []
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    for target, is_dir, info in targets:
-        if is_dir:
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        with atomic_path(target) as tmp, open(tmp, "wb") as out, open_member(info) as src:
-            shutil.copyfileobj(src, out, CHUNK_SIZE)
-        written.append(str(target))
+
+def _extract(members: list, open_member, dest_dir: Path, archive: str, max_members: int,
+             max_bytes: int) -> list[str]:
+    _check_totals(members, archive, max_members, max_bytes)
+    targets = _check_targets(members, dest_dir, archive)
+    written: list[str] = []
+    budget = max_bytes
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        for target, is_dir, info in targets:
+            if is_dir:
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp, open(tmp, "wb") as out, open_member(info) as src:
+                budget -= _copy_at_most(src, out, budget, archive)
+            written.append(str(target))
+    except BaseException:
+        for path in written:  # all or nothing: no half-extracted archive is left behind
+            _remove(Path(path))
+        raise
     return written
+
+
+def _copy_at_most(src, out, budget: int, archive: str) -> int:
+    """Copy `src` to `out`; a member that unpacks to more than its header said cannot exceed the budget."""
+    copied = 0
+    while chunk := src.read(CHUNK_SIZE):
+        copied += len(chunk)
+        if copied > budget:
+            raise UnsafeArchiveError(f"{archive}: members unpack to more bytes than their headers declare "
+                                     f"(over {budget} left of the limit); refusing")
+        out.write(chunk)
+    return copied

@@ -27,6 +27,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         state = self.server.state
         state.log.append((self.path, dict(self.headers)))
+        if self.path in state.redirects:
+            self._reply(302, b"", {"Location": state.redirects[self.path]})
+            return
         if state.fail_next.get(self.path):
             self._reply(state.fail_next[self.path].pop(0), b"try later")
             return
@@ -75,7 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
-    httpd.state = types.SimpleNamespace(files={}, log=[], drop_after={}, fail_next={})
+    httpd.state = types.SimpleNamespace(files={}, log=[], drop_after={}, fail_next={}, redirects={})
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     httpd.state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -320,3 +323,95 @@ def test_not_an_archive(tmp_path):
     (tmp_path / "plain.txt").write_text("hello")
     with pytest.raises(ValueError, match="neither a zip nor a tar"):
         safe_extract(tmp_path / "plain.txt", tmp_path / "out")
+
+
+def test_redirects_are_followed_hop_by_hop(server, tmp_path):
+    server.files["/real.bin"] = payload(1000)
+    server.redirects["/moved.bin"] = "/hop.bin"  # relative, then absolute
+    server.redirects["/hop.bin"] = server.url + "/real.bin"
+    path = cached_path(server.url + "/moved.bin", tmp_path / "cache", **FAST)
+    assert open(path, "rb").read() == payload(1000)
+    server.redirects["/loop.bin"] = "/loop.bin"
+    with pytest.raises(DownloadError, match="redirected more than 10 times"):
+        cached_path(server.url + "/loop.bin", tmp_path / "cache", **FAST)
+
+
+def test_an_https_download_never_follows_a_hop_to_plain_http(monkeypatch):
+    """requests would follow https -> http on its own; the https-only rule holds on every hop."""
+    asked = []
+
+    class Redirect:
+        is_redirect, headers = True, {"Location": "http://mirror.example/file.bin"}
+
+        def close(self):
+            pass
+
+    def get(url, **kwargs):
+        asked.append(url)
+        assert kwargs["allow_redirects"] is False
+        return Redirect()
+
+    monkeypatch.setattr(file_utils.requests, "get", get)
+    with pytest.raises(DownloadError, match="redirects to http://mirror.example/file.bin: refusing a http hop"):
+        file_utils._get_following_redirects("https://example.org/file.bin", {}, 5.0, allow_http=False)
+    assert asked == ["https://example.org/file.bin"]  # the plain-http URL was never requested
+
+
+def test_archive_bombs_are_refused_before_writing(tmp_path):
+    archive = make_zip(tmp_path / "bomb.zip", {"zeros.bin": b"\0" * 200_000, "b.txt": "x"})
+    dest = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError, match="200001 bytes unpacked, over the limit"):
+        safe_extract(archive, dest, max_bytes=100_000)
+    with pytest.raises(UnsafeArchiveError, match="2 members.*over the limit of 1 members"):
+        safe_extract(archive, dest, max_members=1)
+    assert not dest.exists()
+    assert file_utils.MAX_EXPANSION * (1 << 20) < 1 << 30  # the default refuses 1 MB unpacking to 1 GiB
+
+
+def test_a_member_larger_than_its_header_says_is_stopped_and_nothing_is_left(tmp_path):
+    archive = tmp_path / "lie.tar"
+    with tarfile.open(archive, "w") as tf:
+        add_tar_member(tf, "a.txt", b"first")
+        add_tar_member(tf, "b.bin", b"y" * 5000)
+    dest = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError, match="more bytes than their headers declare"):
+        file_utils._extract([(p, d, i, 1) for p, d, i, _ in file_utils._tar_members(tarfile.open(archive), "lie")],
+                            tarfile.open(archive).extractfile, dest, "lie", 10, 100)
+    assert not (dest / "a.txt").exists() and not (dest / "b.bin").exists()
+
+
+@pytest.mark.parametrize("members, existing, message", [
+    ({"data": "a file", "data/inner.txt": "x"}, None, "'data' is both a file and a folder"),
+    ({"data/inner.txt": "x"}, "data", "would replace the existing file"),
+    ({"data": "a file"}, "data/", "would replace the existing folder"),
+    ({"/".join(["d" * 200] * 8) + "/f.txt": "x"}, None, "too long or too deep"),
+    ({"x" * 300: "x"}, None, "too long or too deep"),
+])
+def test_members_that_cannot_be_written_are_one_line_before_writing(tmp_path, members, existing, message):
+    archive = make_zip(tmp_path / "a.zip", {"first.txt": "ok", **members})
+    dest = tmp_path / "out"
+    dest.mkdir()
+    if existing:
+        (dest / existing.rstrip("/")).mkdir() if existing.endswith("/") else (dest / existing).write_text("mine")
+    with pytest.raises(UnsafeArchiveError, match=message):
+        safe_extract(archive, dest)
+    assert not (dest / "first.txt").exists()
+
+
+def test_truncated_or_corrupt_archives_are_one_line_and_leave_nothing(tmp_path):
+    good = tmp_path / "good.tar.gz"
+    with tarfile.open(good, "w:gz") as tf:
+        for i in range(20):
+            add_tar_member(tf, f"f{i}.bin", payload(20_000, seed=i))
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt.*download it again"):
+        safe_extract(truncated, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    zipped = make_zip(tmp_path / "crc.zip", {"a.txt": "first member", "b.txt": "second member, damaged"})
+    data = bytearray(zipped.read_bytes())
+    data[data.index(b"second member") + 3] ^= 0xFF  # stored (uncompressed): flips a byte, breaks its CRC
+    zipped.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        safe_extract(zipped, tmp_path / "out2")
+    assert not (tmp_path / "out2" / "a.txt").exists()
