@@ -39,9 +39,10 @@ from glue_metrics import compute_metrics
 from modeling import (
     BertConfig,
     BertForSequenceClassification,
+    check_warm_start,
     config_file_beside,
     mask_file_from_folder,
-    read_checkpoint,
+    read_warm_start,
     resolve_weights_file,
     save_mask_into_folder,
 )
@@ -261,7 +262,8 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
     model = BertForSequenceClassification(config, num_labels, mask_logits_from_checkpoint=True)
     is_dam = config.attention_mask_type in DAM_TYPES
     if init_checkpoint:
-        state, searched = read_checkpoint(resolve_weights_file(init_checkpoint))
+        state, searched = read_warm_start(init_checkpoint)
+        check_warm_start(model, state, init_checkpoint, searched)
         has_logits = any(key.endswith("sparse_mask.mask_logits") for key in state)
         if is_dam and not has_logits:
             raise ValueError(
@@ -287,9 +289,8 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
 def check_gate_layout(searched: BertConfig, config: BertConfig, init_checkpoint: str) -> None:
     """Refuse DAM logits whose recorded search config lays its gates out otherwise than `config`:
     a shape check misses e.g. another mask_seq_length with another dam_block_size and as many gates."""
-    search_layout, layout = attention_masks.gate_layout(searched), attention_masks.gate_layout(config)
-    differing = [f"{name}={search_layout[name]!r} (search) vs {layout[name]!r}"
-                 for name in search_layout if name in layout and search_layout[name] != layout[name]]
+    differing = attention_masks.differing_fields(attention_masks.gate_layout(searched),
+                                                 attention_masks.gate_layout(config), "search")
     if differing:
         raise ValueError(
             f"{init_checkpoint}: its mask logits were searched under another gate layout than this run's config "

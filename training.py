@@ -267,7 +267,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     state = safe_torch_load(path)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a training checkpoint (no 'model' entry); pass a ckpt_<step>.pt file")
+    for key, expected in CHECKPOINT_ENTRY_TYPES.items():
+        if key in state and not isinstance(state[key], expected):
+            raise ValueError(f"{path}: its '{key}' entry is a {type(state[key]).__name__}, not a "
+                             f"{expected.__name__}: the file is damaged or not a training checkpoint")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        raise ValueError(f"{path}: its 'model' entry is not a state dict (name → tensor): the file is damaged "
+                         f"or not a training checkpoint")
     return state
+
+
+# The types the resume code reads each entry as (a wrong one would end in a traceback mid-resume).
+CHECKPOINT_ENTRY_TYPES = {"model": dict, "optimizer": dict, "lr_scheduler": dict, "grad_scaler": dict,
+                          "data": dict, "rng": list, "global_step": int}
 
 
 def find_latest_checkpoint(output_dir: str | Path, step: int = -1) -> tuple[int, Path, dict[str, Any]] | None:
@@ -370,7 +382,11 @@ def restore_rng_states(states: list[dict[str, Any]]) -> bool:
     """Restore this rank's RNG states; False (nothing restored) when the world size changed."""
     if len(states) != get_world_size():
         return False
-    set_rng_state(states[get_rank()])
+    try:
+        set_rng_state(states[get_rank()])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise ValueError(f"the checkpoint's RNG state of rank {get_rank()} is damaged ({type(exc).__name__}: "
+                         f"{exc}): resume from another checkpoint (--resume_step)") from None
     return True
 
 

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -350,6 +351,100 @@ def test_phase2_resume_with_another_phase1_end_step_is_refused(shards, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--phase1_end_step 2" in err[0], err
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+
+
+@pytest.fixture(scope="module")
+def dam_s_run(shards, tmp_path_factory) -> Path:
+    """A finished 2-step dam_s search: its config and its output folder (ckpt_2.pt)."""
+    root = tmp_path_factory.mktemp("dam_s_run")
+    config = write_config(root / "config.json", attention_mask_type="dam_s")
+    assert run_pretraining.main(base_args(shards, root / "out", config, max_steps=2)) == 0
+    return root
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run / "out", tmp_path / "out")
+    return tmp_path / "out"
+
+
+def folder_state(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.iterdir()}
+
+
+def assert_refused_and_untouched(out: Path, before: dict[str, tuple[int, int]], capsys, *expected: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("run_pretraining.py: error:"), err
+    for text in expected:
+        assert text in err[0], err
+    assert folder_state(out) == before  # nothing written, nothing pruned
+
+
+@pytest.mark.parametrize("case", ["layers", "heads", "no_mask_flags", "dense", "pattern", "other_gate_layout"])
+def test_resume_under_another_model_or_mask_is_refused_before_anything_is_written(dam_s_run, shards, tmp_path,
+                                                                                   capsys, case):
+    """The run would go on with the other model and keep-last-3 would delete the searched logits."""
+    out = copy_run(dam_s_run, tmp_path)
+    config, flags, expected = dam_s_run / "config.json", {}, ()
+    if case == "layers":
+        config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", num_hidden_layers=3)
+        expected = ("num_hidden_layers=2 (checkpoint) vs 3",)
+    elif case == "heads":  # same shapes: only the recorded config tells
+        config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", num_attention_heads=4)
+        expected = ("num_attention_heads=2 (checkpoint) vs 4",)
+    elif case == "no_mask_flags":
+        config = write_config(tmp_path / "c.json")
+        expected = ("attention_mask_type='dam_s' (checkpoint) vs 'dense'",)
+    elif case == "dense":
+        flags, expected = dict(attention_mask_type="dense"), ("attention_mask_type='dam_s' (checkpoint) vs 'dense'",)
+    elif case == "pattern":
+        flags, expected = dict(attention_mask_type="strided"), ("vs 'strided'",)
+    elif case == "other_gate_layout":
+        config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", dam_share_across_layers=True)
+        expected = ("dam_share_across_layers=False (checkpoint) vs True",)
+    argv = base_args(shards, out, config, max_steps=4, num_steps_per_checkpoint=1, resume_from_checkpoint=True,
+                     **flags)
+    before = folder_state(out)
+    assert run_pretraining.main(argv) == 1
+    assert_refused_and_untouched(out, before, capsys, *expected, "ckpt_2.pt", "another --output_dir")
+
+
+def test_resume_may_change_lambda_temperature_and_dropout(dam_s_run, shards, tmp_path, capsys):
+    out = copy_run(dam_s_run, tmp_path)
+    config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", dam_temperature=0.5,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    argv = base_args(shards, out, config, max_steps=3, lamb=1e-3, learning_rate=5e-3, resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 0, capsys.readouterr().err
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+
+
+@pytest.mark.parametrize("case", ["empty", "missing_key", "unexpected_key", "nvidia_other_depth"])
+def test_resume_from_a_model_that_does_not_fit_is_refused(dam_s_run, shards, tmp_path, capsys, case):
+    """A resume is never partial; a checkpoint without a recorded config (NVIDIA's) is judged by keys."""
+    out = copy_run(dam_s_run, tmp_path)
+    state = training.load_checkpoint(out / "ckpt_2.pt")
+    if case == "empty":
+        state["model"] = {}
+    elif case == "missing_key":
+        del state["model"]["bert.sparse_mask.mask_logits"]
+    elif case == "unexpected_key":
+        state["model"]["bert.encoder.layer.2.output.dense.bias"] = torch.zeros(32)
+    elif case == "nvidia_other_depth":
+        del state["config"], state["args"]
+        state["model"] = {k: v for k, v in state["model"].items() if ".layer.1." not in k}
+    torch.save(state, out / "ckpt_2.pt")
+    argv = base_args(shards, out, dam_s_run / "config.json", max_steps=4, resume_from_checkpoint=True)
+    before = folder_state(out)
+    assert run_pretraining.main(argv) == 1
+    assert_refused_and_untouched(out, before, capsys, "ckpt_2.pt")
+
+
+def test_resume_from_a_fitting_checkpoint_without_a_recorded_config(dam_s_run, shards, tmp_path, capsys):
+    out = copy_run(dam_s_run, tmp_path)
+    state = training.load_checkpoint(out / "ckpt_2.pt")
+    del state["config"], state["args"]
+    torch.save(state, out / "ckpt_2.pt")
+    argv = base_args(shards, out, dam_s_run / "config.json", max_steps=3, resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 0, capsys.readouterr().err
 
 
 def test_the_default_json_summary_goes_into_the_output_dir(shards, tmp_path, monkeypatch):
