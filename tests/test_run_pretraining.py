@@ -603,10 +603,16 @@ def test_warm_started_dam_s_search_drops_the_diagonal_and_keeps_offset_1(minilm,
                                        "max_position_embeddings", "type_vocab_size")}
     config = write_config(tmp_path / "config.json", **architecture, num_hidden_layers=2, mask_seq_length=128,
                           attention_mask_type="dam_s", dam_share_across_layers=True)
+    from safetensors.torch import load_file, save_file
+
+    # A warm start from another depth is refused: keep the first two layers' tensors explicitly.
+    first_two = {k: v for k, v in load_file(str(minilm / "model.safetensors")).items()
+                 if not any(f"encoder.layer.{i}." in k for i in range(2, hf["num_hidden_layers"]))}
+    save_file(first_two, str(tmp_path / "minilm_2_layers.safetensors"))
     out = tmp_path / "out"
     argv = base_args(tmp_path / "shards", out, config, max_seq_length=128, max_predictions_per_seq=20,
                      train_batch_size=16, max_steps=60, learning_rate=1e-3, mask_learning_rate=0.1, lamb=1e-5,
-                     init_checkpoint=minilm, log_freq=20)
+                     init_checkpoint=tmp_path / "minilm_2_layers.safetensors", log_freq=20)
     assert run_pretraining.main(argv) == 0
     logits = weights(out / "ckpt_60.pt")["bert.sparse_mask.mask_logits"][0]  # [heads, offsets], from ~0
     diagonal, next_offset = logits[:, 0], logits[:, 1]
