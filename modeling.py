@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -829,11 +829,11 @@ def check_warm_start(model: BertPreTrainedModel, state: dict[str, torch.Tensor],
                          f"random weights: pass a checkpoint of this architecture, or its own config")
 
 
-def _encoder_layers(keys) -> set[int]:
-    return {int(m.group(1)) for key in keys if (m := _LAYER_RE.search(key))}
-
-
 _LAYER_RE = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+
+
+def _encoder_layers(keys: Iterable[str]) -> set[int]:
+    return {int(m.group(1)) for key in keys if (m := _LAYER_RE.search(key))}
 
 
 def recorded_config(checkpoint: dict[str, Any], source: str) -> BertConfig | None:
