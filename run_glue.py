@@ -530,7 +530,7 @@ def predict(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, to
 # ============================================================================ main
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any]:
     validate_arguments(args)
     device = init_distributed(args.local_rank, no_cuda=args.no_cuda, timeout_s=args.dist_timeout)
     rank = get_rank()
@@ -547,7 +547,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(config, task.num_labels, args.init_checkpoint, allow_new_head=args.do_train).to(device)
 
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire(exclusive=is_main_process())
     metrics = MetricLogger(args.json_summary or output_dir / "dllogger.json")
     metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,
                               "world_size": get_world_size(), "attention_mask_type": config.attention_mask_type})
@@ -582,7 +582,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    return training.run_script("run_glue.py", lambda: run(args))
+    with training.OutputDirLock(args.output_dir, "run_glue.py") as lock:
+        return training.run_script("run_glue.py", lambda: run(args, lock))
 
 
 if __name__ == "__main__":

@@ -381,7 +381,7 @@ def checked_inputs(args: argparse.Namespace) -> tuple[BertConfig, list[str]]:
     return config, shards
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any]:
     validate_arguments(args)
     if args.check_only:
         checked_inputs(args)
@@ -401,7 +401,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model.load_converted_state_dict(found[2]["model"], source=str(found[1]), strict=True)
     elif args.init_checkpoint:
         warm_start(model, args.init_checkpoint, keep_mask=args.phase2)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    lock.acquire(exclusive=is_main_process())
     if is_main_process():
         training.remove_stale_temp_files(args.output_dir)
 
@@ -577,7 +577,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    return training.run_script("run_pretraining.py", lambda: train(args))
+    with training.OutputDirLock(args.output_dir, "run_pretraining.py") as lock:
+        return training.run_script("run_pretraining.py", lambda: train(args, lock))
 
 
 if __name__ == "__main__":

@@ -566,3 +566,12 @@ def test_run_glue_all_prints_the_table_row(glue: Path, tmp_path: Path) -> None:
     assert cells[0] == "Star" and cells[1] == f"{100 * mnli['mask_sparsity']:.1f}"
     assert cells[2] == f"{100 * mnli['acc']:.1f}/{100 * mnli['mm:acc']:.1f}" and cells[5] == f"{100 * sst['acc']:.1f}"
     assert cells[3] == "-" and cells[-1].endswith("*")  # QQP not run; the average says it is partial
+
+
+def test_a_second_fine_tuning_into_an_output_dir_in_use_is_refused(glue: Path, tmp_path: Path, capsys,
+                                                                   hold_output_dir) -> None:
+    out = tmp_path / "out"
+    holder = hold_output_dir(out, "run_glue.py")
+    assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "2")) == 1
+    assert f"--output_dir {out} is in use by run_glue.py (pid {holder.pid} on " in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -459,6 +459,21 @@ def test_the_default_json_summary_goes_into_the_output_dir(shards, tmp_path, mon
     assert not (tmp_path / "results").exists()
 
 
+def test_a_second_run_into_an_output_dir_in_use_is_refused_naming_the_holder(shards, tmp_path, capsys,
+                                                                          hold_output_dir):
+    out = tmp_path / "out"
+    holder = hold_output_dir(out)
+    argv = base_args(shards, out, write_config(tmp_path / "config.json"), max_steps=2)
+    assert run_pretraining.main(argv) == 1
+    assert f"--output_dir {out} is in use by run_pretraining.py (pid {holder.pid} on " in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no checkpoint, no log
+    holder.kill()  # the holder dies without releasing: its lock is taken over
+    holder.wait()
+    assert run_pretraining.main(argv) == 0 and (out / "ckpt_2.pt").is_file()
+    assert (out / training.OutputDirLock.NAME).read_text() == ""  # released: names no holder
+    assert run_pretraining.main(argv + ["--resume_from_checkpoint", "--max_steps", "3"]) == 0  # same process again
+
+
 def fake_dllogger() -> types.ModuleType:
     """NVIDIA/dllogger's API as far as MetricLogger uses it; JSONStreamBackend opens its file as
     the real one does (`open(filename, "a" if append else "w")`, no folder created)."""
