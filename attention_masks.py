@@ -561,6 +561,26 @@ def gate_layout(config: Any) -> dict[str, Any]:
     return layout
 
 
+def mask_identity(config: Any) -> dict[str, Any]:
+    """The config fields that decide which mask a model attends under: a DAM mode's gate layout, a
+    pattern's name, length and parameters, a mask file's path, or just "dense"."""
+    kind = config.attention_mask_type
+    if kind in DAM_MODES:
+        return gate_layout(config)
+    if kind == "file":
+        return {"attention_mask_type": kind, "attention_mask_file": config.attention_mask_file}
+    if kind == "dense":
+        return {"attention_mask_type": kind}
+    return {"attention_mask_type": kind, "mask_seq_length": config.mask_seq_length,
+            "pattern_params": config.pattern_params, "pattern_seed": config.pattern_seed}
+
+
+def differing_fields(theirs: dict[str, Any], ours: dict[str, Any], label: str) -> list[str]:
+    """`name=<theirs> (<label>) vs <ours>` for each field both hold with other values."""
+    return [f"{name}={theirs[name]!r} ({label}) vs {ours[name]!r}"
+            for name in theirs if name in ours and theirs[name] != ours[name]]
+
+
 def load_mask_module(path: str | os.PathLike | None, seq_len: int, num_layers: int, num_heads: int) -> FixedMask:
     """A frozen FixedMask from a mask file, checked against the model's layers, heads and length."""
     if not path:

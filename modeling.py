@@ -19,9 +19,10 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,10 @@ TEMPERATURE_SCHEDULES = attention_masks.TEMPERATURE_SCHEDULES
 CONFIG_NAMES = ("bert_config.json", "config.json")
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 MASK_FILE = "attention_mask.safetensors"  # a saved model folder's own copy of a mask file
+# The config fields that decide the weights' shapes or what they compute: a checkpoint written
+# under other values holds another model, even where every shape agrees (e.g. heads, hidden_act).
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "intermediate_size", "max_position_embeddings", "type_vocab_size", "hidden_act")
 
 ACT2FN = {
     "gelu": F.gelu,  # exact erf GELU, as the original BERT
@@ -531,8 +536,13 @@ class BertPreTrainedModel(nn.Module):
         model.load_report = model.load_converted_state_dict(state_dict, source=str(weights_file))
         return model
 
-    def load_converted_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> LoadReport:
-        """Map foreign names onto ours, check shapes, load, and report what did not match."""
+    def load_converted_state_dict(self, state_dict: dict[str, torch.Tensor], source: str = "state dict",
+                                  strict: bool = False) -> LoadReport:
+        """Map foreign names onto ours, check shapes, load, and report what did not match.
+
+        `strict` (a resume) refuses, before loading anything, a state dict that lacks any of this
+        model's tensors (mask logits included) or holds others: a resume is never partial.
+        """
         own = self.state_dict()
         converted = convert_state_dict(state_dict, own_keys=own.keys(), vocab_size=self.config.vocab_size)
         for key, tensor in converted.items():
@@ -542,11 +552,18 @@ class BertPreTrainedModel(nn.Module):
                     f"{tuple(own[key].shape)}; the checkpoint is for another architecture — use its own "
                     f"bert_config.json"
                 )
-        result = self.load_state_dict(converted, strict=False)
-        # Mask logits absent from a plain BERT checkpoint start fresh, as intended; the tied
-        # decoder weight is restored through the embeddings.
-        missing = [k for k in result.missing_keys if "sparse_mask" not in k and not k.endswith("decoder.weight")]
-        report = LoadReport(missing, list(result.unexpected_keys), source)
+        # The tied decoder weight is restored through the embeddings.
+        missing = [k for k in own if k not in converted and not k.endswith("decoder.weight")]
+        unexpected = [k for k in converted if k not in own]
+        if strict and (missing or unexpected):
+            raise ValueError(f"{source} does not hold this model's weights (missing {len(missing)} keys "
+                             f"{missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}) and a resume never "
+                             f"loads part of a model: resume with the config it was written with, or use "
+                             f"another --output_dir")
+        self.load_state_dict(converted, strict=False)
+        # Mask logits absent from a plain BERT checkpoint start fresh, as intended.
+        missing = [k for k in missing if "sparse_mask" not in k]
+        report = LoadReport(missing, unexpected, source)
         if missing or report.unexpected_keys:
             logger.warning("%s: missing keys %s; unexpected keys %s", source, missing, report.unexpected_keys)
         return report
@@ -810,9 +827,13 @@ def read_checkpoint(weights_file: Path) -> tuple[dict[str, torch.Tensor], BertCo
 def _read_weights(weights_file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict, and the checkpoint dict around it ({} when the file is the state dict itself)."""
     if weights_file.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(weights_file)), {}
+        try:
+            return load_file(str(weights_file)), {}
+        except SafetensorError as err:
+            raise ValueError(f"{weights_file} is not a valid safetensors file: {err}") from None
     obj = checkpoint = safe_torch_load(weights_file)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]  # NVIDIA checkpoint / fine-tuning output
@@ -821,6 +842,45 @@ def _read_weights(weights_file: Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{weights_file} is not a state dict (name → tensor) nor an NVIDIA checkpoint with 'model'")
     return obj, checkpoint
+
+
+def read_warm_start(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], BertConfig | None]:
+    """The weights at `path` (a file or a model folder) and the config they were written under: the
+    checkpoint's recorded one, else a folder's own config file, else None."""
+    weights_file = resolve_weights_file(path)
+    state, recorded = read_checkpoint(weights_file)
+    config_file = config_file_beside(weights_file) if Path(path).is_dir() else None
+    if recorded is None and config_file is not None:
+        recorded = BertConfig.from_json_file(config_file)
+    return state, recorded
+
+
+def check_warm_start(model: BertPreTrainedModel, state: dict[str, torch.Tensor], source: str,
+                     recorded: BertConfig | None) -> None:
+    """Refuse warm-start weights that would leave the encoder random or mean another encoder: none of
+    its encoder tensors, other layers, or (per the checkpoint's config) another head count. Heads
+    (MLM / NSP / classifier) and mask logits may be missing: they start fresh, named in the report."""
+    own = model.state_dict().keys()
+    converted = convert_state_dict(state, own_keys=own, vocab_size=model.config.vocab_size).keys()
+    problems = []
+    if not any(".encoder." in f".{key}" for key in converted & own):
+        problems.append("none of its tensors is an encoder weight of this model (is it a BERT checkpoint?)")
+    elif _encoder_layers(converted) != _encoder_layers(own):
+        problems.append(f"it holds encoder layers {sorted(_encoder_layers(converted))}, this model has "
+                        f"{sorted(_encoder_layers(own))}")
+    if recorded is not None and recorded.num_attention_heads != model.config.num_attention_heads:
+        problems.append(f"its config has num_attention_heads={recorded.num_attention_heads}, this model "
+                        f"{model.config.num_attention_heads}")
+    if problems:
+        raise ValueError(f"--init_checkpoint {source}: {'; '.join(problems)}, so training would start from "
+                         f"random weights: pass a checkpoint of this architecture, or its own config")
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+
+
+def _encoder_layers(keys: Iterable[str]) -> set[int]:
+    return {int(m.group(1)) for key in keys if (m := _LAYER_RE.search(key))}
 
 
 def recorded_config(checkpoint: dict[str, Any], source: str) -> BertConfig | None:
@@ -833,6 +893,11 @@ def recorded_config(checkpoint: dict[str, Any], source: str) -> BertConfig | Non
         return BertConfig.from_dict(json.loads(recorded))
     except (ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"checkpoint {source} records an unreadable config ({err})") from None
+
+
+def weight_meaning(config: BertConfig) -> dict[str, Any]:
+    """The fields two configs must share for one's weights and mask logits to mean the same in the other."""
+    return {**{name: getattr(config, name) for name in ARCHITECTURE_FIELDS}, **attention_masks.mask_identity(config)}
 
 
 # Foreign → ours substring renames (Hugging Face and old TF-port names).

@@ -40,9 +40,10 @@ from modeling import (
     MASK_FILE,
     BertConfig,
     BertForSequenceClassification,
+    check_warm_start,
     config_file_beside,
     mask_file_from_folder,
-    read_checkpoint,
+    read_warm_start,
     resolve_weights_file,
     save_mask_into_folder,
 )
@@ -275,7 +276,8 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
     model = BertForSequenceClassification(config, num_labels, mask_logits_from_checkpoint=True)
     is_dam = config.attention_mask_type in DAM_TYPES
     if init_checkpoint:
-        state, searched = read_checkpoint(resolve_weights_file(init_checkpoint))
+        state, searched = read_warm_start(init_checkpoint)
+        check_warm_start(model, state, init_checkpoint, searched)
         has_logits = any(key.endswith("sparse_mask.mask_logits") for key in state)
         if is_dam and not has_logits:
             raise ValueError(
@@ -301,9 +303,8 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
 def check_gate_layout(searched: BertConfig, config: BertConfig, init_checkpoint: str) -> None:
     """Refuse DAM logits whose recorded search config lays its gates out otherwise than `config`:
     a shape check misses e.g. another mask_seq_length with another dam_block_size and as many gates."""
-    search_layout, layout = attention_masks.gate_layout(searched), attention_masks.gate_layout(config)
-    differing = [f"{name}={search_layout[name]!r} (search) vs {layout[name]!r}"
-                 for name in search_layout if name in layout and search_layout[name] != layout[name]]
+    differing = attention_masks.differing_fields(attention_masks.gate_layout(searched),
+                                                 attention_masks.gate_layout(config), "search")
     if differing:
         raise ValueError(
             f"{init_checkpoint}: its mask logits were searched under another gate layout than this run's config "
@@ -543,7 +544,7 @@ def predict(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, to
 # ============================================================================ main
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any]:
     validate_arguments(args)
     device = init_distributed(args.local_rank, no_cuda=args.no_cuda, timeout_s=args.dist_timeout)
     rank = get_rank()
@@ -560,7 +561,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(config, task.num_labels, args.init_checkpoint, allow_new_head=args.do_train).to(device)
 
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    lock.acquire(exclusive=is_main_process())
     metrics = MetricLogger(args.json_summary or output_dir / "dllogger.json")
     metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,
                               "world_size": get_world_size(), "attention_mask_type": config.attention_mask_type})
@@ -595,7 +596,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    return training.run_script("run_glue.py", lambda: run(args))
+    with training.OutputDirLock(args.output_dir, "run_glue.py") as lock:
+        return training.run_script("run_glue.py", lambda: run(args, lock))
 
 
 if __name__ == "__main__":

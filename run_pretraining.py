@@ -26,7 +26,7 @@ import attention_masks
 import pretraining_data
 import training
 import modeling
-from modeling import BertConfig, BertForPreTraining, read_state_dict, resolve_weights_file
+from modeling import BertConfig, BertForPreTraining
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
 from utils import (MetricLogger, add_local_rank_argument, finite_float, all_gather_object, all_reduce_mean, autocast, get_rank,
@@ -254,7 +254,8 @@ def build_model(args: argparse.Namespace, config, device: torch.device) -> BertF
 def warm_start(model: BertForPreTraining, path: str, keep_mask: bool = False) -> None:
     """Weights from another BERT checkpoint; the attention mask keeps its fresh initialisation
     unless ``keep_mask`` (phase 2 started from the phase-1 checkpoint continues its mask search)."""
-    state = read_state_dict(resolve_weights_file(path))
+    state, recorded = modeling.read_warm_start(path)
+    modeling.check_warm_start(model, state, path, recorded)
     if not keep_mask:
         state = {k: v for k, v in state.items() if "sparse_mask" not in k}
     report = model.load_converted_state_dict(state, source=str(path))
@@ -262,8 +263,9 @@ def warm_start(model: BertForPreTraining, path: str, keep_mask: bool = False) ->
                 len(report.missing_keys), len(report.unexpected_keys))
 
 
-def resume_state(args: argparse.Namespace) -> tuple[int, Path, dict[str, Any]] | None:
-    """The checkpoint to resume from, or None for a fresh start; refuses to overwrite a run."""
+def resume_state(args: argparse.Namespace, config: BertConfig) -> tuple[int, Path, dict[str, Any]] | None:
+    """The checkpoint to resume from, or None for a fresh start; refuses to overwrite a run, or to
+    continue one written under another model or mask (`check_resume_config`)."""
     existing = training.list_checkpoints(args.output_dir)
     if not args.resume_from_checkpoint:
         if existing:
@@ -277,7 +279,30 @@ def resume_state(args: argparse.Namespace) -> tuple[int, Path, dict[str, Any]] |
                          f"ckpt_<step>.pt there, or move them away to start fresh")
     if found is None and args.phase2 and not args.init_checkpoint:
         raise FileNotFoundError(f"--phase2 needs a phase-1 checkpoint in {args.output_dir} (or --init_checkpoint)")
+    if found is not None:
+        check_resume_config(config, found[1], found[2])
     return found
+
+
+def check_resume_config(config: BertConfig, path: Path, checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose recorded config (command-line overrides included) differs from this
+    run's on a field that decides what its weights or mask logits mean (`modeling.weight_meaning`).
+
+    Every other field may change on resume, because it changes how training goes on, not what the
+    saved tensors are: dam_lambda and the temperatures (the search's schedule), dropout, init
+    scales (only fresh tensors use them), dam_penalty_gradient and attention_backend (how gradients
+    and kernels run). A checkpoint without a recorded config (NVIDIA's) is checked by keys and
+    shapes alone, when the model loads it strictly.
+    """
+    recorded = modeling.recorded_config(checkpoint, str(path))
+    if recorded is None:
+        return
+    differing = attention_masks.differing_fields(modeling.weight_meaning(recorded), modeling.weight_meaning(config),
+                                                 "checkpoint")
+    if differing:
+        raise ValueError(f"{path} was written by another model or mask than this run's config and flags "
+                         f"({', '.join(differing)}): resume with the same --config_file and mask flags "
+                         f"(--attention_mask_type, ...) as that run, or use another --output_dir")
 
 
 def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str, Any]) -> tuple[int, bool]:
@@ -330,9 +355,17 @@ def restore_grad_scaler(args: argparse.Namespace, grad_scaler: torch.amp.GradSca
     grad_scaler.load_state_dict(saved)
 
 
-def latest_checkpoint(output_dir: str) -> str:
-    found = training.list_checkpoints(output_dir)
-    return found[-1][1].name if found else "none"
+def last_good_checkpoint(output_dir: str) -> str:
+    """Names the newest checkpoint in `output_dir` whose weights are all finite: a run whose every
+    step is non-finite may have started from (or saved) weights that are already NaN."""
+    for _, path in reversed(training.list_checkpoints(output_dir)):
+        try:
+            model = training.load_checkpoint(path)["model"]
+        except (ValueError, OSError):
+            continue
+        if all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point()):
+            return f"the last good checkpoint {path.name} is intact"
+    return f"no checkpoint in {output_dir} is known good (none holds finite weights)"
 
 
 def checkpoint_name_step(args: argparse.Namespace, global_step: int) -> int:
@@ -351,7 +384,7 @@ def checked_inputs(args: argparse.Namespace) -> tuple[BertConfig, list[str]]:
     return config, shards
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any]:
     validate_arguments(args)
     if args.check_only:
         checked_inputs(args)
@@ -364,8 +397,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     seed_everything(args.seed + rank)
     config, shards = checked_inputs(args)
     check_same_shards(shards, args.input_dir)
-    found = resume_state(args)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    found = resume_state(args, config)
+    model = build_model(args, config, device)
+    # Weights load before anything is written: a checkpoint that does not fit leaves no trace.
+    if found is not None:
+        model.load_converted_state_dict(found[2]["model"], source=str(found[1]), strict=True)
+    elif args.init_checkpoint:
+        warm_start(model, args.init_checkpoint, keep_mask=args.phase2)
+    lock.acquire(exclusive=is_main_process())
     if is_main_process():
         training.remove_stale_temp_files(args.output_dir)
 
@@ -373,7 +412,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     micro_batch = args.train_batch_size // args.gradient_accumulation_steps
     accumulation = args.gradient_accumulation_steps
 
-    model = build_model(args, config, device)
     optimizer = build_lamb(model, lr=args.learning_rate, mask_lr=args.mask_learning_rate)
     scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
     grad_scaler = training.make_grad_scaler(device, enabled=args.fp16,
@@ -387,7 +425,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if found is not None:
         resume_step, path, checkpoint = found
         global_step, continuing = phase_step(args, resume_step, checkpoint)
-        model.load_converted_state_dict(checkpoint["model"], source=str(path))
         if "optimizer" in checkpoint and training.load_optimizer_state(optimizer, checkpoint["optimizer"]):
             if not continuing:  # a fresh phase: new schedule, bias correction restarts
                 for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
@@ -401,8 +438,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("resumed from %s: phase step %d (%s)", path, global_step,
                     "continuing" if continuing else "new phase: schedule reset")
         del checkpoint
-    elif args.init_checkpoint:
-        warm_start(model, args.init_checkpoint, keep_mask=args.phase2)
 
     raw_model = model
     compress = dtype if args.allreduce_post_accumulation_fp16 and dtype is not None else None
@@ -437,11 +472,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     last_window_loss = float("nan")
     bad_steps = training.BadStepBound(args.max_bad_steps)
     log_every = max(int(args.log_freq), 1)
-    last_saved = None
     data = iter(batches)
 
     def save(step: int) -> None:
-        nonlocal last_saved
         state = {
             "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -459,11 +492,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if masks is not None:
             state["mask"] = masks.full_mask()
         name_step = checkpoint_name_step(args, step)
-        path = training.save_checkpoint(state, args.output_dir, name_step)
+        training.save_checkpoint(state, args.output_dir, name_step)
         if args.export_mask:
             write_mask(raw_model, Path(args.output_dir) / f"mask_{name_step}.safetensors", name_step, print_table=False)
         metrics.log("PARAMETER", {"checkpoint_step": name_step})
-        last_saved = path
 
     with training.SigtermFlag() as sigterm:
         stop_requested = False
@@ -495,7 +527,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if bad and args.fp16:
                 metrics.log("PARAMETER", {"loss_scale": grad_scaler.get_scale()})
             bad_steps.record(bad, global_step, lambda: (
-                f"stopping with the last good checkpoint {last_saved or latest_checkpoint(args.output_dir)} intact. "
+                f"stopping; {last_good_checkpoint(args.output_dir)}. "
                 f"Lower --learning_rate, use --bf16 or fp32, check the data, or raise --max_bad_steps"))
             if not bad:
                 global_step += 1
@@ -548,7 +580,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    return training.run_script("run_pretraining.py", lambda: train(args))
+    with training.OutputDirLock(args.output_dir, "run_pretraining.py") as lock:
+        return training.run_script("run_pretraining.py", lambda: train(args, lock))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@ a SIGTERM flag for clean preemption, and a throughput / latency meter.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import gc
 import logging
+import os
 import re
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -267,7 +271,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     state = safe_torch_load(path)
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} is not a training checkpoint (no 'model' entry); pass a ckpt_<step>.pt file")
+    for key, expected in CHECKPOINT_ENTRY_TYPES.items():
+        if key in state and not isinstance(state[key], expected):
+            raise ValueError(f"{path}: its '{key}' entry is a {type(state[key]).__name__}, not a "
+                             f"{expected.__name__}: the file is damaged or not a training checkpoint")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
+        raise ValueError(f"{path}: its 'model' entry is not a state dict (name → tensor): the file is damaged "
+                         f"or not a training checkpoint")
     return state
+
+
+# The types the resume code reads each entry as (a wrong one would end in a traceback mid-resume).
+CHECKPOINT_ENTRY_TYPES = {"model": dict, "optimizer": dict, "lr_scheduler": dict, "grad_scaler": dict,
+                          "data": dict, "rng": list, "global_step": int}
 
 
 def find_latest_checkpoint(output_dir: str | Path, step: int = -1) -> tuple[int, Path, dict[str, Any]] | None:
@@ -313,6 +329,52 @@ class BadStepBound:
         if self.streak >= self.limit:
             raise TrainingError(f"{self.streak} consecutive optimizer steps had a non-finite loss or gradients "
                                 f"(after step {step}); {advice()}")
+
+
+class OutputDirLock:
+    """One writer per output folder: two runs into one `--output_dir` would overwrite each other's
+    ckpt_N and interleave one log.
+
+    `acquire()` (called where a script first writes there) takes an exclusive `flock` on
+    `<output_dir>/.lock` and writes the holder into it; a second run is refused in one line naming
+    that holder. The kernel drops the lock when its process dies, so the lock of a killed run is
+    taken over at once: no stale lock ever needs deleting by hand.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, output_dir: str | Path, script: str) -> None:
+        self.directory, self.script, self._fd = Path(output_dir), script, None
+
+    def acquire(self, exclusive: bool = True) -> None:
+        """Make the folder and, if `exclusive` (the rank that writes), hold it or raise ValueError."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not exclusive:
+            return
+        fd = os.open(self.directory / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"--output_dir {self.directory} is in use by {holder}: wait for that run to end "
+                             f"(or stop it), or use another --output_dir") from None
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self.script} (pid {os.getpid()} on {socket.gethostname()}, started {started})\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty lock file names no holder
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "OutputDirLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def run_script(name: str, body: Callable[[], Any]) -> int:
@@ -370,7 +432,11 @@ def restore_rng_states(states: list[dict[str, Any]]) -> bool:
     """Restore this rank's RNG states; False (nothing restored) when the world size changed."""
     if len(states) != get_world_size():
         return False
-    set_rng_state(states[get_rank()])
+    try:
+        set_rng_state(states[get_rank()])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise ValueError(f"the checkpoint's RNG state of rank {get_rank()} is damaged ({type(exc).__name__}: "
+                         f"{exc}): resume from another checkpoint (--resume_step)") from None
     return True
 
 

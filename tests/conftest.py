@@ -53,3 +53,34 @@ def float_flags(monkeypatch):
         return [a.option_strings[0] for a in actions if a.type is utils.finite_float]
 
     return flags
+
+
+HOLD_LOCK = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import training
+training.OutputDirLock(sys.argv[2], sys.argv[3]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def hold_output_dir():
+    """`hold(folder, script)`: another process holds `folder` as a run in progress would; it is
+    killed at the end of the test (or earlier by the test, like a run that dies)."""
+    import subprocess
+
+    holders = []
+
+    def hold(folder: Path, script: str = "run_pretraining.py") -> subprocess.Popen:
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ROOT), str(folder), script],
+                                  stdout=subprocess.PIPE, text=True)
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "held"
+        return holder
+
+    yield hold
+    for holder in holders:
+        holder.kill()
+        holder.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,100 @@ def test_resume_from_another_architecture_is_refused_and_leaves_the_file(good_sh
     assert "another architecture" in line and "ckpt_3.pt" in line, line
     assert (out / "ckpt_3.pt").read_bytes() == before
     assert [s for s, _ in training.list_checkpoints(out)] == [3]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("corrupt_safetensors", "w.safetensors is not a valid safetensors file: "),
+    ("empty", "w.pt is an empty file (0 bytes)"),
+    ("text", "w.pt is not a PyTorch checkpoint"),
+])
+def test_unreadable_init_checkpoint_says_what_the_file_is(good_shard, tmp_path, capsys, case, expected):
+    """Only a real pickle is blamed on pickle; the others name what they are, in one line."""
+    path = tmp_path / ("w.safetensors" if case == "corrupt_safetensors" else "w.pt")
+    path.write_bytes({"corrupt_safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "empty": b"",
+                      "text": b"model weights, honest\n"}[case])
+    argv = base_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"), init_checkpoint=path)
+    assert run_pretraining.main(argv) == 1
+    line = one_error_line(capsys)
+    assert expected in line and "cannot be loaded safely" not in line, line
+    with pytest.raises(ValueError, match=expected.split(" ", 1)[1].replace("(", r"\(").replace(")", r"\)")):
+        BertForSequenceClassification.from_pretrained(path, config=tiny_config(), num_labels=2)  # run_glue's path
+
+
+def other_encoder(tmp_path: Path, case: str) -> Path:
+    """A warm-start source that would leave this (TINY, 2 layers, 2 heads) model's encoder random."""
+    if case == "no_encoder_key":
+        path = tmp_path / "w.pt"
+        torch.save({"weight": torch.zeros(3), "encoder.block.0.w": torch.zeros(2)}, path)
+    elif case in ("fewer_layers", "more_layers"):
+        path = tmp_path / "w.pt"
+        depth = 1 if case == "fewer_layers" else 3
+        torch.save(BertForPreTraining(tiny_config(num_hidden_layers=depth)).state_dict(), path)
+    elif case == "other_heads_recorded":  # same shapes: only the recorded config tells
+        path = tmp_path / "w.pt"
+        torch.save({"model": BertForPreTraining(tiny_config()).state_dict(),
+                    "config": tiny_config(num_attention_heads=4).to_json_string()}, path)
+    else:  # other_heads_hf_folder
+        path = tmp_path / "hf"
+        BertForPreTraining(tiny_config(num_attention_heads=4)).save_pretrained(path, hf_format=True)
+    return path
+
+
+WARM_START_CASES = [("no_encoder_key", "none of its tensors is an encoder weight"),
+                    ("fewer_layers", "encoder layers [0], this model has [0, 1]"),
+                    ("more_layers", "encoder layers [0, 1, 2], this model has [0, 1]"),
+                    ("other_heads_recorded", "num_attention_heads=4, this model 2"),
+                    ("other_heads_hf_folder", "num_attention_heads=4, this model 2")]
+
+
+@pytest.mark.parametrize("case, expected", WARM_START_CASES)
+def test_warm_start_from_another_encoder_is_refused(good_shard, tmp_path, capsys, case, expected):
+    source = other_encoder(tmp_path, case)
+    argv = base_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"),
+                     init_checkpoint=source)
+    assert run_pretraining.main(argv) == 1
+    line = one_error_line(capsys)
+    assert f"--init_checkpoint {source}" in line and expected in line and "random weights" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, expected", WARM_START_CASES)
+def test_glue_warm_start_from_another_encoder_is_refused(tmp_path, case, expected):
+    import run_glue
+
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        run_glue.build_model(tiny_config(), 2, str(other_encoder(tmp_path, case)))
+
+
+def test_warm_start_from_an_encoder_without_heads_or_mask_logits_loads(good_shard, tmp_path, capsys):
+    """A sentence encoder (MiniLM-like) has no MLM / NSP heads: they and the mask logits start fresh."""
+    state = {k: v for k, v in BertForPreTraining(tiny_config()).state_dict().items() if k.startswith("bert.")}
+    torch.save(state, tmp_path / "encoder.pt")
+    config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
+    argv = base_args(good_shard.parent, tmp_path / "out", config, init_checkpoint=tmp_path / "encoder.pt", max_steps=1)
+    assert run_pretraining.main(argv) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["model_list", "rng_not_a_list", "rng_entry_garbage", "rng_entry_bad_tensor"])
+def test_checkpoint_with_wrong_types_inside_gives_one_line(good_shard, tmp_path, capsys, case):
+    config = write_config(tmp_path / "config.json")
+    out = tmp_path / "out"
+    assert run_pretraining.main(base_args(good_shard.parent, out, config, max_steps=2)) == 0
+    capsys.readouterr()
+    state = training.load_checkpoint(out / "ckpt_2.pt")
+    if case == "model_list":
+        state["model"] = list(state["model"].values())
+    elif case == "rng_not_a_list":
+        state["rng"] = {"python": "x"}
+    elif case == "rng_entry_garbage":
+        state["rng"] = ["junk"]
+    else:
+        state["rng"][0]["torch"] = torch.zeros(3)
+    torch.save(state, out / "ckpt_2.pt")
+    argv = base_args(good_shard.parent, out, config, max_steps=4, resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 1
+    line = one_error_line(capsys)
+    assert "ckpt_2.pt" in line or "RNG state of rank 0 is damaged" in line, line
 
 
 class Payload:

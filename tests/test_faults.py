@@ -237,6 +237,24 @@ def test_non_finite_loss_is_skipped_then_bounded_keeping_good_state(shards, conf
     assert [g["step"] for g in state["optimizer"]["param_groups"]] == [4, 4, 4]
 
 
+def test_bad_step_stop_names_only_a_checkpoint_with_finite_weights(shards, config, tmp_path, capsys):
+    """Resumed from NaN weights every step is bad: the stop must not call that checkpoint good."""
+    out = tmp_path / "out"
+    flags = dict(max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=2)
+    assert run_pretraining.main(base_args(shards, out, config, **{**flags, "steps_this_run": 4})) == 0
+    capsys.readouterr()
+    for step, expected in ((4, "the last good checkpoint ckpt_2.pt is intact"), (2, "no checkpoint in")):
+        state = training.load_checkpoint(out / f"ckpt_{step}.pt")
+        state["model"] = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v
+                          for k, v in state["model"].items()}
+        torch.save(state, out / f"ckpt_{step}.pt")
+        resume = base_args(shards, out, config, resume_from_checkpoint=True, resume_step=step, **flags)
+        assert run_pretraining.main(resume) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "2 consecutive optimizer steps" in err[0] and expected in err[0], err
+        assert f"ckpt_{step}.pt is intact" not in err[0] and "ckpt_4.pt is intact" not in err[0], err
+
+
 # ----------------------------------------------------------------------------- torchrun workers
 
 

@@ -402,6 +402,37 @@ def test_checkpoint_for_other_architecture_names_the_tensor(tmp_path):
         BertForPreTraining.from_pretrained(tmp_path / "big.pt", config=tiny_config())
 
 
+@pytest.mark.parametrize("content, expected", [
+    (b"\xff" * 12, "is not a valid safetensors file: "),
+    (b"", "is an empty file"),
+])
+def test_unreadable_weight_files_say_what_they_are(tmp_path, content, expected):
+    path = tmp_path / ("w.safetensors" if content else "w.bin")
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=expected) as err:
+        modeling.read_state_dict(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("change", ["missing_logits", "unexpected", "empty"])
+def test_strict_load_refuses_a_partial_state_dict_before_loading_anything(change):
+    """A resume loads the whole model or nothing; the default (warm start) lets mask logits start fresh."""
+    config = tiny_config(attention_mask_type="dam_s")
+    source, target = BertForPreTraining(config).state_dict(), BertForPreTraining(config)
+    if change == "missing_logits":
+        del source["bert.sparse_mask.mask_logits"]
+    elif change == "unexpected":
+        source["bert.encoder.layer.9.output.dense.bias"] = torch.zeros(48)
+    else:
+        source = {}
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="does not hold this model's weights"):
+        target.load_converted_state_dict(source, source="ckpt.pt", strict=True)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+    if change == "missing_logits":
+        assert target.load_converted_state_dict(source).missing_keys == []
+
+
 def test_missing_weights_and_config_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         BertModel.from_pretrained(tmp_path / "nope.pt", config=tiny_config())

@@ -588,3 +588,12 @@ def test_fine_tuning_into_the_folder_of_its_init_checkpoint_is_refused(glue: Pat
     err = capsys.readouterr().err.strip()
     assert err.startswith("run_glue.py: error: --output_dir's pytorch_model.bin") and "--init_checkpoint" in err
     assert (out / "pytorch_model.bin").read_bytes() == b"the starting weights"
+
+
+def test_a_second_fine_tuning_into_an_output_dir_in_use_is_refused(glue: Path, tmp_path: Path, capsys,
+                                                                   hold_output_dir) -> None:
+    out = tmp_path / "out"
+    holder = hold_output_dir(out, "run_glue.py")
+    assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "2")) == 1
+    assert f"--output_dir {out} is in use by run_glue.py (pid {holder.pid} on " in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -352,6 +353,100 @@ def test_phase2_resume_with_another_phase1_end_step_is_refused(shards, tmp_path,
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
 
 
+@pytest.fixture(scope="module")
+def dam_s_run(shards, tmp_path_factory) -> Path:
+    """A finished 2-step dam_s search: its config and its output folder (ckpt_2.pt)."""
+    root = tmp_path_factory.mktemp("dam_s_run")
+    config = write_config(root / "config.json", attention_mask_type="dam_s")
+    assert run_pretraining.main(base_args(shards, root / "out", config, max_steps=2)) == 0
+    return root
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run / "out", tmp_path / "out")
+    return tmp_path / "out"
+
+
+def folder_state(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in out.iterdir()}
+
+
+def assert_refused_and_untouched(out: Path, before: dict[str, tuple[int, int]], capsys, *expected: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("run_pretraining.py: error:"), err
+    for text in expected:
+        assert text in err[0], err
+    assert folder_state(out) == before  # nothing written, nothing pruned
+
+
+@pytest.mark.parametrize("case", ["layers", "heads", "no_mask_flags", "dense", "pattern", "other_gate_layout"])
+def test_resume_under_another_model_or_mask_is_refused_before_anything_is_written(dam_s_run, shards, tmp_path,
+                                                                                   capsys, case):
+    """The run would go on with the other model and keep-last-3 would delete the searched logits."""
+    out = copy_run(dam_s_run, tmp_path)
+    config, flags, expected = dam_s_run / "config.json", {}, ()
+    if case == "layers":
+        config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", num_hidden_layers=3)
+        expected = ("num_hidden_layers=2 (checkpoint) vs 3",)
+    elif case == "heads":  # same shapes: only the recorded config tells
+        config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", num_attention_heads=4)
+        expected = ("num_attention_heads=2 (checkpoint) vs 4",)
+    elif case == "no_mask_flags":
+        config = write_config(tmp_path / "c.json")
+        expected = ("attention_mask_type='dam_s' (checkpoint) vs 'dense'",)
+    elif case == "dense":
+        flags, expected = dict(attention_mask_type="dense"), ("attention_mask_type='dam_s' (checkpoint) vs 'dense'",)
+    elif case == "pattern":
+        flags, expected = dict(attention_mask_type="strided"), ("vs 'strided'",)
+    elif case == "other_gate_layout":
+        config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", dam_share_across_layers=True)
+        expected = ("dam_share_across_layers=False (checkpoint) vs True",)
+    argv = base_args(shards, out, config, max_steps=4, num_steps_per_checkpoint=1, resume_from_checkpoint=True,
+                     **flags)
+    before = folder_state(out)
+    assert run_pretraining.main(argv) == 1
+    assert_refused_and_untouched(out, before, capsys, *expected, "ckpt_2.pt", "another --output_dir")
+
+
+def test_resume_may_change_lambda_temperature_and_dropout(dam_s_run, shards, tmp_path, capsys):
+    out = copy_run(dam_s_run, tmp_path)
+    config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", dam_temperature=0.5,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    argv = base_args(shards, out, config, max_steps=3, lamb=1e-3, learning_rate=5e-3, resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 0, capsys.readouterr().err
+    assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+
+
+@pytest.mark.parametrize("case", ["empty", "missing_key", "unexpected_key", "nvidia_other_depth"])
+def test_resume_from_a_model_that_does_not_fit_is_refused(dam_s_run, shards, tmp_path, capsys, case):
+    """A resume is never partial; a checkpoint without a recorded config (NVIDIA's) is judged by keys."""
+    out = copy_run(dam_s_run, tmp_path)
+    state = training.load_checkpoint(out / "ckpt_2.pt")
+    if case == "empty":
+        state["model"] = {}
+    elif case == "missing_key":
+        del state["model"]["bert.sparse_mask.mask_logits"]
+    elif case == "unexpected_key":
+        state["model"]["bert.encoder.layer.2.output.dense.bias"] = torch.zeros(32)
+    elif case == "nvidia_other_depth":
+        del state["config"], state["args"]
+        state["model"] = {k: v for k, v in state["model"].items() if ".layer.1." not in k}
+    torch.save(state, out / "ckpt_2.pt")
+    argv = base_args(shards, out, dam_s_run / "config.json", max_steps=4, resume_from_checkpoint=True)
+    before = folder_state(out)
+    assert run_pretraining.main(argv) == 1
+    assert_refused_and_untouched(out, before, capsys, "ckpt_2.pt")
+
+
+def test_resume_from_a_fitting_checkpoint_without_a_recorded_config(dam_s_run, shards, tmp_path, capsys):
+    out = copy_run(dam_s_run, tmp_path)
+    state = training.load_checkpoint(out / "ckpt_2.pt")
+    del state["config"], state["args"]
+    torch.save(state, out / "ckpt_2.pt")
+    argv = base_args(shards, out, dam_s_run / "config.json", max_steps=3, resume_from_checkpoint=True)
+    assert run_pretraining.main(argv) == 0, capsys.readouterr().err
+
+
 def test_the_default_json_summary_goes_into_the_output_dir(shards, tmp_path, monkeypatch):
     """Not into ./results of wherever the run starts: two runs with their own --output_dir never
     append to one file."""
@@ -371,6 +466,21 @@ def test_a_config_with_one_segment_type_is_refused_before_the_first_step(shards,
     assert run_pretraining.main(argv) == 1
     assert "type_vocab_size 1, but pretraining shards hold segment ids 0 and 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_second_run_into_an_output_dir_in_use_is_refused_naming_the_holder(shards, tmp_path, capsys,
+                                                                          hold_output_dir):
+    out = tmp_path / "out"
+    holder = hold_output_dir(out)
+    argv = base_args(shards, out, write_config(tmp_path / "config.json"), max_steps=2)
+    assert run_pretraining.main(argv) == 1
+    assert f"--output_dir {out} is in use by run_pretraining.py (pid {holder.pid} on " in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no checkpoint, no log
+    holder.kill()  # the holder dies without releasing: its lock is taken over
+    holder.wait()
+    assert run_pretraining.main(argv) == 0 and (out / "ckpt_2.pt").is_file()
+    assert (out / training.OutputDirLock.NAME).read_text() == ""  # released: names no holder
+    assert run_pretraining.main(argv + ["--resume_from_checkpoint", "--max_steps", "3"]) == 0  # same process again
 
 
 def fake_dllogger() -> types.ModuleType:
@@ -517,10 +627,16 @@ def test_warm_started_dam_s_search_drops_the_diagonal_and_keeps_offset_1(minilm,
                                        "max_position_embeddings", "type_vocab_size")}
     config = write_config(tmp_path / "config.json", **architecture, num_hidden_layers=2, mask_seq_length=128,
                           attention_mask_type="dam_s", dam_share_across_layers=True)
+    from safetensors.torch import load_file, save_file
+
+    # A warm start from another depth is refused: keep the first two layers' tensors explicitly.
+    first_two = {k: v for k, v in load_file(str(minilm / "model.safetensors")).items()
+                 if not any(f"encoder.layer.{i}." in k for i in range(2, hf["num_hidden_layers"]))}
+    save_file(first_two, str(tmp_path / "minilm_2_layers.safetensors"))
     out = tmp_path / "out"
     argv = base_args(tmp_path / "shards", out, config, max_seq_length=128, max_predictions_per_seq=20,
                      train_batch_size=16, max_steps=60, learning_rate=1e-3, mask_learning_rate=0.1, lamb=1e-5,
-                     init_checkpoint=minilm, log_freq=20)
+                     init_checkpoint=tmp_path / "minilm_2_layers.safetensors", log_freq=20)
     assert run_pretraining.main(argv) == 0
     logits = weights(out / "ckpt_60.pt")["bert.sparse_mask.mask_logits"][0]  # [heads, offsets], from ~0
     diagonal, next_offset = logits[:, 0], logits[:, 1]
