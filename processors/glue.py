@@ -341,14 +341,15 @@ def _check_label(task: GlueTask, value: str, path: Path, lineno: int) -> str:
         except ValueError:
             score = math.nan
         if not math.isfinite(score):
-            raise GlueDataError(f"{path}:{lineno}: {task.name} score {value!r} is not a finite number")
+            raise GlueDataError(f"{path}:{lineno}: {task.name} score {value!r} is not a finite number; fix the row")
         if not 0.0 <= score <= 5.0:
             raise GlueDataError(f"{path}:{lineno}: {task.name} score {value} is outside [0, 5]; "
                                 f"STS-B similarity scores run from 0 to 5, fix the row")
         return value
     if value not in task.labels:
         raise GlueDataError(
-            f"{path}:{lineno}: label {value!r} is not a {task.name} label (expected one of {', '.join(task.labels)})"
+            f"{path}:{lineno}: label {value!r} is not a {task.name} label (expected one of "
+            f"{', '.join(task.labels)}); fix the row or check --task_name"
         )
     return value
 
