@@ -50,13 +50,12 @@ from modeling import (
 from optimization import build_adamw
 from processors.glue import (
     Features,
-    GlueDataError,
     GlueTask,
     InputExample,
     convert_examples_to_features,
     format_prediction,
     get_task,
-    resolve_file,
+    read_run_examples,
     submission_text,
 )
 from schedulers import LinearWarmUpScheduler
@@ -164,7 +163,6 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--attention_mask_file needs --attention_mask_type file (got {args.attention_mask_type})")
     if not Path(args.data_dir).is_dir():
         raise FileNotFoundError(f"--data_dir {args.data_dir} does not exist: point it at the task's GLUE folder")
-    check_task_files(get_task(args.task_name), args)
     for flag in ("vocab_file", "config_file", "attention_mask_file"):
         value = getattr(args, flag)
         if value and not Path(value).is_file():
@@ -188,20 +186,6 @@ def refuse_overwriting_fine_tuning_inputs(args: argparse.Namespace) -> None:
               ("--attention_mask_file", args.attention_mask_file), ("--vocab_file", args.vocab_file)]
     for name in ("pytorch_model.bin", "config.json", MASK_FILE):
         refuse_overwriting_inputs(Path(args.output_dir) / name, inputs, f"--output_dir's {name}")
-
-
-def check_task_files(task: GlueTask, args: argparse.Namespace) -> None:
-    """Every file the requested modes will read must exist now, not after hours of training.
-
-    The AX diagnostic is optional: predict() skips it with a warning when it is absent.
-    """
-    layouts = [task.train] if args.do_train else []
-    if args.do_eval:
-        layouts += [split.layout for split in task.dev]
-    if args.do_predict:
-        layouts += [split.layout for split in task.test if split.name != "ax"]
-    for layout in layouts:
-        resolve_file(args.data_dir, layout)
 
 
 def load_model_config(args: argparse.Namespace) -> BertConfig:
@@ -499,12 +483,12 @@ def latency_summary(latencies: list[float], num_samples: int) -> dict[str, float
 
 
 def evaluate(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, tokenizer: BertTokenizer,
-             device: torch.device) -> dict[str, Any]:
+             split_examples: dict[str, list[InputExample]], device: torch.device) -> dict[str, Any]:
     """Score every dev split of the task (MNLI: matched, then mismatched with the "mm:" prefix)."""
     results: dict[str, Any] = {}
     dtype = precision_dtype(args.fp16, args.bf16)
     for split in task.dev:
-        examples = task.dev_examples(args.data_dir, split)
+        examples = split_examples[split.name]
         features = load_features(task, examples, tokenizer, args.max_seq_length)
         logits, loss, latencies = run_inference(task, model, features, args.eval_batch_size, device, dtype)
         preds = predictions_from_logits(task, logits)
@@ -520,18 +504,15 @@ def evaluate(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, t
 
 
 def predict(args: argparse.Namespace, task: GlueTask, model: torch.nn.Module, tokenizer: BertTokenizer,
-            device: torch.device) -> dict[str, str]:
-    """Label every test split and write the GLUE server's files; returns guid -> label (predictions.json)."""
+            split_examples: dict[str, list[InputExample]], device: torch.device) -> dict[str, str]:
+    """Label every test split read (AX only when present) and write the GLUE server's files;
+    returns guid -> label (predictions.json)."""
     dtype = precision_dtype(args.fp16, args.bf16)
     predictions: dict[str, str] = {}
     for split in task.test:
-        if split.name == "ax":
-            try:
-                resolve_file(args.data_dir, split.layout)
-            except GlueDataError as exc:
-                logger.warning("AX.tsv not written: %s", exc)
-                continue
-        examples = task.test_examples(args.data_dir, split)
+        if split.name not in split_examples:
+            continue
+        examples = split_examples[split.name]
         features = load_features(task, examples, tokenizer, args.max_seq_length)
         logits, _, _ = run_inference(task, model, features, args.eval_batch_size, device, dtype)
         labels = [format_prediction(task, split, p) for p in predictions_from_logits(task, logits)]
@@ -555,10 +536,13 @@ def run(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any
     config = load_model_config(args)
     tokenizer = BertTokenizer(args.vocab_file, do_lower_case=args.do_lower_case)
     check_casing(tokenizer, args)
-    train_features = None
-    if args.do_train:  # read the data before building anything, so a bad file fails first
-        train_features = load_features(task, task.train_examples(args.data_dir), tokenizer, args.max_seq_length)
     model = build_model(config, task.num_labels, args.init_checkpoint, allow_new_head=args.do_train).to(device)
+    # Every file of the run is read and checked before the first step: a bad dev or test row
+    # must not surface after the fine-tuning time is spent.
+    examples = read_run_examples(task, args.data_dir, args.do_train, args.do_eval, args.do_predict)
+    train_features = None
+    if args.do_train:
+        train_features = load_features(task, examples["train"], tokenizer, args.max_seq_length)
 
     output_dir = Path(args.output_dir)
     lock.acquire(exclusive=is_main_process())
@@ -576,11 +560,11 @@ def run(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any
     if is_main_process():
         if args.do_eval:
             eval_start = time.perf_counter()
-            results.update(evaluate(args, task, model, tokenizer, device))
+            results.update(evaluate(args, task, model, tokenizer, examples, device))
             results["e2e_inference_time"] = time.perf_counter() - eval_start
             results["inference_sequences_per_second"] = results.get("infer:throughput(samples/s):avg", 0.0)
         if args.do_predict:
-            predictions = predict(args, task, model, tokenizer, device)
+            predictions = predict(args, task, model, tokenizer, examples, device)
             atomic_write_text(output_dir / "predictions.json", json.dumps(predictions, indent=1) + "\n")
         atomic_write_text(output_dir / "results.txt", json.dumps(results, indent=2, sort_keys=True) + "\n")
         summary = {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",

@@ -74,12 +74,55 @@ def whitespace_tokenize(text: str) -> list[str]:
     return text.split()
 
 
-# --- character classes, exactly as BERT defines them --------------------------------------------
+# --- character classes, as BERT defines them, on the Unicode data of the Rust tokenizers ---------
+
+# The reference implementation is transformers' BertTokenizerFast, i.e. the Rust `tokenizers`
+# library, whose general-category tables are older than this Python's unicodedata (14.0). Measured
+# over every code point (single characters between two letters): the code points below are the ones
+# where the two disagree, listed with the category the Rust tables give them. "Cn" are characters
+# added to Unicode after those tables (U+2E43 .. U+2E5D punctuation, new combining marks and format
+# characters): unknown there, so they are neither punctuation, control nor a mark to strip. The
+# other entries changed category in later Unicode versions. tests/test_tokenization.py checks the
+# whole range against BertTokenizerFast, so a new Python or tokenizers release shows up there.
+_RUST_CATEGORY_RANGES = {
+    "Cn": (
+        "61D 7FD 890-891 898-89F 8CA-8E2 9FD-9FE A76 AFA-AFF B55 C04 C3C C77 C84 D00 D3B-D3C D81 EBA 180F "
+        "1885-1886 1ABF-1ACE 1B7D-1B7E 1DF6-1DFB 2E43-2E4F 2E52-2E5D A82C A8C5 A8FF A9BD 10D24-10D27 "
+        "10EAB-10EAD 10F46-10F50 10F55-10F59 10F82-10F89 11070 11073-11074 110C2 110CD 111CF 1123E 1133B "
+        "11438-1143F 11442-11444 11446 1144B-1144F 1145A-1145B 1145D-1145E 11660-1166C 116B9 1182F-11837 "
+        "11839-1183B 1193B-1193C 1193E 11943-11946 119D4-119D7 119DA-119DB 119E0 119E2 11A01-11A0A "
+        "11A33-11A38 11A3B-11A47 11A51-11A56 11A59-11A5B 11A8A-11A96 11A98-11A9C 11A9E-11AA2 11C30-11C36 "
+        "11C38-11C3D 11C3F 11C41-11C45 11C70-11C71 11C92-11CA7 11CAA-11CB0 11CB2-11CB3 11CB5-11CB6 "
+        "11D31-11D36 11D3A 11D3C-11D3D 11D3F-11D45 11D47 11D90-11D91 11D95 11D97 11EF3-11EF4 11EF7-11EF8 "
+        "11FFF 12FF1-12FF2 13430-13438 16E97-16E9A 16F4F 16FE2 16FE4 1CF00-1CF2D 1CF30-1CF46 1E000-1E006 "
+        "1E008-1E018 1E01B-1E021 1E023-1E024 1E026-1E02A 1E130-1E136 1E2AE 1E2EC-1E2EF 1E944-1E94A "
+        "1E95E-1E95F "
+    ),
+    "Po": "166D 111C9",  # U+166D is So since Unicode 12, U+111C9 Mn since Unicode 11
+    "Mn": "1734",  # Mc since Unicode 14
+}
+
+
+def _parse_ranges(spec: str) -> list[int]:
+    code_points = []
+    for item in spec.split():
+        lo, _, hi = item.partition("-")
+        code_points.extend(range(int(lo, 16), int(hi or lo, 16) + 1))
+    return code_points
+
+
+_RUST_CATEGORY = {cp: category for category, spec in _RUST_CATEGORY_RANGES.items() for cp in _parse_ranges(spec)}
+
+
+def _category(char: str) -> str:
+    """The general category BertTokenizerFast sees for `char`."""
+    return _RUST_CATEGORY.get(ord(char)) or unicodedata.category(char)
+
 
 def _is_whitespace(char: str) -> bool:
     if char in " \t\n\r":
         return True
-    return unicodedata.category(char) == "Zs"
+    return _category(char) == "Zs"
 
 
 def _is_control(char: str) -> bool:
@@ -89,7 +132,7 @@ def _is_control(char: str) -> bool:
     # anyway.
     if char in "\t\n\r":
         return False
-    return unicodedata.category(char) in ("Cc", "Cf", "Co", "Cs")
+    return _category(char) in ("Cc", "Cf", "Co", "Cs")
 
 
 def _is_punctuation(char: str) -> bool:
@@ -98,14 +141,15 @@ def _is_punctuation(char: str) -> bool:
     cp = ord(char)
     if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
         return True
-    return unicodedata.category(char).startswith("P")
+    return _category(char).startswith("P")
 
 
 # The CJK Unified Ideographs blocks. Hangul, kana and other scripts are written with spaces
-# (or are tokenized as words), so only ideographs get a token each.
+# (or are tokenized as words), so only ideographs get a token each. Extension E starts at
+# U+2B820, but the Rust tokenizers start its range at U+2B920, and equality with them wins.
 _CJK_RANGES = (
     (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
+    (0x2B740, 0x2B81F), (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
 )
 
 
@@ -170,7 +214,7 @@ def _lower(text: str) -> str:
 
 def _strip_accents(text: str) -> str:
     # Decompose, then drop the combining marks: "é" -> "e" + U+0301 -> "e".
-    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+    return "".join(c for c in unicodedata.normalize("NFD", text) if _category(c) != "Mn")
 
 
 class WordpieceTokenizer:
@@ -241,8 +285,6 @@ class BertTokenizer:
             re.compile("|".join(re.escape(t) for t in sorted(never_split, key=len, reverse=True)))
             if never_split else None)
         self._fast = None  # built on first use of encode_batch
-        self._fast_checked_chars: set[str] = set()
-        self._fast_unsafe_chars: set[str] = set()
 
     @property
     def unk_token_id(self) -> int:
@@ -296,11 +338,9 @@ class BertTokenizer:
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         """Ids of many texts, no [CLS]/[SEP] added, identical to `encode` on each text.
 
-        Uses the Rust `tokenizers` pipeline when it is importable (many times faster). Its
-        Unicode tables differ from this Python's for a few hundred rare characters (newer
-        punctuation and combining marks, part of CJK Extension E): every character is checked once
-        against both pipelines, and a text holding a character on which they disagree goes
-        through the Python path, so the ids never depend on which path ran.
+        Uses the Rust `tokenizers` pipeline when it is importable (many times faster); the
+        character classes above follow its Unicode tables, so both paths give the same ids. A
+        text holding a lone surrogate, which Rust strings cannot hold, takes the Python path.
         """
         texts = list(texts)
         for i, text in enumerate(texts):
@@ -310,12 +350,10 @@ class BertTokenizer:
         fast = self._fast_tokenizer()
         if fast is None:
             return [self.encode(text) for text in texts]
-        self._check_new_chars(fast, texts)
-        unsafe = self._fast_unsafe_chars
         ids: list[list[int] | None] = [None] * len(texts)
         fast_indices = []
         for i, text in enumerate(texts):
-            if unsafe and not unsafe.isdisjoint(text):
+            if _has_surrogate(text):
                 ids[i] = self.encode(text)
             else:
                 fast_indices.append(i)
@@ -334,19 +372,6 @@ class BertTokenizer:
             self._fast = _build_fast_tokenizer(self) or False
         return self._fast or None
 
-    def _check_new_chars(self, fast, texts: list[str]) -> None:
-        """Compare, for each character not seen before, how both pipelines split "a<char>b"."""
-        new_chars = set().union(*texts) - self._fast_checked_chars
-        for char in new_chars:
-            probe = "a" + char + "b"
-            try:
-                words = [w for w, _ in fast.pre_tokenizer.pre_tokenize_str(fast.normalizer.normalize_str(probe))]
-            except UnicodeEncodeError:  # a lone surrogate, which Rust strings cannot hold
-                words = None
-            if words != self.basic_tokenizer.tokenize(probe):
-                self._fast_unsafe_chars.add(char)
-            self._fast_checked_chars.add(char)
-
     def _check_length(self, ids: list[int]) -> None:
         if len(ids) > self.max_len:
             raise ValueError(
@@ -363,6 +388,14 @@ class BertTokenizer:
             for token in self.ids_to_tokens.values():
                 f.write(token + "\n")
         return path
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _build_fast_tokenizer(tok: BertTokenizer):

@@ -6,10 +6,12 @@ Every task reads the folder layout the official GLUE download unpacks (`glue_dat
 
 The files are tab-separated text without CSV quoting: a `"` is part of the sentence, never a field
 delimiter (reading them with CSV quoting glues rows together at the first unbalanced quote). So a
-row is split on tabs and nothing else. Rows may carry more columns than the ones a task reads
-(MNLI's dev files have five annotator labels, the gold label is always the last column); a row with
-too few columns is an error naming the file and line, except in QQP's train file, whose official
-copy has a few rows broken by newlines inside questions: those are skipped and counted.
+row is split on tabs and nothing else. Every official file has a fixed column count (MNLI's dev
+files carry five annotator labels, the gold label is always the last column), so a row with more
+columns holds a tab inside a sentence and a row with fewer is broken: both are errors naming the
+file and line, except short rows in QQP's train file, whose official copy has a few rows broken by
+newlines inside questions: those are skipped and counted. Lines end in LF or CRLF; a lone CR (old
+Mac line endings) is refused rather than guessed at.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class TsvLayout:
     """Where one split's file lives and which columns a task reads from it (0-based, -1 = last)."""
 
     filenames: tuple[str, ...]  # relative to the task folder; the first that exists is read
+    columns: int  # fields in every row of the official file: more means a tab inside a sentence
     text_a: int
     text_b: int | None = None
     label: int | None = None
@@ -49,9 +52,10 @@ class TsvLayout:
     header: bool = True
     skip_short_rows: bool = False  # tolerate the official file's known broken rows (QQP train)
 
-    def min_fields(self) -> int:
-        columns = [c for c in (self.text_a, self.text_b, self.label, self.index) if c is not None]
-        return max(c + 1 if c >= 0 else -c for c in columns)
+    @property
+    def is_test(self) -> bool:
+        """A test file: no labels, and its index column is what the GLUE server matches predictions by."""
+        return self.label is None and self.index is not None
 
 
 @dataclass(frozen=True)
@@ -95,12 +99,13 @@ class GlueTask:
         return read_examples(self, data_dir, split.name, split.layout)
 
 
-def _single(name: str, text: int, label: int | None, header: bool = True, index: int | None = None) -> TsvLayout:
-    return TsvLayout((name,), text_a=text, label=label, header=header, index=index)
+def _single(name: str, columns: int, text: int, label: int | None, header: bool = True,
+            index: int | None = None) -> TsvLayout:
+    return TsvLayout((name,), columns, text_a=text, label=label, header=header, index=index)
 
 
-def _pair(name: str, a: int, b: int, label: int | None, index: int | None = None, **kw) -> TsvLayout:
-    return TsvLayout((name,), text_a=a, text_b=b, label=label, index=index, **kw)
+def _pair(name: str, columns: int, a: int, b: int, label: int | None, index: int | None = None, **kw) -> TsvLayout:
+    return TsvLayout((name,), columns, text_a=a, text_b=b, label=label, index=index, **kw)
 
 
 _NLI = ("contradiction", "entailment", "neutral")
@@ -109,7 +114,7 @@ _ENTAIL = ("entailment", "not_entailment")
 # QNLI, RTE, WNLI and the AX diagnostic share one layout: index, sentence1, sentence2[, label].
 _AX = TestSplit(
     "ax",
-    TsvLayout(("diagnostic.tsv", "../diagnostic/diagnostic.tsv"), text_a=1, text_b=2, index=0),
+    TsvLayout(("diagnostic.tsv", "../diagnostic/diagnostic.tsv"), 3, text_a=1, text_b=2, index=0),
     "AX.tsv",
     labels=_NLI,
 )
@@ -120,73 +125,73 @@ TASKS: dict[str, GlueTask] = {
         # CoLA train/dev: source, label, original label, sentence; no header. Test: index, sentence.
         GlueTask(
             "cola", _BINARY,
-            train=_single("train.tsv", 3, 1, header=False),
-            dev=(EvalSplit("dev", _single("dev.tsv", 3, 1, header=False)),),
-            test=(TestSplit("test", _single("test.tsv", 1, None, index=0), "CoLA.tsv"),),
+            train=_single("train.tsv", 4, 3, 1, header=False),
+            dev=(EvalSplit("dev", _single("dev.tsv", 4, 3, 1, header=False)),),
+            test=(TestSplit("test", _single("test.tsv", 2, 1, None, index=0), "CoLA.tsv"),),
         ),
         # SST-2 train/dev: sentence, label. Test: index, sentence.
         GlueTask(
             "sst-2", _BINARY,
-            train=_single("train.tsv", 0, 1),
-            dev=(EvalSplit("dev", _single("dev.tsv", 0, 1)),),
-            test=(TestSplit("test", _single("test.tsv", 1, None, index=0), "SST-2.tsv"),),
+            train=_single("train.tsv", 2, 0, 1),
+            dev=(EvalSplit("dev", _single("dev.tsv", 2, 0, 1)),),
+            test=(TestSplit("test", _single("test.tsv", 2, 1, None, index=0), "SST-2.tsv"),),
         ),
         # MRPC: Quality, #1 ID, #2 ID, #1 String, #2 String (test: index instead of Quality).
         GlueTask(
             "mrpc", _BINARY,
-            train=_pair("train.tsv", 3, 4, 0),
-            dev=(EvalSplit("dev", _pair("dev.tsv", 3, 4, 0)),),
-            test=(TestSplit("test", _pair("test.tsv", 3, 4, None, index=0), "MRPC.tsv"),),
+            train=_pair("train.tsv", 5, 3, 4, 0),
+            dev=(EvalSplit("dev", _pair("dev.tsv", 5, 3, 4, 0)),),
+            test=(TestSplit("test", _pair("test.tsv", 5, 3, 4, None, index=0), "MRPC.tsv"),),
         ),
         # STS-B: index, genre, filename, year, old_index, source1, source2, sentence1, sentence2, score.
         GlueTask(
             "sts-b", None,
-            train=_pair("train.tsv", 7, 8, -1, index=0),
-            dev=(EvalSplit("dev", _pair("dev.tsv", 7, 8, -1, index=0)),),
-            test=(TestSplit("test", _pair("test.tsv", 7, 8, None, index=0), "STS-B.tsv"),),
+            train=_pair("train.tsv", 10, 7, 8, -1, index=0),
+            dev=(EvalSplit("dev", _pair("dev.tsv", 10, 7, 8, -1, index=0)),),
+            test=(TestSplit("test", _pair("test.tsv", 9, 7, 8, None, index=0), "STS-B.tsv"),),
         ),
         # QQP: id, qid1, qid2, question1, question2, is_duplicate. Test: id, question1, question2.
         GlueTask(
             "qqp", _BINARY,
-            train=_pair("train.tsv", 3, 4, 5, skip_short_rows=True, index=0),
-            dev=(EvalSplit("dev", _pair("dev.tsv", 3, 4, 5, index=0)),),
-            test=(TestSplit("test", _pair("test.tsv", 1, 2, None, index=0), "QQP.tsv"),),
+            train=_pair("train.tsv", 6, 3, 4, 5, skip_short_rows=True, index=0),
+            dev=(EvalSplit("dev", _pair("dev.tsv", 6, 3, 4, 5, index=0)),),
+            test=(TestSplit("test", _pair("test.tsv", 3, 1, 2, None, index=0), "QQP.tsv"),),
         ),
         # MNLI: index, promptID, pairID, genre, 4 parse columns, sentence1, sentence2, labels...,
         # gold_label last (train has 12 columns, dev 16, test 10).
         GlueTask(
             "mnli", _NLI,
-            train=_pair("train.tsv", 8, 9, -1, index=0),
+            train=_pair("train.tsv", 12, 8, 9, -1, index=0),
             dev=(
-                EvalSplit("dev_matched", _pair("dev_matched.tsv", 8, 9, -1, index=0)),
-                EvalSplit("dev_mismatched", _pair("dev_mismatched.tsv", 8, 9, -1, index=0), metric_prefix="mm:"),
+                EvalSplit("dev_matched", _pair("dev_matched.tsv", 16, 8, 9, -1, index=0)),
+                EvalSplit("dev_mismatched", _pair("dev_mismatched.tsv", 16, 8, 9, -1, index=0), metric_prefix="mm:"),
             ),
             test=(
-                TestSplit("test_matched", _pair("test_matched.tsv", 8, 9, None, index=0), "MNLI-m.tsv"),
-                TestSplit("test_mismatched", _pair("test_mismatched.tsv", 8, 9, None, index=0), "MNLI-mm.tsv"),
+                TestSplit("test_matched", _pair("test_matched.tsv", 10, 8, 9, None, index=0), "MNLI-m.tsv"),
+                TestSplit("test_mismatched", _pair("test_mismatched.tsv", 10, 8, 9, None, index=0), "MNLI-mm.tsv"),
                 _AX,
             ),
         ),
         # QNLI: index, question, sentence, label.
         GlueTask(
             "qnli", _ENTAIL,
-            train=_pair("train.tsv", 1, 2, 3, index=0),
-            dev=(EvalSplit("dev", _pair("dev.tsv", 1, 2, 3, index=0)),),
-            test=(TestSplit("test", _pair("test.tsv", 1, 2, None, index=0), "QNLI.tsv"),),
+            train=_pair("train.tsv", 4, 1, 2, 3, index=0),
+            dev=(EvalSplit("dev", _pair("dev.tsv", 4, 1, 2, 3, index=0)),),
+            test=(TestSplit("test", _pair("test.tsv", 3, 1, 2, None, index=0), "QNLI.tsv"),),
         ),
         # RTE: index, sentence1, sentence2, label.
         GlueTask(
             "rte", _ENTAIL,
-            train=_pair("train.tsv", 1, 2, 3, index=0),
-            dev=(EvalSplit("dev", _pair("dev.tsv", 1, 2, 3, index=0)),),
-            test=(TestSplit("test", _pair("test.tsv", 1, 2, None, index=0), "RTE.tsv"),),
+            train=_pair("train.tsv", 4, 1, 2, 3, index=0),
+            dev=(EvalSplit("dev", _pair("dev.tsv", 4, 1, 2, 3, index=0)),),
+            test=(TestSplit("test", _pair("test.tsv", 3, 1, 2, None, index=0), "RTE.tsv"),),
         ),
         # WNLI: index, sentence1, sentence2, label.
         GlueTask(
             "wnli", _BINARY,
-            train=_pair("train.tsv", 1, 2, 3, index=0),
-            dev=(EvalSplit("dev", _pair("dev.tsv", 1, 2, 3, index=0)),),
-            test=(TestSplit("test", _pair("test.tsv", 1, 2, None, index=0), "WNLI.tsv"),),
+            train=_pair("train.tsv", 4, 1, 2, 3, index=0),
+            dev=(EvalSplit("dev", _pair("dev.tsv", 4, 1, 2, 3, index=0)),),
+            test=(TestSplit("test", _pair("test.tsv", 3, 1, 2, None, index=0), "WNLI.tsv"),),
         ),
     )
 }
@@ -235,29 +240,32 @@ def read_tsv_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
                     f"{path}:{lineno}: contains NUL bytes (a UTF-16 or binary file?); re-save it as UTF-8 text"
                 )
             line = line.removesuffix("\n").removesuffix("\r")
+            if "\r" in line:
+                raise GlueDataError(
+                    f"{path}:{lineno}: carriage return inside a line (CR-only line endings?); "
+                    f"convert the file to LF line endings (e.g. mac2unix)"
+                )
             if line.strip():
                 yield lineno, line.split("\t")
 
 
 def read_examples(task: GlueTask, data_dir: str | Path, split: str, layout: TsvLayout) -> list[InputExample]:
-    """Read one split of `task` into examples, validating every row and label."""
+    """Read one split of `task` into examples, validating every row, label and test index."""
     path = resolve_file(data_dir, layout)
-    need = layout.min_fields()
     examples: list[InputExample] = []
     skipped: list[int] = []
+    index_lines: dict[str, int] = {}
     rows = read_tsv_rows(path)
     if layout.header:
         next(rows, None)
     for lineno, fields in rows:
-        if len(fields) < need:
-            if layout.skip_short_rows:
-                skipped.append(lineno)
-                continue
-            raise GlueDataError(
-                f"{path}:{lineno}: {len(fields)} tab-separated field(s), {task.name} {split} rows need at least "
-                f"{need}; fix or remove the row (fields are split on tabs only, quotes are literal)"
-            )
+        if len(fields) < layout.columns and layout.skip_short_rows:
+            skipped.append(lineno)
+            continue
+        _check_columns(task, split, layout, len(fields), path, lineno)
         index = fields[layout.index] if layout.index is not None else str(len(examples))
+        if layout.is_test:
+            _check_test_index(index, index_lines, path, lineno)
         label = None
         if layout.label is not None:
             label = _check_label(task, fields[layout.label], path, lineno)
@@ -272,8 +280,57 @@ def read_examples(task: GlueTask, data_dir: str | Path, split: str, layout: TsvL
         logger.warning("%s: skipped %d row(s) with missing columns (lines %s)", path, len(skipped),
                        ", ".join(map(str, skipped[:10])) + (" ..." if len(skipped) > 10 else ""))
     if not examples:
-        raise GlueDataError(f"{path}: no examples; the file is empty or holds only a header")
+        raise GlueDataError(f"{path}: no examples; the file is empty or holds only a header: "
+                            f"use the task's file from the GLUE download")
     return examples
+
+
+def read_run_examples(task: GlueTask, data_dir: str | Path, train: bool, dev: bool,
+                      test: bool) -> dict[str, list[InputExample]]:
+    """Every split a run will read (split name -> examples), all read and validated now.
+
+    A bad row in a dev or test file must fail before fine-tuning, not after it. The AX
+    diagnostic is optional: when it is absent it is left out with a warning.
+    """
+    splits: list[tuple[str, TsvLayout]] = [("train", task.train)] if train else []
+    if dev:
+        splits += [(s.name, s.layout) for s in task.dev]
+    if test:
+        splits += [(s.name, s.layout) for s in task.test]
+    examples: dict[str, list[InputExample]] = {}
+    for name, layout in splits:
+        if name == _AX.name:
+            try:
+                resolve_file(data_dir, layout)
+            except GlueDataError as exc:
+                logger.warning("AX.tsv not written: %s", exc)
+                continue
+        examples[name] = read_examples(task, data_dir, name, layout)
+    return examples
+
+
+def _check_columns(task: GlueTask, split: str, layout: TsvLayout, count: int, path: Path, lineno: int) -> None:
+    if count < layout.columns:
+        raise GlueDataError(
+            f"{path}:{lineno}: {count} tab-separated field(s), {task.name} {split} rows need at least "
+            f"{layout.columns}; fix or remove the row (fields are split on tabs only, quotes are literal)"
+        )
+    if count > layout.columns:
+        raise GlueDataError(
+            f"{path}:{lineno}: {count} tab-separated fields, {task.name} {split} rows have {layout.columns}: "
+            f"a tab inside a sentence splits it in two; replace the tab with a space"
+        )
+
+
+def _check_test_index(index: str, seen: dict[str, int], path: Path, lineno: int) -> None:
+    # The GLUE server matches predictions to rows by this column, so it must name one row each.
+    if not (index.isascii() and index.isdigit()):
+        raise GlueDataError(f"{path}:{lineno}: test index {index!r} is not a non-negative integer; "
+                            f"use the test file of the GLUE download")
+    if index in seen:
+        raise GlueDataError(f"{path}:{lineno}: test index {index!r} repeats line {seen[index]}; "
+                            f"every test row needs its own index (was the file concatenated?)")
+    seen[index] = lineno
 
 
 def _check_label(task: GlueTask, value: str, path: Path, lineno: int) -> str:
@@ -284,11 +341,15 @@ def _check_label(task: GlueTask, value: str, path: Path, lineno: int) -> str:
         except ValueError:
             score = math.nan
         if not math.isfinite(score):
-            raise GlueDataError(f"{path}:{lineno}: {task.name} score {value!r} is not a finite number")
+            raise GlueDataError(f"{path}:{lineno}: {task.name} score {value!r} is not a finite number; fix the row")
+        if not 0.0 <= score <= 5.0:
+            raise GlueDataError(f"{path}:{lineno}: {task.name} score {value} is outside [0, 5]; "
+                                f"STS-B similarity scores run from 0 to 5, fix the row")
         return value
     if value not in task.labels:
         raise GlueDataError(
-            f"{path}:{lineno}: label {value!r} is not a {task.name} label (expected one of {', '.join(task.labels)})"
+            f"{path}:{lineno}: label {value!r} is not a {task.name} label (expected one of "
+            f"{', '.join(task.labels)}); fix the row or check --task_name"
         )
     return value
 

@@ -16,6 +16,7 @@ from processors.glue import (
     convert_examples_to_features,
     format_prediction,
     get_task,
+    read_examples,
     submission_text,
     truncate_pair,
 )
@@ -160,6 +161,9 @@ def read_sst_dev(data_dir: Path):
     (b"sentence\tlabel\ngood\t1\ncaf\xe9\t0\n", r"dev\.tsv:3: not valid UTF-8"),
     ("sentence\tlabel\ngood\t1\n".encode("utf-16"), r"dev\.tsv:1: not valid UTF-8"),
     (b"sentence\tlabel\ngo\x00od\t1\n", r"dev\.tsv:2: contains NUL bytes"),
+    (b"sentence\tlabel\ngood\tfilm\t1\n", r"dev\.tsv:2: 3 tab-separated fields, sst-2 dev rows have 2"),
+    (b"sentence\tlabel\rgood\t1\rbad\t0\r", r"dev\.tsv:1: carriage return inside a line"),
+    (b"sentence\tlabel\ngood\t1\ngo\rod\t0\n", r"dev\.tsv:3: carriage return inside a line"),
     (b"sentence\tlabel\n", r"dev\.tsv: no examples"),
     (b"", r"dev\.tsv: no examples"),
 ])
@@ -178,6 +182,52 @@ def test_bad_regression_score_and_missing_file_and_unknown_task(tmp_path: Path) 
     with pytest.raises(GlueDataError, match=r"unknown --task_name 'glue': choose one of cola, sst-2"):
         get_task("glue")
     assert get_task("SST2") is TASKS["sst-2"] and get_task("STS-B") is TASKS["sts-b"]
+
+
+@pytest.mark.parametrize("score, ok", [("0", True), ("5.000", True), ("2.5", True), ("5.001", False),
+                                       ("-0.5", False), ("1e3", False), ("inf", False)])
+def test_sts_b_score_must_be_in_0_5(tmp_path: Path, score: str, ok: bool) -> None:
+    write(tmp_path / "dev.tsv", [STSB_HEADER, ["0", "g", "f", "y", "1", "s", "s", "a", "b", score]])
+    task = get_task("sts-b")
+    if ok:
+        assert task.dev_examples(tmp_path, task.dev[0])[0].label == score
+        return
+    with pytest.raises(GlueDataError, match=rf"dev\.tsv:2: sts-b score .* (is outside \[0, 5\]|is not a finite)"):
+        task.dev_examples(tmp_path, task.dev[0])
+
+
+@pytest.mark.parametrize("indices, message", [
+    (["0", "1", "0"], r"test\.tsv:4: test index '0' repeats line 2"),
+    (["0", "x1"], r"test\.tsv:3: test index 'x1' is not a non-negative integer"),
+    (["0", "-1"], r"test\.tsv:3: test index '-1' is not a non-negative integer"),
+])
+def test_test_indices_must_be_unique_integers(tmp_path: Path, indices: list[str], message: str) -> None:
+    task = get_task("qnli")
+    write(tmp_path / "test.tsv", [["index", "question", "sentence"]] + [[i, "q", "s"] for i in indices])
+    with pytest.raises(GlueDataError, match=message):
+        task.test_examples(tmp_path, task.test[0])
+
+
+def every_split() -> list[tuple[str, str, object]]:
+    return [(name, split.name, split.layout) for name, task in sorted(TASKS.items())
+            for split in (*task.dev, *task.test)] + [(name, "train", task.train) for name, task in sorted(TASKS.items())]
+
+
+@pytest.mark.parametrize("name, split, layout", every_split(), ids=lambda v: v if isinstance(v, str) else "")
+def test_tab_inside_a_sentence_is_refused_in_every_layout(glue_root: Path, tmp_path: Path, name: str, split: str,
+                                                          layout) -> None:
+    """Every official file has a fixed column count, so a tab in either sentence column is caught."""
+    source = glue_root / FOLDERS[name] / layout.filenames[-1 if name == "mnli" and split == "ax" else 0]
+    lines = source.read_text(encoding="utf-8").splitlines()
+    for column in (c for c in (layout.text_a, layout.text_b) if c is not None):
+        fields = lines[-1].split("\t")
+        fields[column] += "\tabsorbed"
+        target = tmp_path / layout.filenames[0]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("\n".join([*lines[:-1], "\t".join(fields)]) + "\n", encoding="utf-8")
+        with pytest.raises(GlueDataError, match=rf":{len(lines)}: {layout.columns + 1} tab-separated fields, .*"
+                                                rf"have {layout.columns}: a tab inside a sentence"):
+            read_examples(TASKS[name], tmp_path, split, layout)
 
 
 def test_crlf_bom_blank_lines_and_a_one_megabyte_line(tmp_path: Path) -> None:

@@ -458,6 +458,30 @@ def test_missing_dev_or_test_file_fails_before_training(glue: Path, tmp_path: Pa
     assert not out.exists()  # refused before training, not after hours of it
 
 
+@pytest.mark.parametrize("name, raw, message", [
+    ("dev.tsv", b"sentence\tlabel\n", "dev.tsv: no examples"),
+    ("dev.tsv", b"", "dev.tsv: no examples"),
+    ("dev.tsv", b"sentence\tlabel\ngood\t1\ncaf\xe9\t0\n", "dev.tsv:3: not valid UTF-8"),
+    ("dev.tsv", b"sentence\tlabel\ngood\t1\nbad\tnegative\n", "dev.tsv:3: label 'negative'"),
+    ("dev.tsv", b"sentence\tlabel\ngood\tfilm\t1\n", "dev.tsv:2: 3 tab-separated fields"),
+    ("test.tsv", b"index\tsentence\n0\tgood\n1\tbad\n0\tmeh\n", "test.tsv:4: test index '0' repeats line 2"),
+    ("test.tsv", b"index\tsentence\r0\tgood\r1\tbad\r", "test.tsv:1: carriage return"),
+])
+def test_bad_dev_or_test_file_fails_before_training(glue: Path, tmp_path: Path, capsys, name: str, raw: bytes,
+                                                     message: str) -> None:
+    """Every file of the run is read before the first step, so fine-tuning time is never spent on a bad one."""
+    data = tmp_path / "SST-2"
+    data.mkdir()
+    for other in ("train.tsv", "dev.tsv", "test.tsv"):
+        (data / other).write_bytes(raw if other == name else (glue / "SST-2" / other).read_bytes())
+    out = tmp_path / "out"
+    argv = glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--do_predict", "--data_dir", str(data))
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert str(data) in err and message in err and "; " in err and "\n" not in err
+    assert not out.exists()  # refused before training: no checkpoint, no results
+
+
 @pytest.mark.parametrize("shape", [(2, 3, SEQ, SEQ), (2, 2, 2 * SEQ, 2 * SEQ)])
 def test_mask_file_of_another_shape_fails_before_the_data_is_read(glue: Path, tmp_path: Path, capsys,
                                                                   shape: tuple[int, ...]) -> None:
