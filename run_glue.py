@@ -580,8 +580,7 @@ def run(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    with training.OutputDirLock(args.output_dir, "run_glue.py") as lock:
-        return training.run_script("run_glue.py", lambda: run(args, lock))
+    return training.run_script_in(args.output_dir, "run_glue.py", lambda lock: run(args, lock))
 
 
 if __name__ == "__main__":

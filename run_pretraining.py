@@ -580,8 +580,7 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    with training.OutputDirLock(args.output_dir, "run_pretraining.py") as lock:
-        return training.run_script("run_pretraining.py", lambda: train(args, lock))
+    return training.run_script_in(args.output_dir, "run_pretraining.py", lambda lock: train(args, lock))
 
 
 if __name__ == "__main__":

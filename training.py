@@ -401,6 +401,13 @@ def run_script(name: str, body: Callable[[], Any]) -> int:
     return 0
 
 
+def run_script_in(output_dir: str | Path, name: str, body: Callable[[OutputDirLock], Any]) -> int:
+    """`run_script` for a script that writes into `output_dir`: `body` gets the folder's lock, to
+    acquire where it first writes there, and the lock is released when the script ends."""
+    with OutputDirLock(output_dir, name) as lock:
+        return run_script(name, lambda: body(lock))
+
+
 def release_distributed() -> None:
     """Tear the process group down so that no rank aborts at exit.
 

@@ -29,7 +29,6 @@ def minilm() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-
 @pytest.fixture
 def float_flags(monkeypatch):
     """A function listing a script's float flags from its parser, so a flag added later is covered
