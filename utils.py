@@ -242,8 +242,12 @@ class MetricLogger:
                   "elapsedtime": time.perf_counter(), "type": "LOG",
                   "step": list(step) if isinstance(step, tuple) else step, "data": data}
         if self._file is not None:
-            self._file.write("DLLL " + json.dumps(record) + "\n")
-            self._file.flush()
+            try:
+                self._file.write("DLLL " + json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as exc:
+                raise OSError(f"could not write the log {self._file.name} ({exc.strerror or exc}): "
+                              f"free disk space, or pass another --json-summary") from None
         if self.verbose:
             shown = " ".join(f"{k}: {_short(v)}" for k, v in data.items())
             print(f"{format_step(step)}{shown}", file=sys.stdout, flush=True)
@@ -291,9 +295,17 @@ def read_dllogger_json(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` that never leaves a half-written file under `path`."""
+    """`torch.save` that never leaves a half-written file under `path`.
+
+    A failed write (a full disk) is an OSError naming `path`: torch reports it as a RuntimeError
+    from its zip writer ("iostream error", "enforce fail at inline_container.cc"), which would
+    otherwise end a run in a C++ traceback."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:  # its zip writer's only failures are failed writes
+            raise OSError(f"writing {path} failed ({str(exc).strip().splitlines()[-1][:200]}): "
+                          f"is the disk full?") from None
 
 
 # torch.save writes a zip archive; files of torch < 1.6 (and _use_new_zipfile_serialization=False)
