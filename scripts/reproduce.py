@@ -78,7 +78,7 @@ PRESETS = {
     # within 45 minutes on 2 CPU cores
     "cpu": Preset(seq_len=64, max_pred=10, batch=16, head_steps=60, search_steps=100, lambdas=(1e-4, 1e-3),
                   continue_steps=40, glue_steps=30, glue_batch=16, glue_seq_len=64, seeds=(1, 2, 3), jobs=2),
-    # one H200 in under 8 minutes
+    # sized for one H200 in under 8 minutes; not yet timed on one
     "gpu": Preset(seq_len=128, max_pred=20, batch=64, head_steps=300, search_steps=300, lambdas=(1e-5, 1e-4, 1e-3),
                   continue_steps=300, glue_steps=200, glue_batch=32, glue_seq_len=128, seeds=(1, 2, 3), jobs=1),
 }
