@@ -14,8 +14,7 @@ Conventions (shared with modeling.py):
   * The mask is built for ``mask_seq_length`` = n tokens; shorter inputs use the top-left
     ``[s, s]`` slice, longer inputs are an error.
 
-Method: ../shared/reference/sparsebert_method.md (DAM, §2; pattern arithmetic, §5) and
-sparse_attention_patterns.md (§1 pattern definitions).
+The method and the patterns' definitions: docs/masks.md and docs/search.md.
 """
 from __future__ import annotations
 

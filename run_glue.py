@@ -1,6 +1,6 @@
 """Fine-tune, evaluate and predict BERT on the nine GLUE tasks, with a frozen sparse attention mask.
 
-NVIDIA's command line (reference §4.1), e.g. on 8 GPUs:
+NVIDIA's command line, e.g. on 8 GPUs:
 
     torchrun --nproc_per_node 8 run_glue.py --task_name mnli --data_dir glue_data/MNLI \
         --init_checkpoint ckpt_7038.pt --vocab_file vocab/vocab --config_file bert_config.json \
@@ -86,7 +86,7 @@ DAM_TYPES = attention_masks.DAM_MODES
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # -- NVIDIA's flags (reference §4.1)
+    # -- NVIDIA's flags
     p.add_argument("--task_name", required=True, help="cola, sst-2, mrpc, sts-b, qqp, mnli, qnli, rte or wnli")
     p.add_argument("--data_dir", required=True, help="the task's folder of the GLUE download (train/dev/test .tsv)")
     p.add_argument("--bert_model", default="bert-base-uncased", help="informational, as in NVIDIA's script")

@@ -40,7 +40,7 @@ logger = logging.getLogger("run_pretraining")
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # -- NVIDIA's flags (reference §1.1; SparseBERT's defaults where the fork changed them)
+    # -- NVIDIA's flags (SparseBERT's defaults where the fork changed them)
     p.add_argument("--input_dir", required=True, help="folder of .hdf5 pretraining shards")
     p.add_argument("--config_file", required=True, help="bert_config.json (model + attention-mask fields)")
     p.add_argument("--bert_model", default="bert-large-uncased", help="informational, as in NVIDIA's script")

@@ -26,8 +26,8 @@ shifts all its scores equally, i.e. attends as if unmasked; the block path keeps
 to match. (A row whose only kept keys are padding stays a documented corner case: the reference
 mixes those padded keys with the dropped ones; both flex paths attend over all real keys.)
 
-FlexAttention has no attention dropout and (through torch 2.13) no backward on CPU; see
-../shared/reference/sparse_attention_patterns.md §2 for versions, block sizes and known issues.
+FlexAttention has no attention dropout and (through torch 2.13) no backward on CPU; the
+bench (bench/README.md) says at which lengths each path pays off.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default sparse tile
 FLEX_MIN_LEARNABLE_SEQ_LEN = 512
 FLEX_MIN_FROZEN_SEQ_LEN = 2048
 # Kernel tiles for a captured learnable bias: the default tiles ran out of shared memory on
-# torch 2.11 / H200 (issue 8); 64 x 64 compiled and ran.
+# torch 2.11 / H200; 64 x 64 compiled and ran.
 LEARNABLE_BIAS_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 try:

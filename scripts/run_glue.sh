@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fine-tune / evaluate / predict one GLUE task with NVIDIA's positional parameters (reference §4.2)
+# Fine-tune / evaluate / predict one GLUE task with NVIDIA's positional parameters
 # plus a 17th for the attention mask:
 #
 #   bash scripts/run_glue.sh [init_checkpoint] [data_dir] [vocab_file] [config_file] [out_dir]

@@ -15,7 +15,7 @@ import attention_masks as am
 ROOT = Path(__file__).resolve().parent.parent
 N = 128
 
-# Seed table (seed_readme.txt) sparsity and the exact number of kept entries at n = 128
+# The paper's table (README) sparsity and the exact number of kept entries at n = 128
 # (sparsebert_method.md §5): a wrong parameter moves the count, even when the rounding survives.
 # BigBird is one seeded draw (pattern_seed 0, torch CPU generator): 884 deterministic + 235 random.
 SEED_TABLE = {"strided": ("70.4", 4852), "fixed": ("72.7", 4480), "longformer": ("88.7", 1854),
