@@ -715,9 +715,9 @@ def _search_config(state: dict[str, Any], checkpoint: str, config_path: str | No
 
 
 def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None) -> dict[str, Any]:
-    refuse_overwriting_inputs(out, [("--checkpoint", checkpoint), ("--config", config_path)], "--out")
-    refuse_overwriting_inputs(Path(out).with_suffix(".json"), [("--checkpoint", checkpoint), ("--config", config_path)],
-                              "the sidecar of --out")
+    inputs = [("--checkpoint", checkpoint), ("--config", config_path)]
+    refuse_overwriting_inputs(out, inputs, "--out")
+    refuse_overwriting_inputs(Path(out).with_suffix(".json"), inputs, "the sidecar of --out")
     state = _read_checkpoint(checkpoint)
     config, config_source = _search_config(state, checkpoint, config_path)
     module = build_attention_mask(config)

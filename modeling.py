@@ -844,19 +844,22 @@ def _read_weights(weights_file: Path) -> tuple[dict[str, torch.Tensor], dict[str
     return obj, checkpoint
 
 
-def read_warm_start(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], BertConfig | None]:
-    """The weights at `path` (a file or a model folder) and the config they were written under: the
+def read_warm_start(path: str | os.PathLike,
+                    model: BertPreTrainedModel) -> tuple[dict[str, torch.Tensor], BertConfig | None]:
+    """The weights at `path` (a file or a model folder) for warm-starting `model`, checked to be an
+    encoder of its architecture (`_check_warm_start`), and the config they were written under: the
     checkpoint's recorded one, else a folder's own config file, else None."""
     weights_file = resolve_weights_file(path)
     state, recorded = read_checkpoint(weights_file)
     config_file = config_file_beside(weights_file) if Path(path).is_dir() else None
     if recorded is None and config_file is not None:
         recorded = BertConfig.from_json_file(config_file)
+    _check_warm_start(model, state, str(path), recorded)
     return state, recorded
 
 
-def check_warm_start(model: BertPreTrainedModel, state: dict[str, torch.Tensor], source: str,
-                     recorded: BertConfig | None) -> None:
+def _check_warm_start(model: BertPreTrainedModel, state: dict[str, torch.Tensor], source: str,
+                      recorded: BertConfig | None) -> None:
     """Refuse warm-start weights that would leave the encoder random or mean another encoder: none of
     its encoder tensors, other layers, or (per the checkpoint's config) another head count. Heads
     (MLM / NSP / classifier) and mask logits may be missing: they start fresh, named in the report."""

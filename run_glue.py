@@ -40,7 +40,6 @@ from modeling import (
     MASK_FILE,
     BertConfig,
     BertForSequenceClassification,
-    check_warm_start,
     config_file_beside,
     mask_file_from_folder,
     read_warm_start,
@@ -260,8 +259,7 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
     model = BertForSequenceClassification(config, num_labels, mask_logits_from_checkpoint=True)
     is_dam = config.attention_mask_type in DAM_TYPES
     if init_checkpoint:
-        state, searched = read_warm_start(init_checkpoint)
-        check_warm_start(model, state, init_checkpoint, searched)
+        state, searched = read_warm_start(init_checkpoint, model)
         has_logits = any(key.endswith("sparse_mask.mask_logits") for key in state)
         if is_dam and not has_logits:
             raise ValueError(

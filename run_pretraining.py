@@ -29,8 +29,8 @@ import modeling
 from modeling import BertConfig, BertForPreTraining
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
-from utils import (MetricLogger, add_local_rank_argument, finite_float, all_gather_object, all_reduce_mean, autocast, get_rank,
-                   get_world_size, init_distributed, is_main_process, precision_dtype, seed_everything)
+from utils import (MetricLogger, add_local_rank_argument, all_gather_object, all_reduce_mean, autocast, finite_float,
+                   get_rank, get_world_size, init_distributed, is_main_process, precision_dtype, seed_everything)
 
 logger = logging.getLogger("run_pretraining")
 
@@ -254,8 +254,7 @@ def build_model(args: argparse.Namespace, config, device: torch.device) -> BertF
 def warm_start(model: BertForPreTraining, path: str, keep_mask: bool = False) -> None:
     """Weights from another BERT checkpoint; the attention mask keeps its fresh initialisation
     unless ``keep_mask`` (phase 2 started from the phase-1 checkpoint continues its mask search)."""
-    state, recorded = modeling.read_warm_start(path)
-    modeling.check_warm_start(model, state, path, recorded)
+    state, _ = modeling.read_warm_start(path, model)
     if not keep_mask:
         state = {k: v for k, v in state.items() if "sparse_mask" not in k}
     report = model.load_converted_state_dict(state, source=str(path))

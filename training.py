@@ -266,6 +266,11 @@ def remove_stale_temp_files(output_dir: str | Path) -> list[Path]:
     return stale
 
 
+# The types the resume code reads each entry as (a wrong one would end in a traceback mid-resume).
+CHECKPOINT_ENTRY_TYPES = {"model": dict, "optimizer": dict, "lr_scheduler": dict, "grad_scaler": dict,
+                          "data": dict, "rng": list, "global_step": int}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint dict, loaded without unpickling objects (utils.safe_torch_load)."""
     state = safe_torch_load(path)
@@ -279,11 +284,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: its 'model' entry is not a state dict (name → tensor): the file is damaged "
                          f"or not a training checkpoint")
     return state
-
-
-# The types the resume code reads each entry as (a wrong one would end in a traceback mid-resume).
-CHECKPOINT_ENTRY_TYPES = {"model": dict, "optimizer": dict, "lr_scheduler": dict, "grad_scaler": dict,
-                          "data": dict, "rng": list, "global_step": int}
 
 
 def find_latest_checkpoint(output_dir: str | Path, step: int = -1) -> tuple[int, Path, dict[str, Any]] | None:

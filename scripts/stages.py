@@ -25,11 +25,9 @@ class Stages:
     def __init__(self, out: Path, label: str) -> None:
         self.out, self.label = out, label
 
-    def done(self, name: str) -> bool:
-        return (self.out / "stages" / f"{name}.done").exists()
-
     def stage(self, name: str, folder: Path, work: Callable[[], None]) -> None:
-        if self.done(name):
+        marker = self.out / "stages" / f"{name}.done"
+        if marker.exists():
             print(f"[{self.label}] {name}: done before, skipped", flush=True)
             return
         shutil.rmtree(folder, ignore_errors=True)  # an interrupted attempt is redone from scratch
@@ -37,7 +35,6 @@ class Stages:
         print(f"[{self.label}] {name} ...", flush=True)
         start = time.perf_counter()
         work()
-        marker = self.out / "stages" / f"{name}.done"
         marker.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, f"{time.perf_counter() - start:.1f}\n")
 
