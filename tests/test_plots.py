@@ -1,0 +1,126 @@
+"""scripts/plot_masks.py and scripts/plot_training.py: what they draw, and their one-line errors."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import attention_masks as am
+from utils import MetricLogger
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plot_masks = load_script("plot_masks")
+plot_training = load_script("plot_training")
+
+
+def kept_colour_pixels(png: Path) -> int:
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    target = np.array([int(plot_masks.KEPT_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb - target).sum(axis=-1) <= 6).sum())
+
+
+def banded(num_layers: int, num_heads: int, n: int, width: int) -> torch.Tensor:
+    offsets = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
+    return (offsets <= width).expand(num_layers, num_heads, n, n).clone()
+
+
+def test_shared_mask_draws_each_head_large_and_dark_means_kept(tmp_path):
+    paths = {}
+    for width in (3, 12):  # four times the kept pairs, about four times the dark pixels
+        mask_file = tmp_path / f"band{width}.safetensors"
+        am.save_mask_file(mask_file, banded(3, 4, 64, width), {"mode": "dam_s", "lambda": 1e-4, "step": 80})
+        paths[width] = plot_masks.plot_mask_file(str(mask_file), str(tmp_path / f"band{width}.png"))
+    assert [p.name for p in paths[3]] == ["band3.png"]  # no pages unless asked
+    kept = {w: int(banded(1, 1, 64, w).sum()) for w in paths}
+    ratio = kept_colour_pixels(paths[12][0]) / kept_colour_pixels(paths[3][0])
+    assert ratio == pytest.approx(kept[12] / kept[3], rel=0.15)
+    # 4 heads in a 2 x 2 grid: each 64 x 64 map gets a few hundred pixels a side.
+    width_px, height_px = Image.open(paths[3][0]).size
+    assert width_px >= 2 * 2 * 64 * 2 and height_px >= 2 * 64 * 2
+
+
+def test_per_layer_masks_get_layer_means_and_pages(tmp_path):
+    mask = banded(3, 2, 32, 2)
+    mask[1, 0] = True  # layer 1 differs: the overview shows layer means, a page per layer holds every head
+    mask_file = tmp_path / "m.safetensors"
+    am.save_mask_file(mask_file, mask, {"mode": "dam_u"})
+    out = tmp_path / "pics" / "m.png"
+    plot_masks.main([str(mask_file), "--out", str(out), "--pages"])
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["m.png", "m_layer0.png", "m_layer1.png", "m_layer2.png"]
+    assert all(Image.open(out.parent / name).size[0] >= 600 for name in names)
+
+
+def test_plot_masks_names_a_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        plot_masks.main([str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2 and "nope.safetensors not found" in capsys.readouterr().err
+
+
+def write_log(path: Path, lines: list[tuple[object, dict]]) -> None:
+    logger = MetricLogger(path, verbose=False)
+    for step, data in lines:
+        logger.log(step, data)
+    logger.close()
+
+
+def step_line(step: int, loss: float, **extra) -> tuple[tuple[int, int], dict]:
+    return (0, step), {"average_loss": loss, "step_loss": loss + 0.1, "learning_rate": 1e-3 * step,
+                       "mask_learning_rate": 5e-2 * step, **extra}
+
+
+def test_training_series_reads_the_logger_and_a_resume_replaces_redone_steps(tmp_path):
+    log = tmp_path / "run" / "dllogger.json"
+    write_log(log, [("PARAMETER", {"Config": json.dumps({"lamb": 1e-3})}),
+                    step_line(1, 9.0, mask_penalty=2.0, mask_sparsity=0.5),
+                    step_line(2, 8.0, mask_penalty=1.9, mask_sparsity=0.55),
+                    step_line(3, 7.5, mask_penalty=1.8, mask_sparsity=0.6),  # interrupted after this line
+                    ((0, 3), {"final_loss": 7.5}), ((), {"e2e_train_time": 1.0}),
+                    ("PARAMETER", {"Config": json.dumps({"lamb": 1e-3})}),
+                    step_line(3, 7.0, mask_penalty=1.7, mask_sparsity=0.65),  # resumed from step 2
+                    step_line(4, 6.5, mask_penalty=1.6, mask_sparsity=0.7)])
+    records = plot_training.read_log(log)
+    series = plot_training.training_series(records)
+    assert series["average_loss"] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.5)]
+    assert series["mask_sparsity"][-1] == (4, 0.7) and series["mask_learning_rate"][0] == (1, 0.05)
+    assert plot_training.search_lambda(records) == 1e-3
+    png = plot_training.plot_training_log(log)
+    assert png == log.with_name("training_curves.png") and Image.open(png).size == (1100, 750)
+
+
+def test_dense_or_old_log_still_plots(tmp_path):
+    log = tmp_path / "dllogger.json"
+    write_log(log, [step_line(s, 10.0 - s) for s in (1, 2, 3)])  # no mask keys: an older log
+    series = plot_training.training_series(plot_training.read_log(log))
+    assert set(series) == {"average_loss", "step_loss", "learning_rate", "mask_learning_rate"}
+    out = tmp_path / "curves.png"
+    plot_training.main([str(log), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ('DLLL {"step": "PARAMETER", "data": {"Config": "{}"}}\n', "has no training lines"),
+    ('DLLL {"step": [0, 1], "data": {"average_loss": 1.0}}\nDLLL {"step": [0, 2', "a line that is not JSON"),
+])
+def test_plot_training_errors_are_one_line(tmp_path, capsys, content, message):
+    log = tmp_path / "dllogger.json"
+    if content is not None:
+        log.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_training.main([str(log)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+    assert not (tmp_path / "training_curves.png").exists()
