@@ -9,6 +9,7 @@
 #   glue_dir: the unpacked GLUE download (CoLA/, SST-2/, MRPC/, STS-B/, QQP/, MNLI/, QNLI/, RTE/,
 #             WNLI/, diagnostic/)
 #   mask:     as run_glue.sh's 17th parameter ("" = the config's mask)
+#   num_gpu, precision: "" (the default) = run_glue.sh's: every visible GPU in fp16, else 1 CPU process in fp32
 #
 # Environment: BATCH_SIZE (32 per GPU), LEARNING_RATE (2e-5), EPOCHS (3), MAX_STEPS (-1),
 # MODE ("train eval prediction"), TASKS (all nine), VOCAB_FILE (vocab/vocab), MAX_SEQ_LENGTH (128).
@@ -21,8 +22,8 @@ glue_dir=${2:?usage: run_glue_all.sh <init_checkpoint> <glue_dir> ...}
 config_file=${3:-"bert_config.json"}
 out_root=${4:-"results/glue"}
 mask=${5:-""}
-num_gpu=${6:-"8"}
-precision=${7:-"fp16"}
+num_gpu=${6:-""}
+precision=${7:-""}
 seed=${8:-"2"}
 name=${9:-"${mask:-$(basename "$init_checkpoint")}"}
 
