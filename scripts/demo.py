@@ -8,7 +8,7 @@ each frozen searched mask and with one fixed pattern → a table in the shape of
 
 Every stage writes into its own folder and marks it done only when it finished; a re-run skips
 finished stages and redoes an interrupted one from scratch (`--fresh` starts everything anew).
-Usage: python scripts/demo.py [--out demo_output] [--pretrain_steps 80] [--smoke]
+Usage: python scripts/demo.py [--out demo_output] [--pretrain_steps 80] [--smoke] (--help: every option)
 """
 from __future__ import annotations
 
@@ -39,14 +39,20 @@ class SearchRun:
     lam: float | None = None
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_output", help="folder for every artefact of the run")
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of resuming")
-    p.add_argument("--smoke", action="store_true", help="smallest settings (seconds, for tests)")
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--max_pred", type=int, default=20)
-    p.add_argument("--dupe_factor", type=int, default=1)
+    p.add_argument("--smoke", action="store_true",
+                   help="smallest settings, for tests: --seq_len 64 --max_pred 10 --batch 4 --pretrain_steps 4 "
+                        "--glue_steps 4 --glue_seq_len 32")
+    p.add_argument("--seq_len", type=int, default=128, help="search sequence length (tokens)")
+    p.add_argument("--max_pred", type=int, default=20, help="masked tokens per sequence at most")
+    p.add_argument("--dupe_factor", type=int, default=1, help="passes over the corpus when making shards")
     p.add_argument("--batch", type=int, default=16, help="search sequences per optimizer step")
     p.add_argument("--pretrain_steps", type=int, default=80, help="optimizer steps of each search")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="LAMB peak learning rate of the model")
@@ -55,12 +61,17 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lambda_u", type=float, default=1e-4, help="λ of the DAM_u search")
     p.add_argument("--dam_block_size", type=int, default=1,
                    help="> 1: one DAM gate per block (pair / offset), the block-sparse-kernel friendly search")
-    p.add_argument("--glue_steps", type=int, default=40)
+    p.add_argument("--glue_steps", type=int, default=40, help="optimizer steps of each fine-tuning")
     p.add_argument("--glue_seq_len", type=int, default=64, help="fine-tuning length (the mask's top-left slice)")
-    p.add_argument("--glue_batch", type=int, default=16)
-    p.add_argument("--glue_learning_rate", type=float, default=1e-4)
+    p.add_argument("--glue_batch", type=int, default=16, help="fine-tuning sequences per step")
+    p.add_argument("--glue_learning_rate", type=float, default=1e-4, help="fine-tuning peak learning rate")
     p.add_argument("--fixed_pattern", default="star", help="the fixed pattern fine-tuned beside the searches")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads of every training run: the float rounding, and so every number of the table, "
+                        "depends on it, so the default is fixed rather than this machine's core count")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error(f"--threads {args.threads}: give 1 or more")
     if args.smoke:
         args.seq_len, args.max_pred, args.batch, args.pretrain_steps, args.glue_steps, args.glue_seq_len = \
             64, 10, 4, 4, 4, 32
@@ -115,9 +126,11 @@ class Pipeline:
                 "--learning_rate", str(a.learning_rate), "--warmup_proportion", "0.1",
                 "--num_steps_per_checkpoint", str(a.pretrain_steps), "--log_freq", str(max(a.pretrain_steps // 10, 1)),
                 "--seed", "42", "--lamb", str(run.lam), "--json-summary", str(folder / "dllogger.json")]
-        run_python(*argv)
+        run_python(*argv, threads=a.threads)
         run_python("scripts/plot_masks.py", str(folder / "attention_mask.safetensors"),
                     "--out", str(folder / "attention_mask.png"))
+        run_python("scripts/plot_training.py", str(folder / "dllogger.json"),
+                   "--out", str(folder / "training_curves.png"))
 
     def finetune(self, name: str, init: Path, mask_args: list[str]) -> None:
         a = self.args
@@ -127,7 +140,7 @@ class Pipeline:
                     "--output_dir", str(self.out / "glue" / name), "--do_train", "--do_eval", "--do_predict",
                     "--max_seq_length", str(a.glue_seq_len), "--train_batch_size", str(a.glue_batch),
                     "--eval_batch_size", "64", "--learning_rate", str(a.glue_learning_rate), "--max_steps", str(a.glue_steps),
-                    "--warmup_proportion", "0.1", "--seed", "2", *mask_args)
+                    "--warmup_proportion", "0.1", "--seed", "2", *mask_args, threads=a.threads)
 
     def glue_config(self) -> Path:
         """Fine-tuning config: the architecture and mask length; the mask itself comes as flags."""
@@ -172,7 +185,8 @@ class Pipeline:
                  f"Start: pretrained MiniLM-L6 (6 layers, 12 heads, hidden 384). Searches: {a.pretrain_steps} steps "
                  f"of {a.batch} sequences of {a.seq_len} tokens, model lr {a.learning_rate:g}, mask lr "
                  f"{a.mask_learning_rate:g}. Fine-tuning: {a.glue_steps} steps on the demo SST-2-format task; dense "
-                 f"and {a.fixed_pattern} start from the pretrained weights, each searched mask from its search's.", "",
+                 f"and {a.fixed_pattern} start from the pretrained weights, each searched mask from its search's. "
+                 f"Every training run used {a.threads} CPU threads.", "",
                  "| mask | sparsity (%) | search MLM+NSP loss | dev accuracy |", "|---|---:|---:|---:|"]
         for row, init, _ in self.glue_runs():
             results = json.loads((self.out / "glue" / row.split(" ")[0] / "results.txt").read_text())
@@ -182,14 +196,15 @@ class Pipeline:
             mask, _ = load_mask_file(self.out / "pretrain" / run.name / "attention_mask.safetensors")
             lines += ["", f"## {run.name} searched mask", "", diagonal_finding(mask), "",
                       "Sparsity %, per layer × head:", "", "```", sparsity_report(mask), "```",
-                      f"Picture: pretrain/{run.name}/attention_mask.png"]
+                      f"Pictures: pretrain/{run.name}/attention_mask.png (the mask), "
+                      f"pretrain/{run.name}/training_curves.png (loss, penalty, sparsity, learning rates)"]
         return "\n".join(lines) + "\n"
 
     def final_loss(self, run_name: str) -> float:
-        """MLM + NSP loss of the last logged window (the logged average also holds λ·ΣM)."""
+        """MLM + NSP loss of the last logged window (the logged average leaves the penalty λ·ΣM out)."""
         records = read_dllogger_json(self.out / "pretrain" / run_name / "dllogger.json")
         windows = [r["data"] for r in records if "average_loss" in r.get("data", {})]
-        return windows[-1]["average_loss"] - windows[-1]["mask_penalty"] if windows else float("nan")
+        return windows[-1]["average_loss"] if windows else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
