@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import torch  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.gridspec import GridSpec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attention_masks  # noqa: E402
@@ -38,9 +39,9 @@ def _grid_shape(count: int) -> tuple[int, int]:
     return math.ceil(count / cols), cols
 
 
-def _draw_maps(fig: plt.Figure, grid, maps: torch.Tensor, titles: list[str], binary: bool) -> None:
+def _draw_maps(fig: plt.Figure, grid: GridSpec, maps: torch.Tensor, titles: list[str], binary: bool) -> None:
     """Maps [k, n, n] in the first rows of `grid`, query i down and key j across, with a colour bar."""
-    rows, cols = _grid_shape(len(maps))
+    cols = _grid_shape(len(maps))[1]
     n = maps.shape[-1]
     ticks = [0, n // 2, n - 1]
     axes = []
@@ -53,7 +54,7 @@ def _draw_maps(fig: plt.Figure, grid, maps: torch.Tensor, titles: list[str], bin
         ax.set_xticks(ticks)
         ax.set_yticks(ticks)
         ax.tick_params(labelsize=7)
-        if r == rows - 1 or k + cols >= len(maps):
+        if k + cols >= len(maps):  # no map below this one
             ax.set_xlabel("key position j", fontsize=8)
         if c == 0:
             ax.set_ylabel("query position i", fontsize=8)
@@ -97,7 +98,7 @@ def _title(mask_file: str, mask: torch.Tensor, metadata: dict) -> str:
             f"{100 * attention_masks.sparsity(mask):.1f}% of the (query, key) pairs dropped")
 
 
-def _figure(count: int, with_offsets: bool) -> tuple[plt.Figure, object]:
+def _figure(count: int, with_offsets: bool) -> tuple[plt.Figure, GridSpec]:
     rows, cols = _grid_shape(count)
     extra = [0.75] if with_offsets else []
     fig = plt.figure(figsize=(max(PANEL_INCHES * cols + 1.8, 8.0), PANEL_INCHES * (rows + sum(extra)) + 1.2),
