@@ -656,9 +656,22 @@ def masked_lm_rows(masked_lm_labels: torch.Tensor, max_predictions: int | None =
     return (rows + torch.arange(batch, device=rows.device)[:, None] * seq_len).reshape(-1)
 
 
+def pretraining_loss(prediction_scores: torch.Tensor, seq_relationship_score: torch.Tensor,
+                     row_labels: torch.Tensor, next_sentence_labels: torch.Tensor) -> torch.Tensor:
+    """MLM cross-entropy over the scored rows (label -1 ignored) plus NSP cross-entropy, in fp32
+    (NVIDIA's criterion)."""
+    mlm = F.cross_entropy(prediction_scores.float(), row_labels, ignore_index=-1)
+    nsp = F.cross_entropy(seq_relationship_score.float(), next_sentence_labels.view(-1))
+    return mlm + nsp
+
+
 class BertForPreTraining(BertPreTrainedModel):
     """MLM + NSP heads. With `masked_lm_labels` the vocab projection runs only on the rows of
-    `masked_lm_rows` (pass the same `max_predictions` to the loss)."""
+    `masked_lm_rows`; with `next_sentence_labels` too, the MLM + NSP loss comes third.
+
+    The attention-mask penalty is not in that loss: `mask_penalty()` is the search's own term,
+    logged apart from the language-model loss it is traded against.
+    """
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -669,12 +682,19 @@ class BertForPreTraining(BertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 masked_lm_labels: torch.Tensor | None = None,
-                max_predictions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                next_sentence_labels: torch.Tensor | None = None,
+                max_predictions: int | None = None) -> tuple[torch.Tensor, ...]:
         sequence_output, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
-        if masked_lm_labels is not None:
-            rows = masked_lm_rows(masked_lm_labels, max_predictions)
-            sequence_output = sequence_output.flatten(0, 1)[rows]  # [rows, H]
-        return self.cls.predictions(sequence_output), self.cls.seq_relationship(pooled_output)
+        seq_relationship_score = self.cls.seq_relationship(pooled_output)
+        if masked_lm_labels is None:
+            return self.cls.predictions(sequence_output), seq_relationship_score
+        rows = masked_lm_rows(masked_lm_labels, max_predictions)
+        prediction_scores = self.cls.predictions(sequence_output.flatten(0, 1)[rows])  # [rows, vocab]
+        if next_sentence_labels is None:
+            return prediction_scores, seq_relationship_score
+        loss = pretraining_loss(prediction_scores, seq_relationship_score, masked_lm_labels.reshape(-1)[rows],
+                                next_sentence_labels)
+        return prediction_scores, seq_relationship_score, loss
 
 
 class BertForMaskedLM(BertPreTrainedModel):
@@ -715,26 +735,40 @@ class _BertWithClassifier(BertPreTrainedModel):
         self.init_weights()
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over classes (label -1 ignored), or mean squared error for one output
+    (regression, nan ignored), in fp32."""
+    if logits.size(-1) == 1:
+        scores, targets = logits.float().view(-1), labels.float().view(-1)
+        labelled = ~torch.isnan(targets)
+        return F.mse_loss(scores[labelled], targets[labelled])
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-1)
+
+
 class BertForSequenceClassification(_BertWithClassifier):
-    """Classifier on the pooled [CLS] vector (num_labels = 1: regression)."""
+    """Classifier on the pooled [CLS] vector (num_labels = 1: regression); with `labels`, also the loss."""
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
-        return self.classifier(self.dropout(pooled_output))
+        logits = self.classifier(self.dropout(pooled_output))
+        return logits if labels is None else (logits, classification_loss(logits, labels))
 
 
 class BertForTokenClassification(_BertWithClassifier):
-    """Classifier on every token's vector."""
+    """Classifier on every token's vector; with `labels` ([B, n], -1 ignored), also the loss."""
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        return self.classifier(self.dropout(sequence_output))
+        logits = self.classifier(self.dropout(sequence_output))
+        return logits if labels is None else (logits, classification_loss(logits, labels))
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):
-    """SQuAD head: start and end logits per token."""
+    """SQuAD head: start and end logits per token; with both positions, also their mean cross-entropy."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -743,10 +777,15 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        start_logits, end_logits = self.qa_outputs(sequence_output).split(1, dim=-1)
-        return start_logits.squeeze(-1), end_logits.squeeze(-1)
+        start_logits, end_logits = (t.squeeze(-1) for t in self.qa_outputs(sequence_output).split(1, dim=-1))
+        if start_positions is None or end_positions is None:
+            return start_logits, end_logits
+        loss = (F.cross_entropy(start_logits.float(), start_positions)
+                + F.cross_entropy(end_logits.float(), end_positions)) / 2
+        return start_logits, end_logits, loss
 
 
 # ============================================================================ weight files and names

@@ -8,6 +8,7 @@ parser and the TSV readers, and a source scan proving nothing a user supplies is
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import re
@@ -363,7 +364,6 @@ def test_bad_config_file_gives_one_line_naming_file_and_field(good_shard, tmp_pa
 
 
 @pytest.mark.parametrize("flags, expect", [
-    (dict(attention_mask_type="dam"), "attention_mask_type"),
     (dict(lamb=-1.0), "--lamb"),
     (dict(dist_timeout=0), "--dist_timeout"),
     (dict(max_predictions_per_seq=2), "--max_predictions_per_seq"),
@@ -374,6 +374,19 @@ def test_bad_flags_give_one_line(good_shard, tmp_path, capsys, flags, expect):
     assert run_pretraining.main(argv) == 1
     assert expect in one_error_line(capsys)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--attention_mask_type", "Star", "argument --attention_mask_type: invalid choice: 'Star'"),
+    ("--lamb", "abc", "argument --lamb: must be a number, got 'abc'"),
+])
+def test_a_bad_flag_value_is_one_line_naming_the_flag_not_the_usage(good_shard, tmp_path, capsys, flag, value, expect):
+    argv = base_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_pretraining.main([*argv, flag, value])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and err.startswith("run_pretraining.py: error: ")
+    assert expect in err and "usage:" not in err and not (tmp_path / "out").exists()
 
 
 def test_invalid_json_config(good_shard, tmp_path, capsys):

@@ -171,8 +171,6 @@ def test_dense_mlm_head_computes_only_masked_rows():
 def test_static_mlm_rows_give_the_same_loss_and_grads_as_exact_rows():
     """max_predictions pads each sequence's masked rows to a fixed count (label -1, ignored): the
     loss and every gradient equal the exact-rows path, with no data-dependent shape."""
-    import run_pretraining
-
     ids, types, mask = random_batch(997)
     labels = torch.full_like(ids, -1)
     labels[0, [2, 5, 9]], labels[1, 3], labels[2, [1, 4]] = 10, 11, 12  # 3, 1 and 2 masked rows
@@ -182,11 +180,10 @@ def test_static_mlm_rows_give_the_same_loss_and_grads_as_exact_rows():
         torch.manual_seed(0)
         model = BertForPreTraining(tiny_config(attention_mask_type="dam_s", dam_lambda=1e-3))
         rows = modeling.masked_lm_rows(labels, k)
-        scores, nsp = model(ids, types, mask, labels, max_predictions=k)
+        torch.manual_seed(1)
+        scores, nsp, loss = model(ids, types, mask, labels, nsp_labels, max_predictions=k)
         assert scores.shape[0] == len(rows) == (6 if k is None else 3 * k)
         assert torch.equal(labels.reshape(-1)[rows][labels.reshape(-1)[rows] != -1], labels[labels != -1])
-        torch.manual_seed(1)
-        loss = run_pretraining.pretraining_loss(scores, nsp, labels, nsp_labels, k)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
     (exact, exact_grads), (static, static_grads) = results

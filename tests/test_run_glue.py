@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import attention_masks
 import run_glue
@@ -85,6 +86,11 @@ def glue_args(glue: Path, out: Path, task: str = "sst-2", *extra: str) -> list[s
             "--learning_rate", "2e-3", "--seed", "1", *extra]
 
 
+def saved_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The fine-tuned weights run_glue.py saved into `out` (a saved-model folder)."""
+    return load_file(out / "model.safetensors")
+
+
 def results(out: Path) -> dict:
     return json.loads((out / "results.txt").read_text())
 
@@ -117,9 +123,9 @@ def test_tiny_bert_learns_the_keyword_task(glue: Path, tmp_path: Path, mask: str
     assert [i for i, _ in rows] == [str(i) for i in range(25)] and {p for _, p in rows} <= {"0", "1"}
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions == {f"test-{i}": p for i, p in rows}
-    saved = safe_torch_load(out / "pytorch_model.bin")
-    assert set(saved) == {"model"} and "classifier.weight" in saved["model"]
-    assert BertConfig.from_json_file(out / "config.json").attention_mask_type == mask
+    saved = saved_weights(out)
+    assert "classifier.weight" in saved and not (out / "pytorch_model.bin").exists()  # one saved-model format
+    assert BertConfig.from_json_file(out / "bert_config.json").attention_mask_type == mask
     records = read_dllogger_json(out / "dllogger.json")
     final = records[-1]["data"]
     assert final["exact_match"] == r["acc"] and "training_sequences_per_second" in final
@@ -130,13 +136,13 @@ def test_eval_only_from_the_finetuned_checkpoint_reproduces_the_metrics(glue: Pa
     assert run_glue.main(glue_args(glue, first, "sst-2", "--do_train", "--do_eval", "--max_steps", "6",
                                    "--attention_mask_type", "star")) == 0
     again = tmp_path / "eval"
-    # The saved config.json carries the mask type, so no override is needed.
+    # The saved bert_config.json carries the mask type, so no override is needed.
     assert run_glue.main(glue_args(glue, again, "sst-2", "--do_eval", "--init_checkpoint",
-                                   str(first / "pytorch_model.bin"), "--config_file", str(first / "config.json"))) == 0
+                                   str(first / "model.safetensors"), "--config_file", str(first / "bert_config.json"))) == 0
     a, b = results(first), results(again)
     assert b["acc"] == a["acc"] and b["eval:loss"] == pytest.approx(a["eval:loss"], rel=1e-6)
     assert b["mask_sparsity"] == a["mask_sparsity"] > 0
-    assert not (again / "pytorch_model.bin").exists()
+    assert not (again / "model.safetensors").exists()
 
 
 def test_mnli_matched_mismatched_and_ax_server_files(glue: Path, tmp_path: Path) -> None:
@@ -169,7 +175,7 @@ def test_gradient_accumulation_matches_the_full_batch(glue: Path, tmp_path: Path
         out = tmp_path / f"ga{accumulation}"
         assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--max_steps", "3",
                                        "--gradient_accumulation_steps", accumulation)) == 0
-        weights.append(safe_torch_load(out / "pytorch_model.bin")["model"])
+        weights.append(saved_weights(out))
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
@@ -233,7 +239,7 @@ def test_a_model_fine_tuned_with_a_mask_file_is_a_self_contained_folder(glue: Pa
     assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "2",
                                    "--attention_mask_type", "file",
                                    "--attention_mask_file", "masks/mask.safetensors")) == 0
-    assert json.loads((out / "config.json").read_text())["attention_mask_file"] == "attention_mask.safetensors"
+    assert json.loads((out / "bert_config.json").read_text())["attention_mask_file"] == "attention_mask.safetensors"
     copy, metadata = attention_masks.load_mask_file(out / "attention_mask.safetensors")
     assert torch.equal(copy, star) and metadata["mode"] == "star"
     # Elsewhere, decoys of another pattern sit at both relative paths: the folder's own mask must win.
@@ -244,7 +250,7 @@ def test_a_model_fine_tuned_with_a_mask_file_is_a_self_contained_folder(glue: Pa
     assert torch.equal(model.bert.sparse_mask.binarize(), star)
     again = tmp_path / "again"
     assert run_glue.main(glue_args(glue, again, "sst-2", "--do_eval", "--init_checkpoint", str(out),
-                                   "--config_file", str(out / "config.json"))) == 0
+                                   "--config_file", str(out / "bert_config.json"))) == 0
     assert results(again)["eval:loss"] == pytest.approx(results(out)["eval:loss"], rel=1e-6)
     assert results(again)["mask_sparsity"] == pytest.approx(attention_masks.sparsity(star))
     # Any other --config_file keeps its meaning: a relative mask path is read from the current directory.
@@ -275,7 +281,7 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
     out = tmp_path / "ft"
     assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "4",
                                    "--init_checkpoint", str(tmp_path / "dam.pt"), "--attention_mask_type", "dam_u")) == 0
-    saved = safe_torch_load(out / "pytorch_model.bin")["model"]
+    saved = saved_weights(out)
     torch.testing.assert_close(saved["bert.sparse_mask.mask_logits"], logits, rtol=0, atol=0)
     before = safe_torch_load(tmp_path / "dam.pt")["model"]
     assert not torch.equal(saved["bert.encoder.layer.0.attention.self.query.weight"],
@@ -403,7 +409,6 @@ def test_training_from_a_pretraining_checkpoint_gets_a_new_head(glue: Path, tmp_
     (["--do_train", "--max_seq_length", "32", "--attention_mask_type", "star"],
      "mask_seq_length 16 < --max_seq_length 32"),
     (["--do_train", "--attention_mask_type", "dam_s"], "needs --init_checkpoint holding the searched mask logits"),
-    (["--do_train", "--attention_mask_type", "diagonal"], "attention_mask_type"),
     (["--do_train", "--warmup_proportion", "1.5"], "--warmup_proportion is a fraction"),
 ])
 def test_bad_flags_fail_early_with_one_line(glue: Path, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
@@ -592,6 +597,14 @@ def test_run_glue_all_prints_the_table_row(glue: Path, tmp_path: Path) -> None:
     assert cells[3] == "-" and cells[-1].endswith("*")  # QQP not run; the average says it is partial
 
 
+def test_a_bad_flag_value_is_one_line_naming_the_flag_and_its_choices(glue: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main(glue_args(glue, tmp_path / "out") + ["--do_train", "--attention_mask_type", "Star"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and not (tmp_path / "out").exists()
+    assert err.startswith("run_glue.py: error: argument --attention_mask_type: invalid choice: 'Star'") and "'star'" in err
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_every_float_flag_refuses_non_finite_values_at_parse_time(glue: Path, tmp_path: Path, capsys, float_flags, value: str) -> None:
     flags = float_flags(run_glue.parse_arguments)
@@ -606,12 +619,12 @@ def test_every_float_flag_refuses_non_finite_values_at_parse_time(glue: Path, tm
 def test_fine_tuning_into_the_folder_of_its_init_checkpoint_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "pytorch_model.bin").write_bytes(b"the starting weights")
-    argv = glue_args(glue, out) + ["--do_train", "--init_checkpoint", str(out / "pytorch_model.bin")]
+    (out / "model.safetensors").write_bytes(b"the starting weights")
+    argv = glue_args(glue, out) + ["--do_train", "--init_checkpoint", str(out)]
     assert run_glue.main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("run_glue.py: error: --output_dir's pytorch_model.bin") and "--init_checkpoint" in err
-    assert (out / "pytorch_model.bin").read_bytes() == b"the starting weights"
+    assert err.startswith("run_glue.py: error: --output_dir's model.safetensors") and "--init_checkpoint" in err
+    assert (out / "model.safetensors").read_bytes() == b"the starting weights"
 
 
 def test_a_second_fine_tuning_into_an_output_dir_in_use_is_refused(glue: Path, tmp_path: Path, capsys,
