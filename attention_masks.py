@@ -14,6 +14,9 @@ Conventions (shared with modeling.py):
   * The mask is built for ``mask_seq_length`` = n tokens; shorter inputs use the top-left
     ``[s, s]`` slice, longer inputs are an error.
 
+The mask's configuration is ``MaskConfig``: modeling.BertConfig inherits its fields, so this module
+depends on nothing of modeling.py (its command line runs without it).
+
 The method and the patterns' definitions: docs/masks.md and docs/search.md.
 """
 from __future__ import annotations
@@ -185,7 +188,8 @@ def check_pattern_params(name: str, params: dict[str, Any],
     return _checked_parameters(name, params, pattern_parameters(name), source)
 
 
-def _checked_parameters(name: str, params: dict[str, Any], allowed: dict[str, Any], source: str | None) -> dict[str, Any]:
+def _checked_parameters(name: str, params: dict[str, Any], allowed: dict[str, Any],
+                        source: str | None) -> dict[str, Any]:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(f"{source + ': ' if source else ''}pattern {name!r} has no parameter(s) "
@@ -557,30 +561,38 @@ class MaskConfig:
             raise ValueError(f"bert_config field '{name}' is {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
 
     def _check_values(self) -> None:
-        for name in ("num_hidden_layers", "num_attention_heads", "mask_seq_length", "dam_block_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"bert_config field '{name}' must be > 0, got {getattr(self, name)}")
+        self._check_grid()
         self._check_choice("attention_mask_type", MASK_TYPES)
         self._check_choice("dam_temperature_schedule", TEMPERATURE_SCHEDULES)
         self._check_choice("dam_penalty_gradient", PENALTY_GRADIENTS)
+        self._check_dam_numbers()
+        if self.attention_mask_type == "file" and not self.attention_mask_file:
+            raise ValueError("bert_config: attention_mask_type 'file' needs 'attention_mask_file' (a mask file "
+                             "written by run_pretraining.py --export_mask)")
+        if self.attention_mask_type in PATTERN_NAMES and self.attention_mask_type != "dense":
+            self.pattern_params = check_pattern_params(self.attention_mask_type, self.pattern_params)
+
+    def _check_grid(self) -> None:
+        """Layers, heads, length and DAM blocks: positive, blocks tiling the length, and a mask small
+        enough to allocate (checked before it is)."""
+        for name in ("num_hidden_layers", "num_attention_heads", "mask_seq_length", "dam_block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"bert_config field '{name}' must be > 0, got {getattr(self, name)}")
+        if self.mask_seq_length % self.dam_block_size:
+            raise ValueError(f"bert_config field 'dam_block_size' ({self.dam_block_size}) must divide "
+                             f"'mask_seq_length' ({self.mask_seq_length})")
+        entries = self.num_hidden_layers * self.num_attention_heads * self.mask_seq_length**2
+        if self.attention_mask_type != "dense" and entries > MAX_MASK_ENTRIES:
+            raise ValueError(f"bert_config: the attention mask would have {entries:.3g} entries (limit "
+                             f"{MAX_MASK_ENTRIES:.0e}); lower 'mask_seq_length' ({self.mask_seq_length})")
+
+    def _check_dam_numbers(self) -> None:
         if self.dam_lambda < 0:
             raise ValueError(f"bert_config field 'dam_lambda' must be >= 0 (e.g. 1e-4 ... 1e-1), got {self.dam_lambda}")
         if self.dam_temperature <= 0 or (self.dam_temperature_final is not None and self.dam_temperature_final <= 0):
             raise ValueError("bert_config fields 'dam_temperature' / 'dam_temperature_final' must be > 0")
         if self.dam_init_std < 0:
             raise ValueError(f"bert_config field 'dam_init_std' must be >= 0, got {self.dam_init_std}")
-        if self.mask_seq_length % self.dam_block_size:
-            raise ValueError(f"bert_config field 'dam_block_size' ({self.dam_block_size}) must divide "
-                             f"'mask_seq_length' ({self.mask_seq_length})")
-        if self.attention_mask_type == "file" and not self.attention_mask_file:
-            raise ValueError("bert_config: attention_mask_type 'file' needs 'attention_mask_file' (a mask file "
-                             "written by run_pretraining.py --export_mask)")
-        entries = self.num_hidden_layers * self.num_attention_heads * self.mask_seq_length**2
-        if self.attention_mask_type != "dense" and entries > MAX_MASK_ENTRIES:
-            raise ValueError(f"bert_config: the attention mask would have {entries:.3g} entries (limit "
-                             f"{MAX_MASK_ENTRIES:.0e}); lower 'mask_seq_length' ({self.mask_seq_length})")
-        if self.attention_mask_type in PATTERN_NAMES and self.attention_mask_type != "dense":
-            self.pattern_params = check_pattern_params(self.attention_mask_type, self.pattern_params)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
@@ -595,7 +607,8 @@ class MaskConfig:
     def from_json_file(cls, path: str | os.PathLike) -> Self:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist: pass --config_file pointing at a bert_config.json")
+            raise FileNotFoundError(f"config file {path} does not exist: pass --config_file pointing at a "
+                                    f"bert_config.json")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

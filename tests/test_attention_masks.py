@@ -2,8 +2,12 @@
 penalty, mask files, the plot script, and (with modeling.py) the mask inside BERT's attention."""
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -744,3 +748,95 @@ def test_mask_export_cli_refuses_out_equal_to_its_inputs(tmp_path):
         am.main(["export", "--checkpoint", str(checkpoint), "--config", str(config),
                  "--out", str(tmp_path / "search.safetensors")])
     assert checkpoint.read_bytes() == b"not read" and config.read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------ export provenance, module layering
+
+def search_checkpoint(path: Path, **recorded) -> "torch.nn.Module":
+    """A DAM search checkpoint as run_pretraining.py writes one: weights, its config, ``recorded`` keys."""
+    import modeling
+
+    searched = bert_config(attention_mask_type="dam_u", dam_lambda=1e-3)
+    torch.manual_seed(0)
+    model = modeling.BertForPreTraining(searched)
+    with torch.no_grad():
+        model.bert.sparse_mask.mask_logits.normal_()
+    torch.save({"model": model.state_dict(), "config": searched.to_json_string(), **recorded}, path)
+    return model
+
+
+@pytest.mark.parametrize("name, recorded, step", [
+    ("ckpt_5.pt", {"global_step": 5, "phase2": False}, 5),
+    ("search.pt", {"global_step": 5, "phase2": False}, 5),  # renamed: the recorded step still holds
+    ("ckpt_13.pt", {"global_step": 3, "phase2": True, "args": json.dumps({"phase1_end_step": 10})}, 13),
+    ("search.pt", {"global_step": 3, "phase2": True, "args": json.dumps({"phase1_end_step": 10})}, 13),
+    ("ckpt_13.pt", {"global_step": 3, "phase2": True}, 13),  # phase 2 without its offset: the name's N
+    ("ckpt_42.pt", {}, 42),  # a foreign checkpoint: the name's N
+    ("search.pt", {}, None),
+])
+def test_export_records_the_checkpoints_number_as_its_step(tmp_path, capsys, name, recorded, step):
+    search_checkpoint(tmp_path / name, **recorded)
+    out = tmp_path / "mask.safetensors"
+    am.main(["export", "--checkpoint", str(tmp_path / name), "--out", str(out)])
+    meta = am.load_mask_file(out)[1]
+    assert meta.get("step") == step and json.loads((tmp_path / "mask.json").read_text()).get("step") == step
+    printed = capsys.readouterr().out
+    assert (f"step {step}" if step is not None else "no step recorded (pass --step)") in printed
+    am.main(["export", "--checkpoint", str(tmp_path / name), "--out", str(out), "--step", "7"])  # the flag wins
+    assert am.load_mask_file(out)[1]["step"] == 7
+
+
+def project_imports(path: Path) -> set[str]:
+    """The modules of this repository that ``path`` imports, anywhere in it (functions included)."""
+    project = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if p.is_dir()}
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & project
+
+
+def test_attention_masks_imports_only_atomic_io_and_utils_of_the_project():
+    assert project_imports(ROOT / "attention_masks.py") == {"atomic_io", "utils"}
+    reached, todo = set(), ["attention_masks"]
+    while todo:  # and so, through them, never modeling
+        for module in project_imports(ROOT / f"{todo.pop()}.py") - reached:
+            reached.add(module)
+            todo.append(module)
+    assert reached <= {"atomic_io", "utils"}, reached
+    assert "attention_masks" in project_imports(ROOT / "modeling.py")  # the one direction
+
+
+def test_export_command_runs_without_importing_modeling(tmp_path):
+    model = search_checkpoint(tmp_path / "ckpt_12.pt", global_step=2, phase2=True,
+                              args=json.dumps({"phase1_end_step": 10}))
+    out = tmp_path / "mask.safetensors"
+    argv = ["attention_masks.py", "export", "--checkpoint", str(tmp_path / "ckpt_12.pt"), "--out", str(out)]
+    script = (f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path('attention_masks.py', run_name='__main__'); "
+              f"print(sorted(m for m in sys.modules if m in ('modeling', 'sparse_attention', 'training')))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    wrote, imported = result.stdout.strip().splitlines()
+    assert wrote.startswith(f"wrote {out}") and imported == "[]"
+    mask, meta = am.load_mask_file(out)
+    assert torch.equal(mask, model.bert.sparse_mask.full_mask()) and meta["step"] == 12 and meta["mode"] == "dam_u"
+
+
+def test_bert_config_inherits_the_mask_fields_with_their_defaults_and_checks():
+    import modeling
+
+    mask_fields = {f.name: f for f in dataclasses.fields(am.MaskConfig)}
+    bert_fields = {f.name: f for f in dataclasses.fields(modeling.BertConfig)}
+    assert all(bert_fields[name] is f for name, f in mask_fields.items())  # inherited, not declared again
+    assert {name: getattr(modeling.BertConfig(), name) for name in mask_fields} == dataclasses.asdict(am.MaskConfig())
+    data = modeling.BertConfig(attention_mask_type="dam_s", dam_lambda=1e-3, num_hidden_layers=3).to_dict()
+    assert dataclasses.asdict(am.MaskConfig.from_dict(data)) == {name: data[name] for name in mask_fields}
+    for bad, message in [({"dam_init_std": -1.0}, "field 'dam_init_std' must be >= 0"),
+                         ({"dam_symmetric": "no"}, "field 'dam_symmetric' must be true or false"),
+                         ({"dam_temperature_final": None, "attention_mask_file": 3}, "'attention_mask_file' must be str"),
+                         ({"dam_lamda": 1.0}, "unknown attention-mask field 'dam_lamda'")]:
+        for config_class in (am.MaskConfig, modeling.BertConfig):  # one check, one message, for both
+            with pytest.raises(ValueError, match=message):
+                config_class.from_dict({**data, **bad})
