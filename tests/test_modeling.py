@@ -449,7 +449,7 @@ def test_repo_bert_config_is_bert_base():
 
 
 def test_config_json_round_trip(tmp_path):
-    config = tiny_config(attention_mask_type="star", pattern_params={"num_global": 1}, dam_lambda=1e-3)
+    config = tiny_config(attention_mask_type="bigbird", pattern_params={"num_global": 1}, dam_lambda=1e-3)
     config.to_json_file(tmp_path / "c.json")
     assert BertConfig.from_json_file(tmp_path / "c.json") == config
     assert json.loads(config.to_json_string())["pattern_params"] == {"num_global": 1}
