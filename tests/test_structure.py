@@ -239,6 +239,22 @@ def describe_blocks(blocks: list[tuple[int, int, int, int, int]], name_a: str, n
                      for a0, a1, b0, b1, n in blocks)
 
 
+def imports_of_test_modules(folder: Path) -> list[str]:
+    """Every import of a test module or of conftest in `folder`'s test_*.py files."""
+    found = []
+    for path in sorted(folder.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} imports {name}" for name in names
+                      if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest"]
+    return found
+
+
 # ----------------------------------------------------------------------------- the detectors, proven
 
 
@@ -329,6 +345,14 @@ def test_five_alike_lines_or_a_changed_shape_are_not_a_repeat() -> None:
     assert repeated_blocks(a, literal) == []
 
 
+def test_imports_of_test_modules_and_conftest_are_found(tmp_path: Path) -> None:
+    write_tree(tmp_path, {"test_a.py": "import os\nfrom helpers import SEQ\n\n\ndef test_x():\n    import test_b\n",
+                          "test_b.py": "from conftest import ROOT\nfrom test_a import test_x as t\n",
+                          "test_c.py": "import testing_tools\n"})
+    assert imports_of_test_modules(tmp_path) == ["test_a.py:6 imports test_b", "test_b.py:1 imports conftest",
+                                                 "test_b.py:2 imports test_a"]
+
+
 # ----------------------------------------------------------------------------- the real tree
 
 
@@ -352,3 +376,10 @@ def test_no_block_is_repeated_between_the_two_scripts() -> None:
     source_a = a.read_text(encoding="utf-8")
     blocks = repeated_blocks(normalised_lines(source_a), normalised_lines(b.read_text(encoding="utf-8")))
     assert not blocks, "blocks alike in both scripts:\n" + describe_blocks(blocks, a.name, b.name, source_a)
+
+
+
+def test_no_test_module_imports_another_or_conftest() -> None:
+    """Shared test code is a conftest fixture (or a constant of tests/helpers.py), never a test module's."""
+    found = imports_of_test_modules(Path(__file__).resolve().parent)
+    assert not found, "\n".join(found)
