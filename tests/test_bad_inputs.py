@@ -190,10 +190,10 @@ def test_unreadable_init_checkpoint_says_what_the_file_is(good_shard, tmp_path, 
 
 @pytest.fixture
 def other_encoder(tiny_config):
-    """`other_encoder(tmp_path, case)`."""
+    """`other_encoder(tmp_path, case)`: a warm-start source that would leave this (TINY, 2 layers,
+    2 heads) model's encoder random."""
 
     def other_encoder(tmp_path: Path, case: str) -> Path:
-        """A warm-start source that would leave this (TINY, 2 layers, 2 heads) model's encoder random."""
         if case == "no_encoder_key":
             path = tmp_path / "w.pt"
             torch.save({"weight": torch.zeros(3), "encoder.block.0.w": torch.zeros(2)}, path)
@@ -286,7 +286,7 @@ class Payload:
 
 @pytest.fixture
 def evil_checkpoint(tiny_config):
-    """`evil_checkpoint(path, marker)`."""
+    """`evil_checkpoint(path, marker)`: a dam_s checkpoint at `path` whose unpickling would create `marker`."""
 
     def evil_checkpoint(path: Path, marker: Path) -> Path:
         state = BertForPreTraining(tiny_config(attention_mask_type="dam_s")).state_dict()

@@ -93,10 +93,10 @@ def steps_of_last_run(out: Path) -> list[int]:
 
 @pytest.fixture
 def resume_in_process(pretraining_args, dllogger_records):
-    """`resume_in_process(shards, out, config, **flags)`."""
+    """`resume_in_process(shards, out, config, **flags)`: resume the run in `out` to the end; the step
+    losses it logged."""
 
     def resume_in_process(shards: Path, out: Path, config: Path, **flags) -> dict[int, float]:
-        """Resume the run in `out` to the end; the step losses it logged."""
         first_part = dllogger_records(out, "step_loss")
         argv = pretraining_args(shards, out, config, resume_from_checkpoint=True, **{**FLAGS, **flags})
         assert run_pretraining.main(argv) == 0

@@ -191,10 +191,10 @@ def fixed_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @pytest.fixture
 def dam_checkpoint(tiny_config):
-    """`dam_checkpoint(path)`."""
+    """`dam_checkpoint(path)`: a DAM_u 'pretraining' checkpoint whose mask logits are random (about
+    half the gates kept); returns the logits."""
 
     def dam_checkpoint(path: Path) -> torch.Tensor:
-        """A DAM_u 'pretraining' checkpoint whose mask logits are random: about half the gates kept."""
         torch.manual_seed(3)
         model = BertForSequenceClassification(tiny_config(attention_mask_type="dam_u"), 2)
         with torch.no_grad():
@@ -294,11 +294,10 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
 
 @pytest.fixture
 def search_checkpoint(tiny_config):
-    """`search_checkpoint(path, **search)`."""
+    """`search_checkpoint(path, **search)`: a DAM pretraining checkpoint as run_pretraining.py writes
+    it: the weights, and the config the search ran with recorded under "config"."""
 
     def search_checkpoint(path: Path, **search: object) -> BertConfig:
-        """A DAM pretraining checkpoint as run_pretraining.py writes it: the weights, and the config
-        the search ran with recorded under "config"."""
         config = tiny_config(**search)
         model = BertForPreTraining(config)
         torch.save({"model": model.state_dict(), "config": config.to_json_string()}, path)
