@@ -56,6 +56,12 @@ def resolve(name: str, importer: str, modules: dict[str, Path], root: Path) -> s
     return None
 
 
+def with_packages(target: str, modules: dict[str, Path]) -> list[str]:
+    """`target` and the packages above it, which Python imports first (data, then data.sharding)."""
+    parts = target.split(".")
+    return [name for end in range(1, len(parts) + 1) if (name := ".".join(parts[:end])) in modules]
+
+
 def imports_of(module: str, modules: dict[str, Path], root: Path) -> list[Edge]:
     """Every project module `module` imports, at module level or inside a function."""
     tree = ast.parse(modules[module].read_text(encoding="utf-8"))
@@ -63,18 +69,23 @@ def imports_of(module: str, modules: dict[str, Path], root: Path) -> list[Edge]:
     found: list[Edge] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [(target, node.lineno) for alias in node.names
-                      if (target := resolve(alias.name, module, modules, root))]
+            names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: up from this module's package
                 parts = package.split(".") if package else []
                 base = ".".join([*parts[:len(parts) - node.level + 1], *([base] if base else [])])
             # `from data import sharding` loads data.sharding; `from data.sharding import f`, data.sharding
-            found += [(target, node.lineno) for alias in node.names
-                      if (target := resolve(f"{base}.{alias.name}" if base else alias.name, module, modules, root))
-                      and target != module]
-    return found
+            names = [f"{base}.{alias.name}" if base else alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            target = resolve(name, module, modules, root)
+            for imported in with_packages(target, modules) if target else []:
+                # not the module itself, nor its own packages (initialised before it runs)
+                if not f"{module}.".startswith(f"{imported}."):
+                    found.append((imported, node.lineno))
+    return list(dict.fromkeys(found))
 
 
 def import_graph(root: Path) -> dict[str, list[Edge]]:
@@ -285,7 +296,7 @@ def test_package_relative_and_sibling_imports_resolve(tmp_path: Path) -> None:
     assert graph["data.a"] == [("data.b", 1)] and graph["data.b"] == [("data.c", 1)]
     assert graph["data.c"] == [("data.a", 1)]
     assert graph["scripts.run"] == [("scripts.stages", 1)]
-    assert graph["top"] == [("data.a", 1), ("processors.glue", 2)]
+    assert graph["top"] == [("data", 1), ("data.a", 1), ("processors", 2), ("processors.glue", 2)]
     assert import_cycles(graph) == [["data.a", "data.b", "data.c", "data.a"]]
 
 
