@@ -183,8 +183,10 @@ def test_gradient_accumulation_matches_the_full_batch(glue: Path, tmp_path: Path
 # ----------------------------------------------------------------------------- the frozen mask
 
 
-def tiny_config(**changes) -> BertConfig:
-    return BertConfig.from_dict({**TINY, **changes})
+@pytest.fixture(scope="module")
+def tiny_fields() -> dict:
+    """This module's `tiny_config`: the model of the synthetic GLUE tasks."""
+    return dict(TINY)
 
 
 def fixed_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,17 +195,23 @@ def fixed_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, torch.zeros_like(ids), torch.ones_like(ids)
 
 
-def dam_checkpoint(path: Path) -> torch.Tensor:
-    """A DAM_u 'pretraining' checkpoint whose mask logits are random: about half the gates kept."""
-    torch.manual_seed(3)
-    model = BertForSequenceClassification(tiny_config(attention_mask_type="dam_u"), 2)
-    with torch.no_grad():
-        model.bert.sparse_mask.mask_logits.normal_(0.0, 1.0)
-    torch.save({"model": model.state_dict()}, path)
-    return model.bert.sparse_mask.mask_logits.detach().clone()
+@pytest.fixture
+def dam_checkpoint(tiny_config):
+    """`dam_checkpoint(path)`: a DAM_u 'pretraining' checkpoint whose mask logits are random (about
+    half the gates kept); returns the logits."""
+
+    def dam_checkpoint(path: Path) -> torch.Tensor:
+        torch.manual_seed(3)
+        model = BertForSequenceClassification(tiny_config(attention_mask_type="dam_u"), 2)
+        with torch.no_grad():
+            model.bert.sparse_mask.mask_logits.normal_(0.0, 1.0)
+        torch.save({"model": model.state_dict()}, path)
+        return model.bert.sparse_mask.mask_logits.detach().clone()
+
+    return dam_checkpoint
 
 
-def test_outputs_change_with_the_mask_and_a_mask_file_equals_its_pattern(tmp_path: Path) -> None:
+def test_outputs_change_with_the_mask_and_a_mask_file_equals_its_pattern(tmp_path: Path, tiny_config) -> None:
     torch.manual_seed(0)
     # Large init: with BERT's 0.02 the attention output is too small a part of the residual stream
     # for the mask to show in the logits of an untrained model.
@@ -262,7 +270,8 @@ def test_a_model_fine_tuned_with_a_mask_file_is_a_self_contained_folder(glue: Pa
     assert run_glue.load_model_config(args).attention_mask_file == "masks/mask.safetensors"
 
 
-def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_path: Path) -> None:
+def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_path: Path, dam_checkpoint,
+                                                              tiny_config) -> None:
     logits = dam_checkpoint(tmp_path / "dam.pt")
     model = run_glue.build_model(tiny_config(attention_mask_type="dam_u"), 2, str(tmp_path / "dam.pt"))
     mask = model.bert.sparse_mask
@@ -289,13 +298,18 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
     assert results(out)["mask_sparsity"] == pytest.approx(expected)
 
 
-def search_checkpoint(path: Path, **search: object) -> BertConfig:
-    """A DAM pretraining checkpoint as run_pretraining.py writes it: the weights, and the config
-    the search ran with recorded under "config"."""
-    config = tiny_config(**search)
-    model = BertForPreTraining(config)
-    torch.save({"model": model.state_dict(), "config": config.to_json_string()}, path)
-    return config
+@pytest.fixture
+def search_checkpoint(tiny_config):
+    """`search_checkpoint(path, **search)`: a DAM pretraining checkpoint as run_pretraining.py writes
+    it: the weights, and the config the search ran with recorded under "config"."""
+
+    def search_checkpoint(path: Path, **search: object) -> BertConfig:
+        config = tiny_config(**search)
+        model = BertForPreTraining(config)
+        torch.save({"model": model.state_dict(), "config": config.to_json_string()}, path)
+        return config
+
+    return search_checkpoint
 
 
 @pytest.mark.parametrize("search, here, named", [
@@ -311,7 +325,7 @@ def search_checkpoint(path: Path, **search: object) -> BertConfig:
      ["dam_share_across_layers=True (search) vs False"]),
 ])
 def test_dam_logits_searched_under_another_layout_are_refused_naming_the_fields(
-        tmp_path: Path, search: dict, here: dict, named: list[str]) -> None:
+        tmp_path: Path, search: dict, here: dict, named: list[str], search_checkpoint, tiny_config) -> None:
     search_checkpoint(tmp_path / "search.pt", **search)
     with pytest.raises(ValueError) as caught:
         run_glue.build_model(tiny_config(**here), 2, str(tmp_path / "search.pt"))
@@ -321,7 +335,8 @@ def test_dam_logits_searched_under_another_layout_are_refused_naming_the_fields(
     assert "\n" not in message
 
 
-def test_dam_logits_load_when_only_fields_without_layout_meaning_differ(tmp_path: Path) -> None:
+def test_dam_logits_load_when_only_fields_without_layout_meaning_differ(tmp_path: Path, search_checkpoint,
+                                                                        tiny_config) -> None:
     # λ, τ and the init only shaped the search; dam_symmetric means nothing for dam_s.
     search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_s", dam_lambda=1e-3, dam_temperature=0.5,
                       dam_symmetric=True, dam_init_std=0.1)
@@ -329,7 +344,7 @@ def test_dam_logits_load_when_only_fields_without_layout_meaning_differ(tmp_path
     assert model.bert.sparse_mask.frozen
 
 
-def test_dam_layout_mismatch_stops_run_glue_in_one_line(glue: Path, tmp_path: Path, capsys) -> None:
+def test_dam_layout_mismatch_stops_run_glue_in_one_line(glue: Path, tmp_path: Path, capsys, search_checkpoint) -> None:
     search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_s")
     argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--init_checkpoint", str(tmp_path / "search.pt"),
                      "--attention_mask_type", "dam_u")
@@ -339,7 +354,8 @@ def test_dam_layout_mismatch_stops_run_glue_in_one_line(glue: Path, tmp_path: Pa
     assert "\n" not in err
 
 
-def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask(glue: Path, tmp_path: Path) -> None:
+def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask(glue: Path, tmp_path: Path,
+                                                                                 search_checkpoint) -> None:
     # Both routes freeze the same mask; building the DAM one must not shift the random draws of the
     # new classifier head or of the dropout that follows.
     search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_u", hidden_dropout_prob=0.1)
@@ -356,7 +372,7 @@ def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask
     assert dam_run["train:loss"] == file_run["train:loss"] and dam_run["eval:loss"] == file_run["eval:loss"]
 
 
-def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_training(tmp_path: Path) -> None:
+def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_training(tmp_path: Path, tiny_config) -> None:
     # e.g. RTE fine-tuned from an MNLI checkpoint: 3 outputs there, 2 here.
     torch.manual_seed(0)
     mnli = BertForSequenceClassification(tiny_config(), 3)
@@ -371,7 +387,7 @@ def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_trainin
 
 @pytest.mark.parametrize("mode", ["--do_eval", "--do_predict"])
 def test_scoring_a_checkpoint_without_classifier_is_refused_before_the_data_is_read(
-        glue: Path, tmp_path: Path, capsys, mode: str) -> None:
+        glue: Path, tmp_path: Path, capsys, mode: str, tiny_config) -> None:
     torch.save({"model": BertForPreTraining(tiny_config()).state_dict()}, tmp_path / "pretrained.pt")
     data = tmp_path / "SST-2"  # dev and test files that fail if read: the checkpoint must be refused first
     for name in ("dev.tsv", "test.tsv"):
@@ -388,7 +404,7 @@ def test_scoring_a_checkpoint_without_classifier_is_refused_before_the_data_is_r
     assert "add --do_train" in capsys.readouterr().err and not out.exists()
 
 
-def test_training_from_a_pretraining_checkpoint_gets_a_new_head(glue: Path, tmp_path: Path) -> None:
+def test_training_from_a_pretraining_checkpoint_gets_a_new_head(glue: Path, tmp_path: Path, tiny_config) -> None:
     torch.save({"model": BertForPreTraining(tiny_config()).state_dict()}, tmp_path / "pretrained.pt")
     out = tmp_path / "out"
     assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "1",
@@ -501,7 +517,7 @@ def test_mask_file_of_another_shape_fails_before_the_data_is_read(glue: Path, tm
     assert f"mask file {mask_file}" in err and str(list(shape)) in err and "\n" not in err
 
 
-def test_dam_type_with_a_checkpoint_without_logits_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
+def test_dam_type_with_a_checkpoint_without_logits_is_refused(glue: Path, tmp_path: Path, capsys, tiny_config) -> None:
     torch.save({"model": BertForSequenceClassification(tiny_config(), 2).state_dict()}, tmp_path / "dense.pt")
     argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--init_checkpoint", str(tmp_path / "dense.pt"),
                      "--attention_mask_type", "dam_u")
@@ -606,7 +622,8 @@ def test_a_bad_flag_value_is_one_line_naming_the_flag_and_its_choices(glue: Path
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-def test_every_float_flag_refuses_non_finite_values_at_parse_time(glue: Path, tmp_path: Path, capsys, float_flags, value: str) -> None:
+def test_every_float_flag_refuses_non_finite_values_at_parse_time(glue: Path, tmp_path: Path, capsys, float_flags,
+                                                                  value: str) -> None:
     flags = float_flags(run_glue.parse_arguments)
     assert "--learning_rate" in flags and "--max_grad_norm" in flags
     for flag in flags:
