@@ -25,6 +25,7 @@ before this module is imported (slow; for tests).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -32,15 +33,20 @@ import triton.language as tl
 
 MASKED_BIAS = -10000.0  # sparse_attention's additive bias of a dropped or padded key
 MIN_BLOCK = 16  # tl.dot needs every tile side >= 16
-# Tiles for a GPU: 64 x 64 fits the backward's five [64, d <= 128] tiles in registers.
+# Default tiles; not yet tuned on a GPU (none was available when the kernels were written).
 GPU_BLOCK_M = 64
 GPU_BLOCK_N = 64
-SEED_RANGE = 2 ** 31 - 1
+SEED_RANGE = 2 ** 31 - 1  # dropout seeds are drawn from [1, SEED_RANGE)
 
 
-def interpreted() -> bool:
-    """Whether the kernels of this module were built for Triton's CPU interpreter."""
-    return triton.knobs.runtime.interpret if hasattr(triton, "knobs") else False
+def _interpreting() -> bool:
+    if hasattr(triton, "knobs"):
+        return bool(triton.knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Read once: @triton.jit decides at decoration (this import) whether a kernel is interpreted.
+INTERPRETED = _interpreting()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,7 +56,7 @@ def interpreted() -> bool:
 @triton.jit
 def _dropout_keep(seed, bh, rows, cols, n, p_drop):
     """Bool [BLOCK_M, BLOCK_N]: which probabilities of this tile survive dropout."""
-    key = seed.to(tl.int64) + (bh.to(tl.int64) << 32)  # Philox key (seed, batch·head)
+    key = tl.cast(seed, tl.int64) + (tl.cast(bh, tl.int64) << 32)  # Philox key (seed, batch·head)
     return tl.rand(key, rows[:, None] * n + cols[None, :]) >= p_drop
 
 
@@ -111,11 +117,11 @@ def _forward_kernel(Q, K, V, Bias, Pad, Out, Lse,
             prob = tl.where(_dropout_keep(seed, bh, rows, cols, n, p_drop), prob, 0.0)
         acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
         m_i = m_new
+    tl.store(Lse + bh * n + rows, m_i + tl.log(l_i), mask=rows < n)
     if DROPOUT:
-        l_i = l_i * (1.0 - p_drop)  # kept entries are scaled by 1 / (1 - p)
+        l_i = l_i * (1.0 - tl.cast(p_drop, ACC))  # kept entries are scaled by 1 / (1 - p)
     acc = acc / l_i[:, None]
     tl.store(_tile_ptrs(Out + b * s_ob + h * s_oh, rows, s_on, dims), acc.to(Out.dtype.element_ty), mask=row_ok)
-    tl.store(Lse + bh * n + rows, m_i + tl.log(l_i), mask=rows < n)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -154,7 +160,7 @@ def _backward_kernel(Q, K, V, Bias, Pad, DO, Lse, Delta, DQ, DK, DV, DBias,
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)  # d loss / d (dropped, scaled) prob
         if DROPOUT:
             keep = _dropout_keep(seed, bh, rows, cols, n, p_drop)
-            inv_keep = 1.0 / (1.0 - p_drop)
+            inv_keep = 1.0 / (1.0 - tl.cast(p_drop, ACC))
             prob_out = tl.where(keep, prob * inv_keep, 0.0)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         else:
@@ -187,6 +193,9 @@ def _dropout_mask_kernel(Out, n, p_drop, seed, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 def _blocks(n: int, d: int, block_m: int | None, block_n: int | None) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D): the GPU tiles unless given, never larger than the padded length."""
+    for name, block in (("block_m", block_m), ("block_n", block_n)):
+        if block is not None and (block < MIN_BLOCK or block & (block - 1)):
+            raise ValueError(f"{name}={block} must be a power of two >= {MIN_BLOCK}")
     fit = max(MIN_BLOCK, triton.next_power_of_2(n))
     block_m = min(block_m or GPU_BLOCK_M, fit)
     block_n = min(block_n or GPU_BLOCK_N, fit)
@@ -284,8 +293,9 @@ def keep_bias(keep: torch.Tensor) -> torch.Tensor:
 
 
 def padding_bias(key_padding: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B, n] additive bias of bool key padding [B, n] (True = padding), in ``dtype``."""
-    return key_padding.to(dtype) * MASKED_BIAS
+    """[B, n] additive bias of bool key padding [B, n] (True = padding) for attention running in
+    ``dtype`` (fp32, or fp64 for fp64)."""
+    return key_padding.to(_acc_dtype(dtype)) * MASKED_BIAS
 
 
 def draw_seed() -> int:
