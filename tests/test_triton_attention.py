@@ -9,6 +9,8 @@ reference agree to rounding; fp32 rounds a score minus 10000 to ~1e-3 (see test_
 """
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import attention_masks  # noqa: E402
+import bench_attention as ba  # noqa: E402
+import bench_pretraining as bp  # noqa: E402
 import sparse_attention as sa  # noqa: E402
 import triton_attention as ta  # noqa: E402
 
@@ -240,3 +245,34 @@ def test_auto_never_picks_triton_on_cpu_and_a_missing_interpreter_is_a_clear_err
     monkeypatch.setattr(ta, "INTERPRETED", False)
     with pytest.raises(ValueError, match="backend='triton' needs a CUDA device"):
         sa.resolve_backend(torch.device("cpu"), keep, 0.1, "triton", 8)
+
+
+# --------------------------------------------------------------------------------- model, benches
+
+def test_bert_pretraining_with_the_triton_backend_matches_sdpa():
+    """The whole model (DAM_u mask, padding): the same loss and mask-logit gradient as the sdpa
+    backend without attention dropout; with dropout 0.1 a finite loss and a mask gradient."""
+    batch = bp.make_batch(2, 32, 0.3, torch.device(DEVICE), seed=0)
+    assert (batch.attention_mask == 0).any()
+    results = []
+    for mode, dropout_p in (("dam_u_triton", 0.0), ("dam_u", 0.0), ("dam_u_triton", 0.1)):
+        torch.manual_seed(0)  # the same weights, Gumbel samples and hidden dropout for each
+        model = bp.our_model(bp.PRESETS["tiny"], mode, "longformer", 32, dropout_p).to(DEVICE).train()
+        loss = bp.our_loss(model, batch)
+        (logits_grad,) = torch.autograd.grad(loss, model.bert.sparse_mask.mask_logits)
+        results.append((loss.detach(), logits_grad))
+    (triton_loss, triton_grad), (sdpa_loss, sdpa_grad), (dropout_loss, dropout_grad) = results
+    torch.testing.assert_close(triton_loss, sdpa_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(triton_grad, sdpa_grad, rtol=1e-3, atol=1e-6)
+    assert torch.isfinite(dropout_loss) and dropout_loss != triton_loss
+    assert torch.isfinite(dropout_grad).all() and dropout_grad.abs().max() > 0
+
+
+def test_bench_attention_triton_paths_run_and_clear_their_grads():
+    device = torch.device(DEVICE)
+    keep = ba.band_global_mask(32, 16, "block").to(device)
+    q, k, v = ba.make_inputs(1, 2, 32, 16, device, torch.float32)
+    for path in sorted(ba.TRITON_PATHS):
+        fn, learned = ba.build_path(path, q, keep, 16, device, None)
+        ba.time_path(fn, learned, q, k, v, warmup=0, iters=1, device=device)
+        assert all(t.grad is None for t in (q, k, v, *learned)), path
