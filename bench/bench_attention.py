@@ -185,7 +185,7 @@ def run_path(path: str, keep: torch.Tensor, batch: int, args: argparse.Namespace
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="GPU quick preset: S = 128, 512, 2048 and 8192, 10 paths, budget 150 s")
+    p.add_argument("--quick", action="store_true", help="GPU quick preset: S = 128, 512, 2048 and 8192, 10 paths, budget 100 s")
     p.add_argument("--seq_lens", type=int, nargs="+", default=None)
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch (batch = tokens // seq_len)")
     p.add_argument("--heads", type=int, default=None, help="12 on CUDA, 4 on CPU")
@@ -211,7 +211,7 @@ def parse_args(argv=None):
         paths=list(ALL_PATHS), time_budget_s=420.0 if cuda else 170.0,
     )
     if args.quick:
-        defaults.update(seq_lens=[128, 512, 2048, 8192], masks=["block"], warmup=2, iters=5, time_budget_s=150.0,
+        defaults.update(seq_lens=[128, 512, 2048, 8192], masks=["block"], warmup=2, iters=5, time_budget_s=100.0,
                         paths=["sdpa_dense", "sdpa_masked", "flex_block", "triton_masked", "dam_sdpa", "dam_flex",
                                "dam_triton", "dam_sdpa_dropout", "dam_triton_dropout", "dam_s_flex"])
         if args.masks == ("token", "block"):

@@ -233,7 +233,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="base on CUDA, small on CPU")
     p.add_argument("--quick", action="store_true",
                    help="GPU quick preset: base, bf16, seq 128 (batch 256) and 512 (batch 64), modes dense + dam_s + "
-                        "dam_u + pattern + dense_triton + dam_u_triton eager, dense + dam_s compiled; budget 300 s")
+                        "dam_u + pattern + dense_triton + dam_u_triton eager, dense + dam_s compiled; budget 240 s")
     p.add_argument("--seq_len", type=int, nargs="+", default=None)
     p.add_argument("--batch", type=int, default=None, help="default: 256 @128 / 64 @512 on CUDA, 8 / 2 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (after --warmup)")
@@ -262,7 +262,7 @@ def parse_args(argv=None):
     if args.quick:
         defaults.update(preset="base", seq_len=[128, 512], steps=10, warmup=3,
                         modes=["dense", "dense_triton", "dam_s", "dam_u", "dam_u_triton", "pattern"],
-                        compile_modes=["dense", "dam_s"], time_budget_s=300.0)
+                        compile_modes=["dense", "dam_s"], time_budget_s=240.0)
         args.bf16 = args.bf16 or cuda
         args.compile = True
     for key, value in defaults.items():
