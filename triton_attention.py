@@ -36,6 +36,7 @@ MIN_BLOCK = 16  # tl.dot needs every tile side >= 16
 # Default tiles; not yet tuned on a GPU (none was available when the kernels were written).
 GPU_BLOCK_M = 64
 GPU_BLOCK_N = 64
+MAX_HEAD_DIM = 128  # the largest head dim the tiles are sized for (BERT's is 64)
 SEED_RANGE = 2 ** 31 - 1  # dropout seeds are drawn from [1, SEED_RANGE)
 
 
@@ -207,6 +208,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index the last dimension with stride 1; any other strides are passed along."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """What scores, softmax statistics and gradient buffers are kept in: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -271,8 +277,10 @@ class _FusedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, bias, pad, out, lse = ctx.saved_tensors
+        dout = _unit_last_stride(dout)  # e.g. the all-zero-stride gradient of out.sum()
         bias_grad = bias is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = _backward(dout, q, k, v, bias, pad, out, lse, ctx.dropout_p, ctx.seed,
                                       ctx.blocks, bias_grad)
@@ -309,14 +317,20 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     if k.shape != q.shape or v.shape != q.shape or len({q.dtype, k.dtype, v.dtype}) != 1:
         raise ValueError(f"q, k, v must share one [B, H, n, d] shape and dtype; got {tuple(q.shape)} "
                          f"{q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
-    if bias is not None and (bias.dim() != 3 or bias.shape[0] not in (1, heads) or bias.shape[1:] != (n, n)):
-        raise ValueError(f"bias must be [1 or {heads}, {n}, {n}]; got {tuple(bias.shape)}")
-    if pad is not None and pad.shape != (batch, n):
-        raise ValueError(f"padding bias must be [{batch}, {n}]; got {tuple(pad.shape)}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} > {MAX_HEAD_DIM}: the Triton kernels do not tile it; use backend='sdpa'")
+    if bias is not None and (bias.dim() != 3 or bias.shape[0] not in (1, heads) or bias.shape[1:] != (n, n)
+                             or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a float [1 or {heads}, {n}, {n}] tensor (keep_bias); got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
+    if pad is not None and (pad.shape != (batch, n) or not pad.is_floating_point()):
+        raise ValueError(f"padding bias must be a float [{batch}, {n}] tensor (padding_bias); got "
+                         f"{tuple(pad.shape)} {pad.dtype}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1)")
-    if n * n >= 2 ** 31:
-        raise ValueError(f"sequence length {n} is too long for the dropout counters (n² must be < 2^31)")
+    if n * n >= 2 ** 31 or q.numel() >= 2 ** 31:
+        raise ValueError(f"q of shape {tuple(q.shape)} is too large for the kernels' 32-bit offsets "
+                         "(n² and B·H·n·d must be < 2^31); split the batch or use backend='sdpa'")
 
 
 @torch.compiler.disable  # a Triton launch and a host-side seed: run eagerly inside a compiled model
@@ -331,6 +345,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     two >= 16; the GPU tiles when None).
     """
     _check(q, k, v, bias, pad, dropout_p)
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     if bias is not None:
         bias = bias.contiguous()
     if pad is not None:

@@ -199,6 +199,22 @@ def test_bad_arguments_are_clear_errors():
         ta.fused_attention(q, k, v, dropout_p=1.0)
     with pytest.raises(ValueError, match="block_m=24"):
         ta.fused_attention(q, k, v, block_m=24)
+    with pytest.raises(ValueError, match="padding bias must be a float"):
+        ta.fused_attention(q, k, v, pad=torch.zeros(1, 32, dtype=torch.bool, device=DEVICE))
+
+
+def test_gradients_of_any_strides_match_contiguous_inputs():
+    """q, k, v as the model makes them (a transposed view) and the all-zero-stride gradient of
+    out.sum(): the same gradients as contiguous copies."""
+    batch, heads, n, d = 2, 2, 32, 16
+    base = torch.randn(3, batch, n, heads, d, generator=torch.Generator().manual_seed(4), dtype=F64).to(DEVICE)
+    views = [t.transpose(1, 2).requires_grad_() for t in base.unbind(0)]  # leaves in [B, H, n, d] layout
+    copies = [t.detach().contiguous().requires_grad_() for t in views]
+    pad, keep = case(n, 1)
+    for inputs in (views, copies):
+        triton_run(*inputs, pad, keep).sum().backward()
+    for view, copy in zip(views, copies):
+        torch.testing.assert_close(view.grad, copy.grad, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------- sparse_attention hook
