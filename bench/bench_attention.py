@@ -185,7 +185,8 @@ def run_path(path: str, keep: torch.Tensor, batch: int, args: argparse.Namespace
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="GPU quick preset: S = 128, 512, 2048 and 8192, 10 paths, budget 100 s")
+    p.add_argument("--quick", action="store_true",
+                   help="GPU quick preset: S = 128, 512, 2048 and 8192, 10 paths, budget 100 s")
     p.add_argument("--seq_lens", type=int, nargs="+", default=None)
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch (batch = tokens // seq_len)")
     p.add_argument("--heads", type=int, default=None, help="12 on CUDA, 4 on CPU")

@@ -3,7 +3,7 @@
 # and attention benches (each stops at its time budget: 240 + 240 + 100 s), then one table of every
 # bench row, the Triton rows among them. Tables go to stdout, JSON to results/.
 #   bash bench/run_gpu.sh            # all of it
-#   bash bench/run_gpu.sh triton     # one part: tests | triton | pretraining | pretraining_no_dropout | attention | summary
+#   bash bench/run_gpu.sh triton     # some parts, of: tests triton pretraining pretraining_no_dropout attention summary
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Default order: most wanted first, so a run cut short by the device's time still has it.
@@ -39,7 +39,8 @@ for name in ("bench_attention_cuda", "bench_pretraining_cuda", "bench_pretrainin
     for r in data["rows"]:
         if "path" in r:
             result = f"{r['ms']:.3f} ms fwd+bwd" if r["ms"] else "-"
-            print(f"| {bench} | S={r['seq_len']} B={r['batch']} mask {r['mask']} | {r['path']} | {result} | {r['note']} |")
+            config = f"S={r['seq_len']} B={r['batch']} mask {r['mask']}"
+            print(f"| {bench} | {config} | {r['path']} | {result} | {r['note']} |")
         else:
             ours = r["ours"]
             result = f"{ours['seq_per_s']:.1f} seq/s" if "seq_per_s" in ours else "-"
@@ -48,7 +49,8 @@ for name in ("bench_attention_cuda", "bench_pretraining_cuda", "bench_pretrainin
             print(f"| {bench} | {config}, {dropout} | {r['mode']} | {result} | {ours.get('error', '')} |")
 EOF
     ;;
-    *) echo "unknown part $part (tests | triton | attention | pretraining | pretraining_no_dropout | summary)"; exit 2 ;;
+    *) echo "unknown part $part (tests | triton | pretraining | pretraining_no_dropout | attention | summary)"
+       exit 2 ;;
   esac
 done
 exit $status
