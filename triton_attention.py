@@ -10,12 +10,12 @@ H' = 1 or H). The bias is added exactly as the reference adds it, so an all-drop
 attends as if unmasked there too. Nothing of size [B, H, n, n] is ever stored:
 
   * forward: one program per (q-tile, batch·head) runs an online softmax over the key tiles and
-    saves the output and each row's log-sum-exp (fp32 [B, H, n]).
+    saves the output and each row's log-sum-exp ([B, H, n], fp32; fp64 for fp64 inputs).
   * dropout: entry (b, h, i, j) is kept when Philox ``tl.rand(key, i·n + j) >= p``, the key being
     (the call's seed, b·H + h). Counter-based, so the backward regenerates the forward's pattern
     from the seed alone; the pattern is never stored (`dropout_keep_mask` rebuilds it, for checks).
   * backward: one program per (key-tile, batch·head) walks the q-tiles, keeps dK and dV in
-    registers, and adds dQ and the bias gradient atomically into fp32 buffers. The bias gradient
+    registers, and adds dQ and the bias gradient atomically into fp32 (fp64) buffers. The bias gradient
     lands on [H', n, n] directly, so its reduction over the batch (and over heads when H' = 1)
     happens inside the kernel.
 
@@ -64,7 +64,7 @@ def _dropout_keep(seed, bh, rows, cols, n, p_drop):
 @triton.jit
 def _scores(q, k, Bias, Pad, rows, cols, n, scale, s_bias_m,
             HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] scores in ACC: scores q kᵀ·scale + (padding + bias); keys past n get -inf."""
+    """[BLOCK_M, BLOCK_N] scores q kᵀ·scale + (padding + bias) in ACC; keys past n get -inf."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * scale
     in_rows, in_cols = rows < n, cols < n
     if HAS_BIAS:
@@ -133,7 +133,7 @@ def _backward_kernel(Q, K, V, Bias, Pad, DO, Lse, Delta, DQ, DK, DV, DBias,
                      HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, DROPOUT: tl.constexpr,
                      BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dQ, dK, dV (contiguous [B, H, n, d]; dQ fp32, accumulated) and dBias (fp32 [H', n, n])."""
+    """dQ, dK, dV (contiguous [B, H, n, d]; dQ accumulated in ACC) and dBias (ACC [H', n, n], accumulated)."""
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
