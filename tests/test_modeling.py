@@ -478,7 +478,7 @@ def test_hf_config_extras_are_kept_but_unknown_mask_fields_fail(tmp_path):
     ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
     ({"vocab_size": 0}, "vocab_size.*> 0"),
     ({"pattern_params": [1, 2]}, "pattern_params.*must be dict"),
-    ({"attention_backend": "triton"}, "attention_backend.*allowed: auto"),
+    ({"attention_backend": "xformers"}, "attention_backend.*allowed: auto"),
     ({"attention_backend": "flex", "attention_probs_dropout_prob": 0.1}, "attention_backend 'flex' has no.*dropout"),
 ])
 def test_bad_config_fields_raise_clear_errors(changes, message, tiny_config):
