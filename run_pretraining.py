@@ -409,6 +409,39 @@ def set_up(args: argparse.Namespace, lock: training.OutputDirLock) -> Pretrainin
                        rng_states)
 
 
+def restore_rng_states(states: list[dict[str, Any]] | None, world_size: int) -> None:
+    """The resumed run's RNG streams, last, so that nothing drawn while setting up shifts them."""
+    if states is not None and not training.restore_rng_states(states):
+        logger.warning("checkpoint holds RNG states of %d ranks, this run has %d: RNG streams restart",
+                       len(states), world_size)
+
+
+def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[str, float]:
+    """One dllogger line: the losses (MLM + NSP and the mask penalty apart), rates, mask sparsity."""
+    learning_rate, mask_learning_rate = p.optimization.learning_rates()
+    line = {**window.means(), "learning_rate": learning_rate, "mask_learning_rate": mask_learning_rate,
+            "mask_sparsity": deterministic_sparsity(p.raw_model), "skipped_steps": p.step.bad_steps.skipped}
+    p.metrics.log((p.batches.epoch, step), line)
+    return line
+
+
+def finish(args: argparse.Namespace, p: Pretraining, last_log: dict[str, float], e2e_time: float,
+           state: dict[str, Any]) -> dict[str, Any]:
+    """NVIDIA's summary line (final_loss: MLM + NSP of the last log window, as a dense run's; the
+    mask penalty apart), then the end-of-run mask file."""
+    results = {"e2e_train_time": e2e_time, "training_sequences_per_second": p.meter.sequences_per_second(),
+               "final_loss": last_log["average_loss"], "final_mask_penalty": last_log["mask_penalty"],
+               "raw_train_time": p.meter.elapsed(), **state}
+    p.metrics.log((p.batches.epoch, state["global_step"]), {"final_loss": results["final_loss"]})
+    p.metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
+                                               "final_loss", "final_mask_penalty", "raw_train_time")})
+    p.metrics.close()
+    if mask_module(p.raw_model) is not None:
+        write_mask(p.raw_model, Path(args.output_dir) / "attention_mask.safetensors",
+                   checkpoint_name_step(args, state["global_step"]), print_table=True)
+    return results
+
+
 def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any]:
     validate_arguments(args)
     if args.check_only:
@@ -455,39 +488,6 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
     p.batches.close()
     return finish(args, p, last_log, time.perf_counter() - start_time,
                   {"global_step": global_step, "skipped_steps": p.step.bad_steps.skipped, "stopped_by_sigterm": stop})
-
-
-def restore_rng_states(states: list[dict[str, Any]] | None, world_size: int) -> None:
-    """The resumed run's RNG streams, last, so that nothing drawn while setting up shifts them."""
-    if states is not None and not training.restore_rng_states(states):
-        logger.warning("checkpoint holds RNG states of %d ranks, this run has %d: RNG streams restart",
-                       len(states), world_size)
-
-
-def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[str, float]:
-    """One dllogger line: the losses (MLM + NSP and the mask penalty apart), rates, mask sparsity."""
-    learning_rate, mask_learning_rate = p.optimization.learning_rates()
-    line = {**window.means(), "learning_rate": learning_rate, "mask_learning_rate": mask_learning_rate,
-            "mask_sparsity": deterministic_sparsity(p.raw_model), "skipped_steps": p.step.bad_steps.skipped}
-    p.metrics.log((p.batches.epoch, step), line)
-    return line
-
-
-def finish(args: argparse.Namespace, p: Pretraining, last_log: dict[str, float], e2e_time: float,
-           state: dict[str, Any]) -> dict[str, Any]:
-    """NVIDIA's summary line (final_loss: MLM + NSP of the last log window, as a dense run's; the
-    mask penalty apart), then the end-of-run mask file."""
-    results = {"e2e_train_time": e2e_time, "training_sequences_per_second": p.meter.sequences_per_second(),
-               "final_loss": last_log["average_loss"], "final_mask_penalty": last_log["mask_penalty"],
-               "raw_train_time": p.meter.elapsed(), **state}
-    p.metrics.log((p.batches.epoch, state["global_step"]), {"final_loss": results["final_loss"]})
-    p.metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
-                                               "final_loss", "final_mask_penalty", "raw_train_time")})
-    p.metrics.close()
-    if mask_module(p.raw_model) is not None:
-        write_mask(p.raw_model, Path(args.output_dir) / "attention_mask.safetensors",
-                   checkpoint_name_step(args, state["global_step"]), print_table=True)
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
