@@ -28,6 +28,7 @@ import launch
 import modeling
 import pretraining_data
 import training
+from atomic_io import remove_stale_temps
 from batches import PretrainingBatch
 from modeling import BertConfig, BertForPreTraining
 from optimization import build_lamb
@@ -388,7 +389,9 @@ def set_up(args: argparse.Namespace, lock: training.OutputDirLock) -> Pretrainin
     raw_model = build_model(args, config, run.device, found)
     lock.acquire(exclusive=is_main_process())
     if is_main_process():
-        training.remove_stale_temp_files(args.output_dir)
+        # Each checkpoint write a kill interrupted left a checkpoint-sized temporary: repeated
+        # preemptions would otherwise fill the disk.
+        remove_stale_temps(args.output_dir, training.CHECKPOINT_NAME)
     optimization = build_optimization(args, raw_model, run.device)
     batches = pretraining_data.PretrainingBatches(
         shards, batch_size=args.train_batch_size // args.gradient_accumulation_steps,

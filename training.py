@@ -33,8 +33,8 @@ from utils import (all_gather_object, all_reduce_mean, atomic_save, autocast, ge
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
-STALE_TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\..+\.tmp$")  # atomic_io.atomic_path's temporary names
+CHECKPOINT_NAME = r"ckpt_(\d+)\.pt"
+CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_NAME}$")
 COLLECTIVE_FAILURE_RE = re.compile(r"gloo|nccl|timed out|timeout|connection (closed|reset)|broken pipe", re.IGNORECASE)
 
 
@@ -379,20 +379,6 @@ def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, ke
         for _, old in list_checkpoints(output_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return path
-
-
-def remove_stale_temp_files(output_dir: str | Path) -> list[Path]:
-    """Delete the temporary files of checkpoint writes a kill interrupted (`.ckpt_<step>.pt.*.tmp`).
-
-    Only the process that owns `output_dir` calls this, before it writes anything; each such file
-    is as large as a checkpoint, so repeated preemptions would otherwise fill the disk.
-    """
-    directory = Path(output_dir)
-    stale = [p for p in directory.iterdir() if STALE_TEMP_RE.match(p.name) and p.is_file()] if directory.is_dir() else []
-    for path in stale:
-        logger.warning("removing %s, left by an interrupted checkpoint write", path)
-        path.unlink(missing_ok=True)
-    return stale
 
 
 # The types the resume code reads each entry as (a wrong one would end in a traceback mid-resume).

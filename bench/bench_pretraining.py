@@ -133,12 +133,11 @@ def max_predictions(seq_len: int) -> int:
     return max(round(MASK_FRACTION * seq_len), round(seq_len * 20 / 128))
 
 
-def our_loss(model, batch: Batch, criterion=run_pretraining.pretraining_loss) -> torch.Tensor:
-    """What run_pretraining.py computes per micro-step (static-shape MLM rows, no host sync)."""
-    k = max_predictions(batch.input_ids.shape[1])
-    scores, nsp = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.masked_lm_labels,
-                        max_predictions=k)
-    loss = criterion(scores, nsp, batch.masked_lm_labels, batch.next_sentence_labels, k)
+def our_loss(model, batch: Batch) -> torch.Tensor:
+    """What run_pretraining.py minimises per micro-step: the model's MLM + NSP loss (static-shape
+    MLM rows, no host sync) plus the mask penalty."""
+    _, _, loss = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.masked_lm_labels,
+                       batch.next_sentence_labels, max_predictions=max_predictions(batch.input_ids.shape[1]))
     return loss + model.mask_penalty()
 
 
@@ -150,11 +149,11 @@ def hf_loss(model, batch: Batch) -> torch.Tensor:
 
 
 def compiled(model, loss_fn):
-    """(model, loss_fn) as each side's user compiles them: ours as run_pretraining.py --compile
-    does (model and loss), HF as `torch.compile(model)` (its forward computes the loss)."""
+    """(model, loss_fn) as each side's user compiles them: ours as run_pretraining.py --compile does
+    (in place; the loss is inside the model), HF as `torch.compile(model)` (its forward computes the loss)."""
     if isinstance(model, modeling.BertForPreTraining):
-        criterion = run_pretraining.compile_for_training(model)
-        return model, lambda m, batch: loss_fn(m, batch, criterion)
+        run_pretraining.compile_for_training(model)
+        return model, loss_fn
     return torch.compile(model), loss_fn
 
 
