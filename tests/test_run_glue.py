@@ -354,6 +354,25 @@ def test_dam_layout_mismatch_stops_run_glue_in_one_line(glue: Path, tmp_path: Pa
     assert "\n" not in err
 
 
+def test_a_searched_checkpoint_under_a_dense_config_is_refused_unless_asked(glue: Path, tmp_path: Path, capsys,
+                                                                           search_checkpoint, caplog) -> None:
+    """Fine-tuning densely would silently leave the searched mask unused: one line naming the
+    logits and both ways on; --drop_searched_mask does it on purpose, a pattern names what it skips."""
+    search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_s")
+    argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--max_steps", "1",
+                     "--init_checkpoint", str(tmp_path / "search.pt"))
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds a searched attention mask (bert.sparse_mask.mask_logits)" in err
+    assert "--attention_mask_type dam_s" in err and "--drop_searched_mask" in err and not (tmp_path / "out").exists()
+    assert run_glue.main([*argv, "--drop_searched_mask"]) == 0
+    assert results(tmp_path / "out")["mask_sparsity"] == 0.0
+    caplog.clear()
+    assert run_glue.main(glue_args(glue, tmp_path / "star", "sst-2", "--do_train", "--max_steps", "1", "--init_checkpoint",
+                                   str(tmp_path / "search.pt"), "--attention_mask_type", "star")) == 0
+    assert "not using its searched mask logits bert.sparse_mask.mask_logits (attention_mask_type 'star')" in caplog.text
+
+
 def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask(glue: Path, tmp_path: Path,
                                                                                  search_checkpoint) -> None:
     # Both routes freeze the same mask; building the DAM one must not shift the random draws of the
