@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import attention_masks
+from modeling import BertForSequenceClassification
+
 ROOT = Path(__file__).resolve().parent.parent
 OLD = Path(__file__).resolve().parent / "data" / "old_checkpoints"
 OLD_STEP = 4
@@ -96,7 +99,9 @@ def test_old_pretraining_checkpoint_fine_tunes_with_its_searched_mask(old: Path)
     found = results(old / "fine_tuned")
     assert found["global_step"] == 2
     assert found["mask_sparsity"] == pytest.approx(old_mask_sparsity())  # the binarised old logits
-    assert (old / "fine_tuned/pytorch_model.bin").is_file()
+    # Today's saved-model folder, which loads back with the mask it was fine-tuned under.
+    saved = BertForSequenceClassification.from_pretrained(old / "fine_tuned", num_labels=2)
+    assert attention_masks.sparsity(saved.bert.sparse_mask.binarize()) == pytest.approx(old_mask_sparsity())
 
 
 def test_old_glue_output_folder_evaluates_to_its_recorded_metrics(old: Path) -> None:

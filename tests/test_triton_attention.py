@@ -238,7 +238,8 @@ def test_dam_mask_logits_get_the_reference_gradient_through_triton():
     """The DAM module's straight-through keep reaches the kernel as a grad-requiring bias; its
     logits' gradient matches the sdpa path's."""
     n, heads = 32, 2
-    mask = attention_masks.DifferentiableMask("dam_u", n, num_layers=1, num_heads=heads).to(DEVICE)
+    mask = attention_masks.DifferentiableMask(attention_masks.MaskConfig(
+        attention_mask_type="dam_u", mask_seq_length=n, num_hidden_layers=1, num_attention_heads=heads)).to(DEVICE)
     q, k, v = qkv(2, heads, n, dtype=torch.float32)
     pad, _ = case(n, 1)
     grad_out = torch.randn(2, heads, n, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
