@@ -21,11 +21,20 @@ from utils import (MetricLogger, add_local_rank_argument, finite_float, get_rank
 # ============================================================================ flags
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default after its help, except where there is none to tell (unset, a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class ScriptParser(argparse.ArgumentParser):
     """--help shows every flag's default; a bad flag is one line naming it, not the whole usage."""
 
     def __init__(self, prog: str, description: str) -> None:
-        super().__init__(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(prog=prog, description=description, formatter_class=_DefaultsFormatter)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -63,6 +72,13 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
                         "(a dead or stuck worker turns into an exit, not a hang)")
     p.add_argument("--json-summary", dest="json_summary", default=None,
                    help="dllogger JSON-lines file (default: <output_dir>/dllogger.json, so runs never share one)")
+
+
+def set_help(p: argparse.ArgumentParser, **helps: str) -> None:
+    """A script's own wording for shared flags whose effect it shapes (keyed by flag name)."""
+    for action in p._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
 
 
 def add_ignored_arguments(p: argparse.ArgumentParser, *flags: str) -> None:

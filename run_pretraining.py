@@ -75,6 +75,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                    help="check the flags, config and shard headers, then exit without training or writing "
                         "anything (run_pretraining.sh checks phase 2 this way before phase 1 starts)")
     launch.add_ignored_arguments(p, "--bert_model", "--num_train_epochs", "--num_workers", "--use_env")
+    launch.set_help(p, output_dir="where ckpt_<step>.pt, the mask files and dllogger.json go",
+                    init_checkpoint="warm-start weights (NVIDIA ckpt, state dict, HF folder); mask logits start fresh, "
+                                    "except under --phase2 (the phase-1 checkpoint: its mask search continues)")
     return launch.parse(p, argv)
 
 
