@@ -291,6 +291,23 @@ def test_crlf_and_lone_cr_end_lines_as_in_nvidias_text_mode_reading(newline, tmp
     assert_same_shard(run_cli(corpus, tmp_path / "ours.hdf5", str(expected["flags"]).split()), expected)
 
 
+def test_first_chunk_of_many_gives_the_rows_of_its_documents_alone(tmp_path):
+    """With several chunks, chunk 0's rows are the one-chunk shard (NVIDIA's) of its documents."""
+    corpus = UPSTREAM / "corpus.txt"
+    chunk_mb = 0.01
+    chunks = list(cpd.chunk_documents(cpd.read_documents([str(corpus)]), int(chunk_mb * 2**20)))
+    assert len(chunks) >= 3
+    first = tmp_path / "first.txt"
+    first.write_text("\n\n".join("\n".join(doc) for doc in chunks[0]) + "\n", encoding="utf-8")
+    flags = ["--dupe_factor", "2", "--random_seed", "3"]
+    alone = run_cli(first, tmp_path / "alone.hdf5", flags)
+    many = run_cli(corpus, tmp_path / "many.hdf5", flags + ["--chunk_mb", str(chunk_mb)])
+    n = len(alone["input_ids"])
+    assert len(many["input_ids"]) > 2 * n
+    for name in cpd.SHARD_DTYPES:
+        np.testing.assert_array_equal(many[name][:n], alone[name], err_msg=name)
+
+
 def test_tokenizer_matches_nvidias_on_the_corpus():
     expected = np.load(UPSTREAM / "tokens.npz")
     with open(UPSTREAM / "corpus.txt", encoding="utf-8") as f:
