@@ -608,7 +608,7 @@ def test_phase2_from_an_init_checkpoint_continues_the_mask_search(shards, tmp_pa
     # all_gates: every gate is pushed each step, so two steps at a large λ turn all of them off
     config = write_config(tmp_path / "config.json", attention_mask_type="dam_s", dam_penalty_gradient="all_gates")
     phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
-    assert run_pretraining.main(pretraining_args(shards, phase1, config, max_steps=2, lamb=1e-2)) == 0
+    assert run_pretraining.main(pretraining_args(shards, phase1, config, max_steps=2, lamb=5e-2)) == 0
     searched = weights(phase1 / "ckpt_2.pt")["bert.sparse_mask.mask_logits"]
     assert (searched < 0).all()  # λ pushed every gate off; a fresh N(0, 1e-3) start keeps about half
     argv = pretraining_args(shards, phase2, config, max_steps=1, learning_rate=0.0, phase2=True,
