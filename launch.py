@@ -81,15 +81,15 @@ def set_help(p: argparse.ArgumentParser, **helps: str) -> None:
             action.help = helps[action.dest]
 
 
-def add_ignored_arguments(p: argparse.ArgumentParser, *flags: str) -> None:
+def add_ignored_arguments(p: argparse.ArgumentParser, valued: tuple[str, ...] = (),
+                          switches: tuple[str, ...] = ()) -> None:
     """NVIDIA's flags that this implementation has no use for: accepted, so their command lines
-    run unchanged, and ignored (say so in --help)."""
+    run unchanged, and ignored (--help says so). `valued` take a value, `switches` do not."""
     group = p.add_argument_group("NVIDIA's flags, accepted and ignored")
-    for flag in flags:
-        if flag == "--use_env":
-            group.add_argument(flag, action="store_true", help="ignored: LOCAL_RANK is always read from the environment")
-        else:
-            group.add_argument(flag, default=None, help="ignored")
+    for flag in valued:
+        group.add_argument(flag, default=None, help="ignored")
+    for flag in switches:
+        group.add_argument(flag, action="store_true", help="ignored")
 
 
 def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

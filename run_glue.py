@@ -92,7 +92,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop_searched_mask", action="store_true",
                    help="fine-tune a DAM checkpoint under a dense config, leaving its searched mask unused "
                         "(refused without this flag)")
-    launch.add_ignored_arguments(p, "--bert_model")
+    launch.add_ignored_arguments(p, valued=("--bert_model", "--server_ip", "--server_port"))
     launch.set_help(p, output_dir="where results.txt, the fine-tuned model folder and the GLUE submission files go",
                     init_checkpoint="weights to start from: an NVIDIA / this project's checkpoint, a state dict, a "
                                     "saved-model or Hugging Face folder (without it the model starts from random weights)")

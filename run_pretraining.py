@@ -74,7 +74,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check_only", action="store_true",
                    help="check the flags, config and shard headers, then exit without training or writing "
                         "anything (run_pretraining.sh checks phase 2 this way before phase 1 starts)")
-    launch.add_ignored_arguments(p, "--bert_model", "--num_train_epochs", "--num_workers", "--use_env")
+    # --use_env: LOCAL_RANK is always read; --resume_phase2: a phase-2 checkpoint always continues
+    # its phase; the MLM head always scores only the masked rows; the rest tune NVIDIA's own kernels.
+    launch.add_ignored_arguments(p, valued=("--bert_model", "--num_train_epochs", "--num_workers", "--profile-start"),
+                                 switches=("--use_env", "--resume_phase2", "--profile", "--no_dense_sequence_output",
+                                           "--disable_jit_fusions", "--cuda_graphs"))
     launch.set_help(p, output_dir="where ckpt_<step>.pt, the mask files and dllogger.json go",
                     init_checkpoint="warm-start weights (NVIDIA ckpt, state dict, HF folder); mask logits start fresh, "
                                     "except under --phase2 (the phase-1 checkpoint: its mask search continues)")

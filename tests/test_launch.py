@@ -43,8 +43,10 @@ def test_the_ignored_nvidia_flags_are_accepted_and_change_nothing(tmp_path):
     base = ["--input_dir", str(tmp_path), "--config_file", "c.json", "--output_dir", str(tmp_path / "o")]
     plain = vars(run_pretraining.parse_arguments(base))
     nvidia = vars(run_pretraining.parse_arguments([*base, "--bert_model", "bert-large-uncased", "--num_workers", "8",
-                                                   "--num_train_epochs", "3", "--use_env"]))
-    ignored = {"bert_model", "num_workers", "num_train_epochs", "use_env"}
+                                                   "--num_train_epochs", "3", "--use_env", "--resume_phase2",
+                                                   "--cuda_graphs", "--profile", "--profile-start", "10"]))
+    ignored = {"bert_model", "num_workers", "num_train_epochs", "use_env", "resume_phase2", "cuda_graphs", "profile",
+               "profile_start"}
     assert {k: v for k, v in plain.items() if k not in ignored} == {k: v for k, v in nvidia.items() if k not in ignored}
 
 
