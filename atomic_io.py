@@ -38,18 +38,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+def remove_stale_temps(path: str | os.PathLike, name_pattern: str | None = None) -> list[Path]:
     """Delete the temporary files that killed writes of `path` left beside it; returns them.
+
+    With `name_pattern` (a regular expression), `path` is a folder and the temporaries of every
+    file in it whose name matches are deleted (e.g. every `ckpt_<step>.pt` of a run).
 
     A SIGKILL or power loss skips atomic_path's cleanup, so every interrupted write leaves one
     `.<name>.<random>.tmp` (`<random>` has no dot, so other files' temporaries never match). Call it
-    only where no other process is writing `path` at the same time.
+    only where no other process is writing there at the same time.
     """
     path = Path(path)
-    own_temp = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp")
-    if not path.parent.is_dir():
+    folder, name = (path, name_pattern) if name_pattern is not None else (path.parent, re.escape(path.name))
+    own_temp = re.compile(rf"\.{name}\.[A-Za-z0-9_]+\.tmp")
+    if not folder.is_dir():
         return []
-    stale = [p for p in path.parent.iterdir() if own_temp.fullmatch(p.name) and p.is_file()]
+    stale = [p for p in folder.iterdir() if own_temp.fullmatch(p.name) and p.is_file()]
     for temp in stale:
         logger.warning("removing %s, left by an interrupted write", temp)
         temp.unlink(missing_ok=True)

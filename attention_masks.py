@@ -14,17 +14,25 @@ Conventions (shared with modeling.py):
   * The mask is built for ``mask_seq_length`` = n tokens; shorter inputs use the top-left
     ``[s, s]`` slice, longer inputs are an error.
 
+The mask's configuration is ``MaskConfig``: modeling.BertConfig inherits its fields, so this module
+depends on nothing of modeling.py (its command line runs without it).
+
 The method and the patterns' definitions: docs/masks.md and docs/search.md.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import inspect
 import json
 import os
+import re
 import sys
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Self
 
 import torch
 from torch import nn
@@ -41,6 +49,11 @@ TEMPERATURE_SCHEDULES = ("constant", "linear", "exponential")
 # gates kept in this sample are pulled down. "all_gates": every gate, sampled 0 or 1: at tau = 1 a pull
 # stronger in expectation by 2.0x at a = 0, 5.0x at a = -2, 1.25x at a = +2 (Monte Carlo, 4M draws).
 PENALTY_GRADIENTS = ("kept_gates", "all_gates")
+# Unknown config keys with these prefixes are refused as a misspelt mask field: a typo would
+# otherwise silently leave the field's default in place.
+MASK_FIELD_PREFIXES = ("attention_mask", "mask_", "dam_", "pattern_")
+# Checked before any allocation: beyond it a mask only fails later with an allocator traceback.
+MAX_MASK_ENTRIES = 10**11
 MASK_FILE_KEY = "mask"
 MASK_METADATA_KEY = "sparsebert_mask"
 MASK_FILE_FORMAT = 1
@@ -151,30 +164,41 @@ _PATTERNS: dict[str, Callable[..., torch.Tensor]] = {
     "dense": _dense, "no_diagonal": _no_diagonal, "strided": _strided, "fixed": _fixed,
     "longformer": _longformer, "logsparse": _logsparse, "bigbird": _bigbird, "star": _star,
 }
-_RANDOM_PATTERNS = ("bigbird",)  # patterns that take ``seed`` (from config.pattern_seed)
+_RANDOM_PATTERNS = ("bigbird",)  # patterns whose builder takes ``seed`` (a config's pattern_seed)
+
+
+def _builder_parameters(name: str) -> dict[str, Any]:
+    """The keyword parameters of a pattern's builder with their defaults, plus drop_diagonal."""
+    params = list(inspect.signature(_pattern_builder(name)).parameters.values())[2:]
+    return {**{p.name: p.default for p in params}, "drop_diagonal": False}
 
 
 def pattern_parameters(name: str) -> dict[str, Any]:
-    """Default parameters of a pattern (every one settable via ``pattern_params``)."""
-    builder = _pattern_builder(name)
-    params = list(inspect.signature(builder).parameters.values())[2:]
-    defaults = {p.name: p.default for p in params}
-    defaults["drop_diagonal"] = False
-    return defaults
+    """A pattern's ``pattern_params`` and their defaults (a random pattern's seed is ``pattern_seed``)."""
+    return {key: value for key, value in _builder_parameters(name).items() if key != "seed"}
 
 
 def check_pattern_params(name: str, params: dict[str, Any],
                          source: str = "bert_config: field 'pattern_params'") -> dict[str, Any]:
-    """``params`` with JSON numbers as their defaults' types (4.0 -> 4), or a ValueError naming
-    ``source`` and the parameter for a key ``name`` does not take or a value of another type than
-    its default's (a JSON "false" is not False)."""
-    allowed = pattern_parameters(name)
+    """A config's ``pattern_params`` for pattern ``name`` with JSON numbers as their defaults' types
+    (4.0 -> 4), or a ValueError naming ``source`` and the parameter for a key the pattern does not
+    take or a value of another type than its default's (a JSON "false" is not False)."""
+    if "seed" in params and name in _RANDOM_PATTERNS:
+        raise ValueError(f"{source}: set the {name} seed with pattern_seed, not pattern_params['seed']")
+    return _checked_parameters(name, params, pattern_parameters(name), source)
+
+
+def _checked_parameters(name: str, params: dict[str, Any], allowed: dict[str, Any],
+                        source: str | None) -> dict[str, Any]:
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ValueError(f"pattern {name!r} has no parameter(s) {', '.join(unknown)}; "
-                         f"allowed: {', '.join(allowed)}")
-    return {key: _check_pattern_param(f"{source} entry '{key}' (pattern {name!r})", value, allowed[key])
-            for key, value in params.items()}
+        raise ValueError(f"{source + ': ' if source else ''}pattern {name!r} has no parameter(s) "
+                         f"{', '.join(unknown)}; allowed: {', '.join(allowed)}")
+
+    def where(key: str) -> str:
+        return f"{source} entry '{key}' (pattern {name!r})" if source else f"parameter '{key}' of pattern {name!r}"
+
+    return {key: _check_pattern_param(where(key), value, allowed[key]) for key, value in params.items()}
 
 
 def _check_pattern_param(where: str, value: Any, default: Any) -> Any:
@@ -197,12 +221,13 @@ def _pattern_builder(name: str) -> Callable[..., torch.Tensor]:
 
 def pattern_masks(name: str, seq_len: int, num_heads: int = 1, **params: Any) -> torch.Tensor:
     """Pattern ``name`` at length ``seq_len`` as Bool[H', n, n], H' = num_heads for per-head patterns
-    (fixed with num_summary_groups > 1, bigbird with per_head=True), else 1.
+    (fixed with num_summary_groups > 1, bigbird with per_head=True), else 1. ``params`` are the
+    builder's: a config's pattern_params, and ``seed`` for a random pattern.
 
     ``drop_diagonal=True`` removes the main diagonal from any pattern (the paper's diagonal study).
     """
     builder = _pattern_builder(name)
-    params = check_pattern_params(name, params)
+    params = _checked_parameters(name, params, _builder_parameters(name), None)
     if seq_len < 1 or num_heads < 1:
         raise ValueError(f"seq_len={seq_len} and num_heads={num_heads} must be >= 1")
     drop_diagonal = params.pop("drop_diagonal", False)
@@ -366,9 +391,7 @@ def _gate_index(mode: str, seq_len: int, block_size: int, symmetric: bool) -> tu
     dam_u: gate = (i//b, j//b) (one per (block) pair); symmetric: the unordered pair, packed upper
     triangle, so the mask and its noise are both symmetric and there are no unused logits.
     """
-    if block_size < 1 or seq_len % block_size:
-        raise ValueError(f"dam_block_size={block_size} must be >= 1 and divide mask_seq_length={seq_len}")
-    nb = seq_len // block_size
+    nb = seq_len // block_size  # MaskConfig checks that block_size divides seq_len
     blk = torch.arange(seq_len) // block_size
     qb, kb = blk[:, None], blk[None, :]
     if mode == "dam_s":
@@ -395,38 +418,28 @@ class DifferentiableMask(AttentionMask):
     which gates its gradient reaches; the value is the same either way.
     """
 
-    def __init__(self, mode: str, seq_len: int, num_layers: int, num_heads: int, *, penalty_weight: float = 0.0,
-                 temperature: float = 1.0, temperature_final: float | None = None,
-                 temperature_schedule: str = "constant", init_std: float = 1e-3,
-                 share_across_layers: bool = False, symmetric: bool = False, block_size: int = 1,
-                 penalty_gradient: str = "kept_gates"):
-        if mode not in DAM_MODES:
-            raise ValueError(f"unknown DAM mode {mode!r}; choose one of {', '.join(DAM_MODES)}")
-        if temperature_schedule not in TEMPERATURE_SCHEDULES:
-            raise ValueError(f"dam_temperature_schedule={temperature_schedule!r}; choose one of "
-                             f"{', '.join(TEMPERATURE_SCHEDULES)}")
-        if penalty_gradient not in PENALTY_GRADIENTS:
-            raise ValueError(f"dam_penalty_gradient={penalty_gradient!r}; choose one of {', '.join(PENALTY_GRADIENTS)}")
-        if temperature <= 0 or (temperature_final is not None and temperature_final <= 0):
-            raise ValueError(f"dam_temperature={temperature} and dam_temperature_final={temperature_final} must be > 0")
-        if penalty_weight < 0 or init_std < 0:
-            raise ValueError(f"dam_lambda={penalty_weight} and dam_init_std={init_std} must be >= 0")
-        super().__init__(seq_len, num_layers, num_heads)
-        index, num_gates = _gate_index(mode, seq_len, block_size, symmetric)
+    def __init__(self, config: MaskConfig):
+        if config.attention_mask_type not in DAM_MODES:
+            raise ValueError(f"a DifferentiableMask needs attention_mask_type {' or '.join(DAM_MODES)}, "
+                             f"got {config.attention_mask_type!r}")
+        super().__init__(config.mask_seq_length, config.num_hidden_layers, config.num_attention_heads)
+        self.mode, self.block_size = config.attention_mask_type, config.dam_block_size
+        index, num_gates = _gate_index(self.mode, self.seq_len, self.block_size, config.dam_symmetric)
         self.register_buffer("gate_index", index, persistent=False)
-        self.mode, self.penalty_weight, self.init_std = mode, float(penalty_weight), float(init_std)
-        self.share_across_layers, self.symmetric, self.block_size = share_across_layers, symmetric, block_size
-        self.penalty_gradient = penalty_gradient
-        self.temperature_initial = float(temperature)
-        self.temperature_final = float(temperature if temperature_final is None else temperature_final)
-        self.temperature_schedule = temperature_schedule
+        self.penalty_weight, self.init_std = config.dam_lambda, config.dam_init_std
+        self.share_across_layers, self.symmetric = config.dam_share_across_layers, config.dam_symmetric
+        self.penalty_gradient = config.dam_penalty_gradient
+        self.temperature_initial = config.dam_temperature
+        final = config.dam_temperature_final
+        self.temperature_final = config.dam_temperature if final is None else final
+        self.temperature_schedule = config.dam_temperature_schedule
         self.temperature = self.temperature_initial
         self.frozen = False
-        layers = 1 if share_across_layers else num_layers
-        self.mask_logits = nn.Parameter(torch.empty(layers, num_heads, num_gates))
+        layers = 1 if self.share_across_layers else self.num_layers
+        self.mask_logits = nn.Parameter(torch.empty(layers, self.num_heads, num_gates))
         self.reset_parameters()
         self._last_gates: torch.Tensor | None = None
-        self._last_seq_len = seq_len
+        self._last_seq_len = self.seq_len
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -489,10 +502,6 @@ class DifferentiableMask(AttentionMask):
                 gates = gates * (gates.detach() > 0)
             return self.penalty_weight * (gates * cells).sum()
 
-    def keep_probability(self) -> torch.Tensor:
-        """Float[L', H, n, n] sigma(a) per entry (no noise)."""
-        return torch.sigmoid(self.mask_logits.detach().float())[:, :, self.gate_index]
-
     def binarize(self) -> torch.Tensor:
         return (self.mask_logits.detach() > 0)[:, :, self.gate_index]
 
@@ -508,48 +517,162 @@ class DifferentiableMask(AttentionMask):
 
 
 # ----------------------------------------------------------------------------------------------
-# From a config
+# The mask's configuration, and the mask module it builds
 # ----------------------------------------------------------------------------------------------
 
-def build_attention_mask(config: Any) -> AttentionMask | None:
-    """The mask module for a BertConfig-like object, or None for dense attention.
+@dataclass
+class MaskConfig:
+    """What decides the attention mask: the [num_hidden_layers, num_attention_heads, n, n] grid it
+    covers (n = mask_seq_length) and the fields of its mode. Each field is a flat key of
+    bert_config.json with its default here and its JSON type in its annotation; modeling.BertConfig
+    inherits them, so they are declared and validated here only. Errors name the field, one line."""
 
-    Reads attention_mask_type, mask_seq_length, num_hidden_layers, num_attention_heads and the
-    fields of the chosen mode (pattern_params / pattern_seed, dam_*, attention_mask_file).
-    """
-    kind = getattr(config, "attention_mask_type", "dense")
-    n = int(getattr(config, "mask_seq_length", 128))
-    layers, heads = int(config.num_hidden_layers), int(config.num_attention_heads)
-    if kind not in MASK_TYPES:
-        raise ValueError(f"attention_mask_type={kind!r} is unknown; choose one of {', '.join(MASK_TYPES)}")
-    if n < 1:
-        raise ValueError(f"mask_seq_length={n} must be >= 1")
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    attention_mask_type: str = "dense"
+    mask_seq_length: int = 128
+    dam_lambda: float = 0.0
+    dam_temperature: float = 1.0
+    dam_temperature_final: float | None = None
+    dam_temperature_schedule: str = "constant"
+    dam_init_std: float = 1e-3
+    dam_share_across_layers: bool = False
+    dam_symmetric: bool = False
+    dam_block_size: int = 1
+    dam_penalty_gradient: str = "kept_gates"
+    attention_mask_file: str | None = None
+    pattern_params: dict = field(default_factory=dict)
+    pattern_seed: int = 0
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_values()
+
+    def _check_types(self) -> None:
+        """Every field, a subclass's too, as its annotated JSON type (None only where annotated)."""
+        for name, (expected, optional) in _json_types(type(self)).items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            setattr(self, name, check_json_type(f"bert_config: field '{name}'", value, expected))
+
+    def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        if getattr(self, name) not in allowed:
+            raise ValueError(f"bert_config field '{name}' is {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+
+    def _check_values(self) -> None:
+        self._check_grid()
+        self._check_choice("attention_mask_type", MASK_TYPES)
+        self._check_choice("dam_temperature_schedule", TEMPERATURE_SCHEDULES)
+        self._check_choice("dam_penalty_gradient", PENALTY_GRADIENTS)
+        self._check_dam_numbers()
+        if self.attention_mask_type == "file" and not self.attention_mask_file:
+            raise ValueError("bert_config: attention_mask_type 'file' needs 'attention_mask_file' (a mask file "
+                             "written by run_pretraining.py --export_mask)")
+        if self.attention_mask_type in PATTERN_NAMES and self.attention_mask_type != "dense":
+            self.pattern_params = check_pattern_params(self.attention_mask_type, self.pattern_params)
+
+    def _check_grid(self) -> None:
+        """Layers, heads, length and DAM blocks: positive, blocks tiling the length, and a mask small
+        enough to allocate (checked before it is)."""
+        for name in ("num_hidden_layers", "num_attention_heads", "mask_seq_length", "dam_block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"bert_config field '{name}' must be > 0, got {getattr(self, name)}")
+        if self.mask_seq_length % self.dam_block_size:
+            raise ValueError(f"bert_config field 'dam_block_size' ({self.dam_block_size}) must divide "
+                             f"'mask_seq_length' ({self.mask_seq_length})")
+        entries = self.num_hidden_layers * self.num_attention_heads * self.mask_seq_length**2
+        if self.attention_mask_type != "dense" and entries > MAX_MASK_ENTRIES:
+            raise ValueError(f"bert_config: the attention mask would have {entries:.3g} entries (limit "
+                             f"{MAX_MASK_ENTRIES:.0e}); lower 'mask_seq_length' ({self.mask_seq_length})")
+
+    def _check_dam_numbers(self) -> None:
+        if self.dam_lambda < 0:
+            raise ValueError(f"bert_config field 'dam_lambda' must be >= 0 (e.g. 1e-4 ... 1e-1), got {self.dam_lambda}")
+        if self.dam_temperature <= 0 or (self.dam_temperature_final is not None and self.dam_temperature_final <= 0):
+            raise ValueError("bert_config fields 'dam_temperature' / 'dam_temperature_final' must be > 0")
+        if self.dam_init_std < 0:
+            raise ValueError(f"bert_config field 'dam_init_std' must be >= 0, got {self.dam_init_std}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        """The fields of ``cls`` in ``data`` (a bert_config.json's); the model's other keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in names:
+                refuse_unknown_mask_field(key)
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> Self:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist: pass --config_file pointing at a "
+                                    f"bert_config.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"config file {path} is not valid JSON ({exc}); fix the file") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a JSON object of BERT fields")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any], source: str) -> Self | None:
+        """The config a checkpoint records as a JSON string under "config" (run_pretraining.py's, with
+        the run's command-line overrides applied, which no bert_config.json holds), or None."""
+        recorded = checkpoint.get("config")
+        if not isinstance(recorded, str):
+            return None
+        try:
+            return cls.from_dict(json.loads(recorded))
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"checkpoint {source} records an unreadable config ({err})") from None
+
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with some fields changed (command-line overrides)."""
+        return dataclasses.replace(self, **changes)
+
+
+def refuse_unknown_mask_field(key: str) -> None:
+    """Raise for a key that looks like a mask field but is none (see MASK_FIELD_PREFIXES)."""
+    known = sorted(f.name for f in dataclasses.fields(MaskConfig) if f.name.startswith(MASK_FIELD_PREFIXES))
+    if key.startswith(MASK_FIELD_PREFIXES) and key not in known:
+        raise ValueError(f"bert_config: unknown attention-mask field '{key}'; known fields: {', '.join(known)}")
+
+
+@functools.cache
+def _json_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """name -> (JSON type, may be None) of each field of dataclass ``cls``, read from its annotations."""
+    hints = typing.get_type_hints(cls)
+    types = {}
+    for f in dataclasses.fields(cls):
+        hint, args = hints[f.name], typing.get_args(hints[f.name])
+        optional = type(None) in args
+        if optional:
+            (hint,) = (arg for arg in args if arg is not type(None))
+        types[f.name] = (typing.get_origin(hint) or hint, optional)
+    return types
+
+
+def build_attention_mask(config: MaskConfig) -> AttentionMask | None:
+    """The mask module ``config`` describes (a BertConfig is one), or None for dense attention."""
+    kind, n = config.attention_mask_type, config.mask_seq_length
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
     if kind == "dense":
         return None
-    if kind in PATTERN_NAMES:
-        params = dict(getattr(config, "pattern_params", None) or {})
-        if kind in _RANDOM_PATTERNS:
-            if "seed" in params:
-                raise ValueError("set the BigBird seed with pattern_seed, not pattern_params['seed']")
-            params["seed"] = int(getattr(config, "pattern_seed", 0))
-        mask = pattern_masks(kind, n, heads, **params)
-        return FixedMask(mask, layers, heads, {"mode": kind, "pattern_params": params})
     if kind == "file":
-        return load_mask_module(getattr(config, "attention_mask_file", None), n, layers, heads)
-    return DifferentiableMask(
-        kind, n, layers, heads,
-        penalty_weight=float(getattr(config, "dam_lambda", 0.0)),
-        temperature=float(getattr(config, "dam_temperature", 1.0)),
-        temperature_final=getattr(config, "dam_temperature_final", None),
-        temperature_schedule=getattr(config, "dam_temperature_schedule", "constant"),
-        init_std=float(getattr(config, "dam_init_std", 1e-3)),
-        share_across_layers=bool(getattr(config, "dam_share_across_layers", False)),
-        symmetric=bool(getattr(config, "dam_symmetric", False)),
-        block_size=int(getattr(config, "dam_block_size", 1)),
-        penalty_gradient=getattr(config, "dam_penalty_gradient", "kept_gates"))
+        return load_mask_module(config.attention_mask_file, n, layers, heads)
+    if kind in DAM_MODES:
+        return DifferentiableMask(config)
+    metadata = {"mode": kind, "pattern_params": dict(config.pattern_params)}
+    params = dict(config.pattern_params)
+    if kind in _RANDOM_PATTERNS:
+        params["seed"] = metadata["pattern_seed"] = config.pattern_seed
+    return FixedMask(pattern_masks(kind, n, heads, **params), layers, heads, metadata)
 
 
-def gate_layout(config: Any) -> dict[str, Any]:
+def gate_layout(config: MaskConfig) -> dict[str, Any]:
     """The config fields that say which layer, head and (i, j) entries each DAM logit gates: logits
     searched under one layout mean another mask under any other, even where their shape agrees."""
     layout = {name: getattr(config, name) for name in (
@@ -560,7 +683,7 @@ def gate_layout(config: Any) -> dict[str, Any]:
     return layout
 
 
-def mask_identity(config: Any) -> dict[str, Any]:
+def mask_identity(config: MaskConfig) -> dict[str, Any]:
     """The config fields that decide which mask a model attends under: a DAM mode's gate layout, a
     pattern's name, length and parameters, a mask file's path, or just "dense"."""
     kind = config.attention_mask_type
@@ -580,10 +703,8 @@ def differing_fields(theirs: dict[str, Any], ours: dict[str, Any], label: str) -
             for name in theirs if name in ours and theirs[name] != ours[name]]
 
 
-def load_mask_module(path: str | os.PathLike | None, seq_len: int, num_layers: int, num_heads: int) -> FixedMask:
+def load_mask_module(path: str | os.PathLike, seq_len: int, num_layers: int, num_heads: int) -> FixedMask:
     """A frozen FixedMask from a mask file, checked against the model's layers, heads and length."""
-    if not path:
-        raise ValueError('attention_mask_type="file" needs attention_mask_file (a .safetensors mask from export_mask)')
     mask, metadata = load_mask_file(path)
     layers, heads, n, _ = mask.shape
     if layers not in (1, num_layers) or heads not in (1, num_heads) or n != seq_len:
@@ -700,30 +821,56 @@ def _read_checkpoint(checkpoint: str) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
-def _search_config(state: dict[str, Any], checkpoint: str, config_path: str | None) -> tuple[Any, str]:
-    """The config the search ran with, and where it came from. run_pretraining.py records it in the
-    checkpoint with its command-line overrides applied (--attention_mask_type, --lamb), which a
+def _search_config(state: dict[str, Any], checkpoint: str, config_path: str | None) -> tuple[MaskConfig, str]:
+    """The mask config the search ran with, and where it came from. run_pretraining.py records it in
+    the checkpoint with its command-line overrides applied (--attention_mask_type, --lamb), which a
     bert_config.json does not hold; --config is for checkpoints that record none."""
-    import modeling  # lazily: attention_masks does not depend on modeling
-
-    recorded = modeling.recorded_config(state, checkpoint)
+    recorded = MaskConfig.from_checkpoint(state, checkpoint)
     if recorded is not None:
         return recorded, f"the config recorded in {checkpoint}"
     if config_path is None:
         raise ValueError(f"checkpoint {checkpoint} records no config: pass --config, the search run's bert_config.json")
-    return modeling.BertConfig.from_json_file(config_path), config_path
+    if not Path(config_path).is_file():
+        raise FileNotFoundError(f"--config {config_path} not found: pass the search run's bert_config.json")
+    return MaskConfig.from_json_file(config_path), config_path
+
+
+_CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt")
+
+
+def checkpoint_number(state: dict[str, Any], checkpoint: str) -> int | None:
+    """The N of ckpt_<N>.pt that run_pretraining.py gives a checkpoint (and its mask_<N> files): the
+    step it records, plus the recorded --phase1_end_step for a phase-2 one; else the N in the file's
+    name (a foreign checkpoint); else None."""
+    step, phase2 = state.get("global_step"), state.get("phase2")
+    if type(step) is int and phase2 is False:
+        return step
+    if type(step) is int and phase2 is True:
+        try:
+            offset = json.loads(state.get("args", "")).get("phase1_end_step")
+        except (TypeError, ValueError, AttributeError):
+            offset = None
+        if type(offset) is int:
+            return offset + step
+    match = _CHECKPOINT_NAME.fullmatch(Path(checkpoint).name)
+    return int(match.group(1)) if match else None
 
 
 def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None) -> dict[str, Any]:
+    """Write the mask of a DAM search checkpoint; ``step`` (None: the checkpoint's number) is recorded."""
     inputs = [("--checkpoint", checkpoint), ("--config", config_path)]
     refuse_overwriting_inputs(out, inputs, "--out")
     refuse_overwriting_inputs(Path(out).with_suffix(".json"), inputs, "the sidecar of --out")
     state = _read_checkpoint(checkpoint)
     config, config_source = _search_config(state, checkpoint, config_path)
-    module = build_attention_mask(config)
-    if not isinstance(module, DifferentiableMask):
+    if config.attention_mask_type not in DAM_MODES:
         raise ValueError(f"{config_source} sets attention_mask_type={config.attention_mask_type!r}; "
                          f"export needs dam_u or dam_s")
+    module = DifferentiableMask(config)
+    extra = {"source_checkpoint": str(checkpoint)}
+    step = checkpoint_number(state, checkpoint) if step is None else step
+    if step is not None:
+        extra["step"] = step
     state = state.get("model", state)
     keys = [k for k in state if k.endswith("sparse_mask.mask_logits")]
     if not keys:
@@ -733,17 +880,24 @@ def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, 
         raise ValueError(f"checkpoint {checkpoint}: mask_logits shape {list(logits.shape)} does not match "
                          f"{list(module.mask_logits.shape)} from {config_source}")
     module.mask_logits.data.copy_(logits)
-    extra = {"source_checkpoint": str(checkpoint)}
-    if step is not None:
-        extra["step"] = step
     return export_mask(module, out, **extra)
+
+
+def _print_patterns(seq_len: int) -> None:
+    """Each pattern's sparsity at n = seq_len under its default pattern_params (and pattern_seed)."""
+    print(f"sparsity at mask_seq_length n = {seq_len}, under each pattern's default config fields:")
+    for name in PATTERN_NAMES:
+        fields = f"pattern_params {json.dumps(pattern_parameters(name))}"
+        if name in _RANDOM_PATTERNS:
+            fields += f"  pattern_seed {MaskConfig().pattern_seed}"
+        print(f"{name:12s} {100 * sparsity(pattern_mask(name, seq_len)):6.2f}%  {fields}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("patterns", help="print every pattern's sparsity at --seq_len")
-    p.add_argument("--seq_len", type=int, default=128)
+    p = sub.add_parser("patterns", help="print every pattern's sparsity at --seq_len (mask_seq_length)")
+    p.add_argument("--seq_len", type=int, default=MaskConfig().mask_seq_length)
     p = sub.add_parser("report", help="print a mask file's per-layer / per-head sparsity table")
     p.add_argument("mask_file")
     p = sub.add_parser("export", help="binarise the DAM logits of a checkpoint into a mask file")
@@ -752,18 +906,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="bert_config.json of the search run; only read when the checkpoint records no config "
                         "(run_pretraining.py's do, with their command-line overrides)")
     p.add_argument("--out", required=True, help="output .safetensors path")
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--step", type=int, default=None,
+                   help="step to record in the mask file (default: the checkpoint's number, N of ckpt_<N>.pt)")
     args = parser.parse_args(argv)
     if args.command == "patterns":
-        for name in PATTERN_NAMES:
-            print(f"{name:12s} {100 * sparsity(pattern_mask(name, args.seq_len)):6.2f}%  {pattern_parameters(name)}")
+        _print_patterns(args.seq_len)
     elif args.command == "report":
         mask, metadata = load_mask_file(args.mask_file)
         print(json.dumps({k: v for k, v in metadata.items() if not k.startswith("sparsity_per")}, sort_keys=True))
         print(sparsity_report(mask))
     else:
         meta = _export_from_checkpoint(args.checkpoint, args.config, args.out, args.step)
-        print(f"wrote {args.out}: shape {meta['shape']}, sparsity {100 * meta['sparsity']:.2f}%")
+        step = f"step {meta['step']}" if "step" in meta else "no step recorded (pass --step)"
+        print(f"wrote {args.out}: shape {meta['shape']}, sparsity {100 * meta['sparsity']:.2f}%, {step}")
 
 
 if __name__ == "__main__":

@@ -33,12 +33,11 @@ import attention_masks
 import sparse_attention
 from sparse_attention import LayerAttention
 from atomic_io import atomic_path, atomic_write_text
-from utils import check_json_type, describe_json_value, safe_torch_load
+from utils import describe_json_value, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
 MASK_TYPES = attention_masks.MASK_TYPES
-TEMPERATURE_SCHEDULES = attention_masks.TEMPERATURE_SCHEDULES
 CONFIG_NAMES = ("bert_config.json", "config.json")
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 MASK_FILE = "attention_mask.safetensors"  # a saved model folder's own copy of a mask file
@@ -57,10 +56,10 @@ ACT2FN = {
     "swish": F.silu,
 }
 
-# Unknown keys a user must hear about: those that look like a mask field, or that are within
-# MAX_TYPO_DISTANCE edits of any field (a typo would otherwise silently leave the default in
-# place). Other unknown keys (e.g. a Hugging Face config.json's extras) are kept.
-MASK_FIELD_PREFIXES = ("attention_mask", "mask_", "dam_", "pattern_")
+# Unknown keys a user must hear about: those that look like a mask field
+# (attention_masks.MASK_FIELD_PREFIXES), or that are within MAX_TYPO_DISTANCE edits of any field
+# (a typo would otherwise silently leave the default in place). Other unknown keys (e.g. a Hugging
+# Face config.json's extras) are kept.
 MAX_TYPO_DISTANCE = 2
 # Hugging Face fields we keep in `extra` but whose only value we implement.
 IMPLEMENTED_HF_VALUES = {"position_embedding_type": "absolute"}
@@ -74,11 +73,13 @@ MAX_PARAMETERS = 10**11
 
 
 @dataclass
-class BertConfig:
+class BertConfig(attention_masks.MaskConfig):
+    """BERT's fields, each a flat key of bert_config.json. The attention-mask fields, and the
+    num_hidden_layers and num_attention_heads its grid covers, are inherited from MaskConfig,
+    which declares and validates them."""
+
     vocab_size: int = 30522
     hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.1
@@ -89,36 +90,10 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     # Which kernels attention runs on (sparse_attention.BACKENDS): "auto" picks per call.
     attention_backend: str = "auto"
-    # --- attention mask (SparseBERT) ---
-    attention_mask_type: str = "dense"
-    mask_seq_length: int = 128
-    dam_lambda: float = 0.0
-    dam_temperature: float = 1.0
-    dam_temperature_final: float | None = None
-    dam_temperature_schedule: str = "constant"
-    dam_init_std: float = 1e-3
-    dam_share_across_layers: bool = False
-    dam_symmetric: bool = False
-    dam_block_size: int = 1
-    dam_penalty_gradient: str = "kept_gates"
-    attention_mask_file: str | None = None
-    pattern_params: dict = field(default_factory=dict)
-    pattern_seed: int = 0
     # Keys we do not use but keep for a faithful round trip (e.g. HF's "model_type").
     extra: dict = field(default_factory=dict, repr=False)
 
-    def __post_init__(self) -> None:
-        self._check_types()
-        self._check_values()
-
-    # -- validation: every error names the field and what is allowed
-
-    def _check_types(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "extra" or (value is None and f.name in _OPTIONAL_FIELDS):
-                continue
-            setattr(self, f.name, check_json_type(f"bert_config: field '{f.name}'", value, _FIELD_TYPES[f.name]))
+    # -- validation (the field types: MaskConfig._check_types): every error names the field and what is allowed
 
     def _check_sizes(self) -> None:
         for name in _DIMENSIONS:
@@ -131,10 +106,6 @@ class BertConfig:
                 f"{MAX_PARAMETERS:.0e}); lower 'num_hidden_layers' ({self.num_hidden_layers}), 'hidden_size' "
                 f"({self.hidden_size}), 'intermediate_size' ({self.intermediate_size}) or 'vocab_size' "
                 f"({self.vocab_size})")
-        mask_entries = self.num_hidden_layers * self.num_attention_heads * self.mask_seq_length**2
-        if self.attention_mask_type != "dense" and mask_entries > MAX_PARAMETERS:
-            raise ValueError(f"bert_config: the attention mask would have {mask_entries:.3g} entries (limit "
-                             f"{MAX_PARAMETERS:.0e}); lower 'mask_seq_length' ({self.mask_seq_length})")
 
     def _check_extra(self) -> None:
         for name, implemented in IMPLEMENTED_HF_VALUES.items():
@@ -144,6 +115,7 @@ class BertConfig:
                                  f"{implemented!r} is implemented: remove the field or set it to {implemented!r}")
 
     def _check_values(self) -> None:
+        super()._check_values()  # the mask's fields
         for name in _DIMENSIONS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"bert_config field '{name}' must be > 0, got {getattr(self, name)}")
@@ -157,37 +129,18 @@ class BertConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"bert_config field '{name}' must be in [0, 1), got {getattr(self, name)}")
-        _check_choice("hidden_act", self.hidden_act, tuple(ACT2FN))
-        _check_choice("attention_backend", self.attention_backend, sparse_attention.BACKENDS)
+        self._check_choice("hidden_act", tuple(ACT2FN))
+        self._check_choice("attention_backend", sparse_attention.BACKENDS)
         if self.attention_backend == "flex" and self.attention_probs_dropout_prob > 0:
             raise ValueError("bert_config: attention_backend 'flex' has no attention dropout; set "
                              "'attention_probs_dropout_prob' to 0 or use attention_backend 'auto'")
-        _check_choice("attention_mask_type", self.attention_mask_type, MASK_TYPES)
-        _check_choice("dam_temperature_schedule", self.dam_temperature_schedule, TEMPERATURE_SCHEDULES)
-        _check_choice("dam_penalty_gradient", self.dam_penalty_gradient, attention_masks.PENALTY_GRADIENTS)
-        if self.dam_lambda < 0:
-            raise ValueError(f"bert_config field 'dam_lambda' must be >= 0 (e.g. 1e-4 ... 1e-1), got {self.dam_lambda}")
-        if self.dam_temperature <= 0 or (self.dam_temperature_final is not None and self.dam_temperature_final <= 0):
-            raise ValueError("bert_config fields 'dam_temperature' / 'dam_temperature_final' must be > 0")
-        if self.dam_init_std < 0:
-            raise ValueError(f"bert_config field 'dam_init_std' must be >= 0, got {self.dam_init_std}")
         if self.attention_mask_type != "dense" and self.mask_seq_length > self.max_position_embeddings:
             raise ValueError(
                 f"bert_config field 'mask_seq_length' ({self.mask_seq_length}) must be <= "
                 f"'max_position_embeddings' ({self.max_position_embeddings})"
             )
-        if self.mask_seq_length % self.dam_block_size:
-            raise ValueError(
-                f"bert_config field 'dam_block_size' ({self.dam_block_size}) must divide "
-                f"'mask_seq_length' ({self.mask_seq_length})"
-            )
-        if self.attention_mask_type == "file" and not self.attention_mask_file:
-            raise ValueError(
-                "bert_config: attention_mask_type 'file' needs 'attention_mask_file' (a mask file "
-                "written by run_pretraining.py --export_mask)"
-            )
 
-    # -- (de)serialisation
+    # -- (de)serialisation (from_json_file, from_checkpoint and replace: MaskConfig's)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BertConfig":
@@ -204,19 +157,6 @@ class BertConfig:
                 extra[key] = value
         return cls(**kwargs, extra=extra)
 
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "BertConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist: pass --config_file pointing at a bert_config.json")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"config file {path} is not valid JSON ({exc}); fix the file") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a JSON object of BERT fields")
-        return cls.from_dict(data)
-
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         data.update(self.extra)
@@ -227,10 +167,6 @@ class BertConfig:
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, self.to_json_string())
-
-    def replace(self, **changes: Any) -> "BertConfig":
-        """A validated copy with some fields changed (command-line overrides)."""
-        return dataclasses.replace(self, **changes)
 
     def parameter_count(self) -> int:
         """Parameters of the embeddings and the encoder layers (the heads add little)."""
@@ -250,19 +186,8 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
 
-_OPTIONAL_FIELDS = {"dam_temperature_final", "attention_mask_file"}
-_DIMENSIONS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-               "max_position_embeddings", "type_vocab_size", "mask_seq_length", "dam_block_size")
-_FIELD_TYPES = {
-    "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
-    "intermediate_size": int, "hidden_act": str, "hidden_dropout_prob": float,
-    "attention_probs_dropout_prob": float, "max_position_embeddings": int, "type_vocab_size": int,
-    "initializer_range": float, "layer_norm_eps": float, "attention_backend": str, "attention_mask_type": str,
-    "mask_seq_length": int, "dam_lambda": float, "dam_temperature": float,
-    "dam_temperature_final": float, "dam_temperature_schedule": str, "dam_init_std": float,
-    "dam_share_across_layers": bool, "dam_symmetric": bool, "dam_block_size": int,
-    "dam_penalty_gradient": str, "attention_mask_file": str, "pattern_params": dict, "pattern_seed": int,
-}
+# BERT's own sizes (the mask's grid, num_hidden_layers / num_attention_heads included, is MaskConfig's to check)
+_DIMENSIONS = ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings", "type_vocab_size")
 
 
 def _edit_distance(a: str, b: str) -> int:
@@ -275,18 +200,12 @@ def _edit_distance(a: str, b: str) -> int:
 
 
 def _refuse_likely_typo(key: str, known: set[str]) -> None:
-    """Raise for an unknown key that is probably a misspelt field (see MASK_FIELD_PREFIXES)."""
-    if key.startswith(MASK_FIELD_PREFIXES):
-        mask_fields = sorted(k for k in known if k.startswith(MASK_FIELD_PREFIXES))
-        raise ValueError(f"bert_config: unknown attention-mask field '{key}'; known fields: {', '.join(mask_fields)}")
+    """Raise for an unknown key that is probably a misspelt field: one that looks like a mask field,
+    or is within MAX_TYPO_DISTANCE edits of any field."""
+    attention_masks.refuse_unknown_mask_field(key)
     distance, nearest = min((_edit_distance(key, name), name) for name in known)
     if distance <= MAX_TYPO_DISTANCE:
         raise ValueError(f"bert_config: unknown field '{key}'; did you mean '{nearest}'? Rename it")
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"bert_config field '{name}' is {value!r}; allowed: {', '.join(allowed)}")
 
 
 # ============================================================================ modules
@@ -656,9 +575,22 @@ def masked_lm_rows(masked_lm_labels: torch.Tensor, max_predictions: int | None =
     return (rows + torch.arange(batch, device=rows.device)[:, None] * seq_len).reshape(-1)
 
 
+def pretraining_loss(prediction_scores: torch.Tensor, seq_relationship_score: torch.Tensor,
+                     row_labels: torch.Tensor, next_sentence_labels: torch.Tensor) -> torch.Tensor:
+    """MLM cross-entropy over the scored rows (label -1 ignored) plus NSP cross-entropy, in fp32
+    (NVIDIA's criterion)."""
+    mlm = F.cross_entropy(prediction_scores.float(), row_labels, ignore_index=-1)
+    nsp = F.cross_entropy(seq_relationship_score.float(), next_sentence_labels.view(-1))
+    return mlm + nsp
+
+
 class BertForPreTraining(BertPreTrainedModel):
     """MLM + NSP heads. With `masked_lm_labels` the vocab projection runs only on the rows of
-    `masked_lm_rows` (pass the same `max_predictions` to the loss)."""
+    `masked_lm_rows`; with `next_sentence_labels` too, the MLM + NSP loss comes third.
+
+    The attention-mask penalty is not in that loss: `mask_penalty()` is the search's own term,
+    logged apart from the language-model loss it is traded against.
+    """
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -669,12 +601,19 @@ class BertForPreTraining(BertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 masked_lm_labels: torch.Tensor | None = None,
-                max_predictions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                next_sentence_labels: torch.Tensor | None = None,
+                max_predictions: int | None = None) -> tuple[torch.Tensor, ...]:
         sequence_output, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
-        if masked_lm_labels is not None:
-            rows = masked_lm_rows(masked_lm_labels, max_predictions)
-            sequence_output = sequence_output.flatten(0, 1)[rows]  # [rows, H]
-        return self.cls.predictions(sequence_output), self.cls.seq_relationship(pooled_output)
+        seq_relationship_score = self.cls.seq_relationship(pooled_output)
+        if masked_lm_labels is None:
+            return self.cls.predictions(sequence_output), seq_relationship_score
+        rows = masked_lm_rows(masked_lm_labels, max_predictions)
+        prediction_scores = self.cls.predictions(sequence_output.flatten(0, 1)[rows])  # [rows, vocab]
+        if next_sentence_labels is None:
+            return prediction_scores, seq_relationship_score
+        loss = pretraining_loss(prediction_scores, seq_relationship_score, masked_lm_labels.reshape(-1)[rows],
+                                next_sentence_labels)
+        return prediction_scores, seq_relationship_score, loss
 
 
 class BertForMaskedLM(BertPreTrainedModel):
@@ -715,26 +654,40 @@ class _BertWithClassifier(BertPreTrainedModel):
         self.init_weights()
 
 
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over classes (label -1 ignored), or mean squared error for one output
+    (regression, nan ignored), in fp32."""
+    if logits.size(-1) == 1:
+        scores, targets = logits.float().view(-1), labels.float().view(-1)
+        labelled = ~torch.isnan(targets)
+        return F.mse_loss(scores[labelled], targets[labelled])
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), ignore_index=-1)
+
+
 class BertForSequenceClassification(_BertWithClassifier):
-    """Classifier on the pooled [CLS] vector (num_labels = 1: regression)."""
+    """Classifier on the pooled [CLS] vector (num_labels = 1: regression); with `labels`, also the loss."""
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
-        return self.classifier(self.dropout(pooled_output))
+        logits = self.classifier(self.dropout(pooled_output))
+        return logits if labels is None else (logits, classification_loss(logits, labels))
 
 
 class BertForTokenClassification(_BertWithClassifier):
-    """Classifier on every token's vector."""
+    """Classifier on every token's vector; with `labels` ([B, n], -1 ignored), also the loss."""
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        return self.classifier(self.dropout(sequence_output))
+        logits = self.classifier(self.dropout(sequence_output))
+        return logits if labels is None else (logits, classification_loss(logits, labels))
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):
-    """SQuAD head: start and end logits per token."""
+    """SQuAD head: start and end logits per token; with both positions, also their mean cross-entropy."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -743,10 +696,15 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        start_logits, end_logits = self.qa_outputs(sequence_output).split(1, dim=-1)
-        return start_logits.squeeze(-1), end_logits.squeeze(-1)
+        start_logits, end_logits = (t.squeeze(-1) for t in self.qa_outputs(sequence_output).split(1, dim=-1))
+        if start_positions is None or end_positions is None:
+            return start_logits, end_logits
+        loss = (F.cross_entropy(start_logits.float(), start_positions)
+                + F.cross_entropy(end_logits.float(), end_positions)) / 2
+        return start_logits, end_logits, loss
 
 
 # ============================================================================ weight files and names
@@ -887,15 +845,9 @@ def _encoder_layers(keys: Iterable[str]) -> set[int]:
 
 
 def recorded_config(checkpoint: dict[str, Any], source: str) -> BertConfig | None:
-    """The config a checkpoint records as a JSON string under "config" (with the run's command-line
-    overrides applied, which no bert_config.json holds), or None when it records none."""
-    recorded = checkpoint.get("config")
-    if not isinstance(recorded, str):
-        return None
-    try:
-        return BertConfig.from_dict(json.loads(recorded))
-    except (ValueError, TypeError, AttributeError) as err:
-        raise ValueError(f"checkpoint {source} records an unreadable config ({err})") from None
+    """The config a checkpoint records (with the run's command-line overrides applied, which no
+    bert_config.json holds), or None when it records none."""
+    return BertConfig.from_checkpoint(checkpoint, source)
 
 
 def weight_meaning(config: BertConfig) -> dict[str, Any]:

@@ -25,6 +25,8 @@ import h5py
 import numpy as np
 import torch
 
+from batches import PretrainingBatch
+
 logger = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".hdf5", ".h5")
@@ -104,16 +106,17 @@ class PretrainingDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.arrays["next_sentence_labels"])
 
-    def batch(self, indices: torch.Tensor | Sequence[int]) -> list[torch.Tensor]:
-        """Rows `indices` as [input_ids, segment_ids, input_mask, masked_lm_labels, next_sentence_labels]."""
+    def batch(self, indices: torch.Tensor | Sequence[int]) -> PretrainingBatch:
+        """Rows `indices`, their masked positions and ids expanded to `masked_lm_labels`."""
         index = torch.as_tensor(indices, dtype=torch.long)
         a = {name: t[index] for name, t in self.arrays.items()}
-        labels = masked_lm_labels(a["masked_lm_positions"], a["masked_lm_ids"], self.seq_length)
-        return [a["input_ids"].long(), a["segment_ids"].long(), a["input_mask"].long(), labels,
-                a["next_sentence_labels"].long()]
+        return PretrainingBatch(
+            input_ids=a["input_ids"].long(), segment_ids=a["segment_ids"].long(), input_mask=a["input_mask"].long(),
+            masked_lm_labels=masked_lm_labels(a["masked_lm_positions"], a["masked_lm_ids"], self.seq_length),
+            next_sentence_labels=a["next_sentence_labels"].long())
 
-    def __getitem__(self, index: int) -> list[torch.Tensor]:
-        return [t[0] for t in self.batch([index])]
+    def __getitem__(self, index: int) -> PretrainingBatch:
+        return self.batch([index])
 
 
 def _read_shard(path: str, max_pred_length: int, vocab_size: int | None) -> dict[str, np.ndarray]:
@@ -346,7 +349,7 @@ class PretrainingBatches:
 
     # ------------------------------------------------------------------ iteration
 
-    def __iter__(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    def __iter__(self) -> Iterator[tuple[int, PretrainingBatch]]:
         while True:
             epoch, f_id = self.epoch, self.file_index
             dataset = self._load(self.file_for(epoch, f_id))
@@ -356,7 +359,7 @@ class PretrainingBatches:
             for start in starts:
                 batch = dataset.batch(order[start:start + self.batch_size])
                 if self.pin_memory:
-                    batch = [t.pin_memory() for t in batch]
+                    batch = batch.pin_memory()
                 self.batch_index += 1
                 self.batches_taken += 1
                 yield f_id, batch

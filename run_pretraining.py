@@ -11,26 +11,29 @@ MLM + NSP + model.mask_penalty() (λ·ΣM of the sampled DAM mask, 0 for other m
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import attention_masks
+import launch
+import modeling
 import pretraining_data
 import training
-import modeling
+from atomic_io import remove_stale_temps
+from batches import PretrainingBatch
 from modeling import BertConfig, BertForPreTraining
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
-from utils import (MetricLogger, add_local_rank_argument, all_gather_object, all_reduce_mean, autocast, finite_float,
-                   get_rank, get_world_size, init_distributed, is_main_process, precision_dtype, seed_everything)
+from utils import MetricLogger, all_gather_object, finite_float, get_rank, is_main_process
 
 logger = logging.getLogger("run_pretraining")
 
@@ -39,102 +42,62 @@ logger = logging.getLogger("run_pretraining")
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # -- NVIDIA's flags (SparseBERT's defaults where the fork changed them)
+    p = launch.ScriptParser("run_pretraining.py", __doc__.split("\n\n")[0])
+    launch.add_shared_arguments(p)
     p.add_argument("--input_dir", required=True, help="folder of .hdf5 pretraining shards")
-    p.add_argument("--config_file", required=True, help="bert_config.json (model + attention-mask fields)")
-    p.add_argument("--bert_model", default="bert-large-uncased", help="informational, as in NVIDIA's script")
-    p.add_argument("--output_dir", required=True, help="where ckpt_<step>.pt and the mask file go")
     p.add_argument("--vocab_file", default=None, help="WordPiece vocab; checked against the config's vocab_size")
-    p.add_argument("--init_checkpoint", default=None,
-                   help="warm-start weights (NVIDIA ckpt, state dict, HF folder); mask logits start fresh, "
-                        "except under --phase2 (the phase-1 checkpoint: its mask search continues)")
-    p.add_argument("--max_seq_length", type=int, default=128)
-    p.add_argument("--max_predictions_per_seq", type=int, default=20)
-    p.add_argument("--train_batch_size", type=int, default=32,
-                   help="sequences per GPU per optimizer step (after accumulation)")
-    p.add_argument("--learning_rate", type=finite_float, default=5e-5)
+    p.add_argument("--do_train", action="store_true", help="train (required, as in NVIDIA's script)")
+    p.add_argument("--max_predictions_per_seq", type=int, default=20, help="masked tokens per sequence in the shards")
+    p.add_argument("--max_steps", type=finite_float, default=1000, help="optimizer steps of this phase")
+    p.add_argument("--steps_this_run", type=int, default=-1,
+                   help="stop once the phase's step, resumed steps included, reaches this (NVIDIA's meaning)")
     p.add_argument("--mask_learning_rate", type=finite_float, default=None,
                    help="peak learning rate of the DAM mask logits, same schedule (default: --learning_rate, "
                         "as the released code); warm-started searches want it far higher, e.g. 0.05")
-    p.add_argument("--num_train_epochs", type=finite_float, default=3.0, help="unused: the run is driven by steps")
-    p.add_argument("--max_steps", type=finite_float, default=1000, help="optimizer steps of this phase")
-    p.add_argument("--warmup_proportion", type=finite_float, default=0.01, help="warm-up fraction of max_steps")
-    add_local_rank_argument(p)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--fp16", action="store_true", help="fp16 autocast + dynamic loss scaling")
-    p.add_argument("--amp", action="store_true", help="same as --fp16")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (no loss scaling)")
-    p.add_argument("--loss_scale", type=finite_float, default=0.0, help="0 = dynamic; > 0 = this scale, never grown")
-    p.add_argument("--init_loss_scale", type=finite_float, default=2.0**20)
+    p.add_argument("--lamb", type=finite_float, default=None, help="λ of the mask penalty (overrides dam_lambda)")
+    p.add_argument("--init_loss_scale", type=finite_float, default=2.0**20, help="first dynamic fp16 loss scale")
     p.add_argument("--log_freq", type=finite_float, default=1.0, help="log every N optimizer steps")
-    p.add_argument("--checkpoint_activations", action="store_true")
-    p.add_argument("--resume_from_checkpoint", action="store_true")
-    p.add_argument("--resume_step", type=int, default=-1, help="-1 = newest ckpt in output_dir")
-    p.add_argument("--num_steps_per_checkpoint", type=int, default=100)
-    p.add_argument("--skip_checkpoint", action="store_true")
-    p.add_argument("--phase2", action="store_true")
+    p.add_argument("--checkpoint_activations", action="store_true", help="recompute activations in the backward")
+    p.add_argument("--resume_from_checkpoint", action="store_true", help="continue from a ckpt_<step>.pt in output_dir")
+    p.add_argument("--resume_step", type=int, default=-1, help="the step to resume; -1 = the newest checkpoint")
+    p.add_argument("--num_steps_per_checkpoint", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--phase2", action="store_true", help="phase 2: continue from phase 1's checkpoint")
+    p.add_argument("--phase1_end_step", type=int, default=7038,
+                   help="phase 1's last step: phase-2 checkpoints are numbered after it")
     p.add_argument("--allreduce_post_accumulation", action="store_true",
                    help="all-reduce gradients once per optimizer step (DDP no_sync on accumulation steps)")
     p.add_argument("--allreduce_post_accumulation_fp16", action="store_true",
                    help="all-reduce gradients in fp16 (bf16 under --bf16)")
-    p.add_argument("--phase1_end_step", type=int, default=7038)
-    p.add_argument("--do_train", action="store_true")
-    p.add_argument("--json-summary", dest="json_summary", default=None,
-                   help="dllogger JSON-lines file (default: <output_dir>/dllogger.json, so runs never share one)")
-    p.add_argument("--use_env", action="store_true", help="accepted; LOCAL_RANK is always read from the environment")
-    p.add_argument("--disable_progress_bar", action="store_true")
-    p.add_argument("--steps_this_run", type=int, default=-1,
-                   help="stop once the phase's step, resumed steps included, reaches this (NVIDIA's meaning)")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader workers per rank")
-    # -- SparseBERT and this project
-    p.add_argument("--lamb", type=finite_float, default=None, help="λ of the mask penalty (overrides dam_lambda)")
-    p.add_argument("--attention_mask_type", default=None,
-                   help="override the config: dense | a pattern | dam_u | dam_s | file")
+    p.add_argument("--disable_progress_bar", action="store_true", help="no tqdm bar")
     p.add_argument("--export_mask", action="store_true", help="also write the binarised mask at every checkpoint")
-    p.add_argument("--max_bad_steps", type=int, default=25,
-                   help="stop after this many consecutive non-finite (skipped) optimizer steps")
-    p.add_argument("--dist_timeout", type=finite_float, default=1800,
-                   help="seconds a collective waits for the other ranks before this one stops with an error "
-                        "(a dead or stuck worker turns into an exit, not a hang)")
-    p.add_argument("--no_cuda", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model and the loss (static shapes)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model and its loss (static shapes)")
     p.add_argument("--check_only", action="store_true",
                    help="check the flags, config and shard headers, then exit without training or writing "
                         "anything (run_pretraining.sh checks phase 2 this way before phase 1 starts)")
-    args = p.parse_args(argv)
-    args.fp16 = args.fp16 or args.amp
-    args.max_steps = int(args.max_steps)
-    return args
+    # --use_env: LOCAL_RANK is always read; --resume_phase2: a phase-2 checkpoint always continues
+    # its phase; the MLM head always scores only the masked rows; the rest tune NVIDIA's own kernels.
+    launch.add_ignored_arguments(p, valued=("--bert_model", "--num_train_epochs", "--num_workers", "--profile-start"),
+                                 switches=("--use_env", "--resume_phase2", "--profile", "--no_dense_sequence_output",
+                                           "--disable_jit_fusions", "--cuda_graphs"))
+    launch.set_help(p, output_dir="where ckpt_<step>.pt, the mask files and dllogger.json go",
+                    init_checkpoint="warm-start weights (NVIDIA ckpt, state dict, HF folder); mask logits start fresh, "
+                                    "except under --phase2 (the phase-1 checkpoint: its mask search continues)")
+    return launch.parse(p, argv)
 
 
 def validate_arguments(args: argparse.Namespace) -> None:
     """Every mistake a user can make on the command line, caught before anything is written."""
     if not args.do_train:
         raise ValueError("nothing to do: pass --do_train")
-    if args.fp16 and args.bf16:
-        raise ValueError("--fp16/--amp and --bf16 are mutually exclusive: pick one")
-    if args.gradient_accumulation_steps < 1:
-        raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
-    if args.train_batch_size < 1 or args.train_batch_size % args.gradient_accumulation_steps:
-        raise ValueError(
-            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must divide --train_batch_size "
-            f"{args.train_batch_size} (the per-GPU batch after accumulation)")
+    launch.validate_shared(args)
     if args.max_steps < 1:
         raise ValueError(f"--max_steps must be >= 1, got {args.max_steps}")
-    if not 0.0 <= args.warmup_proportion < 1.0:
-        raise ValueError(f"--warmup_proportion is a fraction of --max_steps in [0, 1), got {args.warmup_proportion}")
-    if args.log_freq <= 0 or args.num_steps_per_checkpoint < 1 or args.max_bad_steps < 1:
-        raise ValueError("--log_freq, --num_steps_per_checkpoint and --max_bad_steps must be positive")
+    if args.log_freq <= 0 or args.num_steps_per_checkpoint < 1:
+        raise ValueError("--log_freq and --num_steps_per_checkpoint must be positive")
     if args.steps_this_run == 0 or args.steps_this_run < -1:
         raise ValueError(f"--steps_this_run must be -1 (all of --max_steps) or >= 1, got {args.steps_this_run}")
-    if not args.dist_timeout > 0:
-        raise ValueError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
     if not args.init_loss_scale > 0:
         raise ValueError(f"--init_loss_scale must be > 0 (the first fp16 loss scale), got {args.init_loss_scale}")
-    if not args.loss_scale >= 0:
-        raise ValueError(f"--loss_scale must be 0 (dynamic) or > 0 (a static scale), got {args.loss_scale}")
     if args.mask_learning_rate is not None and not args.mask_learning_rate > 0:
         raise ValueError(f"--mask_learning_rate must be > 0, got {args.mask_learning_rate}")
     if args.lamb is not None and args.lamb < 0:
@@ -145,30 +108,11 @@ def validate_arguments(args: argparse.Namespace) -> None:
 
 def load_model_config(args: argparse.Namespace) -> BertConfig:
     """The config with command-line overrides, checked against the sequence length and vocab."""
-    config = training.load_config(args.config_file, attention_mask_type=args.attention_mask_type, dam_lambda=args.lamb)
-    if args.max_seq_length > config.max_position_embeddings:
-        raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds max_position_embeddings "
-                         f"{config.max_position_embeddings} of {args.config_file}")
-    if config.attention_mask_type != "dense" and config.mask_seq_length < args.max_seq_length:
-        raise ValueError(
-            f"attention_mask_type '{config.attention_mask_type}' has mask_seq_length {config.mask_seq_length} < "
-            f"--max_seq_length {args.max_seq_length}: set mask_seq_length >= {args.max_seq_length} in {args.config_file}")
+    config = launch.read_config(args, dam_lambda=args.lamb)
     if config.type_vocab_size < 2:  # NSP pairs: every shard's segment ids are 0 and 1
         raise ValueError(f"{args.config_file} has type_vocab_size {config.type_vocab_size}, but pretraining "
                          f"shards hold segment ids 0 and 1: set type_vocab_size to 2 (BERT's)")
-    try:  # a bad pattern parameter or mask file fails here, before anything is written
-        attention_masks.build_attention_mask(config)
-    except ValueError as exc:
-        raise ValueError(f"{args.config_file}: {exc}") from None
-    if args.vocab_file:
-        path = Path(args.vocab_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--vocab_file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            vocab_lines = sum(1 for _ in f)
-        if vocab_lines > config.vocab_size:
-            raise ValueError(f"--vocab_file {path} has {vocab_lines} tokens but {args.config_file} has vocab_size "
-                             f"{config.vocab_size}: use the vocab the config was made for, or fix vocab_size")
+    launch.check_config(config, args)
     return config
 
 
@@ -195,34 +139,34 @@ def check_same_shards(shards: list[str], input_dir: str) -> None:
                              f"{get_rank()} finds {which}: give every node the same copy of the shards")
 
 
-# ============================================================================ pieces of a step
+# ============================================================================ the model and its mask
 
 
-def pretraining_loss(prediction_scores: torch.Tensor, seq_relationship_score: torch.Tensor,
-                     masked_lm_labels: torch.Tensor, next_sentence_labels: torch.Tensor,
-                     max_predictions: int | None = None) -> torch.Tensor:
-    """MLM cross-entropy over the masked rows plus NSP cross-entropy, in fp32 (NVIDIA's criterion).
+def objective(model: torch.nn.Module, raw_model: BertForPreTraining, batch: PretrainingBatch,
+              max_predictions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MLM + NSP loss, λ·ΣM of the mask sampled in this forward pass): their sum is minimised.
 
-    ``prediction_scores`` holds the rows of `modeling.masked_lm_rows(masked_lm_labels, max_predictions)`."""
-    labels = masked_lm_labels.reshape(-1)[modeling.masked_lm_rows(masked_lm_labels, max_predictions)]
-    mlm = F.cross_entropy(prediction_scores.float(), labels, ignore_index=-1)
-    nsp = F.cross_entropy(seq_relationship_score.float(), next_sentence_labels.view(-1))
-    return mlm + nsp
+    `max_predictions` (the shards' validated bound) gives the MLM head a static shape: no host
+    sync, and nothing for torch.compile to recompile."""
+    _, _, loss = model(**batch.model_inputs(), max_predictions=max_predictions)
+    return loss, raw_model.mask_penalty()
 
 
-def compile_for_training(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    """What --compile does: `torch.compile` the model in place and return the compiled
-    `pretraining_loss`. With --max_predictions_per_seq every shape in the step is static, so the
-    heads and the fp32 cross-entropy fuse as well as the body. Under DDP, pass the DDP module:
-    compiling the wrapper lets dynamo split the graph at gradient buckets, so all-reduces overlap
-    the backward (a compiled inner module would hand DDP every gradient at once, at the end).
-    State-dict names are unchanged (in-place compile adds no prefix)."""
+def compile_for_training(model: torch.nn.Module) -> None:
+    """What --compile does: `torch.compile` the model in place (its loss included, which fuses with
+    the heads). Under DDP, pass the DDP module: compiling the wrapper lets dynamo split the graph at
+    gradient buckets, so all-reduces overlap the backward. State-dict names are unchanged."""
     model.compile()
-    return torch.compile(pretraining_loss)
 
 
 def mask_module(model: torch.nn.Module) -> attention_masks.AttentionMask | None:
     return training.unwrap_model(model).bert.sparse_mask
+
+
+def search_mask(model: torch.nn.Module) -> attention_masks.DifferentiableMask | None:
+    """The DAM mask being searched, if any (its temperature follows the run's progress)."""
+    module = mask_module(model)
+    return module if isinstance(module, attention_masks.DifferentiableMask) else None
 
 
 def deterministic_sparsity(model: torch.nn.Module) -> float:
@@ -244,11 +188,28 @@ def write_mask(model: torch.nn.Module, path: Path, step: int, print_table: bool)
 # ============================================================================ set-up
 
 
-def build_model(args: argparse.Namespace, config, device: torch.device) -> BertForPreTraining:
+def build_model(args: argparse.Namespace, config: BertConfig, device: torch.device,
+                found: tuple[int, Path, dict[str, Any]] | None) -> BertForPreTraining:
+    """The model with the resumed checkpoint's weights (all of them), or warm-started from
+    --init_checkpoint. Weights load before anything is written: a checkpoint that does not fit
+    leaves no trace."""
     model = BertForPreTraining(config)
-    if args.checkpoint_activations:
-        model.set_checkpoint_activations(True)
+    model.set_checkpoint_activations(args.checkpoint_activations)
+    if found is not None:
+        model.load_converted_state_dict(found[2]["model"], source=str(found[1]), strict=True)
+    elif args.init_checkpoint:
+        warm_start(model, args.init_checkpoint, keep_mask=args.phase2)
     return model.to(device)
+
+
+def build_optimization(args: argparse.Namespace, model: BertForPreTraining,
+                       device: torch.device) -> training.Optimization:
+    """LAMB (the mask logits in their own group), NVIDIA's poly warm-up, the fp16 loss scaler."""
+    optimizer = build_lamb(model, lr=args.learning_rate, mask_lr=args.mask_learning_rate)
+    scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
+    grad_scaler = training.make_grad_scaler(device, enabled=args.fp16, init_scale=args.loss_scale or args.init_loss_scale,
+                                            static=args.loss_scale > 0)
+    return training.Optimization(optimizer, scheduler, grad_scaler)
 
 
 def warm_start(model: BertForPreTraining, path: str, keep_mask: bool = False) -> None:
@@ -339,19 +300,46 @@ def check_checkpoint_numbering(args: argparse.Namespace, resume_step: int, check
                          f"{args.phase1_end_step}: pass --phase1_end_step {resume_step} (phase 1's last step)")
 
 
-def restore_grad_scaler(args: argparse.Namespace, grad_scaler: torch.amp.GradScaler,
-                        saved: dict[str, Any] | None) -> None:
-    """The saved fp16 loss scale, unless this run set its own.
+def restore(args: argparse.Namespace, found: tuple[int, Path, dict[str, Any]], optimization: training.Optimization,
+            batches: pretraining_data.PretrainingBatches) -> tuple[int, list[dict[str, Any]] | None]:
+    """Optimizer, schedule, loss scale and data position from the checkpoint; returns (the phase's
+    step, the saved RNG states to restore just before the first step).
 
-    An fp32 / bf16 run saved a disabled scaler ({}): --fp16 then starts at --init_loss_scale. A
-    --loss_scale given on resume (e.g. to escape a collapsing dynamic scale) is used as given.
+    A new phase keeps only the moments. The saved fp16 loss scale is kept unless this run sets its
+    own --loss_scale (e.g. to escape a collapsing dynamic scale); an fp32 / bf16 checkpoint saved
+    none, so --fp16 then starts at --init_loss_scale.
     """
-    if not args.fp16 or not saved:
-        return
-    if args.loss_scale > 0:
-        logger.info("--loss_scale %g replaces the checkpoint's loss scale %g", args.loss_scale, saved.get("scale"))
-        return
-    grad_scaler.load_state_dict(saved)
+    resume_step, path, checkpoint = found
+    global_step, continuing = phase_step(args, resume_step, checkpoint)
+    if args.fp16 and args.loss_scale > 0 and checkpoint.get("grad_scaler"):
+        logger.info("--loss_scale %g replaces the checkpoint's loss scale", args.loss_scale)
+    optimization.load_state_dict(checkpoint, new_phase=not continuing, keep_loss_scale=args.fp16 and not args.loss_scale)
+    if continuing and "data" in checkpoint:
+        batches.load_state_dict(checkpoint["data"])
+    logger.info("resumed from %s: phase step %d (%s)", path, global_step,
+                "continuing" if continuing else "new phase: schedule reset")
+    return global_step, checkpoint.get("rng") if continuing else None
+
+
+def checkpoint_state(p: Pretraining, args: argparse.Namespace, step: int) -> dict[str, Any]:
+    """Everything a resume needs, under NVIDIA's keys, plus the config and the binarised mask."""
+    batches, mask = p.batches, p.raw_model.bert.sparse_mask
+    state = {"model": p.raw_model.state_dict(), **p.optimization.state_dict(), "data": batches.state_dict(),
+             "files": [batches.file_index, *batches.epoch_files(batches.epoch)], "epoch": batches.epoch,
+             "global_step": step, "phase2": args.phase2, "rng": training.gather_rng_states(),
+             "config": p.config.to_json_string(), "args": json.dumps(vars(args), default=str)}
+    if mask is not None:
+        state["mask"] = mask.full_mask()
+    return state
+
+
+def save_checkpoint(p: Pretraining, args: argparse.Namespace, step: int) -> None:
+    """ckpt_<n>.pt (the last three kept) and, with --export_mask, mask_<n>.safetensors beside it."""
+    name_step = checkpoint_name_step(args, step)
+    training.save_checkpoint(checkpoint_state(p, args, step), args.output_dir, name_step)
+    if args.export_mask:
+        write_mask(p.raw_model, Path(args.output_dir) / f"mask_{name_step}.safetensors", name_step, print_table=False)
+    p.metrics.log("PARAMETER", {"checkpoint_step": name_step})
 
 
 def last_good_checkpoint(output_dir: str) -> str:
@@ -383,198 +371,133 @@ def checked_inputs(args: argparse.Namespace) -> tuple[BertConfig, list[str]]:
     return config, shards
 
 
+@dataclasses.dataclass
+class Pretraining:
+    """A run's components, built and restored, before its first step."""
+
+    config: BertConfig
+    run: launch.Run
+    raw_model: BertForPreTraining
+    model: torch.nn.Module  # raw_model under DDP / torch.compile
+    optimization: training.Optimization
+    batches: pretraining_data.PretrainingBatches
+    metrics: MetricLogger
+    meter: training.ThroughputMeter
+    step: training.TrainStep
+    global_step: int
+    rng_states: list[dict[str, Any]] | None
+
+
+def set_up(args: argparse.Namespace, lock: training.OutputDirLock) -> Pretraining:
+    run = launch.start(args)
+    config, shards = checked_inputs(args)
+    check_same_shards(shards, args.input_dir)
+    found = resume_state(args, config)
+    raw_model = build_model(args, config, run.device, found)
+    lock.acquire(exclusive=is_main_process())
+    if is_main_process():
+        # Each checkpoint write a kill interrupted left a checkpoint-sized temporary: repeated
+        # preemptions would otherwise fill the disk.
+        remove_stale_temps(args.output_dir, training.CHECKPOINT_NAME)
+    optimization = build_optimization(args, raw_model, run.device)
+    batches = pretraining_data.PretrainingBatches(
+        shards, batch_size=args.train_batch_size // args.gradient_accumulation_steps,
+        max_pred_length=args.max_predictions_per_seq, seed=args.seed, rank=run.rank, world_size=run.world_size,
+        vocab_size=config.vocab_size)
+    global_step, rng_states = restore(args, found, optimization, batches) if found else (0, None)
+    model = training.wrap_distributed(raw_model, run.device,
+                                      compress_dtype=run.dtype if args.allreduce_post_accumulation_fp16 else None)
+    if args.compile:
+        compile_for_training(model)
+    metrics = launch.open_metrics(args, config, batch_size_per_gpu=batches.batch_size,
+                                  learning_rate=args.learning_rate, dam_lambda=config.dam_lambda, train_start=True)
+    meter = training.ThroughputMeter(run.device, warmup_steps=10 if args.phase2 else 4)
+    step = training.TrainStep(model, lambda b: objective(model, raw_model, b, args.max_predictions_per_seq),
+                              optimization, run.device, run.dtype, training.BadStepBound(args.max_bad_steps), meter,
+                              sync_every_micro_step=not args.allreduce_post_accumulation)
+    return Pretraining(config, run, raw_model, model, optimization, batches, metrics, meter, step, global_step,
+                       rng_states)
+
+
+def restore_rng_states(states: list[dict[str, Any]] | None, world_size: int) -> None:
+    """The resumed run's RNG streams, last, so that nothing drawn while setting up shifts them."""
+    if states is not None and not training.restore_rng_states(states):
+        logger.warning("checkpoint holds RNG states of %d ranks, this run has %d: RNG streams restart",
+                       len(states), world_size)
+
+
+def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[str, float]:
+    """One dllogger line: the losses (MLM + NSP and the mask penalty apart), rates, mask sparsity."""
+    learning_rate, mask_learning_rate = p.optimization.learning_rates()
+    line = {**window.means(), "learning_rate": learning_rate, "mask_learning_rate": mask_learning_rate,
+            "mask_sparsity": deterministic_sparsity(p.raw_model), "skipped_steps": p.step.bad_steps.skipped}
+    p.metrics.log((p.batches.epoch, step), line)
+    return line
+
+
+def finish(args: argparse.Namespace, p: Pretraining, last_log: dict[str, float], e2e_time: float,
+           state: dict[str, Any]) -> dict[str, Any]:
+    """NVIDIA's summary line (final_loss: MLM + NSP of the last log window, as a dense run's; the
+    mask penalty apart), then the end-of-run mask file."""
+    results = {"e2e_train_time": e2e_time, "training_sequences_per_second": p.meter.sequences_per_second(),
+               "final_loss": last_log["average_loss"], "final_mask_penalty": last_log["mask_penalty"],
+               "raw_train_time": p.meter.elapsed(), **state}
+    p.metrics.log((p.batches.epoch, state["global_step"]), {"final_loss": results["final_loss"]})
+    p.metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
+                                               "final_loss", "final_mask_penalty", "raw_train_time")})
+    p.metrics.close()
+    if mask_module(p.raw_model) is not None:
+        write_mask(p.raw_model, Path(args.output_dir) / "attention_mask.safetensors",
+                   checkpoint_name_step(args, state["global_step"]), print_table=True)
+    return results
+
+
 def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any]:
     validate_arguments(args)
     if args.check_only:
         checked_inputs(args)
         print(f"run_pretraining.py: {args.input_dir} and {args.config_file} pass the checks", flush=True)
         return {}
-    device = init_distributed(args.local_rank, no_cuda=args.no_cuda, timeout_s=args.dist_timeout)
-    rank, world_size = get_rank(), get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    seed_everything(args.seed + rank)
-    config, shards = checked_inputs(args)
-    check_same_shards(shards, args.input_dir)
-    found = resume_state(args, config)
-    model = build_model(args, config, device)
-    # Weights load before anything is written: a checkpoint that does not fit leaves no trace.
-    if found is not None:
-        model.load_converted_state_dict(found[2]["model"], source=str(found[1]), strict=True)
-    elif args.init_checkpoint:
-        warm_start(model, args.init_checkpoint, keep_mask=args.phase2)
-    lock.acquire(exclusive=is_main_process())
-    if is_main_process():
-        training.remove_stale_temp_files(args.output_dir)
-
-    dtype = precision_dtype(args.fp16, args.bf16)
-    micro_batch = args.train_batch_size // args.gradient_accumulation_steps
-    accumulation = args.gradient_accumulation_steps
-
-    optimizer = build_lamb(model, lr=args.learning_rate, mask_lr=args.mask_learning_rate)
-    scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
-    grad_scaler = training.make_grad_scaler(device, enabled=args.fp16,
-                                            init_scale=args.loss_scale or args.init_loss_scale,
-                                            static=args.loss_scale > 0)
-    batches = pretraining_data.PretrainingBatches(
-        shards, batch_size=micro_batch, max_pred_length=args.max_predictions_per_seq, seed=args.seed,
-        rank=rank, world_size=world_size, vocab_size=config.vocab_size)
-
-    global_step, rng_states = 0, None
-    if found is not None:
-        resume_step, path, checkpoint = found
-        global_step, continuing = phase_step(args, resume_step, checkpoint)
-        if "optimizer" in checkpoint and training.load_optimizer_state(optimizer, checkpoint["optimizer"]):
-            if not continuing:  # a fresh phase: new schedule, bias correction restarts
-                for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-                    group["step"] = 0
-                    group["lr"] = base_lr
-        if continuing:
-            restore_grad_scaler(args, grad_scaler, checkpoint.get("grad_scaler"))
-            if "data" in checkpoint:
-                batches.load_state_dict(checkpoint["data"])
-            rng_states = checkpoint.get("rng")
-        logger.info("resumed from %s: phase step %d (%s)", path, global_step,
-                    "continuing" if continuing else "new phase: schedule reset")
-        del checkpoint
-
-    raw_model = model
-    compress = dtype if args.allreduce_post_accumulation_fp16 and dtype is not None else None
-    model = training.wrap_distributed(model, device, compress_dtype=compress)
-    loss_fn = compile_for_training(model) if args.compile else pretraining_loss
-    sync_every_micro_step = not args.allreduce_post_accumulation
-    masks = mask_module(raw_model)
-    if isinstance(masks, attention_masks.DifferentiableMask):
-        masks.set_progress(global_step / args.max_steps)
-
+    p = set_up(args, lock)
+    global_step, search = p.global_step, search_mask(p.raw_model)
     target_step = min(args.max_steps, args.steps_this_run) if args.steps_this_run > 0 else args.max_steps
     if global_step >= target_step:
-        logger.info("step %d already reaches --max_steps / --steps_this_run %d: nothing to train",
-                    global_step, target_step)
-
-    metrics = MetricLogger(args.json_summary or Path(args.output_dir) / "dllogger.json")
-    metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,
-                              "batch_size_per_gpu": micro_batch, "learning_rate": args.learning_rate,
-                              "world_size": world_size, "attention_mask_type": config.attention_mask_type,
-                              "dam_lambda": config.dam_lambda, "train_start": True})
-    if rng_states is not None and not training.restore_rng_states(rng_states):
-        logger.warning("checkpoint holds RNG states of %d ranks, this run has %d: RNG streams restart",
-                       len(rng_states), world_size)
-
-    model.train()
-    start_time = time.perf_counter()
-    meter = training.ThroughputMeter(device, warmup_steps=4 if not args.phase2 else 10)
+        logger.info("step %d already reaches --max_steps / --steps_this_run %d: nothing to train", global_step, target_step)
+    advice = lambda: (f"stopping; {last_good_checkpoint(args.output_dir)}. Lower --learning_rate, use --bf16 or "  # noqa: E731
+                      f"fp32, check the data, or raise --max_bad_steps")
+    window, last_log = training.LossWindow(p.run.device), {"average_loss": math.nan, "mask_penalty": math.nan}
     progress = tqdm(total=args.max_steps, initial=global_step, desc="pretraining", unit="step",
                     disable=not is_main_process() or args.disable_progress_bar)
-    zero = torch.zeros((), device=device)
-    window_loss, window_penalty, window_steps = zero.clone(), zero.clone(), 0
-    last_window_loss = float("nan")
-    bad_steps = training.BadStepBound(args.max_bad_steps)
-    log_every = max(int(args.log_freq), 1)
-    data = iter(batches)
-
-    def save(step: int) -> None:
-        state = {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": scheduler.state_dict(),
-            "grad_scaler": grad_scaler.state_dict(),
-            "data": batches.state_dict(),
-            "files": [batches.file_index, *batches.epoch_files(batches.epoch)],  # NVIDIA's layout
-            "epoch": batches.epoch,
-            "global_step": step,
-            "phase2": args.phase2,
-            "rng": training.gather_rng_states(),
-            "config": config.to_json_string(),
-            "args": json.dumps(vars(args), default=str),
-        }
-        if masks is not None:
-            state["mask"] = masks.full_mask()
-        name_step = checkpoint_name_step(args, step)
-        training.save_checkpoint(state, args.output_dir, name_step)
-        if args.export_mask:
-            write_mask(raw_model, Path(args.output_dir) / f"mask_{name_step}.safetensors", name_step, print_table=False)
-        metrics.log("PARAMETER", {"checkpoint_step": name_step})
-
+    if search is not None:
+        search.set_progress(global_step / args.max_steps)
+    restore_rng_states(p.rng_states, p.run.world_size)
+    start_time, data, stop = time.perf_counter(), iter(p.batches), False
+    p.model.train()
     with training.SigtermFlag() as sigterm:
-        stop_requested = False
-        while global_step < target_step and not stop_requested:
-            step_loss = zero.clone()
-            step_penalty = zero.clone()
-            for micro_step in range(accumulation):
-                _, batch = next(data)
-                batch = [t.to(device, non_blocking=True) for t in batch]
-                input_ids, segment_ids, input_mask, masked_lm_labels, next_sentence_labels = batch
-                sync = sync_every_micro_step or micro_step == accumulation - 1
-                with training.grad_sync(model, sync):
-                    with autocast(device, dtype):
-                        scores, nsp_scores = model(input_ids, segment_ids, input_mask, masked_lm_labels,
-                                                   max_predictions=args.max_predictions_per_seq)
-                        penalty = raw_model.mask_penalty()
-                        loss = loss_fn(scores, nsp_scores, masked_lm_labels, next_sentence_labels,
-                                       args.max_predictions_per_seq) + penalty
-                    grad_scaler.scale(loss / accumulation).backward()
-                step_loss += loss.detach()
-                step_penalty += penalty.detach()
-            step_loss /= accumulation
-            step_penalty /= accumulation
-
-            finite = training.gradients_finite(optimizer, grad_scaler, step_loss)
-            bad, stop_requested = training.any_rank(~finite, sigterm.requested, device=device)
-            training.apply_optimizer_step(optimizer, grad_scaler, scheduler, ok=not bad)
-            meter.update(args.train_batch_size * world_size)
-            if bad and args.fp16:
-                metrics.log("PARAMETER", {"loss_scale": grad_scaler.get_scale()})
-            bad_steps.record(bad, global_step, lambda: (
-                f"stopping; {last_good_checkpoint(args.output_dir)}. "
-                f"Lower --learning_rate, use --bf16 or fp32, check the data, or raise --max_bad_steps"))
-            if not bad:
+        while global_step < target_step and not stop:
+            micro_batches = [next(data)[1] for _ in range(args.gradient_accumulation_steps)]
+            outcome = p.step(micro_batches, global_step, advice, lambda: sigterm.requested)
+            stop = outcome.stop_requested
+            if outcome.applied:
                 global_step += 1
                 progress.update(1)
-                if isinstance(masks, attention_masks.DifferentiableMask):
-                    masks.set_progress(global_step / args.max_steps)
-                window_loss += step_loss
-                window_penalty += step_penalty
-                window_steps += 1
-
-            if window_steps and (global_step % log_every == 0 or global_step == target_step or stop_requested):
-                # Means over every rank (one small all-reduce per log line, not per step).
-                average, last_step, penalty_mean = all_reduce_mean(
-                    torch.stack([window_loss / window_steps, step_loss, window_penalty / window_steps])).tolist()
-                last_window_loss = average
-                metrics.log((batches.epoch, global_step), {
-                    "average_loss": average,
-                    "step_loss": last_step,
-                    "learning_rate": optimizer.param_groups[0]["lr"],
-                    "mask_learning_rate": optimizer.param_groups[-1]["lr"],
-                    "mask_penalty": penalty_mean,
-                    "mask_sparsity": deterministic_sparsity(raw_model),
-                    "skipped_steps": bad_steps.skipped,
-                })
-                progress.set_postfix(loss=f"{average:.4f}")
-                window_loss, window_penalty, window_steps = zero.clone(), zero.clone(), 0
-
-            if global_step == target_step or stop_requested:
-                meter.stop()  # the last checkpoint is not training time (NVIDIA stops its clock here too)
-            due = not bad and (global_step % args.num_steps_per_checkpoint == 0 or global_step == target_step)
-            if not args.skip_checkpoint and (due or stop_requested):
-                save(global_step)
+                window.add(outcome)
+                if search is not None:
+                    search.set_progress(global_step / args.max_steps)
+            elif args.fp16:
+                p.metrics.log("PARAMETER", {"loss_scale": p.optimization.grad_scaler.get_scale()})
+            if window.steps and (global_step % max(int(args.log_freq), 1) == 0 or global_step == target_step or stop):
+                last_log = log_window(p, window, global_step)
+                progress.set_postfix(loss=f"{last_log['average_loss']:.4f}")
+            if global_step == target_step or stop:
+                p.meter.stop()  # the last checkpoint is not training time (NVIDIA stops its clock here too)
+            due = outcome.applied and (global_step % args.num_steps_per_checkpoint == 0 or global_step == target_step)
+            if not args.skip_checkpoint and (due or stop):
+                save_checkpoint(p, args, global_step)
     progress.close()
-
-    final_loss = last_window_loss  # already the mean over ranks
-    e2e = time.perf_counter() - start_time
-    results = {"e2e_train_time": e2e, "training_sequences_per_second": meter.sequences_per_second(),
-               "final_loss": final_loss, "raw_train_time": meter.elapsed(), "global_step": global_step,
-               "skipped_steps": bad_steps.skipped, "stopped_by_sigterm": stop_requested}
-    metrics.log((batches.epoch, global_step), {"final_loss": final_loss})
-    metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
-                                             "final_loss", "raw_train_time")})
-    metrics.close()
-    batches.close()
-    if masks is not None:
-        write_mask(raw_model, Path(args.output_dir) / "attention_mask.safetensors",
-                   checkpoint_name_step(args, global_step), print_table=True)
-    return results
+    p.batches.close()
+    return finish(args, p, last_log, time.perf_counter() - start_time,
+                  {"global_step": global_step, "skipped_steps": p.step.bad_steps.skipped, "stopped_by_sigterm": stop})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,12 @@ layer calls its `LayerAttention`. Paths:
     padding is a per-batch key mask. A learnable DAM mask is a `score_mod` adding the captured
     [H', n, n] bias (so the mask logits get a gradient, and no [B, H, n, n] bias is ever built) on
     top of a padding-only `BlockMask`.
+  * "triton": `triton_attention.fused_attention`, a fused FlashAttention-2 style kernel with
+    attention dropout (Philox, regenerated in the backward) and the [H', n, n] bias plus key
+    padding read inside the kernel; the bias gradient is reduced over the batch there, so no
+    [B, H, n, n] tensor exists even with dropout and a learnable mask. CUDA (on a CPU only under
+    Triton's interpreter, TRITON_INTERPRET=1, for tests). "auto" does not choose it: it has no
+    GPU timing yet.
   * "auto": flex on CUDA when attention dropout is off and the sequence is long enough for flex to
     win: FLEX_MIN_LEARNABLE_SEQ_LEN for a learnable mask, FLEX_MIN_FROZEN_SEQ_LEN for a frozen
     one; else sdpa.
@@ -39,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 MASKED_BIAS = -10000.0  # the additive score bias of a dropped or padded key (NVIDIA / SparseBERT)
-BACKENDS = ("auto", "sdpa", "flex")
+BACKENDS = ("auto", "sdpa", "flex", "triton")
 DEFAULT_BLOCK_SIZE = 128  # FlexAttention's default sparse tile
 # From which length "auto" sends a mask to FlexAttention (bench/README.md, H200). A learnable mask:
 # at 512 flex beat SDPA's grad-bias kernel (1.14 vs 1.40 ms fwd+bwd per layer), at 128 it lost
@@ -60,6 +66,17 @@ except ImportError:  # torch < 2.5: the sdpa path still works
 
 def flex_available() -> bool:
     return flex_attention is not None
+
+
+@functools.cache
+def _triton_attention() -> Any:
+    """The triton_attention module, or None without the triton package (imported on first use, so
+    an sdpa or flex run never imports triton)."""
+    try:
+        import triton_attention
+    except ImportError:
+        return None
+    return triton_attention
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,6 +275,13 @@ def resolve_backend(device: torch.device, keep: torch.Tensor | None, dropout_p: 
         worth_it = keep is not None and seq_len >= min_len
         use_flex = device.type == "cuda" and flex_available() and dropout_p == 0.0 and worth_it
         return "flex" if use_flex else "sdpa"
+    if backend == "triton":
+        module = _triton_attention()
+        if module is None:
+            raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='sdpa'")
+        if device.type != "cuda" and not module.INTERPRETED:
+            raise ValueError("backend='triton' needs a CUDA device (a CPU runs it only under Triton's "
+                             "interpreter, TRITON_INTERPRET=1); use backend='sdpa'")
     if backend == "flex":
         if not flex_available():
             raise ValueError("backend='flex' needs torch >= 2.5; use backend='sdpa'")
@@ -275,8 +299,9 @@ class LayerAttention:
 
     Call it as ``attend(q, k, v, dropout_p)`` with q, k, v: [B, H, n, d].
     """
-    backend: str                               # "sdpa" or "flex"
-    bias: torch.Tensor | None = None           # sdpa: the broadcast-shaped additive bias
+    backend: str                               # "sdpa", "flex" or "triton"
+    bias: torch.Tensor | None = None           # sdpa: the broadcast-shaped additive bias; triton: [H', n, n]
+    padding: torch.Tensor | None = None        # triton: the [B, n] key padding bias
     block_mask: "BlockMask | None" = None      # flex: tiles to visit, padding, frozen token mask
     score_mod: Callable | None = None          # flex: the learnable DAM bias
     kernel_options: dict[str, Any] | None = None
@@ -284,6 +309,8 @@ class LayerAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
         if self.backend == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias, dropout_p=dropout_p)
+        if self.backend == "triton":
+            return _triton_attention().fused_attention(q, k, v, self.bias, self.padding, dropout_p)
         return _flex_fn(q)(q, k, v, score_mod=self.score_mod, block_mask=self.block_mask,
                            kernel_options=self.kernel_options)
 
@@ -300,8 +327,13 @@ def prepare_attention(keep: torch.Tensor | None, key_padding: torch.Tensor | Non
     built here.
     """
     n = keep.shape[-1] if keep is not None else (key_padding.shape[-1] if key_padding is not None else 0)
-    if resolve_backend(device, keep, dropout_p, backend, n) == "sdpa":
+    resolved = resolve_backend(device, keep, dropout_p, backend, n)
+    if resolved == "sdpa":
         return LayerAttention("sdpa", bias=score_bias(key_padding, keep, dtype))
+    if resolved == "triton":
+        module = _triton_attention()
+        return LayerAttention("triton", bias=None if keep is None else module.keep_bias(keep),
+                              padding=None if key_padding is None else module.padding_bias(key_padding, dtype))
     score_mod = None
     if _learnable(keep):
         score_mod = _bias_score_mod(keep)
@@ -334,7 +366,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q, k, v: [B, H, n, d]. key_padding: bool [B, n], True = padding key. keep: float [H', n, n]
     or [n, n] (H' in {1, H}), 1 = keep (grad-requiring for the DAM search). dropout_p: attention
-    dropout (sdpa only). A model prepares each layer once per forward with `prepare_layers`
+    dropout (sdpa and triton). A model prepares each layer once per forward with `prepare_layers`
     instead; this is the one-call form.
     """
     n = q.shape[-2]

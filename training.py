@@ -8,6 +8,7 @@ a SIGTERM flag for clean preemption, and a throughput / latency meter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import gc
@@ -19,7 +20,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -27,13 +28,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from modeling import BertConfig
-from utils import (all_gather_object, atomic_save, get_rank, get_world_size, is_main_process, rng_state,
+from utils import (all_gather_object, all_reduce_mean, atomic_save, autocast, get_rank, get_world_size, is_main_process, rng_state,
                    safe_torch_load, set_rng_state)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
-STALE_TEMP_RE = re.compile(r"^\.ckpt_\d+\.pt\..+\.tmp$")  # atomic_io.atomic_path's temporary names
+CHECKPOINT_NAME = r"ckpt_(\d+)\.pt"
+CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_NAME}$")
 COLLECTIVE_FAILURE_RE = re.compile(r"gloo|nccl|timed out|timeout|connection (closed|reset)|broken pipe", re.IGNORECASE)
 
 
@@ -206,6 +207,134 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
     return True
 
 
+class Optimization:
+    """The optimizer, its learning-rate schedule and the fp16 loss scaler: stepped together, saved
+    together (under NVIDIA's checkpoint keys), restored together."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, grad_scaler: torch.amp.GradScaler,
+                 max_grad_norm: float = 0.0) -> None:
+        self.optimizer, self.scheduler, self.grad_scaler = optimizer, scheduler, grad_scaler
+        self.max_grad_norm = max_grad_norm
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        self.grad_scaler.scale(loss / accumulation).backward()
+
+    def step(self, loss: torch.Tensor, device: torch.device, stop_requested: bool = False) -> tuple[bool, bool]:
+        """Step unless any rank has a non-finite gradient or loss; returns (stepped, any rank asked to stop)."""
+        finite = gradients_finite(self.optimizer, self.grad_scaler, loss, max_grad_norm=self.max_grad_norm)
+        bad, stop = any_rank(~finite, stop_requested, device=device)
+        apply_optimizer_step(self.optimizer, self.grad_scaler, self.scheduler, ok=not bad)
+        return not bad, stop
+
+    def learning_rates(self) -> tuple[float, float]:
+        """(the weights' rate, the last group's: the mask logits' under LAMB)."""
+        return self.optimizer.param_groups[0]["lr"], self.optimizer.param_groups[-1]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
+                "grad_scaler": self.grad_scaler.state_dict()}
+
+    def load_state_dict(self, checkpoint: dict[str, Any], new_phase: bool, keep_loss_scale: bool) -> None:
+        """The saved moments (when their layout fits); a `new_phase` restarts the schedule and the
+        bias correction. The saved fp16 loss scale only when `keep_loss_scale` (an fp16 run that set
+        no --loss_scale of its own) and the checkpoint's run used one."""
+        if "optimizer" in checkpoint and load_optimizer_state(self.optimizer, checkpoint["optimizer"]) and new_phase:
+            for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+                group["step"] = 0
+                group["lr"] = base_lr
+        saved_scale = checkpoint.get("grad_scaler")
+        if keep_loss_scale and saved_scale and not new_phase:
+            self.grad_scaler.load_state_dict(saved_scale)
+
+
+@dataclasses.dataclass
+class StepOutcome:
+    """One optimizer step: its losses (means over the micro-batches, this rank), whether it was applied."""
+
+    loss: torch.Tensor
+    penalty: torch.Tensor
+    applied: bool
+    stop_requested: bool
+
+
+class TrainStep:
+    """Forward and backward over the micro-batches of one optimizer step, then the step itself.
+
+    `loss_of(batch)` returns (task loss, penalty) for one micro-batch; their sum is what is
+    minimised. Under DDP gradients are all-reduced on the last micro-batch only unless
+    `sync_every_micro_step`. A step with a non-finite gradient or loss on any rank is skipped and
+    counted by `bad_steps`, which stops the run after too many in a row.
+    """
+
+    def __init__(self, model: nn.Module, loss_of: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
+                 optimization: Optimization, device: torch.device, dtype: torch.dtype | None,
+                 bad_steps: "BadStepBound", meter: "ThroughputMeter", sync_every_micro_step: bool = False) -> None:
+        self.model, self.loss_of, self.optimization = model, loss_of, optimization
+        self.device, self.dtype = device, dtype
+        self.bad_steps, self.meter = bad_steps, meter
+        self.sync_every_micro_step = sync_every_micro_step
+
+    def __call__(self, micro_batches: list[Any], step: int, advice: Callable[[], str],
+                 stop_requested: Callable[[], bool] = lambda: False) -> StepOutcome:
+        """`step` and `advice()` name the place and the remedy if the bad-step bound is reached;
+        `stop_requested()` (e.g. a SIGTERM arrived) is read after the micro-batches, and agreed on
+        by every rank in the step's one all-reduce."""
+        loss = torch.zeros((), device=self.device)
+        penalty = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            sync = self.sync_every_micro_step or index == len(micro_batches) - 1
+            with grad_sync(self.model, sync):
+                with autocast(self.device, self.dtype):
+                    batch_loss, batch_penalty = self.loss_of(batch.to(self.device))
+                self.optimization.backward(batch_loss + batch_penalty, len(micro_batches))
+            loss += batch_loss.detach() / len(micro_batches)
+            penalty += batch_penalty.detach() / len(micro_batches)
+        applied, stop = self.optimization.step(loss + penalty, self.device, stop_requested())
+        self.meter.update(sum(len(b) for b in micro_batches) * get_world_size())
+        self.bad_steps.record(not applied, step, advice)
+        return StepOutcome(loss, penalty, applied, stop)
+
+
+class LossWindow:
+    """The losses of the optimizer steps since the last log line, averaged over them and over every
+    rank in one small all-reduce per log line (not per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.penalty = torch.zeros((), device=self.device)
+        self.last = torch.zeros((), device=self.device)
+        self.steps = 0
+
+    def add(self, outcome: StepOutcome) -> None:
+        self.loss += outcome.loss
+        self.penalty += outcome.penalty
+        self.last = outcome.loss
+        self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """average_loss (the task loss, without the mask penalty), step_loss (the last step's) and
+        mask_penalty, all means over ranks; starts the next window."""
+        average, last, penalty = all_reduce_mean(
+            torch.stack([self.loss / self.steps, self.last, self.penalty / self.steps])).tolist()
+        self._reset()
+        return {"average_loss": average, "step_loss": last, "mask_penalty": penalty}
+
+
+def endless(loader: Iterable[Any], set_epoch: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:
+    """(epoch, batch) from `loader`, epoch after epoch (`set_epoch` reshuffles a DistributedSampler)."""
+    epoch = 0
+    while True:
+        if set_epoch is not None:
+            set_epoch(epoch)
+        for batch in loader:
+            yield epoch, batch
+        epoch += 1
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -250,20 +379,6 @@ def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, ke
         for _, old in list_checkpoints(output_dir)[:-keep]:
             old.unlink(missing_ok=True)
     return path
-
-
-def remove_stale_temp_files(output_dir: str | Path) -> list[Path]:
-    """Delete the temporary files of checkpoint writes a kill interrupted (`.ckpt_<step>.pt.*.tmp`).
-
-    Only the process that owns `output_dir` calls this, before it writes anything; each such file
-    is as large as a checkpoint, so repeated preemptions would otherwise fill the disk.
-    """
-    directory = Path(output_dir)
-    stale = [p for p in directory.iterdir() if STALE_TEMP_RE.match(p.name) and p.is_file()] if directory.is_dir() else []
-    for path in stale:
-        logger.warning("removing %s, left by an interrupted checkpoint write", path)
-        path.unlink(missing_ok=True)
-    return stale
 
 
 # The types the resume code reads each entry as (a wrong one would end in a traceback mid-resume).
@@ -485,7 +600,8 @@ class SigtermFlag:
 class ThroughputMeter:
     """Sequences per second and seconds per step, after `warmup_steps` optimizer steps.
 
-    The first steps (compilation, allocator warm-up) are left out, as NVIDIA's script does.
+    The first steps (compilation, allocator warm-up) are left out, as NVIDIA's script does; a run
+    too short to get past them is measured over all its steps rather than reported as 0.
     Only the warm-up steps and the readings synchronise the device.
     """
 
@@ -493,20 +609,19 @@ class ThroughputMeter:
         self.device = device
         self.warmup_steps = warmup_steps
         self.steps = 0
-        self.sequences = 0
-        self._counted_steps = 0
-        self._start = time.perf_counter()
+        self._all = _Span(time.perf_counter())
+        self._timed = _Span(time.perf_counter())
         self._end: float | None = None
 
     def update(self, sequences: int) -> None:
         """Count one finished optimizer step of `sequences` sequences (over all ranks)."""
         self.steps += 1
+        self._all.add(sequences)
         if self.steps <= self.warmup_steps:
             self._sync()
-            self._start = time.perf_counter()  # the clock starts when the warm-up is over
+            self._timed = _Span(time.perf_counter())  # the clock starts when the warm-up is over
         else:
-            self.sequences += sequences
-            self._counted_steps += 1
+            self._timed.add(sequences)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -517,16 +632,34 @@ class ThroughputMeter:
         self._sync()
         self._end = time.perf_counter()
 
+    @property
+    def total_sequences(self) -> int:
+        """Sequences of every counted step, the warm-up's included."""
+        return self._all.sequences
+
+    def _span(self) -> "_Span":
+        return self._timed if self._timed.steps else self._all
+
     def elapsed(self) -> float:
-        if self._end is not None:
-            return self._end - self._start
-        self._sync()
-        return time.perf_counter() - self._start
+        if self._end is None:
+            self._sync()
+        return (self._end if self._end is not None else time.perf_counter()) - self._span().start
 
     def sequences_per_second(self) -> float:
         elapsed = self.elapsed()
-        return self.sequences / elapsed if elapsed > 0 else 0.0
+        return self._span().sequences / elapsed if elapsed > 0 else 0.0
 
     def seconds_per_step(self) -> float:
-        elapsed = self.elapsed()
-        return elapsed / self._counted_steps if self._counted_steps else 0.0
+        steps = self._span().steps
+        return self.elapsed() / steps if steps else 0.0
+
+
+@dataclasses.dataclass
+class _Span:
+    start: float
+    steps: int = 0
+    sequences: int = 0
+
+    def add(self, sequences: int) -> None:
+        self.steps += 1
+        self.sequences += sequences

@@ -98,7 +98,8 @@ def add_local_rank_argument(parser: "argparse.ArgumentParser") -> None:
     """NVIDIA's --local_rank, also under the dashed spelling torch >= 2.0's torch.distributed.launch
     passes (--local-rank=N). The LOCAL_RANK variable, which torchrun sets, wins (init_distributed)."""
     parser.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int,
-                        default=int(os.environ.get("LOCAL_RANK", -1)))
+                        default=int(os.environ.get("LOCAL_RANK", -1)),
+                        help="this process's GPU (torch.distributed.launch sets it; torchrun's LOCAL_RANK wins)")
 
 
 def init_distributed(local_rank: int = -1, no_cuda: bool = False, timeout_s: int = 1800) -> torch.device:
@@ -189,7 +190,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def precision_dtype(fp16: bool, bf16: bool) -> torch.dtype | None:
     """The autocast dtype for the precision flags (None = fp32)."""
     if fp16 and bf16:
-        raise ValueError("--fp16 and --bf16 are mutually exclusive: pick one")
+        raise ValueError("--fp16/--amp and --bf16 are mutually exclusive: pick one")
     return torch.float16 if fp16 else torch.bfloat16 if bf16 else None
 
 

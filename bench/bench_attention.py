@@ -17,6 +17,12 @@ Paths (q, k, v require grad; "ms" = one forward + backward):
   dam_flex        FlexAttention score_mod adding a captured learnable [H, n, n] bias (DAM_u search)
   dam_s_flex      score_mod indexing a learnable per-offset table [H, n] by |q - kv| (DAM_s search)
   dam_block_flex  score_mod indexing a learnable per-tile table [H, n/b, n/b] (block DAM search)
+  triton_dense    the fused Triton kernel (triton_attention.py), no mask
+  triton_masked   the Triton kernel with the frozen mask as a [1, n, n] bias read in the kernel
+  dam_triton      the Triton kernel with a learnable [H, n, n] bias (gradient reduced in the kernel)
+  dam_sdpa_dropout    dam_sdpa with attention dropout DROPOUT_P
+  dam_triton_dropout  dam_triton with attention dropout DROPOUT_P (Philox in the kernel)
+The Triton paths run on CUDA only (on a CPU Triton has just its slow interpreter).
 """
 from __future__ import annotations
 
@@ -36,8 +42,12 @@ from bench_common import device_name, git_commit, short_error, write_results  # 
 import sparse_attention as sa  # noqa: E402
 
 ALL_PATHS = ("sdpa_dense", "sdpa_masked", "flex_dense", "flex_block", "dam_sdpa", "dam_flex",
-             "dam_s_flex", "dam_block_flex")
+             "dam_s_flex", "dam_block_flex", "triton_dense", "triton_masked", "dam_triton", "dam_sdpa_dropout",
+             "dam_triton_dropout")
 FLEX_PATHS = {"flex_dense", "flex_block", "dam_flex", "dam_s_flex", "dam_block_flex"}
+TRITON_PATHS = {"triton_dense", "triton_masked", "dam_triton", "dam_triton_dropout"}
+MASKED_PATHS = ("sdpa_masked", "flex_block", "triton_masked")  # the rest is measured once per length
+DROPOUT_P = 0.1  # BERT's attention dropout
 
 
 def band_global_mask(n: int, block_size: int, kind: str) -> torch.Tensor:
@@ -112,7 +122,26 @@ def build_path(path: str, q: torch.Tensor, keep: torch.Tensor, block_size: int, 
         def tile_bias(score, b, h, q_idx, kv_idx):
             return score + tile_logits[h, q_idx // block_size, kv_idx // block_size]
         return lambda q, k, v: flex(q, k, v, score_mod=tile_bias, kernel_options=learn), [tile_logits]
+    if path == "dam_sdpa_dropout":
+        keep_soft = torch.full((heads, n, n), 1.0, device=device, requires_grad=True)
+        return (lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=sa.score_bias(None, keep_soft, dtype), dropout_p=DROPOUT_P), [keep_soft])
+    if path in TRITON_PATHS:
+        return build_triton_path(path, keep, heads, n, device)
     raise ValueError(path)
+
+
+def build_triton_path(path: str, keep: torch.Tensor, heads: int, n: int,
+                      device: torch.device) -> tuple[Callable, list[torch.Tensor]]:
+    ta = sa._triton_attention()
+    if path == "triton_dense":
+        return lambda q, k, v: ta.fused_attention(q, k, v), []
+    if path == "triton_masked":
+        bias = ta.keep_bias(keep.float())
+        return lambda q, k, v: ta.fused_attention(q, k, v, bias), []
+    keep_soft = torch.full((heads, n, n), 1.0, device=device, requires_grad=True)
+    dropout_p = DROPOUT_P if path == "dam_triton_dropout" else 0.0
+    return lambda q, k, v: ta.fused_attention(q, k, v, ta.keep_bias(keep_soft), dropout_p=dropout_p), [keep_soft]
 
 
 LEARN_OPTIONS = dict(sa.LEARNABLE_BIAS_KERNEL_OPTIONS)
@@ -156,7 +185,8 @@ def run_path(path: str, keep: torch.Tensor, batch: int, args: argparse.Namespace
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="GPU quick preset: S = 128, 512, 2048 and 8192, 6 paths, budget 100 s")
+    p.add_argument("--quick", action="store_true",
+                   help="GPU quick preset: S = 128, 512, 2048 and 8192, 10 paths, budget 100 s")
     p.add_argument("--seq_lens", type=int, nargs="+", default=None)
     p.add_argument("--tokens", type=int, default=None, help="tokens per batch (batch = tokens // seq_len)")
     p.add_argument("--heads", type=int, default=None, help="12 on CUDA, 4 on CPU")
@@ -183,7 +213,8 @@ def parse_args(argv=None):
     )
     if args.quick:
         defaults.update(seq_lens=[128, 512, 2048, 8192], masks=["block"], warmup=2, iters=5, time_budget_s=100.0,
-                        paths=["sdpa_dense", "sdpa_masked", "flex_block", "dam_sdpa", "dam_flex", "dam_s_flex"])
+                        paths=["sdpa_dense", "sdpa_masked", "flex_block", "triton_masked", "dam_sdpa", "dam_flex",
+                               "dam_triton", "dam_sdpa_dropout", "dam_triton_dropout", "dam_s_flex"])
         if args.masks == ("token", "block"):
             args.masks = defaults["masks"]
     for key, value in defaults.items():
@@ -202,6 +233,7 @@ def main(argv=None) -> list[dict]:
         flex = torch.compile(sa.flex_attention, dynamic=False) if device.type == "cuda" else sa.flex_attention
     else:
         flex = None
+    triton_note = triton_unavailable(device)
     commit = git_commit()  # the code being measured: read before the run, not after
     started = time.perf_counter()
     rows: list[dict] = []
@@ -214,11 +246,10 @@ def main(argv=None) -> list[dict]:
                         "token_sparsity": 1.0 - keep.float().mean().item(),
                         "tile_sparsity": tile_sparsity(keep, args.block_size)}
             for path in args.paths:
-                if mask_kind != args.masks[0] and path in ("sdpa_dense", "flex_dense", "dam_sdpa", "dam_flex",
-                                                          "dam_s_flex", "dam_block_flex"):
+                if mask_kind != args.masks[0] and path not in MASKED_PATHS:
                     continue  # mask-independent paths: measured once per length
                 row = {**row_base, "path": path, "ms": None, "speedup_vs_dense": None, "note": ""}
-                if path not in ("sdpa_dense", "sdpa_masked", "flex_block"):
+                if path not in MASKED_PATHS and path != "sdpa_dense":
                     row["mask"] = "-"
                 if time.perf_counter() - started > args.time_budget_s:
                     row["note"] = "skipped: time budget"
@@ -226,6 +257,8 @@ def main(argv=None) -> list[dict]:
                     row["note"] = "unavailable: torch has no flex_attention"
                 elif path in FLEX_PATHS and device.type == "cpu":
                     row["note"] = "unavailable: FlexAttention has no backward on CPU"
+                elif path in TRITON_PATHS and triton_note:
+                    row["note"] = triton_note
                 else:
                     try:
                         row["ms"] = run_path(path, keep, batch, args, device, dtype, flex)
@@ -253,9 +286,18 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def triton_unavailable(device: torch.device) -> str:
+    """Why the Triton paths cannot run here, or "" when they can (never imports triton on a CPU)."""
+    if device.type != "cuda":
+        return "unavailable: the Triton kernels run on CUDA only"
+    if sa._triton_attention() is None:
+        return "unavailable: triton is not installed"
+    return ""
+
+
 def format_row(row: dict) -> str:
     ms = f"{row['ms']:.3f} ms" if row["ms"] else "-"
-    return f"S={row['seq_len']:5d} B={row['batch']:3d} {row['mask']:5s} {row['path']:15s} {ms:>12s} {row['note']}"
+    return f"S={row['seq_len']:5d} B={row['batch']:3d} {row['mask']:5s} {row['path']:18s} {ms:>12s} {row['note']}"
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -58,7 +58,7 @@ def bench_loader(shard: str, batch_size: int, max_pred: int) -> dict:
     start = time.perf_counter()
     samples = 0
     for _, (_, batch) in zip(range(n_batches), stream):
-        samples += len(batch[0])
+        samples += len(batch)
     seconds = time.perf_counter() - start
     stream.close()
     return {"batch_size": batch_size, "shard_load_s": load_s, "samples": samples,

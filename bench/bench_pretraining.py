@@ -52,6 +52,9 @@ PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100":
                "A100": 312.0}
 VOCAB_SIZE = 30522
 MASK_FRACTION = 0.15
+MASK_MODES = ("dense", "dam_s", "dam_u", "pattern")
+TRITON_SUFFIX = "_triton"  # a mode with it runs attention_backend "triton" (CUDA only)
+MODES = MASK_MODES + tuple(mode + TRITON_SUFFIX for mode in MASK_MODES)
 
 
 @dataclass
@@ -98,12 +101,20 @@ def train_flops_per_sequence(cfg: dict, seq_len: int) -> float:
 # Models and steps
 # ----------------------------------------------------------------------------------------------
 
+def mode_parts(mode: str) -> tuple[str, str]:
+    """(mask mode, attention backend) of a bench mode: "<mask mode>_triton" runs the Triton kernel."""
+    if mode.endswith(TRITON_SUFFIX):
+        return mode[:-len(TRITON_SUFFIX)], "triton"
+    return mode, "auto"
+
+
 def our_model(cfg: dict, mode: str, pattern: str, seq_len: int, attn_dropout: float) -> torch.nn.Module:
-    mask_type = {"dense": "dense", "dam_s": "dam_s", "dam_u": "dam_u", "pattern": pattern}[mode]
+    mask_mode, backend = mode_parts(mode)
+    mask_type = {"dense": "dense", "dam_s": "dam_s", "dam_u": "dam_u", "pattern": pattern}[mask_mode]
     config = modeling.BertConfig(vocab_size=VOCAB_SIZE, max_position_embeddings=max(512, seq_len),
                                  attention_probs_dropout_prob=attn_dropout, attention_mask_type=mask_type,
-                                 mask_seq_length=seq_len, dam_lambda=1e-4 if mode.startswith("dam") else 0.0,
-                                 **cfg)
+                                 mask_seq_length=seq_len, dam_lambda=1e-4 if mask_mode.startswith("dam") else 0.0,
+                                 attention_backend=backend, **cfg)
     return modeling.BertForPreTraining(config)
 
 
@@ -122,12 +133,11 @@ def max_predictions(seq_len: int) -> int:
     return max(round(MASK_FRACTION * seq_len), round(seq_len * 20 / 128))
 
 
-def our_loss(model, batch: Batch, criterion=run_pretraining.pretraining_loss) -> torch.Tensor:
-    """What run_pretraining.py computes per micro-step (static-shape MLM rows, no host sync)."""
-    k = max_predictions(batch.input_ids.shape[1])
-    scores, nsp = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.masked_lm_labels,
-                        max_predictions=k)
-    loss = criterion(scores, nsp, batch.masked_lm_labels, batch.next_sentence_labels, k)
+def our_loss(model, batch: Batch) -> torch.Tensor:
+    """What run_pretraining.py minimises per micro-step: the model's MLM + NSP loss (static-shape
+    MLM rows, no host sync) plus the mask penalty."""
+    _, _, loss = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.masked_lm_labels,
+                       batch.next_sentence_labels, max_predictions=max_predictions(batch.input_ids.shape[1]))
     return loss + model.mask_penalty()
 
 
@@ -139,11 +149,11 @@ def hf_loss(model, batch: Batch) -> torch.Tensor:
 
 
 def compiled(model, loss_fn):
-    """(model, loss_fn) as each side's user compiles them: ours as run_pretraining.py --compile
-    does (model and loss), HF as `torch.compile(model)` (its forward computes the loss)."""
+    """(model, loss_fn) as each side's user compiles them: ours as run_pretraining.py --compile does
+    (in place; the loss is inside the model), HF as `torch.compile(model)` (its forward computes the loss)."""
     if isinstance(model, modeling.BertForPreTraining):
-        criterion = run_pretraining.compile_for_training(model)
-        return model, lambda m, batch: loss_fn(m, batch, criterion)
+        run_pretraining.compile_for_training(model)
+        return model, loss_fn
     return torch.compile(model), loss_fn
 
 
@@ -222,12 +232,13 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=tuple(PRESETS), default=None, help="base on CUDA, small on CPU")
     p.add_argument("--quick", action="store_true",
                    help="GPU quick preset: base, bf16, seq 128 (batch 256) and 512 (batch 64), modes dense + dam_s + "
-                        "dam_u + pattern eager, dense + dam_s compiled; budget 240 s")
+                        "dam_u + pattern + dense_triton + dam_u_triton eager, dense + dam_s compiled; budget 240 s")
     p.add_argument("--seq_len", type=int, nargs="+", default=None)
     p.add_argument("--batch", type=int, default=None, help="default: 256 @128 / 64 @512 on CUDA, 8 / 2 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--modes", nargs="+", choices=("dense", "dam_s", "dam_u", "pattern"), default=None)
+    p.add_argument("--modes", nargs="+", choices=MODES, default=None,
+                   help="mask modes; a '_triton' suffix runs attention_backend 'triton' (CUDA only)")
     p.add_argument("--pattern", default="longformer", help="the fixed pattern of mode 'pattern'")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both models")
     p.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
@@ -245,11 +256,11 @@ def parse_args(argv=None):
     if args.pattern not in modeling.MASK_TYPES or args.pattern in ("dense", "dam_u", "dam_s", "file"):
         p.error(f"--pattern {args.pattern!r}: choose a fixed pattern ({', '.join(modeling.MASK_TYPES[1:-3])})")
     defaults = dict(preset="base" if cuda else "small", seq_len=[128, 512] if cuda else [128],
-                    steps=20 if cuda else 3, warmup=5 if cuda else 1, modes=["dense", "dam_s", "dam_u", "pattern"],
+                    steps=20 if cuda else 3, warmup=5 if cuda else 1, modes=list(MASK_MODES),
                     time_budget_s=270.0 if cuda else 170.0)
     if args.quick:
         defaults.update(preset="base", seq_len=[128, 512], steps=10, warmup=3,
-                        modes=["dense", "dam_s", "dam_u", "pattern"],
+                        modes=["dense", "dense_triton", "dam_s", "dam_u", "dam_u_triton", "pattern"],
                         compile_modes=["dense", "dam_s"], time_budget_s=240.0)
         args.bf16 = args.bf16 or cuda
         args.compile = True
@@ -285,7 +296,7 @@ def main(argv=None) -> list[dict]:
                                batches, args, device, compiled, deadline)
                 ratio = ours["seq_per_s"] / hf["seq_per_s"] if "seq_per_s" in ours and "seq_per_s" in hf else None
                 row = {"preset": args.preset, "seq_len": seq_len, "batch": batch, "compiled": compiled,
-                       "mode": mode if mode != "pattern" else args.pattern, "ours": ours, "hf": hf,
+                       "mode": mode.replace("pattern", args.pattern), "ours": ours, "hf": hf,
                        "ratio": ratio, "mfu_ours": mfu(ours, flops, peak_tflops), "mfu_hf": mfu(hf, flops, peak_tflops)}
                 rows.append(row)
                 print(format_row(row), flush=True)
@@ -332,7 +343,7 @@ def format_row(r: dict) -> str:
     err = r["ours"].get("error") or r["hf"].get("error") or ""
     ratio = f"{r['ratio']:.2f}x" if r["ratio"] else "-"
     return (f"n={r['seq_len']:4d} B={r['batch']:3d} {'compiled' if r['compiled'] else 'eager   '} "
-            f"{r['mode']:11s} ours {fmt_result(r['ours']):>9s} seq/s  HF {fmt_result(r['hf']):>9s} seq/s  {ratio} {err}")
+            f"{r['mode']:14s} ours {fmt_result(r['ours']):>9s} seq/s  HF {fmt_result(r['hf']):>9s} seq/s  {ratio} {err}")
 
 
 def markdown_table(rows: list[dict]) -> str:

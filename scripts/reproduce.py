@@ -329,8 +329,10 @@ def held_out_mlm_loss(config_file: Path, checkpoint: Path, shard: Path, max_pred
     data = PretrainingDataset(shard, max_pred, vocab_size=config.vocab_size)
     total, count = 0.0, 0
     for start in range(0, len(data), batch_size):
-        input_ids, segment_ids, input_mask, labels, _ = data.batch(range(start, min(start + batch_size, len(data))))
-        scores, _ = model(input_ids, segment_ids, input_mask, masked_lm_labels=labels, max_predictions=max_pred)
+        batch = data.batch(range(start, min(start + batch_size, len(data))))
+        labels = batch.masked_lm_labels
+        scores, _ = model(batch.input_ids, batch.segment_ids, batch.input_mask, masked_lm_labels=labels,
+                          max_predictions=max_pred)
         targets = labels.reshape(-1)[modeling.masked_lm_rows(labels, max_pred)]
         total += torch.nn.functional.cross_entropy(scores.float(), targets, ignore_index=-1, reduction="sum").item()
         count += int((targets != -1).sum())

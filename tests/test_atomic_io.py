@@ -45,3 +45,12 @@ def test_remove_stale_temps_takes_only_files_named_as_the_path_s_temporaries(tmp
     assert remove_stale_temps(tmp_path / "f.bin") == [tmp_path / ".f.bin.abc_12.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".f.bin.dir.tmp", ".f.bin2.abc.tmp"]
     assert remove_stale_temps(tmp_path / "missing" / "f.bin") == []
+
+
+def test_remove_stale_temps_of_a_folder_takes_every_matching_file_s_temporaries(tmp_path):
+    for name in (".ckpt_4.pt.k9x_1.tmp", ".ckpt_12.pt.zz.tmp", ".ckpt_x.pt.a.tmp", ".mask_4.safetensors.a.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "ckpt_4.pt").write_bytes(b"kept")
+    removed = remove_stale_temps(tmp_path, r"ckpt_\d+\.pt")
+    assert sorted(p.name for p in removed) == [".ckpt_12.pt.zz.tmp", ".ckpt_4.pt.k9x_1.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt_x.pt.a.tmp", ".mask_4.safetensors.a.tmp", "ckpt_4.pt"]

@@ -2,9 +2,12 @@
 penalty, mask files, the plot script, and (with modeling.py) the mask inside BERT's attention."""
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.util
 import json
-import types
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,17 +26,14 @@ SEED_TABLE = {"strided": ("70.4", 4852), "fixed": ("72.7", 4480), "longformer": 
 SYMMETRIC = ("dense", "no_diagonal", "strided", "longformer", "logsparse", "star")
 
 
-def config(**fields) -> types.SimpleNamespace:
-    base = dict(attention_mask_type="dam_s", mask_seq_length=16, num_hidden_layers=2, num_attention_heads=3,
-                dam_lambda=0.0, dam_temperature=1.0, dam_temperature_final=None, dam_temperature_schedule="constant",
-                dam_init_std=1e-3, dam_share_across_layers=False, dam_symmetric=False, dam_block_size=1,
-                attention_mask_file=None, pattern_params={}, pattern_seed=0)
-    base.update(fields)
-    return types.SimpleNamespace(**base)
+def config(**fields) -> am.MaskConfig:
+    return am.MaskConfig(**{"attention_mask_type": "dam_s", "mask_seq_length": 16, "num_hidden_layers": 2,
+                            "num_attention_heads": 3, **fields})
 
 
-def dam(mode="dam_s", n=16, layers=2, heads=3, **kw) -> am.DifferentiableMask:
-    return am.DifferentiableMask(mode, n, layers, heads, **kw)
+def dam(mode="dam_s", n=16, layers=2, heads=3, **fields) -> am.DifferentiableMask:
+    return am.DifferentiableMask(config(attention_mask_type=mode, mask_seq_length=n, num_hidden_layers=layers,
+                                        num_attention_heads=heads, **fields))
 
 
 # ------------------------------------------------------------------------------ fixed patterns
@@ -173,26 +173,26 @@ def test_dam_s_is_symmetric_toeplitz_per_layer_and_head():
 def test_dam_u_shapes_symmetric_option_and_blocks():
     module = dam("dam_u", n=16)
     assert module.mask_logits.shape == (2, 3, 256)
-    sym = dam("dam_u", n=16, symmetric=True)
+    sym = dam("dam_u", n=16, dam_symmetric=True)
     assert sym.mask_logits.shape == (2, 3, 16 * 17 // 2)  # upper triangle incl. diagonal, no unused logits
     keep = sym(16)
     assert torch.equal(keep, keep.transpose(-1, -2)) and not torch.equal(keep[0, 0], keep[0, 1])
-    blocked = dam("dam_u", n=16, block_size=4)
+    blocked = dam("dam_u", n=16, dam_block_size=4)
     assert blocked.mask_logits.shape == (2, 3, 16)
     keep = blocked(16)
     layout = keep[:, :, ::4, ::4]
     assert torch.equal(keep, layout.repeat_interleave(4, -1).repeat_interleave(4, -2))  # one gate per block pair
-    blocked_s = dam("dam_s", n=16, block_size=4)
+    blocked_s = dam("dam_s", n=16, dam_block_size=4)
     keep = blocked_s(16)
     assert blocked_s.mask_logits.shape == (2, 3, 4)
     assert torch.equal(keep, keep[:, :, ::4, ::4].repeat_interleave(4, -1).repeat_interleave(4, -2))
     with pytest.raises(ValueError, match="dam_block_size"):
-        dam("dam_s", n=16, block_size=5)
+        dam("dam_s", n=16, dam_block_size=5)
 
 
 def test_share_across_layers_and_init():
     torch.manual_seed(0)
-    shared = dam("dam_s", n=128, layers=12, heads=12, share_across_layers=True)
+    shared = dam("dam_s", n=128, layers=12, heads=12, dam_share_across_layers=True)
     assert shared.mask_logits.shape == (1, 12, 128)
     assert shared(128).shape == (1, 12, 128, 128)
     std = shared.mask_logits.std().item()
@@ -203,7 +203,7 @@ def test_gumbel_sigmoid_hard_samples_have_mean_sigmoid_logit():
     torch.manual_seed(1)
     values = torch.tensor([-3.0, -1.0, -0.25, 0.0, 0.5, 2.0])
     for temperature in (1.0, 0.3):
-        module = dam("dam_u", n=16, layers=1, heads=len(values), temperature=temperature)
+        module = dam("dam_u", n=16, layers=1, heads=len(values), dam_temperature=temperature)
         with torch.no_grad():
             module.mask_logits.copy_(values[None, :, None].expand_as(module.mask_logits))
         draws = 200
@@ -217,7 +217,7 @@ def test_gumbel_sigmoid_hard_samples_have_mean_sigmoid_logit():
 
 
 def test_straight_through_gradient_is_the_soft_sample_gradient():
-    module = dam("dam_s", n=8, layers=1, heads=2, temperature=0.7)
+    module = dam("dam_s", n=8, layers=1, heads=2, dam_temperature=0.7)
     with torch.no_grad():
         module.mask_logits.normal_()
     weights = torch.randn(1, 2, 8, 8)
@@ -236,8 +236,8 @@ def test_straight_through_gradient_is_the_soft_sample_gradient():
 
 def penalty_gradient_and_noise(penalty_gradient: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logit grad of the penalty alone, the hard sample, the expected straight-through pull) of one dam_s forward."""
-    module = dam("dam_s", n=8, layers=1, heads=4, penalty_weight=1e-2, penalty_gradient=penalty_gradient,
-                 temperature=0.7)
+    module = dam("dam_s", n=8, layers=1, heads=4, dam_lambda=1e-2, dam_penalty_gradient=penalty_gradient,
+                 dam_temperature=0.7)
     torch.manual_seed(seed)
     u = torch.rand_like(module.mask_logits).clamp_(1e-6, 1.0 - 1e-6)
     torch.manual_seed(seed)
@@ -254,7 +254,7 @@ def test_default_penalty_gradient_is_the_released_codes_zero_on_gates_sampled_ze
     assert 0 < hard.sum() < hard.numel()  # both kinds of gate in this sample
     assert (grad[hard == 0] == 0).all()
     assert torch.allclose(grad[hard == 1], full[hard == 1], rtol=1e-5)
-    assert am.DifferentiableMask("dam_s", 8, 1, 1).penalty_gradient == "kept_gates"
+    assert dam("dam_s", n=8, layers=1, heads=1).penalty_gradient == "kept_gates"
 
 
 def test_all_gates_penalty_gradient_pulls_every_gate_down():
@@ -267,17 +267,17 @@ def test_penalty_value_does_not_depend_on_its_gradient_estimator():
     values = []
     for estimator in am.PENALTY_GRADIENTS:
         torch.manual_seed(3)
-        module = dam("dam_u", n=8, penalty_weight=0.5, penalty_gradient=estimator)
+        module = dam("dam_u", n=8, dam_lambda=0.5, dam_penalty_gradient=estimator)
         keep = module(8)
         values.append(module.penalty().item())
         assert values[-1] == 0.5 * keep.sum().item()
     assert values[0] == values[1]
-    with pytest.raises(ValueError, match="dam_penalty_gradient='sign'; choose one of kept_gates, all_gates"):
-        dam("dam_s", penalty_gradient="sign")
+    with pytest.raises(ValueError, match="field 'dam_penalty_gradient' is 'sign'; allowed: kept_gates, all_gates"):
+        dam("dam_s", dam_penalty_gradient="sign")
 
 
 def test_penalty_exact_on_hand_computed_case():
-    module = dam("dam_s", n=4, layers=1, heads=1, penalty_weight=0.5).eval()
+    module = dam("dam_s", n=4, layers=1, heads=1, dam_lambda=0.5).eval()
     with torch.no_grad():
         module.mask_logits.copy_(torch.tensor([[[1.0, -1.0, 2.0, -3.0]]]))
     keep = module(4)
@@ -290,19 +290,19 @@ def test_penalty_exact_on_hand_computed_case():
 
 def test_penalty_sums_layers_only_when_not_shared():
     for shared, copies in ((True, 1), (False, 4)):
-        module = dam("dam_s", n=8, layers=4, heads=2, penalty_weight=1.0, share_across_layers=shared).eval()
+        module = dam("dam_s", n=8, layers=4, heads=2, dam_lambda=1.0, dam_share_across_layers=shared).eval()
         with torch.no_grad():
             module.mask_logits.fill_(1.0)
         module(8)
         assert module.penalty().item() == copies * 2 * 64
-    train = dam("dam_u", n=8, penalty_weight=0.25)
+    train = dam("dam_u", n=8, dam_lambda=0.25)
     keep = train(8)
     assert train.penalty().item() == 0.25 * keep.sum().item()
     assert am.FixedMask(torch.ones(8, 8), 2, 2, {}).penalty().item() == 0.0
 
 
 def test_penalty_is_fp32_under_autocast_and_half_logits():
-    module = dam("dam_s", n=128, layers=1, heads=12, penalty_weight=1.0).eval()
+    module = dam("dam_s", n=128, layers=1, heads=12, dam_lambda=1.0).eval()
     with torch.no_grad():
         module.mask_logits.fill_(1.0)
     module.half()  # 196,608 kept entries overflow fp16 (max 65,504)
@@ -327,15 +327,15 @@ def test_eval_and_frozen_masks_are_deterministic():
 
 
 def test_temperature_schedules():
-    assert dam(temperature=2.0).temperature_at(0.7) == 2.0
-    linear = dam(temperature=1.0, temperature_final=0.2, temperature_schedule="linear")
+    assert dam(dam_temperature=2.0).temperature_at(0.7) == 2.0
+    linear = dam(dam_temperature=1.0, dam_temperature_final=0.2, dam_temperature_schedule="linear")
     assert linear.temperature_at(0.5) == pytest.approx(0.6)
-    expo = dam(temperature=1.0, temperature_final=0.01, temperature_schedule="exponential")
+    expo = dam(dam_temperature=1.0, dam_temperature_final=0.01, dam_temperature_schedule="exponential")
     assert expo.temperature_at(0.5) == pytest.approx(0.1) and expo.temperature_at(2.0) == pytest.approx(0.01)
     expo.set_progress(1.0)
     assert expo.temperature == pytest.approx(0.01)
     with pytest.raises(ValueError, match="dam_temperature_schedule"):
-        dam(temperature_schedule="cosine")
+        dam(dam_temperature_schedule="cosine")
 
 
 def test_sequence_length_checks():
@@ -361,7 +361,7 @@ def test_build_attention_mask_modes():
     module = am.build_attention_mask(config(dam_share_across_layers=True, dam_lambda=1e-3, dam_block_size=2))
     assert isinstance(module, am.DifferentiableMask) and list(module.state_dict()) == ["mask_logits"]
     assert module.mask_logits.shape == (1, 3, 8) and module.penalty_weight == 1e-3
-    with pytest.raises(ValueError, match="attention_mask_type='sparse' is unknown"):
+    with pytest.raises(ValueError, match="field 'attention_mask_type' is 'sparse'; allowed: dense"):
         am.build_attention_mask(config(attention_mask_type="sparse"))
     with pytest.raises(ValueError, match="has no parameter"):
         am.build_attention_mask(config(attention_mask_type="star", pattern_params={"stride": 2}))
@@ -410,7 +410,7 @@ def test_mask_file_round_trip_is_bit_exact(tmp_path):
 
 
 def test_export_binarises_and_file_mode_loads_it_frozen(tmp_path):
-    module = dam("dam_s", n=16, share_across_layers=True, penalty_weight=1e-2)
+    module = dam("dam_s", n=16, dam_share_across_layers=True, dam_lambda=1e-2)
     with torch.no_grad():
         module.mask_logits.normal_()
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
@@ -446,7 +446,7 @@ def test_mask_file_errors(tmp_path):
     save_file({"mask": torch.ones(1, 1, 2, 2)}, str(bad))
     with pytest.raises(ValueError, match="bool tensor"):
         am.load_mask_file(bad)
-    with pytest.raises(ValueError, match="needs attention_mask_file"):
+    with pytest.raises(ValueError, match="attention_mask_type 'file' needs 'attention_mask_file'"):
         am.build_attention_mask(config(attention_mask_type="file"))
 
 
@@ -458,7 +458,7 @@ def test_cli_report_and_plot_script(tmp_path, capsys):
     out = capsys.readouterr().out
     assert '"mode": "fixed"' in out and out.splitlines()[-1].split()[-1] == f"{100 * am.sparsity(mask):.1f}"
     am.main(["patterns", "--seq_len", "128"])
-    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["star"] == "96.13%" and rows["longformer"] == "88.68%" and len(rows) == len(am.PATTERN_NAMES)
     png = tmp_path / "plots" / "fixed.png"
     spec = importlib.util.spec_from_file_location("plot_masks", ROOT / "scripts" / "plot_masks.py")
@@ -470,6 +470,22 @@ def test_cli_report_and_plot_script(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         plot_masks.main([str(tmp_path / "nope.safetensors"), "--out", str(png)])
     assert exit_info.value.code == 2 and "nope.safetensors not found" in capsys.readouterr().err
+
+
+def test_cli_patterns_states_n_and_prints_config_fields_a_config_accepts(capsys):
+    am.main(["patterns", "--seq_len", "64"])
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert "mask_seq_length n = 64" in header
+    rows = {line.split()[0]: line for line in lines}
+    assert list(rows) == list(am.PATTERN_NAMES)
+    assert rows["star"].split()[1] == f"{100 * am.sparsity(am.pattern_mask('star', 64)):.2f}%"
+    assert rows["bigbird"].endswith("  pattern_seed 0") and '"seed"' not in rows["bigbird"]
+    for name, line in rows.items():  # what it prints, written into a config as it stands, is accepted
+        params = json.loads(line.split("pattern_params ")[1].split("  pattern_seed")[0])
+        assert params == json.loads(json.dumps(am.pattern_parameters(name)))
+        am.MaskConfig(attention_mask_type=name, mask_seq_length=64, pattern_params=params)
+    assert json.loads(rows["bigbird"].split("pattern_params ")[1].split("  ")[0]) == {
+        "window": 3, "num_global": 2, "num_random": 2, "per_head": False, "drop_diagonal": False}
 
 
 # ------------------------------------------------------------------------------ inside BERT (modeling.py)
@@ -732,3 +748,95 @@ def test_mask_export_cli_refuses_out_equal_to_its_inputs(tmp_path):
         am.main(["export", "--checkpoint", str(checkpoint), "--config", str(config),
                  "--out", str(tmp_path / "search.safetensors")])
     assert checkpoint.read_bytes() == b"not read" and config.read_text() == "{}"
+
+
+# ------------------------------------------------------------------------------ export provenance, module layering
+
+def search_checkpoint(path: Path, **recorded) -> "torch.nn.Module":
+    """A DAM search checkpoint as run_pretraining.py writes one: weights, its config, ``recorded`` keys."""
+    import modeling
+
+    searched = bert_config(attention_mask_type="dam_u", dam_lambda=1e-3)
+    torch.manual_seed(0)
+    model = modeling.BertForPreTraining(searched)
+    with torch.no_grad():
+        model.bert.sparse_mask.mask_logits.normal_()
+    torch.save({"model": model.state_dict(), "config": searched.to_json_string(), **recorded}, path)
+    return model
+
+
+@pytest.mark.parametrize("name, recorded, step", [
+    ("ckpt_5.pt", {"global_step": 5, "phase2": False}, 5),
+    ("search.pt", {"global_step": 5, "phase2": False}, 5),  # renamed: the recorded step still holds
+    ("ckpt_13.pt", {"global_step": 3, "phase2": True, "args": json.dumps({"phase1_end_step": 10})}, 13),
+    ("search.pt", {"global_step": 3, "phase2": True, "args": json.dumps({"phase1_end_step": 10})}, 13),
+    ("ckpt_13.pt", {"global_step": 3, "phase2": True}, 13),  # phase 2 without its offset: the name's N
+    ("ckpt_42.pt", {}, 42),  # a foreign checkpoint: the name's N
+    ("search.pt", {}, None),
+])
+def test_export_records_the_checkpoints_number_as_its_step(tmp_path, capsys, name, recorded, step):
+    search_checkpoint(tmp_path / name, **recorded)
+    out = tmp_path / "mask.safetensors"
+    am.main(["export", "--checkpoint", str(tmp_path / name), "--out", str(out)])
+    meta = am.load_mask_file(out)[1]
+    assert meta.get("step") == step and json.loads((tmp_path / "mask.json").read_text()).get("step") == step
+    printed = capsys.readouterr().out
+    assert (f"step {step}" if step is not None else "no step recorded (pass --step)") in printed
+    am.main(["export", "--checkpoint", str(tmp_path / name), "--out", str(out), "--step", "7"])  # the flag wins
+    assert am.load_mask_file(out)[1]["step"] == 7
+
+
+def project_imports(path: Path) -> set[str]:
+    """The modules of this repository that ``path`` imports, anywhere in it (functions included)."""
+    project = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if p.is_dir()}
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & project
+
+
+def test_attention_masks_imports_only_atomic_io_and_utils_of_the_project():
+    assert project_imports(ROOT / "attention_masks.py") == {"atomic_io", "utils"}
+    reached, todo = set(), ["attention_masks"]
+    while todo:  # and so, through them, never modeling
+        for module in project_imports(ROOT / f"{todo.pop()}.py") - reached:
+            reached.add(module)
+            todo.append(module)
+    assert reached <= {"atomic_io", "utils"}, reached
+    assert "attention_masks" in project_imports(ROOT / "modeling.py")  # the one direction
+
+
+def test_export_command_runs_without_importing_modeling(tmp_path):
+    model = search_checkpoint(tmp_path / "ckpt_12.pt", global_step=2, phase2=True,
+                              args=json.dumps({"phase1_end_step": 10}))
+    out = tmp_path / "mask.safetensors"
+    argv = ["attention_masks.py", "export", "--checkpoint", str(tmp_path / "ckpt_12.pt"), "--out", str(out)]
+    script = (f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path('attention_masks.py', run_name='__main__'); "
+              f"print(sorted(m for m in sys.modules if m in ('modeling', 'sparse_attention', 'training')))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    wrote, imported = result.stdout.strip().splitlines()
+    assert wrote.startswith(f"wrote {out}") and imported == "[]"
+    mask, meta = am.load_mask_file(out)
+    assert torch.equal(mask, model.bert.sparse_mask.full_mask()) and meta["step"] == 12 and meta["mode"] == "dam_u"
+
+
+def test_bert_config_inherits_the_mask_fields_with_their_defaults_and_checks():
+    import modeling
+
+    mask_fields = {f.name: f for f in dataclasses.fields(am.MaskConfig)}
+    bert_fields = {f.name: f for f in dataclasses.fields(modeling.BertConfig)}
+    assert all(bert_fields[name] is f for name, f in mask_fields.items())  # inherited, not declared again
+    assert {name: getattr(modeling.BertConfig(), name) for name in mask_fields} == dataclasses.asdict(am.MaskConfig())
+    data = modeling.BertConfig(attention_mask_type="dam_s", dam_lambda=1e-3, num_hidden_layers=3).to_dict()
+    assert dataclasses.asdict(am.MaskConfig.from_dict(data)) == {name: data[name] for name in mask_fields}
+    for bad, message in [({"dam_init_std": -1.0}, "field 'dam_init_std' must be >= 0"),
+                         ({"dam_symmetric": "no"}, "field 'dam_symmetric' must be true or false"),
+                         ({"dam_temperature_final": None, "attention_mask_file": 3}, "'attention_mask_file' must be str"),
+                         ({"dam_lamda": 1.0}, "unknown attention-mask field 'dam_lamda'")]:
+        for config_class in (am.MaskConfig, modeling.BertConfig):  # one check, one message, for both
+            with pytest.raises(ValueError, match=message):
+                config_class.from_dict({**data, **bad})

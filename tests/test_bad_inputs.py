@@ -8,6 +8,7 @@ parser and the TSV readers, and a source scan proving nothing a user supplies is
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import json
 import re
@@ -30,13 +31,13 @@ import training
 from data import create_pretraining_data as cpd
 from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification
 from processors.glue import TASKS, GlueDataError
-from test_run_pretraining import MAX_PRED, SEQ, TINY, VOCAB, base_args, write_config, write_corpus
+from helpers import MAX_PRED, SEQ, TINY, VOCAB
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def good_shard(tmp_path_factory) -> Path:
+def good_shard(tmp_path_factory, write_corpus) -> Path:
     root = tmp_path_factory.mktemp("bad_inputs")
     write_corpus(root / "text.txt", seed=3, docs=12)
     cpd.main(["--vocab_file", str(VOCAB), "--input_file", str(root / "text.txt"), "--output_file",
@@ -101,7 +102,8 @@ SHARD_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(SHARD_CASES))
-def test_bad_later_shard_stops_before_the_first_step(good_shard, tmp_path, capsys, case):
+def test_bad_later_shard_stops_before_the_first_step(good_shard, tmp_path, capsys, case, pretraining_args,
+                                                     write_config):
     """The bad shard sorts after a good one: it is still found up front, not hours into the run."""
     make, expect = SHARD_CASES[case]
     shards = tmp_path / "shards"
@@ -110,14 +112,15 @@ def test_bad_later_shard_stops_before_the_first_step(good_shard, tmp_path, capsy
     bad = shards / "training_1.hdf5"
     make(bad, good_shard)
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, write_config(tmp_path / "config.json"))) == 1
+    assert run_pretraining.main(pretraining_args(shards, out, write_config(tmp_path / "config.json"))) == 1
     line = one_error_line(capsys)
     assert expect in line and str(bad) in line, line
     assert "create_pretraining_data" in line or "--max_" in line  # the fix
     assert not out.exists() or not any(out.iterdir())  # nothing written
 
 
-def test_bad_values_found_mid_run_stop_with_one_line_and_keep_checkpoints(good_shard, tmp_path, capsys):
+def test_bad_values_found_mid_run_stop_with_one_line_and_keep_checkpoints(good_shard, tmp_path, capsys,
+                                                                          pretraining_args, write_config):
     """Values are only read when a shard is loaded; the run stops there, its checkpoints intact."""
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -129,8 +132,8 @@ def test_bad_values_found_mid_run_stop_with_one_line_and_keep_checkpoints(good_s
     files = sorted(str(p) for p in shards.iterdir())
     seed = next(s for s in range(100)  # one whose epoch-0 file order puts the good shard first
                 if pretraining_data.PretrainingBatches(files, 8, MAX_PRED, seed=s, prefetch=False).file_for(0, 0) == files[0])
-    argv = base_args(shards, out, write_config(tmp_path / "config.json"), max_steps=10, num_steps_per_checkpoint=1,
-                     seed=seed)
+    argv = pretraining_args(shards, out, write_config(tmp_path / "config.json"), max_steps=10,
+                            num_steps_per_checkpoint=1, seed=seed)
     assert run_pretraining.main(argv) == 1
     line = one_error_line(capsys)
     assert "training_1.hdf5" in line and "next_sentence_labels must be 0 or 1" in line, line
@@ -141,26 +144,24 @@ def test_bad_values_found_mid_run_stop_with_one_line_and_keep_checkpoints(good_s
 # ----------------------------------------------------------------------------- checkpoints and vocab
 
 
-def tiny_config(**changes) -> BertConfig:
-    return BertConfig.from_dict({**TINY, **changes})
-
-
-def test_init_checkpoint_with_another_vocab_names_the_tensor(good_shard, tmp_path, capsys):
+def test_init_checkpoint_with_another_vocab_names_the_tensor(good_shard, tmp_path, capsys, pretraining_args,
+                                                             tiny_config, write_config):
     torch.save({"model": BertForPreTraining(tiny_config(vocab_size=1000)).state_dict()}, tmp_path / "small_vocab.pt")
-    argv = base_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"),
-                     init_checkpoint=tmp_path / "small_vocab.pt")
+    argv = pretraining_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"),
+                            init_checkpoint=tmp_path / "small_vocab.pt")
     assert run_pretraining.main(argv) == 1
     line = one_error_line(capsys)
     assert "another architecture" in line and "word_embeddings" in line and "small_vocab.pt" in line, line
 
 
-def test_resume_from_another_architecture_is_refused_and_leaves_the_file(good_shard, tmp_path, capsys):
+def test_resume_from_another_architecture_is_refused_and_leaves_the_file(good_shard, tmp_path, capsys, pretraining_args,
+                                                                         tiny_config, write_config):
     out = tmp_path / "out"
     out.mkdir()
     torch.save({"model": BertForPreTraining(tiny_config(hidden_size=64)).state_dict(), "global_step": 3},
                out / "ckpt_3.pt")
     before = (out / "ckpt_3.pt").read_bytes()
-    argv = base_args(good_shard.parent, out, write_config(tmp_path / "config.json"), resume_from_checkpoint=True)
+    argv = pretraining_args(good_shard.parent, out, write_config(tmp_path / "config.json"), resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 1
     line = one_error_line(capsys)
     assert "another architecture" in line and "ckpt_3.pt" in line, line
@@ -173,12 +174,14 @@ def test_resume_from_another_architecture_is_refused_and_leaves_the_file(good_sh
     ("empty", "w.pt is an empty file (0 bytes)"),
     ("text", "w.pt is not a PyTorch checkpoint"),
 ])
-def test_unreadable_init_checkpoint_says_what_the_file_is(good_shard, tmp_path, capsys, case, expected):
+def test_unreadable_init_checkpoint_says_what_the_file_is(good_shard, tmp_path, capsys, case, expected,
+                                                          pretraining_args, tiny_config, write_config):
     """Only a real pickle is blamed on pickle; the others name what they are, in one line."""
     path = tmp_path / ("w.safetensors" if case == "corrupt_safetensors" else "w.pt")
     path.write_bytes({"corrupt_safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json", "empty": b"",
                       "text": b"model weights, honest\n"}[case])
-    argv = base_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"), init_checkpoint=path)
+    argv = pretraining_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"),
+                            init_checkpoint=path)
     assert run_pretraining.main(argv) == 1
     line = one_error_line(capsys)
     assert expected in line and "cannot be loaded safely" not in line, line
@@ -186,23 +189,29 @@ def test_unreadable_init_checkpoint_says_what_the_file_is(good_shard, tmp_path, 
         BertForSequenceClassification.from_pretrained(path, config=tiny_config(), num_labels=2)  # run_glue's path
 
 
-def other_encoder(tmp_path: Path, case: str) -> Path:
-    """A warm-start source that would leave this (TINY, 2 layers, 2 heads) model's encoder random."""
-    if case == "no_encoder_key":
-        path = tmp_path / "w.pt"
-        torch.save({"weight": torch.zeros(3), "encoder.block.0.w": torch.zeros(2)}, path)
-    elif case in ("fewer_layers", "more_layers"):
-        path = tmp_path / "w.pt"
-        depth = 1 if case == "fewer_layers" else 3
-        torch.save(BertForPreTraining(tiny_config(num_hidden_layers=depth)).state_dict(), path)
-    elif case == "other_heads_recorded":  # same shapes: only the recorded config tells
-        path = tmp_path / "w.pt"
-        torch.save({"model": BertForPreTraining(tiny_config()).state_dict(),
-                    "config": tiny_config(num_attention_heads=4).to_json_string()}, path)
-    else:  # other_heads_hf_folder
-        path = tmp_path / "hf"
-        BertForPreTraining(tiny_config(num_attention_heads=4)).save_pretrained(path, hf_format=True)
-    return path
+@pytest.fixture
+def other_encoder(tiny_config):
+    """`other_encoder(tmp_path, case)`: a warm-start source that would leave this (TINY, 2 layers,
+    2 heads) model's encoder random."""
+
+    def other_encoder(tmp_path: Path, case: str) -> Path:
+        if case == "no_encoder_key":
+            path = tmp_path / "w.pt"
+            torch.save({"weight": torch.zeros(3), "encoder.block.0.w": torch.zeros(2)}, path)
+        elif case in ("fewer_layers", "more_layers"):
+            path = tmp_path / "w.pt"
+            depth = 1 if case == "fewer_layers" else 3
+            torch.save(BertForPreTraining(tiny_config(num_hidden_layers=depth)).state_dict(), path)
+        elif case == "other_heads_recorded":  # same shapes: only the recorded config tells
+            path = tmp_path / "w.pt"
+            torch.save({"model": BertForPreTraining(tiny_config()).state_dict(),
+                        "config": tiny_config(num_attention_heads=4).to_json_string()}, path)
+        else:  # other_heads_hf_folder
+            path = tmp_path / "hf"
+            BertForPreTraining(tiny_config(num_attention_heads=4)).save_pretrained(path, hf_format=True)
+        return path
+
+    return other_encoder
 
 
 WARM_START_CASES = [("no_encoder_key", "none of its tensors is an encoder weight"),
@@ -213,10 +222,11 @@ WARM_START_CASES = [("no_encoder_key", "none of its tensors is an encoder weight
 
 
 @pytest.mark.parametrize("case, expected", WARM_START_CASES)
-def test_warm_start_from_another_encoder_is_refused(good_shard, tmp_path, capsys, case, expected):
+def test_warm_start_from_another_encoder_is_refused(good_shard, tmp_path, capsys, case, expected, other_encoder,
+                                                    pretraining_args, write_config):
     source = other_encoder(tmp_path, case)
-    argv = base_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"),
-                     init_checkpoint=source)
+    argv = pretraining_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"),
+                            init_checkpoint=source)
     assert run_pretraining.main(argv) == 1
     line = one_error_line(capsys)
     assert f"--init_checkpoint {source}" in line and expected in line and "random weights" in line, line
@@ -224,27 +234,30 @@ def test_warm_start_from_another_encoder_is_refused(good_shard, tmp_path, capsys
 
 
 @pytest.mark.parametrize("case, expected", WARM_START_CASES)
-def test_glue_warm_start_from_another_encoder_is_refused(tmp_path, case, expected):
+def test_glue_warm_start_from_another_encoder_is_refused(tmp_path, case, expected, other_encoder, tiny_config):
     import run_glue
 
     with pytest.raises(ValueError, match=re.escape(expected)):
         run_glue.build_model(tiny_config(), 2, str(other_encoder(tmp_path, case)))
 
 
-def test_warm_start_from_an_encoder_without_heads_or_mask_logits_loads(good_shard, tmp_path, capsys):
+def test_warm_start_from_an_encoder_without_heads_or_mask_logits_loads(good_shard, tmp_path, capsys, pretraining_args,
+                                                                       tiny_config, write_config):
     """A sentence encoder (MiniLM-like) has no MLM / NSP heads: they and the mask logits start fresh."""
     state = {k: v for k, v in BertForPreTraining(tiny_config()).state_dict().items() if k.startswith("bert.")}
     torch.save(state, tmp_path / "encoder.pt")
     config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
-    argv = base_args(good_shard.parent, tmp_path / "out", config, init_checkpoint=tmp_path / "encoder.pt", max_steps=1)
+    argv = pretraining_args(good_shard.parent, tmp_path / "out", config, init_checkpoint=tmp_path / "encoder.pt",
+                            max_steps=1)
     assert run_pretraining.main(argv) == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["model_list", "rng_not_a_list", "rng_entry_garbage", "rng_entry_bad_tensor"])
-def test_checkpoint_with_wrong_types_inside_gives_one_line(good_shard, tmp_path, capsys, case):
+def test_checkpoint_with_wrong_types_inside_gives_one_line(good_shard, tmp_path, capsys, case, pretraining_args,
+                                                           write_config):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(good_shard.parent, out, config, max_steps=2)) == 0
+    assert run_pretraining.main(pretraining_args(good_shard.parent, out, config, max_steps=2)) == 0
     capsys.readouterr()
     state = training.load_checkpoint(out / "ckpt_2.pt")
     if case == "model_list":
@@ -256,7 +269,7 @@ def test_checkpoint_with_wrong_types_inside_gives_one_line(good_shard, tmp_path,
     else:
         state["rng"][0]["torch"] = torch.zeros(3)
     torch.save(state, out / "ckpt_2.pt")
-    argv = base_args(good_shard.parent, out, config, max_steps=4, resume_from_checkpoint=True)
+    argv = pretraining_args(good_shard.parent, out, config, max_steps=4, resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 1
     line = one_error_line(capsys)
     assert "ckpt_2.pt" in line or "RNG state of rank 0 is damaged" in line, line
@@ -272,30 +285,39 @@ class Payload:
         return (open, (self.marker, "w"))
 
 
-def evil_checkpoint(path: Path, marker: Path) -> Path:
-    state = BertForPreTraining(tiny_config(attention_mask_type="dam_s")).state_dict()
-    torch.save({"model": state, "global_step": 1, "payload": Payload(marker)}, path)
-    assert not marker.exists()
-    return path
+@pytest.fixture
+def evil_checkpoint(tiny_config):
+    """`evil_checkpoint(path, marker)`: a dam_s checkpoint at `path` whose unpickling would create `marker`."""
+
+    def evil_checkpoint(path: Path, marker: Path) -> Path:
+        state = BertForPreTraining(tiny_config(attention_mask_type="dam_s")).state_dict()
+        torch.save({"model": state, "global_step": 1, "payload": Payload(marker)}, path)
+        assert not marker.exists()
+        return path
+
+    return evil_checkpoint
 
 
-def test_pickled_init_checkpoint_is_refused_not_executed(good_shard, tmp_path, capsys):
+def test_pickled_init_checkpoint_is_refused_not_executed(good_shard, tmp_path, capsys, evil_checkpoint,
+                                                         pretraining_args, write_config):
     marker = tmp_path / "pwned"
     evil = evil_checkpoint(tmp_path / "evil.pt", marker)
-    argv = base_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"), init_checkpoint=evil)
+    argv = pretraining_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"),
+                            init_checkpoint=evil)
     assert run_pretraining.main(argv) == 1
     line = one_error_line(capsys)
     assert "evil.pt cannot be loaded safely" in line, line
     assert not marker.exists()
 
 
-def test_pickled_checkpoint_in_output_dir_is_never_resumed_over(good_shard, tmp_path, capsys):
+def test_pickled_checkpoint_in_output_dir_is_never_resumed_over(good_shard, tmp_path, capsys, evil_checkpoint,
+                                                                pretraining_args, write_config):
     """The only checkpoint cannot be loaded safely: refuse, rather than restart and later delete it."""
     marker = tmp_path / "pwned"
     out = tmp_path / "out"
     out.mkdir()
     evil_checkpoint(out / "ckpt_5.pt", marker)
-    argv = base_args(good_shard.parent, out, write_config(tmp_path / "config.json"), resume_from_checkpoint=True)
+    argv = pretraining_args(good_shard.parent, out, write_config(tmp_path / "config.json"), resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 1
     line = one_error_line(capsys)
     assert "no checkpoint in" in line and "ckpt_5.pt" in line and "move them away" in line, line
@@ -303,7 +325,7 @@ def test_pickled_checkpoint_in_output_dir_is_never_resumed_over(good_shard, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["ckpt_5.pt"]
 
 
-def test_pickled_checkpoint_refused_by_glue_loading_and_mask_export(tmp_path):
+def test_pickled_checkpoint_refused_by_glue_loading_and_mask_export(tmp_path, evil_checkpoint, tiny_config):
     marker = tmp_path / "pwned"
     evil = evil_checkpoint(tmp_path / "evil.pt", marker)
     with pytest.raises(ValueError, match="cannot be loaded safely"):  # run_glue's --init_checkpoint path
@@ -326,12 +348,13 @@ def test_pickled_checkpoint_refused_by_glue_loading_and_mask_export(tmp_path):
     (3, SEQ, ["mask.safetensors holds a mask of shape [3, 2, 32, 32]", "this model needs [2, 2, 32, 32]"]),
     (2, SEQ // 2, ["mask_seq_length 16 < --max_seq_length 32", "set mask_seq_length >= 32"]),
 ])
-def test_mask_file_that_does_not_fit_the_model(good_shard, tmp_path, capsys, layers, n, expect):
+def test_mask_file_that_does_not_fit_the_model(good_shard, tmp_path, capsys, layers, n, expect, pretraining_args,
+                                               write_config):
     mask_path = tmp_path / "mask.safetensors"
     attention_masks.save_mask_file(mask_path, torch.ones(layers, 2, n, n, dtype=torch.bool), {"source": "test"})
     config = write_config(tmp_path / "config.json", attention_mask_type="file", attention_mask_file=str(mask_path),
                           mask_seq_length=n)
-    assert run_pretraining.main(base_args(good_shard.parent, tmp_path / "out", config)) == 1
+    assert run_pretraining.main(pretraining_args(good_shard.parent, tmp_path / "out", config)) == 1
     line = one_error_line(capsys)
     assert "config.json" in line and all(part in line for part in expect), line
     assert not (tmp_path / "out").exists()
@@ -352,34 +375,48 @@ CONFIG_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
-def test_bad_config_file_gives_one_line_naming_file_and_field(good_shard, tmp_path, capsys, case):
+def test_bad_config_file_gives_one_line_naming_file_and_field(good_shard, tmp_path, capsys, case, pretraining_args,
+                                                              write_config):
     changes, expect = CONFIG_CASES[case]
     config = write_config(tmp_path / "config.json", **changes)
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(good_shard.parent, out, config)) == 1
+    assert run_pretraining.main(pretraining_args(good_shard.parent, out, config)) == 1
     line = one_error_line(capsys)
     assert all(part in line for part in expect), line
     assert not out.exists()
 
 
 @pytest.mark.parametrize("flags, expect", [
-    (dict(attention_mask_type="dam"), "attention_mask_type"),
     (dict(lamb=-1.0), "--lamb"),
     (dict(dist_timeout=0), "--dist_timeout"),
     (dict(max_predictions_per_seq=2), "--max_predictions_per_seq"),
 ])
-def test_bad_flags_give_one_line(good_shard, tmp_path, capsys, flags, expect):
+def test_bad_flags_give_one_line(good_shard, tmp_path, capsys, flags, expect, pretraining_args, write_config):
     out = tmp_path / "out"
-    argv = base_args(good_shard.parent, out, write_config(tmp_path / "config.json"), **flags)
+    argv = pretraining_args(good_shard.parent, out, write_config(tmp_path / "config.json"), **flags)
     assert run_pretraining.main(argv) == 1
     assert expect in one_error_line(capsys)
     assert not out.exists()
 
 
-def test_invalid_json_config(good_shard, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--attention_mask_type", "Star", "argument --attention_mask_type: invalid choice: 'Star'"),
+    ("--lamb", "abc", "argument --lamb: must be a number, got 'abc'"),
+])
+def test_a_bad_flag_value_is_one_line_naming_the_flag_not_the_usage(good_shard, tmp_path, capsys, pretraining_args,
+                                                                      write_config, flag, value, expect):
+    argv = pretraining_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_pretraining.main([*argv, flag, value])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and err.startswith("run_pretraining.py: error: ")
+    assert expect in err and "usage:" not in err and not (tmp_path / "out").exists()
+
+
+def test_invalid_json_config(good_shard, tmp_path, capsys, pretraining_args):
     config = tmp_path / "config.json"
     config.write_text('{"hidden_size": 32,', encoding="utf-8")
-    assert run_pretraining.main(base_args(good_shard.parent, tmp_path / "out", config)) == 1
+    assert run_pretraining.main(pretraining_args(good_shard.parent, tmp_path / "out", config)) == 1
     line = one_error_line(capsys)
     assert "config.json is not valid JSON" in line
 
@@ -427,7 +464,8 @@ def test_raw_text_with_nul_bytes_invalid_utf8_and_a_megabyte_line(tmp_path):
     ids = dataset.arrays["input_ids"]
     vocab = VOCAB.read_text(encoding="utf-8").splitlines()
     assert 0 <= int(ids.min()) and int(ids.max()) < len(vocab)
-    tokens = {vocab[i] for i in ids.flatten().tolist()}
+    masked = dataset.arrays["masked_lm_ids"]  # the original ids of the masked positions
+    tokens = {vocab[i] for i in ids.flatten().tolist() + masked.flatten().tolist()}
     assert {"cat", "mat", "dog", "river", "queen"} <= tokens  # text around the bad bytes survives
     assert not any("\x00" in t or "\ufffd" in t for t in tokens)
 

@@ -23,11 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import modeling
 import run_pretraining
 import training
 from utils import read_dllogger_json
-from test_run_pretraining import (assert_same_weights, base_args, make_shards, records,
-                                  write_config)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "run_pretraining.py"
@@ -38,21 +37,21 @@ FLAGS = dict(max_steps=24, gradient_accumulation_steps=2, attention_mask_type="d
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(tmp_path_factory, make_shards) -> Path:
     return make_shards(tmp_path_factory.mktemp("fault_corpus"), corpus_seeds=[10, 11], dupe_factor=1)
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory) -> Path:
+def config(tmp_path_factory, write_config) -> Path:
     return write_config(tmp_path_factory.mktemp("fault_config") / "config.json")
 
 
 @pytest.fixture(scope="module")
-def reference(shards, config, tmp_path_factory) -> Path:
+def reference(shards, config, tmp_path_factory, pretraining_args) -> Path:
     """The uninterrupted run every resumed run must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("reference") / "out"
     torch.set_num_threads(1)
-    assert run_pretraining.main(base_args(shards, out, config, **FLAGS)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, **FLAGS)) == 0
     return out
 
 
@@ -93,21 +92,30 @@ def steps_of_last_run(out: Path) -> list[int]:
     return [rec["step"][1] for rec in log[start:] if isinstance(rec["step"], list) and "step_loss" in rec["data"]]
 
 
-def resume_in_process(shards: Path, out: Path, config: Path, **flags) -> dict[int, float]:
-    """Resume the run in `out` to the end; the step losses it logged."""
-    first_part = records(out, "step_loss")
-    assert run_pretraining.main(base_args(shards, out, config, resume_from_checkpoint=True, **{**FLAGS, **flags})) == 0
-    return {**first_part, **records(out, "step_loss")}
+@pytest.fixture
+def resume_in_process(pretraining_args, dllogger_records):
+    """`resume_in_process(shards, out, config, **flags)`: resume the run in `out` to the end; the step
+    losses it logged."""
+
+    def resume_in_process(shards: Path, out: Path, config: Path, **flags) -> dict[int, float]:
+        first_part = dllogger_records(out, "step_loss")
+        argv = pretraining_args(shards, out, config, resume_from_checkpoint=True, **{**FLAGS, **flags})
+        assert run_pretraining.main(argv) == 0
+        return {**first_part, **dllogger_records(out, "step_loss")}
+
+    return resume_in_process
 
 
 # ----------------------------------------------------------------------------- preemption (SIGTERM)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sigterm_at_a_random_moment_checkpoints_exits_zero_and_resumes_exactly(shards, config, reference,
-                                                                               tmp_path, seed):
+def test_sigterm_at_a_random_moment_checkpoints_exits_zero_and_resumes_exactly(shards, config, reference, tmp_path,
+                                                                               seed, assert_same_weights,
+                                                                               dllogger_records, pretraining_args,
+                                                                               resume_in_process):
     out = tmp_path / "out"
-    proc = launch(base_args(shards, out, config, **FLAGS), tmp_path / "log.txt")
+    proc = launch(pretraining_args(shards, out, config, **FLAGS), tmp_path / "log.txt")
     wait_for_training(out, proc)
     # Anywhere in a step (forward, backward, optimizer). A step takes ~40 ms on 2 CPU cores, the
     # whole run ~1 s: stay well inside it, so the signal lands before the run ends on its own.
@@ -117,10 +125,10 @@ def test_sigterm_at_a_random_moment_checkpoints_exits_zero_and_resumes_exactly(s
     saved = [s for s, _ in training.list_checkpoints(out)]
     assert len(saved) == 1 and 1 <= saved[0] < FLAGS["max_steps"], saved
     stop = saved[0]
-    assert max(records(out, "step_loss")) == stop  # it stopped at the boundary it saved, nothing after
+    assert max(dllogger_records(out, "step_loss")) == stop  # it stopped at the boundary it saved, nothing after
     assert training.load_checkpoint(out / f"ckpt_{stop}.pt")["global_step"] == stop
     losses = resume_in_process(shards, out, config)
-    assert losses == records(reference, "step_loss")
+    assert losses == dllogger_records(reference, "step_loss")
     assert_same_weights(out / "ckpt_24.pt", reference / "ckpt_24.pt")
 
 
@@ -153,12 +161,14 @@ KILL_MID_WRITE = textwrap.dedent('''
 ''')
 
 
-def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_picks_it(shards, config, reference, tmp_path):
+def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_picks_it(shards, config, reference, tmp_path,
+                                                                            assert_same_weights, dllogger_records,
+                                                                            pretraining_args, resume_in_process):
     driver = tmp_path / "driver.py"
     driver.write_text(KILL_MID_WRITE)
     out = tmp_path / "out"
     flags = {**FLAGS, "num_steps_per_checkpoint": 2}
-    proc = launch(base_args(shards, out, config, **flags), tmp_path / "log.txt", driver=driver, KILL_AT_SAVE="2")
+    proc = launch(pretraining_args(shards, out, config, **flags), tmp_path / "log.txt", driver=driver, KILL_AT_SAVE="2")
     assert proc.wait(timeout=120) == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-2000:]
     leftovers = sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp"))
     assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt_4.pt.")  # the half file, under a temp name
@@ -172,7 +182,7 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_picks_it(shar
     losses = resume_in_process(shards, out, config, num_steps_per_checkpoint=2)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # the stale half file was removed
     assert min(steps_of_last_run(out)) == 3  # resumed after ckpt_2, not from a half-written ckpt_4
-    assert losses == records(reference, "step_loss")
+    assert losses == dllogger_records(reference, "step_loss")
     assert_same_weights(out / "ckpt_24.pt", reference / "ckpt_24.pt")
 
 
@@ -180,8 +190,8 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_picks_it(shar
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
-def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(shards, config, tmp_path, monkeypatch,
-                                                                        capsys, code):
+def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(shards, config, tmp_path, monkeypatch, capsys,
+                                                                        code, dllogger_records, pretraining_args):
     out = tmp_path / "out"
     real_save, calls = torch.save, {"n": 0}
 
@@ -193,7 +203,7 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(shards, 
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_fails_second_time)
-    argv = base_args(shards, out, config, **{**FLAGS, "num_steps_per_checkpoint": 2})
+    argv = pretraining_args(shards, out, config, **{**FLAGS, "num_steps_per_checkpoint": 2})
     assert run_pretraining.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -201,7 +211,7 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(shards, 
     assert "ckpt_2.pt" in err[0]  # names what is still there
     assert sorted(p.name for p in out.iterdir()) == [".lock", "ckpt_2.pt", "dllogger.json"]  # no half file anywhere
     assert training.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
-    assert max(records(out, "step_loss")) == 4  # no silent continue past the failed save
+    assert max(dllogger_records(out, "step_loss")) == 4  # no silent continue past the failed save
 
 
 # ----------------------------------------------------------------------------- non-finite losses
@@ -209,26 +219,27 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(shards, 
 
 @pytest.mark.parametrize("precision, bad_value", [("fp32", "nan"), ("fp32", "inf"), ("bf16", "nan"), ("bf16", "inf")])
 def test_non_finite_loss_is_skipped_then_bounded_keeping_good_state(shards, config, tmp_path, monkeypatch, capsys,
-                                                                    precision, bad_value):
+                                                                    precision, bad_value, dllogger_records,
+                                                                    pretraining_args):
     """Forward call 2 is bad once (skipped); from call 6 on every step is bad, so the bound stops the run."""
     out = tmp_path / "out"
     calls = {"n": 0}
-    real_loss = run_pretraining.pretraining_loss
+    real_loss = modeling.pretraining_loss
 
     def loss_fn(*args):
         calls["n"] += 1
         loss = real_loss(*args)
         return loss * float(bad_value) if calls["n"] == 2 or calls["n"] >= 6 else loss
 
-    monkeypatch.setattr(run_pretraining, "pretraining_loss", loss_fn)
-    argv = base_args(shards, out, config, max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=3,
-                     bf16=precision == "bf16", attention_mask_type="dam_s", lamb=1e-3)
+    monkeypatch.setattr(modeling, "pretraining_loss", loss_fn)
+    argv = pretraining_args(shards, out, config, max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=3,
+                            bf16=precision == "bf16", attention_mask_type="dam_s", lamb=1e-3)
     assert run_pretraining.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 consecutive optimizer steps had a non-finite loss" in err[0], err
     assert "ckpt_4.pt" in err[0] and "--max_bad_steps" in err[0]
     assert calls["n"] == 8  # 4 good steps + 1 skipped, then 3 bad ones: stopped at once
-    assert records(out, "skipped_steps")[4] == 1
+    assert dllogger_records(out, "skipped_steps")[4] == 1
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]
     state = training.load_checkpoint(out / "ckpt_4.pt")
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
@@ -238,18 +249,18 @@ def test_non_finite_loss_is_skipped_then_bounded_keeping_good_state(shards, conf
     assert [g["step"] for g in state["optimizer"]["param_groups"]] == [4, 4, 4]
 
 
-def test_bad_step_stop_names_only_a_checkpoint_with_finite_weights(shards, config, tmp_path, capsys):
+def test_bad_step_stop_names_only_a_checkpoint_with_finite_weights(shards, config, tmp_path, capsys, pretraining_args):
     """Resumed from NaN weights every step is bad: the stop must not call that checkpoint good."""
     out = tmp_path / "out"
     flags = dict(max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=2)
-    assert run_pretraining.main(base_args(shards, out, config, **{**flags, "steps_this_run": 4})) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, **{**flags, "steps_this_run": 4})) == 0
     capsys.readouterr()
     for step, expected in ((4, "the last good checkpoint ckpt_2.pt is intact"), (2, "no checkpoint in")):
         state = training.load_checkpoint(out / f"ckpt_{step}.pt")
         state["model"] = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v
                           for k, v in state["model"].items()}
         torch.save(state, out / f"ckpt_{step}.pt")
-        resume = base_args(shards, out, config, resume_from_checkpoint=True, resume_step=step, **flags)
+        resume = pretraining_args(shards, out, config, resume_from_checkpoint=True, resume_step=step, **flags)
         assert run_pretraining.main(resume) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "2 consecutive optimizer steps" in err[0] and expected in err[0], err
@@ -288,23 +299,30 @@ FAULTY_RANK = textwrap.dedent('''
 ''')
 
 
-def run_faulty_torchrun(shards: Path, config: Path, tmp_path: Path, fault: str) -> tuple[int, float, Path]:
-    driver = tmp_path / "driver.py"
-    driver.write_text(FAULTY_RANK)
-    out = tmp_path / "out"
-    argv = base_args(shards, out, config, max_steps=50, train_batch_size=4, num_steps_per_checkpoint=2,
-                     dist_timeout=8)
-    # --standalone: torchrun takes a free port from the OS (a fixed one can be in use)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(driver), str(ROOT), *argv]
-    start = time.monotonic()
-    result = subprocess.run(cmd, env={**subprocess_env(), "FAULT": fault, "EVENTS": str(tmp_path)},
-                            capture_output=True, text=True, timeout=240)
-    (tmp_path / "log.txt").write_text(result.stdout + result.stderr)
-    return result.returncode, time.monotonic() - start, out
+@pytest.fixture
+def run_faulty_torchrun(pretraining_args):
+    """`run_faulty_torchrun(shards, config, tmp_path, fault)`: a 2-rank FAULTY_RANK run (fault "die" or
+    "hang"); its exit code, seconds taken and output folder."""
+
+    def run_faulty_torchrun(shards: Path, config: Path, tmp_path: Path, fault: str) -> tuple[int, float, Path]:
+        driver = tmp_path / "driver.py"
+        driver.write_text(FAULTY_RANK)
+        out = tmp_path / "out"
+        argv = pretraining_args(shards, out, config, max_steps=50, train_batch_size=4, num_steps_per_checkpoint=2,
+                                dist_timeout=8)
+        # --standalone: torchrun takes a free port from the OS (a fixed one can be in use)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(driver), str(ROOT), *argv]
+        start = time.monotonic()
+        result = subprocess.run(cmd, env={**subprocess_env(), "FAULT": fault, "EVENTS": str(tmp_path)},
+                                capture_output=True, text=True, timeout=240)
+        (tmp_path / "log.txt").write_text(result.stdout + result.stderr)
+        return result.returncode, time.monotonic() - start, out
+
+    return run_faulty_torchrun
 
 
-def test_torchrun_worker_death_stops_the_other_in_bounded_time(shards, config, tmp_path):
+def test_torchrun_worker_death_stops_the_other_in_bounded_time(shards, config, tmp_path, run_faulty_torchrun):
     code, elapsed, out = run_faulty_torchrun(shards, config, tmp_path, "die")
     assert code != 0
     assert elapsed < 90, elapsed  # torchrun tears the survivor down; nothing waits for the 30-minute default
@@ -313,7 +331,7 @@ def test_torchrun_worker_death_stops_the_other_in_bounded_time(shards, config, t
 
 
 @pytest.mark.slow
-def test_torchrun_stuck_worker_times_out_with_one_line(shards, config, tmp_path):
+def test_torchrun_stuck_worker_times_out_with_one_line(shards, config, tmp_path, run_faulty_torchrun):
     code, elapsed, out = run_faulty_torchrun(shards, config, tmp_path, "hang")
     assert code != 0
     fault_at = float((tmp_path / "fault_at").read_text())
@@ -331,11 +349,12 @@ def test_torchrun_stuck_worker_times_out_with_one_line(shards, config, tmp_path)
 
 
 @pytest.mark.slow
-def test_soak_random_sigterm_and_sigkill_end_with_uninterrupted_weights(shards, config, tmp_path):
+def test_soak_random_sigterm_and_sigkill_end_with_uninterrupted_weights(shards, config, tmp_path, assert_same_weights,
+                                                                        dllogger_records, pretraining_args):
     """200 steps, interrupted by SIGTERM or SIGKILL at random moments and resumed each time."""
     flags = {**FLAGS, "max_steps": 200, "num_steps_per_checkpoint": 20, "log_freq": 5}
     straight = tmp_path / "straight"
-    proc = launch(base_args(shards, straight, config, **flags), tmp_path / "straight.txt")
+    proc = launch(pretraining_args(shards, straight, config, **flags), tmp_path / "straight.txt")
     assert proc.wait(timeout=300) == 0
     # Eight interruptions, each a few logged steps (5-20) into a run, so the count does not depend
     # on how fast the machine is: a resume goes back at most to the last checkpoint (every 20 steps),
@@ -346,7 +365,7 @@ def test_soak_random_sigterm_and_sigkill_end_with_uninterrupted_weights(shards, 
     out = tmp_path / "out"
     for attempt, sig in enumerate([*signals, None]):
         resume = {"resume_from_checkpoint": True} if training.list_checkpoints(out) else {}
-        proc = launch(base_args(shards, out, config, **flags, **resume), tmp_path / f"run_{attempt}.txt")
+        proc = launch(pretraining_args(shards, out, config, **flags, **resume), tmp_path / f"run_{attempt}.txt")
         if sig is not None:
             wait_for_training(out, proc, timeout=120, lines=rng.randint(1, 4))
             time.sleep(rng.uniform(0.0, 0.3))
@@ -362,7 +381,7 @@ def test_soak_random_sigterm_and_sigkill_end_with_uninterrupted_weights(shards, 
             if isinstance(a[key], torch.Tensor):
                 assert torch.equal(a[key], b[key])
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-    assert math.isfinite(records(out, "average_loss")[200])
+    assert math.isfinite(dllogger_records(out, "average_loss")[200])
 
 
 FULL_DISK = '''

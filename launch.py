@@ -1,0 +1,191 @@
+"""What both entry scripts do before their first step: the flags they share, the config with its
+command-line overrides, precision, logging, seeding and the distributed start."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+import attention_masks
+import training
+from modeling import BertConfig
+from utils import (MetricLogger, add_local_rank_argument, finite_float, get_rank, get_world_size, init_distributed,
+                   precision_dtype, seed_everything)
+
+
+# ============================================================================ flags
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default after its help, except where there is none to tell (unset, a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """--help shows every flag's default; a bad flag is one line naming it, not the whole usage."""
+
+    def __init__(self, prog: str, description: str) -> None:
+        super().__init__(prog=prog, description=description, formatter_class=_DefaultsFormatter)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_shared_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags run_pretraining.py and run_glue.py both take, with the same meaning."""
+    p.add_argument("--config_file", required=True, help="bert_config.json (model + attention-mask fields)")
+    p.add_argument("--output_dir", required=True, help="where this run's files go")
+    p.add_argument("--init_checkpoint", default=None,
+                   help="weights to start from: an NVIDIA / this project's checkpoint, a state dict or a "
+                        "Hugging Face folder")
+    p.add_argument("--max_seq_length", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--train_batch_size", type=int, default=32,
+                   help="sequences per GPU per optimizer step (after accumulation)")
+    p.add_argument("--learning_rate", type=finite_float, default=5e-5, help="peak learning rate")
+    p.add_argument("--warmup_proportion", type=finite_float, default=0.01, help="warm-up fraction of the steps")
+    p.add_argument("--seed", type=int, default=42, help="random seed (each rank adds its rank)")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step (must divide --train_batch_size)")
+    p.add_argument("--fp16", action="store_true", help="fp16 autocast + dynamic loss scaling")
+    p.add_argument("--amp", action="store_true", help="same as --fp16")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (no loss scaling)")
+    p.add_argument("--loss_scale", type=finite_float, default=0.0,
+                   help="fp16 loss scale: 0 = dynamic; > 0 = this scale, never grown")
+    p.add_argument("--skip_checkpoint", action="store_true", help="write no checkpoint or saved model")
+    p.add_argument("--no_cuda", action="store_true", help="run on the CPU even when a GPU is present")
+    add_local_rank_argument(p)
+    p.add_argument("--attention_mask_type", default=None, choices=attention_masks.MASK_TYPES,
+                   help="override the config's attention_mask_type")
+    p.add_argument("--max_bad_steps", type=int, default=25,
+                   help="stop after this many consecutive non-finite (skipped) optimizer steps")
+    p.add_argument("--dist_timeout", type=finite_float, default=1800,
+                   help="seconds a collective waits for the other ranks before this one stops with an error "
+                        "(a dead or stuck worker turns into an exit, not a hang)")
+    p.add_argument("--json-summary", dest="json_summary", default=None,
+                   help="dllogger JSON-lines file (default: <output_dir>/dllogger.json, so runs never share one)")
+
+
+def set_help(p: argparse.ArgumentParser, **helps: str) -> None:
+    """A script's own wording for shared flags whose effect it shapes (keyed by flag name)."""
+    for action in p._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
+
+
+def add_ignored_arguments(p: argparse.ArgumentParser, valued: tuple[str, ...] = (),
+                          switches: tuple[str, ...] = ()) -> None:
+    """NVIDIA's flags that this implementation has no use for: accepted, so their command lines
+    run unchanged, and ignored (--help says so). `valued` take a value, `switches` do not."""
+    group = p.add_argument_group("NVIDIA's flags, accepted and ignored")
+    for flag in valued:
+        group.add_argument(flag, default=None, help="ignored")
+    for flag in switches:
+        group.add_argument(flag, action="store_true", help="ignored")
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = p.parse_args(argv)
+    args.fp16 = args.fp16 or args.amp
+    args.max_steps = int(args.max_steps)
+    return args
+
+
+def validate_shared(args: argparse.Namespace) -> None:
+    """The mistakes either script's shared flags can hold, caught before anything is read or written."""
+    precision_dtype(args.fp16, args.bf16)  # refuses both at once
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError(f"--gradient_accumulation_steps must be >= 1, got {args.gradient_accumulation_steps}")
+    if args.train_batch_size < 1 or args.train_batch_size % args.gradient_accumulation_steps:
+        raise ValueError(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} must divide --train_batch_size "
+            f"{args.train_batch_size} (the per-GPU batch of one optimizer step)")
+    if args.max_seq_length < 8:
+        raise ValueError(f"--max_seq_length must be >= 8, got {args.max_seq_length}")
+    if args.learning_rate < 0:
+        raise ValueError(f"--learning_rate must be >= 0, got {args.learning_rate}")
+    if not 0.0 <= args.warmup_proportion < 1.0:
+        raise ValueError(f"--warmup_proportion is a fraction of the training steps in [0, 1), got "
+                         f"{args.warmup_proportion}")
+    if args.max_bad_steps < 1:
+        raise ValueError(f"--max_bad_steps must be >= 1, got {args.max_bad_steps}")
+    if not args.dist_timeout > 0:
+        raise ValueError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
+    if not args.loss_scale >= 0:
+        raise ValueError(f"--loss_scale must be 0 (dynamic) or > 0 (a static scale), got {args.loss_scale}")
+    for flag in ("config_file", "vocab_file"):
+        value = getattr(args, flag)
+        if value and not Path(value).is_file():
+            raise FileNotFoundError(f"--{flag} {value} does not exist")
+
+
+# ============================================================================ config
+
+
+def read_config(args: argparse.Namespace, **overrides: Any) -> BertConfig:
+    """--config_file with --attention_mask_type and the script's own overrides, which win (None = keep)."""
+    return training.load_config(args.config_file, **{"attention_mask_type": args.attention_mask_type, **overrides})
+
+
+def check_config(config: BertConfig, args: argparse.Namespace) -> None:
+    """The config against the sequence length and the vocab, and its mask built once, so a bad
+    pattern parameter or mask file fails here, before anything is written."""
+    if args.max_seq_length > config.max_position_embeddings:
+        raise ValueError(f"--max_seq_length {args.max_seq_length} exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings} of {args.config_file}")
+    if config.attention_mask_type != "dense" and config.mask_seq_length < args.max_seq_length:
+        raise ValueError(
+            f"attention_mask_type '{config.attention_mask_type}' has mask_seq_length {config.mask_seq_length} < "
+            f"--max_seq_length {args.max_seq_length}: pass --max_seq_length {config.mask_seq_length}, or set "
+            f"mask_seq_length >= {args.max_seq_length} in {args.config_file} (a mask file: one made for longer inputs)")
+    try:
+        with torch.random.fork_rng(devices=[]):  # a DAM mask draws its logits: checking consumes no random number
+            attention_masks.build_attention_mask(config)
+    except ValueError as exc:
+        raise ValueError(f"{args.config_file}: {exc}") from None
+    if args.vocab_file:
+        with open(args.vocab_file, encoding="utf-8") as f:
+            vocab_lines = sum(1 for _ in f)
+        if vocab_lines > config.vocab_size:
+            raise ValueError(f"--vocab_file {args.vocab_file} has {vocab_lines} tokens but {args.config_file} has "
+                             f"vocab_size {config.vocab_size}: use the vocab the model was made for, or fix vocab_size")
+
+
+# ============================================================================ start
+
+
+@dataclass
+class Run:
+    """Where and how this process runs."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    dtype: torch.dtype | None  # the autocast dtype; None = fp32
+
+
+def start(args: argparse.Namespace) -> Run:
+    """Join the process group (under torchrun), log from rank 0 only, seed every RNG (seed + rank)."""
+    device = init_distributed(args.local_rank, no_cuda=args.no_cuda, timeout_s=args.dist_timeout)
+    rank = get_rank()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    seed_everything(args.seed + rank)
+    return Run(device, rank, get_world_size(), precision_dtype(args.fp16, args.bf16))
+
+
+def open_metrics(args: argparse.Namespace, config: BertConfig, **parameters: Any) -> MetricLogger:
+    """The run's dllogger log, opened with NVIDIA's PARAMETER record (every flag, the seed)."""
+    metrics = MetricLogger(args.json_summary or Path(args.output_dir) / "dllogger.json")
+    metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,
+                              "world_size": get_world_size(), "attention_mask_type": config.attention_mask_type,
+                              **parameters})
+    return metrics
