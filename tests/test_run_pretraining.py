@@ -67,6 +67,24 @@ def test_dam_s_sparsity_rises_with_lambda(shards, tmp_path, dllogger_records, pr
     assert sparsity[1e-1] > sparsity[1e-4] + 0.2, sparsity
 
 
+def test_the_logged_loss_is_mlm_plus_nsp_and_the_penalty_is_logged_apart(shards, tmp_path, dllogger_records,
+                                                                          pretraining_args, write_config):
+    """Before any update λ changes no forward pass, so the first step's logged loss is the same at
+    λ = 0 and at a large λ; only mask_penalty (and the final summary's) carries λ·ΣM."""
+    config = write_config(tmp_path / "config.json", attention_mask_type="dam_s")
+    logs = {}
+    for lam in (0.0, 1e-1):
+        out = tmp_path / f"out_{lam}"
+        assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=1, lamb=lam)) == 0
+        logs[lam] = {key: dllogger_records(out, key)[1] for key in ("step_loss", "average_loss", "mask_penalty")}
+        summary = [r["data"] for r in read_dllogger_json(out / "dllogger.json") if "final_mask_penalty" in r["data"]]
+        assert summary[-1]["final_loss"] == pytest.approx(logs[lam]["average_loss"])
+        assert summary[-1]["final_mask_penalty"] == pytest.approx(logs[lam]["mask_penalty"])
+        assert summary[-1]["training_sequences_per_second"] > 0  # one step, shorter than the warm-up
+    assert logs[0.0]["step_loss"] == pytest.approx(logs[1e-1]["step_loss"], rel=1e-6)
+    assert logs[0.0]["mask_penalty"] == 0.0 and logs[1e-1]["mask_penalty"] > 1.0
+
+
 @pytest.mark.parametrize("pattern", [p for p in attention_masks.PATTERN_NAMES if p != "dense"])
 def test_each_fixed_pattern_trains(shards, tmp_path, pattern, dllogger_records, pretraining_args, write_config):
     config = write_config(tmp_path / "config.json")
