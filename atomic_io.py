@@ -10,7 +10,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,19 @@ def atomic_text_writer(path: str | os.PathLike) -> Iterator[IO[str]]:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_text_writer(path) as f:
         f.write(text)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> Path:
+    """A matplotlib figure written as a PNG that appears complete or not at all, then closed
+    (pyplot holds every open figure until it is)."""
+    import matplotlib.pyplot as plt  # only the plotting scripts need it
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -26,7 +26,7 @@ from matplotlib.gridspec import GridSpec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attention_masks  # noqa: E402
-from atomic_io import atomic_path  # noqa: E402
+from atomic_io import save_figure  # noqa: E402
 
 PANEL_INCHES = 2.6  # each map's side: 260 px at the default dpi, 2 px per position at n = 128
 KEPT_COLOUR, DROPPED_COLOUR = "#08306b", "#ffffff"
@@ -106,15 +106,6 @@ def _figure(count: int, with_offsets: bool) -> tuple[plt.Figure, GridSpec]:
     return fig, fig.add_gridspec(rows + len(extra), cols, height_ratios=[1.0] * rows + extra)
 
 
-def _save(fig: plt.Figure, out: Path, dpi: int) -> Path:
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
-    return out
-
-
 def _heads(mask: torch.Tensor) -> list[str]:
     return [f"head {h}: {100 * attention_masks.sparsity(m):.0f}% dropped" for h, m in enumerate(mask)]
 
@@ -133,7 +124,7 @@ def plot_overview(mask_file: str, mask: torch.Tensor, metadata: dict, out: Path,
     _draw_maps(fig, grid, maps, titles, binary)
     _draw_offsets(fig.add_subplot(grid[-1, :]), mask, shared)
     fig.suptitle(f"{_title(mask_file, mask, metadata)}\n{heading}", fontsize=10)
-    return _save(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def plot_layer_page(mask_file: str, mask: torch.Tensor, metadata: dict, layer: int, out: Path, dpi: int) -> Path:
@@ -141,7 +132,7 @@ def plot_layer_page(mask_file: str, mask: torch.Tensor, metadata: dict, layer: i
     _draw_maps(fig, grid, mask[layer], _heads(mask[layer]), binary=True)
     fig.suptitle(f"{_title(mask_file, mask, metadata)}\nlayer {layer}: "
                  f"{100 * attention_masks.sparsity(mask[layer]):.1f}% of its pairs dropped", fontsize=10)
-    return _save(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def plot_mask_file(mask_file: str, out: str, layer_means: bool = False, pages: bool = False,

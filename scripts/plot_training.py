@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from atomic_io import atomic_path  # noqa: E402
+from atomic_io import save_figure  # noqa: E402
 from utils import read_dllogger_json  # noqa: E402
 
 CURVE_KEYS = ("average_loss", "step_loss", "mask_penalty", "mask_sparsity", "learning_rate", "mask_learning_rate")
@@ -142,12 +142,7 @@ def plot_training_log(log: str | Path, out: str | Path | None = None, dpi: int =
     lam = search_lambda(records)
     fig.suptitle(f"{log.parent.name}/{log.name}: {last} steps" + (f", λ = {lam:g}" if lam is not None else ""),
                  fontsize=11)
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=dpi, format="png")
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi)
 
 
 def main(argv: list[str] | None = None) -> None:

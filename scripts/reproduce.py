@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import attention_masks  # noqa: E402
 import modeling  # noqa: E402
-from atomic_io import atomic_write_text  # noqa: E402
+from atomic_io import atomic_write_text, save_figure  # noqa: E402
 from pretrained import bert_config_from_hf, minilm_folder  # noqa: E402
 from pretraining_data import PretrainingDataset  # noqa: E402
 from stages import Stages, run_python  # noqa: E402
@@ -355,8 +355,7 @@ def plot_offsets(masks: dict[str, torch.Tensor], path: Path, offsets: int = 16) 
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from atomic_io import atomic_path, atomic_text_writer, atomic_write_text, remove_stale_temps
+from atomic_io import atomic_path, atomic_text_writer, atomic_write_text, remove_stale_temps, save_figure
 
 
 def leftovers(folder):
@@ -54,3 +54,15 @@ def test_remove_stale_temps_of_a_folder_takes_every_matching_file_s_temporaries(
     removed = remove_stale_temps(tmp_path, r"ckpt_\d+\.pt")
     assert sorted(p.name for p in removed) == [".ckpt_12.pt.zz.tmp", ".ckpt_4.pt.k9x_1.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt_x.pt.a.tmp", ".mask_4.safetensors.a.tmp", "ckpt_4.pt"]
+
+
+def test_save_figure_writes_a_png_atomically_and_closes_the_figure(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "f.png", dpi=50)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not plt.fignum_exists(fig.number)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]
