@@ -427,6 +427,12 @@ class BertPreTrainedModel(nn.Module):
         mask = self.bert_model.sparse_mask
         return [p for p in mask.parameters() if p.requires_grad] if mask is not None else []
 
+    def mask_sparsity(self) -> float:
+        """Sparsity (fraction of dropped pairs) of the mask used at evaluation (1[σ(a) > 0.5] for DAM),
+        at mask_seq_length; 0 for dense attention."""
+        mask = self.bert_model.sparse_mask
+        return attention_masks.sparsity(mask.binarize()) if mask is not None else 0.0
+
     def mask_penalty(self) -> torch.Tensor:
         """λ·ΣM of the mask sampled in the last forward pass, in fp32 (0 without a DAM mask)."""
         mask = self.bert_model.sparse_mask

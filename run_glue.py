@@ -276,12 +276,6 @@ def drop_foreign_head(state: dict[str, torch.Tensor], num_labels: int, source: s
     return {k: v for k, v in state.items() if k not in head}
 
 
-def mask_sparsity(model: BertForSequenceClassification) -> float:
-    """Sparsity (fraction of dropped pairs) of the mask in use, at mask_seq_length; 0 for dense."""
-    mask = training.unwrap_model(model).bert.sparse_mask
-    return attention_masks.sparsity(mask.binarize()) if mask is not None else 0.0
-
-
 # ============================================================================ data
 
 
@@ -473,7 +467,7 @@ def run_task(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str
     lock.acquire(exclusive=is_main_process())
     metrics = launch.open_metrics(args, config)
     results: dict[str, Any] = {"task": task.name, "attention_mask_type": config.attention_mask_type,
-                               "mask_sparsity": mask_sparsity(model)}
+                               "mask_sparsity": model.mask_sparsity()}
     if args.do_train:
         results.update(train(args, model, train_features, run, metrics))
         if is_main_process() and not args.skip_checkpoint:

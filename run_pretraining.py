@@ -169,12 +169,6 @@ def search_mask(model: torch.nn.Module) -> attention_masks.DifferentiableMask | 
     return module if isinstance(module, attention_masks.DifferentiableMask) else None
 
 
-def deterministic_sparsity(model: torch.nn.Module) -> float:
-    """Sparsity of the mask used at evaluation (1[σ(a) > 0.5] for DAM), 0 for dense attention."""
-    module = mask_module(model)
-    return attention_masks.sparsity(module.binarize()) if module is not None else 0.0
-
-
 def write_mask(model: torch.nn.Module, path: Path, step: int, print_table: bool) -> None:
     module = mask_module(model)
     if module is None or not is_main_process():
@@ -430,7 +424,7 @@ def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[s
     """One dllogger line: the losses (MLM + NSP and the mask penalty apart), rates, mask sparsity."""
     learning_rate, mask_learning_rate = p.optimization.learning_rates()
     line = {**window.means(), "learning_rate": learning_rate, "mask_learning_rate": mask_learning_rate,
-            "mask_sparsity": deterministic_sparsity(p.raw_model), "skipped_steps": p.step.bad_steps.skipped}
+            "mask_sparsity": p.raw_model.mask_sparsity(), "skipped_steps": p.step.bad_steps.skipped}
     p.metrics.log((p.batches.epoch, step), line)
     return line
 

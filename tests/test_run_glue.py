@@ -280,7 +280,7 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
     keep = mask(SEQ)
     assert torch.equal(keep, (logits > 0).float()[:, :, mask.gate_index])  # 1[σ(a) > 0.5], no noise
     expected = attention_masks.sparsity(logits[:, :, mask.gate_index] > 0)
-    assert run_glue.mask_sparsity(model) == pytest.approx(expected) and 0.2 < expected < 0.8
+    assert model.mask_sparsity() == pytest.approx(expected) and 0.2 < expected < 0.8
     model.train()  # even in training mode: no Gumbel noise, same outputs twice
     with torch.no_grad():
         first, second = model(*fixed_inputs()), model(*fixed_inputs())
