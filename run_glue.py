@@ -88,14 +88,16 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_train_epochs", type=finite_float, default=3.0, help="epochs of fine-tuning")
     p.add_argument("--max_steps", type=finite_float, default=-1.0, help="> 0: optimizer steps, overriding the epochs")
     p.add_argument("--attention_mask_file", default=None, help="mask file for --attention_mask_type file")
-    p.add_argument("--max_grad_norm", type=finite_float, default=MAX_GRAD_NORM, help="global gradient-norm clip (0 = off)")
+    p.add_argument("--max_grad_norm", type=finite_float, default=MAX_GRAD_NORM,
+                   help="global gradient-norm clip (0 = off)")
     p.add_argument("--drop_searched_mask", action="store_true",
                    help="fine-tune a DAM checkpoint under a dense config, leaving its searched mask unused "
                         "(refused without this flag)")
     launch.add_ignored_arguments(p, valued=("--bert_model", "--server_ip", "--server_port"))
     launch.set_help(p, output_dir="where results.txt, the fine-tuned model folder and the GLUE submission files go",
                     init_checkpoint="weights to start from: an NVIDIA / this project's checkpoint, a state dict, a "
-                                    "saved-model or Hugging Face folder (without it the model starts from random weights)")
+                                    "saved-model or Hugging Face folder (without it the model starts from random "
+                                    "weights)")
     p.set_defaults(seed=1, warmup_proportion=0.1)
     return launch.parse(p, argv)
 
@@ -288,7 +290,8 @@ def batches_of(features: Features, batch_size: int, sampler: Sampler[int]) -> Da
     """`ClassificationBatch`es of the rows `sampler` picks."""
     def collate(rows: list[int]) -> ClassificationBatch:
         return ClassificationBatch(
-            input_ids=torch.from_numpy(features.input_ids[rows]), segment_ids=torch.from_numpy(features.segment_ids[rows]),
+            input_ids=torch.from_numpy(features.input_ids[rows]),
+            segment_ids=torch.from_numpy(features.segment_ids[rows]),
             input_mask=torch.from_numpy(features.input_mask[rows]), labels=torch.from_numpy(features.label_ids[rows]))
     return DataLoader(range(len(features)), sampler=sampler, batch_size=batch_size, collate_fn=collate)
 

@@ -201,7 +201,8 @@ def build_optimization(args: argparse.Namespace, model: BertForPreTraining,
     """LAMB (the mask logits in their own group), NVIDIA's poly warm-up, the fp16 loss scaler."""
     optimizer = build_lamb(model, lr=args.learning_rate, mask_lr=args.mask_learning_rate)
     scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
-    grad_scaler = training.make_grad_scaler(device, enabled=args.fp16, init_scale=args.loss_scale or args.init_loss_scale,
+    grad_scaler = training.make_grad_scaler(device, enabled=args.fp16,
+                                            init_scale=args.loss_scale or args.init_loss_scale,
                                             static=args.loss_scale > 0)
     return training.Optimization(optimizer, scheduler, grad_scaler)
 
@@ -307,7 +308,8 @@ def restore(args: argparse.Namespace, found: tuple[int, Path, dict[str, Any]], o
     global_step, continuing = phase_step(args, resume_step, checkpoint)
     if args.fp16 and args.loss_scale > 0 and checkpoint.get("grad_scaler"):
         logger.info("--loss_scale %g replaces the checkpoint's loss scale", args.loss_scale)
-    optimization.load_state_dict(checkpoint, new_phase=not continuing, keep_loss_scale=args.fp16 and not args.loss_scale)
+    optimization.load_state_dict(checkpoint, new_phase=not continuing,
+                                 keep_loss_scale=args.fp16 and not args.loss_scale)
     if continuing and "data" in checkpoint:
         batches.load_state_dict(checkpoint["data"])
     logger.info("resumed from %s: phase step %d (%s)", path, global_step,
@@ -349,6 +351,12 @@ def last_good_checkpoint(output_dir: str) -> str:
     return f"no checkpoint in {output_dir} is known good (none holds finite weights)"
 
 
+def bad_steps_advice(output_dir: str) -> str:
+    """What to do once too many steps in a row were non-finite: where to go back to, the usual causes."""
+    return (f"stopping; {last_good_checkpoint(output_dir)}. Lower --learning_rate, use --bf16 or fp32, check "
+            f"the data, or raise --max_bad_steps")
+
+
 def checkpoint_name_step(args: argparse.Namespace, global_step: int) -> int:
     """Phase-2 checkpoints continue phase 1's numbering (ckpt_<phase1_end_step + k>.pt)."""
     return global_step + (args.phase1_end_step if args.phase2 else 0)
@@ -376,8 +384,7 @@ class Pretraining:
     optimization: training.Optimization
     batches: pretraining_data.PretrainingBatches
     metrics: MetricLogger
-    meter: training.ThroughputMeter
-    step: training.TrainStep
+    step: training.TrainStep  # holds the run's throughput meter and bad-step bound
     global_step: int
     rng_states: list[dict[str, Any]] | None
 
@@ -409,8 +416,7 @@ def set_up(args: argparse.Namespace, lock: training.OutputDirLock) -> Pretrainin
     step = training.TrainStep(model, lambda b: objective(model, raw_model, b, args.max_predictions_per_seq),
                               optimization, run.device, run.dtype, training.BadStepBound(args.max_bad_steps), meter,
                               sync_every_micro_step=not args.allreduce_post_accumulation)
-    return Pretraining(config, run, raw_model, model, optimization, batches, metrics, meter, step, global_step,
-                       rng_states)
+    return Pretraining(config, run, raw_model, model, optimization, batches, metrics, step, global_step, rng_states)
 
 
 def restore_rng_states(states: list[dict[str, Any]] | None, world_size: int) -> None:
@@ -433,9 +439,9 @@ def finish(args: argparse.Namespace, p: Pretraining, last_log: dict[str, float],
            state: dict[str, Any]) -> dict[str, Any]:
     """NVIDIA's summary line (final_loss: MLM + NSP of the last log window, as a dense run's; the
     mask penalty apart), then the end-of-run mask file."""
-    results = {"e2e_train_time": e2e_time, "training_sequences_per_second": p.meter.sequences_per_second(),
+    results = {"e2e_train_time": e2e_time, "training_sequences_per_second": p.step.meter.sequences_per_second(),
                "final_loss": last_log["average_loss"], "final_mask_penalty": last_log["mask_penalty"],
-               "raw_train_time": p.meter.elapsed(), **state}
+               "raw_train_time": p.step.meter.elapsed(), **state}
     p.metrics.log((p.batches.epoch, state["global_step"]), {"final_loss": results["final_loss"]})
     p.metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
                                                "final_loss", "final_mask_penalty", "raw_train_time")})
@@ -456,9 +462,8 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
     global_step, search = p.global_step, search_mask(p.raw_model)
     target_step = min(args.max_steps, args.steps_this_run) if args.steps_this_run > 0 else args.max_steps
     if global_step >= target_step:
-        logger.info("step %d already reaches --max_steps / --steps_this_run %d: nothing to train", global_step, target_step)
-    advice = lambda: (f"stopping; {last_good_checkpoint(args.output_dir)}. Lower --learning_rate, use --bf16 or "  # noqa: E731
-                      f"fp32, check the data, or raise --max_bad_steps")
+        logger.info("step %d already reaches --max_steps / --steps_this_run %d: nothing to train",
+                    global_step, target_step)
     window, last_log = training.LossWindow(p.run.device), {"average_loss": math.nan, "mask_penalty": math.nan}
     progress = tqdm(total=args.max_steps, initial=global_step, desc="pretraining", unit="step",
                     disable=not is_main_process() or args.disable_progress_bar)
@@ -470,7 +475,8 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
     with training.SigtermFlag() as sigterm:
         while global_step < target_step and not stop:
             micro_batches = [next(data)[1] for _ in range(args.gradient_accumulation_steps)]
-            outcome = p.step(micro_batches, global_step, advice, lambda: sigterm.requested)
+            outcome = p.step(micro_batches, global_step, lambda: bad_steps_advice(args.output_dir),
+                             lambda: sigterm.requested)
             stop = outcome.stop_requested
             if outcome.applied:
                 global_step += 1
@@ -484,7 +490,7 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
                 last_log = log_window(p, window, global_step)
                 progress.set_postfix(loss=f"{last_log['average_loss']:.4f}")
             if global_step == target_step or stop:
-                p.meter.stop()  # the last checkpoint is not training time (NVIDIA stops its clock here too)
+                p.step.meter.stop()  # the last checkpoint is not training time (NVIDIA stops its clock here too)
             due = outcome.applied and (global_step % args.num_steps_per_checkpoint == 0 or global_step == target_step)
             if not args.skip_checkpoint and (due or stop):
                 save_checkpoint(p, args, global_step)

@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from modeling import BertConfig
-from utils import (all_gather_object, all_reduce_mean, atomic_save, autocast, get_rank, get_world_size, is_main_process, rng_state,
-                   safe_torch_load, set_rng_state)
+from utils import (all_gather_object, all_reduce_mean, atomic_save, autocast, get_rank, get_world_size,
+                   is_main_process, rng_state, safe_torch_load, set_rng_state)
 
 logger = logging.getLogger(__name__)
 
