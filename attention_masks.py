@@ -44,6 +44,10 @@ PATTERN_NAMES = ("dense", "no_diagonal", "strided", "fixed", "longformer", "logs
 DAM_MODES = ("dam_u", "dam_s")
 MASK_TYPES = PATTERN_NAMES + DAM_MODES + ("file",)
 TEMPERATURE_SCHEDULES = ("constant", "linear", "exponential")
+# Where budgeted binarisation counts its budget: over the whole mask, each layer's, or each head's.
+BUDGET_SCOPES = ("global", "layer", "head")
+# A gate counts as decided once its keep probability sigma(a) is below 0.1 or above 0.9 (|a| > 2.197).
+DECIDED_LOGIT = 2.1972245773362196
 # Which gates the L1 penalty's straight-through gradient reaches. "kept_gates": the released code's
 # lambda * ||M||_1 of the hard sample, whose gradient sign(M) is 0 on a gate sampled 0, so only the
 # gates kept in this sample are pulled down. "all_gates": every gate, sampled 0 or 1: at tau = 1 a pull
@@ -310,6 +314,28 @@ def diagonal_finding(mask: torch.Tensor, offsets_shown: int = 8) -> str:
             f"Kept fraction per offset |i - j|: {shown}{rest}")
 
 
+def keep_highest(scores: torch.Tensor, sparsity_target: float, scope: str = "global") -> torch.Tensor:
+    """Budgeted binarisation: Bool[L, H, n, n] keeping the highest-scoring entries of Float[L, H, n, n]
+    ``scores`` (e.g. the mask logits expanded to every entry) so that exactly
+    round((1 - sparsity_target) * entries) are kept in each scope: the whole mask ("global"), each
+    layer ("layer") or each (layer, head) ("head"). Ties go to the lower flat index (row-major over
+    layer, head, query, key), so the result is deterministic; a DAM_s gate cut by the budget keeps
+    its first rows."""
+    if not 0.0 <= sparsity_target <= 1.0:
+        raise ValueError(f"binarisation sparsity must be in [0, 1], got {sparsity_target}")
+    if scope not in BUDGET_SCOPES:
+        raise ValueError(f"binarisation scope {scope!r}; allowed: {', '.join(BUDGET_SCOPES)}")
+    if scores.dim() != 4:
+        raise ValueError(f"expected scores of shape [L, H, n, n], got {tuple(scores.shape)}")
+    groups = {"global": 1, "layer": scores.shape[0], "head": scores.shape[0] * scores.shape[1]}[scope]
+    flat = scores.detach().float().reshape(groups, -1)
+    kept = round((1.0 - sparsity_target) * flat.shape[1])
+    # A stable descending sort keeps equal scores in index order: the tie-break is the flat index.
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :kept]
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, True)
+    return mask.reshape(scores.shape)
+
+
 def block_layout(mask: torch.Tensor, block_size: int) -> torch.Tensor:
     """Bool[..., n/b, n/b]: a block is on when any of its b x b entries is kept (what a block-sparse
     kernel would still have to compute)."""
@@ -416,6 +442,14 @@ class DifferentiableMask(AttentionMask):
     and in fp32 (the released code's L1). With a shared mask it sums the one shared [H, s, s] mask,
     as the released code did, not L copies of it. ``penalty_gradient`` (see PENALTY_GRADIENTS) says
     which gates its gradient reaches; the value is the same either way.
+
+    Target search (``dam_target_sparsity`` t set): the penalty is instead the Lagrangian
+    l1 * (s - t') + l2 * (s - t')^2 on the expected sparsity s = 1 - mean sigma(a) over every entry
+    of the full mask, with t' ramped from the sparsity at the start to t over the first
+    ``dam_target_warmup`` of the run (``set_progress``). The multipliers (l1, l2) rise by dual ascent
+    after each applied step (``update_multipliers``); they are a persistent buffer, so a checkpoint
+    resumes them exactly. The deterministic mask of a target search keeps the highest logits at
+    exactly t (``keep_highest``), so what is written is the budget, whatever the last steps' noise.
     """
 
     def __init__(self, config: MaskConfig):
@@ -437,6 +471,20 @@ class DifferentiableMask(AttentionMask):
         self.frozen = False
         layers = 1 if self.share_across_layers else self.num_layers
         self.mask_logits = nn.Parameter(torch.empty(layers, self.num_heads, num_gates))
+        # How many entries of the full mask each gate controls: the weights of the expected sparsity.
+        cells = torch.zeros(num_gates).index_add_(0, index.flatten(), torch.ones(index.numel()))
+        self.register_buffer("gate_cells", cells, persistent=False)
+        self.target_sparsity, self.target_warmup = config.dam_target_sparsity, config.dam_target_warmup
+        self.multiplier_lr = config.dam_multiplier_lr
+        self.binarize_sparsity = config.dam_binarize_sparsity
+        if self.binarize_sparsity is None:
+            self.binarize_sparsity = self.target_sparsity
+        self.binarize_scope = config.dam_binarize_scope
+        self.current_target = self.target_sparsity
+        if self.target_sparsity is not None:
+            # (l1, l2) and the expected sparsity the target ramps from (NaN until the first step).
+            self.register_buffer("lagrange_multipliers", torch.zeros(2))
+            self.register_buffer("target_start", torch.tensor(float("nan")))
         self.reset_parameters()
         self._last_gates: torch.Tensor | None = None
         self._last_seq_len = self.seq_len
@@ -458,8 +506,55 @@ class DifferentiableMask(AttentionMask):
         return start
 
     def set_progress(self, progress: float) -> None:
-        """Anneal: set the sampling temperature for training progress ``progress`` (step / total)."""
+        """Anneal: set the sampling temperature (and a target search's current target) for training
+        progress ``progress`` (step / total)."""
         self.temperature = self.temperature_at(progress)
+        if self.target_sparsity is not None:
+            self.current_target = self.target_at(progress)
+
+    # -- target search --------------------------------------------------------------------------
+    def expected_sparsity(self) -> torch.Tensor:
+        """fp32 scalar 1 - E[kept fraction] of the full mask under the sampler (differentiable)."""
+        with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
+            keep = torch.sigmoid(self.mask_logits.float())
+            return 1.0 - (keep * self.gate_cells).sum() / (self.gate_cells.sum() * keep.shape[0] * keep.shape[1])
+
+    def deterministic_sparsity(self) -> float:
+        """Sparsity of 1[a > 0] over the full mask (what the logits decide, before any budget)."""
+        kept = (self.mask_logits.detach() > 0).float() * self.gate_cells
+        return 1.0 - kept.sum().item() / (self.gate_cells.sum().item() * kept.shape[0] * kept.shape[1])
+
+    def decided_share(self) -> float:
+        """Share of gates whose keep probability sigma(a) is below 0.1 or above 0.9."""
+        return (self.mask_logits.detach().abs() > DECIDED_LOGIT).float().mean().item()
+
+    def target_at(self, progress: float) -> float:
+        """The target at ``progress``: from the sparsity at the first step (recorded then, and kept
+        in checkpoints) to dam_target_sparsity, linearly over the first dam_target_warmup."""
+        if torch.isnan(self.target_start):
+            self.target_start.fill_(self.expected_sparsity().item())
+        start, share = self.target_start.item(), self.target_warmup
+        ramp = 1.0 if share == 0 else min(max(progress, 0.0) / share, 1.0)
+        return start + (self.target_sparsity - start) * ramp
+
+    @torch.no_grad()
+    def update_multipliers(self) -> None:
+        """Dual ascent after an applied step: l1 += lr * (s - t'), l2 += lr * (s - t')^2, so the
+        constraint's pull grows for as long as the expected sparsity misses the current target."""
+        if self.target_sparsity is None or self.frozen:
+            return
+        gap = self.expected_sparsity().item() - self.current_target
+        self.lagrange_multipliers.add_(torch.tensor([gap, gap * gap]) * self.multiplier_lr)
+
+    def search_state(self) -> dict[str, float]:
+        """What a log line reports of the search: expected and deterministic sparsity, decided gates,
+        and for a target search the current target and the multipliers."""
+        state = {"expected_sparsity": self.expected_sparsity().item(),
+                 "deterministic_sparsity": self.deterministic_sparsity(), "decided_gates": self.decided_share()}
+        if self.target_sparsity is not None:
+            l1, l2 = self.lagrange_multipliers.tolist()
+            state.update(target_sparsity=self.current_target, lagrange_l1=l1, lagrange_l2=l2)
+        return state
 
     # -- sampling -------------------------------------------------------------------------------
     def freeze(self) -> "DifferentiableMask":
@@ -473,7 +568,7 @@ class DifferentiableMask(AttentionMask):
         with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
             logits = self.mask_logits.float()
             if self.frozen or not self.training:
-                return (logits > 0).float()
+                return (logits > 0).float()  # a budgeted mask is applied by forward
             u = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
             noisy = logits + torch.log(u) - torch.log1p(-u)  # + Logistic(0, 1) = G' - G''
             soft = torch.sigmoid(noisy / self.temperature)
@@ -482,6 +577,9 @@ class DifferentiableMask(AttentionMask):
 
     def forward(self, seq_len: int) -> torch.Tensor:
         self._check_seq_len(seq_len)
+        if self.binarize_sparsity is not None and (self.frozen or not self.training):
+            self._last_gates = None
+            return self.binarize()[..., :seq_len, :seq_len].float()
         gates = self.sample_gates()
         self._last_gates, self._last_seq_len = gates, seq_len
         return gates[:, :, self.gate_index[:seq_len, :seq_len]]
@@ -491,6 +589,10 @@ class DifferentiableMask(AttentionMask):
         (number of cells it controls), which is exact and avoids keeping the expanded mask."""
         if self._last_gates is None:
             return torch.zeros((), dtype=torch.float32, device=self.mask_logits.device)
+        if self.target_sparsity is not None:
+            gap = self.expected_sparsity() - self.current_target
+            l1, l2 = self.lagrange_multipliers
+            return l1 * gap + l2 * gap * gap
         with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
             index = self.gate_index[:self._last_seq_len, :self._last_seq_len].flatten()
             # index_add, not bincount: bincount's output size depends on the data (a host sync).
@@ -503,13 +605,28 @@ class DifferentiableMask(AttentionMask):
             return self.penalty_weight * (gates * cells).sum()
 
     def binarize(self) -> torch.Tensor:
-        return (self.mask_logits.detach() > 0)[:, :, self.gate_index]
+        """1[a > 0], or with a budget (dam_binarize_sparsity, else a target search's target) the
+        highest logits at exactly that sparsity in dam_binarize_scope."""
+        logits = self.mask_logits.detach()[:, :, self.gate_index]
+        if self.binarize_sparsity is None:
+            return logits > 0
+        return keep_highest(logits, self.binarize_sparsity, self.binarize_scope)
+
+    def binarization(self) -> dict[str, Any]:
+        """The rule that made ``binarize()``'s mask, for a mask file's metadata."""
+        if self.binarize_sparsity is None:
+            return {"rule": "threshold", "threshold": "sigma(a) > 0.5"}
+        return {"rule": "budget", "scope": self.binarize_scope, "sparsity": self.binarize_sparsity}
 
     def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "lambda": self.penalty_weight, "temperature": self.temperature,
+        search = {"lambda": self.penalty_weight} if self.target_sparsity is None else {
+            "target_sparsity": self.target_sparsity, "target_warmup": self.target_warmup,
+            "lagrange_multipliers": self.lagrange_multipliers.tolist()}
+        return {"mode": self.mode, **search, "temperature": self.temperature,
                 "temperature_schedule": self.temperature_schedule, "share_across_layers": self.share_across_layers,
                 "symmetric": self.symmetric, "block_size": self.block_size, "init_std": self.init_std,
-                "penalty_gradient": self.penalty_gradient}
+                "penalty_gradient": self.penalty_gradient, "binarization": self.binarization(),
+                "deterministic_sparsity": self.deterministic_sparsity(), "decided_gates": self.decided_share()}
 
     def extra_repr(self) -> str:
         return (f"{self.mode}, logits={tuple(self.mask_logits.shape)}, lambda={self.penalty_weight}, "
@@ -540,6 +657,11 @@ class MaskConfig:
     dam_symmetric: bool = False
     dam_block_size: int = 1
     dam_penalty_gradient: str = "kept_gates"
+    dam_target_sparsity: float | None = None
+    dam_target_warmup: float = 0.5
+    dam_multiplier_lr: float = 1.0
+    dam_binarize_sparsity: float | None = None
+    dam_binarize_scope: str = "global"
     attention_mask_file: str | None = None
     pattern_params: dict = field(default_factory=dict)
     pattern_seed: int = 0
@@ -565,7 +687,9 @@ class MaskConfig:
         self._check_choice("attention_mask_type", MASK_TYPES)
         self._check_choice("dam_temperature_schedule", TEMPERATURE_SCHEDULES)
         self._check_choice("dam_penalty_gradient", PENALTY_GRADIENTS)
+        self._check_choice("dam_binarize_scope", BUDGET_SCOPES)
         self._check_dam_numbers()
+        self._check_budget()
         if self.attention_mask_type == "file" and not self.attention_mask_file:
             raise ValueError("bert_config: attention_mask_type 'file' needs 'attention_mask_file' (a mask file "
                              "written by run_pretraining.py --export_mask)")
@@ -593,6 +717,22 @@ class MaskConfig:
             raise ValueError("bert_config fields 'dam_temperature' / 'dam_temperature_final' must be > 0")
         if self.dam_init_std < 0:
             raise ValueError(f"bert_config field 'dam_init_std' must be >= 0, got {self.dam_init_std}")
+
+    def _check_budget(self) -> None:
+        """A target search's fields: sparsities strictly inside (0, 1), a warm-up share in [0, 1]."""
+        for name in ("dam_target_sparsity", "dam_binarize_sparsity"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"bert_config field '{name}' must be in (0, 1) (e.g. 0.9: keep 10 % of the "
+                                 f"entries) or null, got {value}")
+        if not 0.0 <= self.dam_target_warmup <= 1.0:
+            raise ValueError(f"bert_config field 'dam_target_warmup' is a share of the run's steps in [0, 1], "
+                             f"got {self.dam_target_warmup}")
+        if not self.dam_multiplier_lr > 0:
+            raise ValueError(f"bert_config field 'dam_multiplier_lr' must be > 0, got {self.dam_multiplier_lr}")
+        if self.dam_target_sparsity is not None and self.attention_mask_type not in DAM_MODES + ("dense",):
+            raise ValueError(f"bert_config field 'dam_target_sparsity' is for a mask search; attention_mask_type "
+                             f"{self.attention_mask_type!r} is fixed: set it to dam_s or dam_u, or the target to null")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:

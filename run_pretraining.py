@@ -3,7 +3,8 @@
 NVIDIA's HDF5-era command line and checkpoint layout, with LAMB, fp16 / bf16 autocast, DDP with
 gradient sync only after accumulation, exact resume (data position, RNG, DAM noise included),
 SIGTERM-safe stops and a bound on consecutive non-finite steps. The loss is
-MLM + NSP + model.mask_penalty() (λ·ΣM of the sampled DAM mask, 0 for other masks).
+MLM + NSP + model.mask_penalty() (λ·ΣM of the sampled DAM mask, or a target search's Lagrangian
+on its expected sparsity; 0 for other masks).
 
     torchrun --nproc_per_node 8 run_pretraining.py --do_train --input_dir shards/ \
         --config_file bert_config.json --output_dir results/checkpoints --attention_mask_type dam_s --lamb 1e-3
@@ -37,6 +38,10 @@ from utils import MetricLogger, all_gather_object, finite_float, get_rank, is_ma
 
 logger = logging.getLogger("run_pretraining")
 
+# A target-sparsity search's mask logits, unless --mask_learning_rate says otherwise: the rate at
+# which 300 warm-started steps settle the gates (docs/search.md, "Target sparsity").
+TARGET_SEARCH_MASK_LR = 0.1
+
 
 # ============================================================================ arguments
 
@@ -52,9 +57,14 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps_this_run", type=int, default=-1,
                    help="stop once the phase's step, resumed steps included, reaches this (NVIDIA's meaning)")
     p.add_argument("--mask_learning_rate", type=finite_float, default=None,
-                   help="peak learning rate of the DAM mask logits, same schedule (default: --learning_rate, "
-                        "as the released code); warm-started searches want it far higher, e.g. 0.05")
-    p.add_argument("--lamb", type=finite_float, default=None, help="λ of the mask penalty (overrides dam_lambda)")
+                   help="peak learning rate of the DAM mask logits (default: --learning_rate under the same "
+                        f"schedule, as the released code; a target search: {TARGET_SEARCH_MASK_LR}, held after "
+                        "warm-up); warm-started λ searches want it far higher, e.g. 0.05")
+    p.add_argument("--lamb", "--dam_lambda", dest="lamb", type=finite_float, default=None,
+                   help="λ of the mask penalty (overrides dam_lambda; unused by a target search)")
+    p.add_argument("--target_sparsity", type=finite_float, default=None,
+                   help="search the mask to this sparsity, e.g. 0.9 (overrides dam_target_sparsity; replaces the λ "
+                        "penalty by a Lagrangian, and binarises at the target)")
     p.add_argument("--init_loss_scale", type=finite_float, default=2.0**20, help="first dynamic fp16 loss scale")
     p.add_argument("--log_freq", type=finite_float, default=1.0, help="log every N optimizer steps")
     p.add_argument("--checkpoint_activations", action="store_true", help="recompute activations in the backward")
@@ -102,13 +112,19 @@ def validate_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--mask_learning_rate must be > 0, got {args.mask_learning_rate}")
     if args.lamb is not None and args.lamb < 0:
         raise ValueError(f"--lamb (λ of the mask penalty) must be >= 0, got {args.lamb}")
+    if args.target_sparsity is not None and not 0 < args.target_sparsity < 1:
+        raise ValueError(f"--target_sparsity is the share of attention entries to drop, in (0, 1), "
+                         f"got {args.target_sparsity}")
     if not Path(args.input_dir).is_dir():
         raise FileNotFoundError(f"--input_dir {args.input_dir} does not exist: point it at a folder of .hdf5 shards")
 
 
 def load_model_config(args: argparse.Namespace) -> BertConfig:
     """The config with command-line overrides, checked against the sequence length and vocab."""
-    config = launch.read_config(args, dam_lambda=args.lamb)
+    config = launch.read_config(args, dam_lambda=args.lamb, dam_target_sparsity=args.target_sparsity)
+    if config.dam_target_sparsity is not None and config.attention_mask_type not in attention_masks.DAM_MODES:
+        raise ValueError(f"a target sparsity ({config.dam_target_sparsity}) needs a mask search: pass "
+                         f"--attention_mask_type dam_s or dam_u (or set it in {args.config_file})")
     if config.type_vocab_size < 2:  # NSP pairs: every shard's segment ids are 0 and 1
         raise ValueError(f"{args.config_file} has type_vocab_size {config.type_vocab_size}, but pretraining "
                          f"shards hold segment ids 0 and 1: set type_vocab_size to 2 (BERT's)")
@@ -198,9 +214,15 @@ def build_model(args: argparse.Namespace, config: BertConfig, device: torch.devi
 
 def build_optimization(args: argparse.Namespace, model: BertForPreTraining,
                        device: torch.device) -> training.Optimization:
-    """LAMB (the mask logits in their own group), NVIDIA's poly warm-up, the fp16 loss scaler."""
-    optimizer = build_lamb(model, lr=args.learning_rate, mask_lr=args.mask_learning_rate)
-    scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps)
+    """LAMB (the mask logits in their own group), NVIDIA's poly warm-up, the fp16 loss scaler. A
+    target search's logits keep their rate after warm-up (and default to TARGET_SEARCH_MASK_LR)."""
+    target_search = model.config.dam_target_sparsity is not None
+    mask_lr = args.mask_learning_rate
+    if mask_lr is None and target_search:
+        mask_lr = TARGET_SEARCH_MASK_LR
+    optimizer = build_lamb(model, lr=args.learning_rate, mask_lr=mask_lr)
+    scheduler = PolyWarmUpScheduler(optimizer, warmup=args.warmup_proportion, total_steps=args.max_steps,
+                                    held_groups=("mask_logits",) if target_search else ())
     grad_scaler = training.make_grad_scaler(device, enabled=args.fp16,
                                             init_scale=args.loss_scale or args.init_loss_scale,
                                             static=args.loss_scale > 0)
@@ -431,6 +453,9 @@ def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[s
     learning_rate, mask_learning_rate = p.optimization.learning_rates()
     line = {**window.means(), "learning_rate": learning_rate, "mask_learning_rate": mask_learning_rate,
             "mask_sparsity": p.raw_model.mask_sparsity(), "skipped_steps": p.step.bad_steps.skipped}
+    search = search_mask(p.raw_model)
+    if search is not None:
+        line.update(search.search_state())
     p.metrics.log((p.batches.epoch, step), line)
     return line
 
@@ -483,6 +508,7 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
                 progress.update(1)
                 window.add(outcome)
                 if search is not None:
+                    search.update_multipliers()
                     search.set_progress(global_step / args.max_steps)
             elif args.fp16:
                 p.metrics.log("PARAMETER", {"loss_scale": p.optimization.grad_scaler.get_scale()})

@@ -8,7 +8,9 @@ With `p = s / total_steps` and `w` the warm-up fraction, every schedule is `base
     ConstantWarmUpScheduler  base
     CosineWarmUpScheduler    base * 0.5 * (1 + cos(pi * p))  (upstream wrote `pi + p`, a bug)
 
-Decays clamp at 0 once `p >= 1`.
+Decays clamp at 0 once `p >= 1`. Groups named in `held_groups` (by their "name") warm up the same
+way and then keep their base rate: a target-sparsity search's mask logits must still move at the
+end of the run, where a decay to 0 would freeze them wherever the last steps' noise left them.
 
 `s` is the index of the *next* update: the number of successful optimizer updates so far plus
 one, read from the optimizer itself (each group's `step` for LAMB / apex FusedLAMB, the
@@ -45,7 +47,8 @@ def successful_steps(optimizer: torch.optim.Optimizer) -> int:
 class _WarmUpScheduler(LRScheduler):
     """Shared warm-up logic; subclasses give the factor after warm-up via `_decay(progress)`."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup: float, total_steps: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup: float, total_steps: int,
+                 held_groups: tuple[str, ...] = ()):
         if total_steps <= 0:
             raise ValueError(f"{type(self).__name__}: total_steps must be > 0, got {total_steps}")
         if not 0.0 <= warmup < 1.0:
@@ -54,21 +57,23 @@ class _WarmUpScheduler(LRScheduler):
             )
         self.warmup = warmup
         self.total_steps = total_steps
+        self.held_groups = tuple(held_groups)
         super().__init__(optimizer)
 
     def _decay(self, progress: float) -> float:
         raise NotImplementedError
 
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of the base learning rate for update number `step` (1-based)."""
+    def lr_factor(self, step: int, held: bool = False) -> float:
+        """Multiplier of the base learning rate for update number `step` (1-based); `held`: of a
+        group that keeps its base rate after warm-up."""
         progress = step / self.total_steps
         if progress < self.warmup:
             return progress / self.warmup
-        return self._decay(progress)
+        return 1.0 if held else self._decay(progress)
 
     def get_lr(self) -> list[float]:
-        factor = self.lr_factor(self.last_epoch)
-        return [base_lr * factor for base_lr in self.base_lrs]
+        return [base_lr * self.lr_factor(self.last_epoch, group.get("name") in self.held_groups)
+                for base_lr, group in zip(self.base_lrs, self.optimizer.param_groups, strict=True)]
 
     def step(self) -> None:  # type: ignore[override]
         # Replaces LRScheduler.step: the position comes from the optimizer, not from a call count,
@@ -84,9 +89,9 @@ class PolyWarmUpScheduler(_WarmUpScheduler):
     """NVIDIA's pretraining schedule: linear warm-up, then `(1 - p) ** degree`."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup: float, total_steps: int,
-                 degree: float = 0.5):
+                 degree: float = 0.5, held_groups: tuple[str, ...] = ()):
         self.degree = degree
-        super().__init__(optimizer, warmup, total_steps)
+        super().__init__(optimizer, warmup, total_steps, held_groups)
 
     def _decay(self, progress: float) -> float:
         return max(1.0 - progress, 0.0) ** self.degree
