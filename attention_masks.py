@@ -46,6 +46,15 @@ MASK_TYPES = PATTERN_NAMES + DAM_MODES + ("file",)
 TEMPERATURE_SCHEDULES = ("constant", "linear", "exponential")
 # Where budgeted binarisation counts its budget: over the whole mask, each layer's, or each head's.
 BUDGET_SCOPES = ("global", "layer", "head")
+# How a target search holds its expected sparsity s at the target t (docs/search.md compares them):
+# "projection": a price mu >= 0 on density in the loss, -mu * G * (s - t) with G the number of gates, so
+#   mu = 1 pushes a gate about as hard as a typical gradient; mu is raised by PRICE_RATE while a step
+#   leaves s below t and lowered otherwise (scale-free: it finds the model's scale in tens of steps);
+#   after each step every logit moves by one constant so that s = t exactly.
+# "lagrangian": l1 (s - t) + l2 (s - t)^2 in the loss, multipliers by dual ascent at dam_multiplier_lr
+#   (CoFi pruning's method); its rate must match the model's gradient noise.
+TARGET_METHODS = ("projection", "lagrangian")
+PRICE_RATE, PRICE_FLOOR = 0.15, 1e-2
 # A gate counts as decided once its keep probability sigma(a) is below 0.1 or above 0.9 (|a| > 2.197).
 DECIDED_LOGIT = 2.1972245773362196
 # Which gates the L1 penalty's straight-through gradient reaches. "kept_gates": the released code's
@@ -475,7 +484,8 @@ class DifferentiableMask(AttentionMask):
         cells = torch.zeros(num_gates).index_add_(0, index.flatten(), torch.ones(index.numel()))
         self.register_buffer("gate_cells", cells, persistent=False)
         self.target_sparsity, self.target_warmup = config.dam_target_sparsity, config.dam_target_warmup
-        self.multiplier_lr = config.dam_multiplier_lr
+        self.multiplier_lr, self.target_method = config.dam_multiplier_lr, config.dam_target_method
+        self.last_shift = 0.0
         self.binarize_sparsity = config.dam_binarize_sparsity
         if self.binarize_sparsity is None:
             self.binarize_sparsity = self.target_sparsity
@@ -538,13 +548,43 @@ class DifferentiableMask(AttentionMask):
         return start + (self.target_sparsity - start) * ramp
 
     @torch.no_grad()
-    def update_multipliers(self) -> None:
-        """Dual ascent after an applied step: l1 += lr * (s - t'), l2 += lr * (s - t')^2, so the
-        constraint's pull grows for as long as the expected sparsity misses the current target."""
+    def after_step(self) -> None:
+        """A target search's update after each applied optimizer step (see TARGET_METHODS)."""
         if self.target_sparsity is None or self.frozen:
             return
+        if self.target_method == "projection":
+            self._update_price()
+            self.last_shift = self._shift_to(self.current_target)
+            self.mask_logits.add_(self.last_shift)
+            return
+        # Dual ascent: l1 += lr * (s - t'), l2 += lr * (s - t')^2, so the constraint's pull grows for
+        # as long as the expected sparsity misses the current target.
         gap = self.expected_sparsity().item() - self.current_target
         self.lagrange_multipliers.add_(torch.tensor([gap, gap * gap]) * self.multiplier_lr)
+
+    def _update_price(self) -> None:
+        """Raise the price of density while the step just taken left the mask denser than the target
+        (the gradients want more than the budget), lower it otherwise; kept as l1 = -mu."""
+        price = -self.lagrange_multipliers[0].item()
+        if self.expected_sparsity().item() < self.current_target:
+            price = max(price, PRICE_FLOOR) * (1.0 + PRICE_RATE)
+        else:
+            price = price / (1.0 + PRICE_RATE)
+        self.lagrange_multipliers[0] = -price
+
+    def _shift_to(self, target: float) -> float:
+        """The constant c for which the logits a + c have expected sparsity ``target`` (bisection:
+        the expected kept fraction rises monotonically with c)."""
+        logits, cells = self.mask_logits.detach().double(), self.gate_cells.double()
+        wanted = (1.0 - target) * cells.sum().item() * logits.shape[0] * logits.shape[1]
+        low, high = -logits.max().item() - 40.0, -logits.min().item() + 40.0
+        for _ in range(64):
+            middle = 0.5 * (low + high)
+            if (torch.sigmoid(logits + middle) * cells).sum().item() < wanted:
+                low = middle
+            else:
+                high = middle
+        return 0.5 * (low + high)
 
     def search_state(self) -> dict[str, float]:
         """What a log line reports of the search: expected and deterministic sparsity, decided gates,
@@ -553,7 +593,8 @@ class DifferentiableMask(AttentionMask):
                  "deterministic_sparsity": self.deterministic_sparsity(), "decided_gates": self.decided_share()}
         if self.target_sparsity is not None:
             l1, l2 = self.lagrange_multipliers.tolist()
-            state.update(target_sparsity=self.current_target, lagrange_l1=l1, lagrange_l2=l2)
+            state.update(target_sparsity=self.current_target, lagrange_l1=l1, lagrange_l2=l2,
+                         target_shift=self.last_shift)
         return state
 
     # -- sampling -------------------------------------------------------------------------------
@@ -592,6 +633,8 @@ class DifferentiableMask(AttentionMask):
         if self.target_sparsity is not None:
             gap = self.expected_sparsity() - self.current_target
             l1, l2 = self.lagrange_multipliers
+            if self.target_method == "projection":
+                return l1 * gap * self.mask_logits.numel()
             return l1 * gap + l2 * gap * gap
         with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
             index = self.gate_index[:self._last_seq_len, :self._last_seq_len].flatten()
@@ -659,6 +702,7 @@ class MaskConfig:
     dam_penalty_gradient: str = "kept_gates"
     dam_target_sparsity: float | None = None
     dam_target_warmup: float = 0.5
+    dam_target_method: str = "projection"
     dam_multiplier_lr: float = 1.0
     dam_binarize_sparsity: float | None = None
     dam_binarize_scope: str = "global"
@@ -688,6 +732,7 @@ class MaskConfig:
         self._check_choice("dam_temperature_schedule", TEMPERATURE_SCHEDULES)
         self._check_choice("dam_penalty_gradient", PENALTY_GRADIENTS)
         self._check_choice("dam_binarize_scope", BUDGET_SCOPES)
+        self._check_choice("dam_target_method", TARGET_METHODS)
         self._check_dam_numbers()
         self._check_budget()
         if self.attention_mask_type == "file" and not self.attention_mask_file:
@@ -730,9 +775,6 @@ class MaskConfig:
                              f"got {self.dam_target_warmup}")
         if not self.dam_multiplier_lr > 0:
             raise ValueError(f"bert_config field 'dam_multiplier_lr' must be > 0, got {self.dam_multiplier_lr}")
-        if self.dam_target_sparsity is not None and self.attention_mask_type not in DAM_MODES + ("dense",):
-            raise ValueError(f"bert_config field 'dam_target_sparsity' is for a mask search; attention_mask_type "
-                             f"{self.attention_mask_type!r} is fixed: set it to dam_s or dam_u, or the target to null")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:

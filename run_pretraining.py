@@ -508,7 +508,7 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
                 progress.update(1)
                 window.add(outcome)
                 if search is not None:
-                    search.update_multipliers()
+                    search.after_step()
                     search.set_progress(global_step / args.max_steps)
             elif args.fp16:
                 p.metrics.log("PARAMETER", {"loss_scale": p.optimization.grad_scaler.get_scale()})
