@@ -372,11 +372,6 @@ def is_search_state(key: str) -> bool:
     return name in SEARCH_STATE_NAMES and (not module or module.endswith("sparse_mask"))
 
 
-def drop_search_state(state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` without a target search's state (what a model that searches nothing loads)."""
-    return {key: value for key, value in state.items() if not is_search_state(key)}
-
-
 def describe_binarization(binarization: dict[str, Any] | None) -> str:
     """One line for a mask file's recorded binarisation rule (``DifferentiableMask.binarization()``)."""
     if not binarization:
