@@ -32,13 +32,15 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Self
+from typing import Any, Callable, Self, TypeVar
 
 import torch
 from torch import nn
 
 from atomic_io import atomic_path, atomic_write_text, refuse_overwriting_inputs
 from utils import check_json_type, describe_json_value, safe_torch_load
+
+ConfigT = TypeVar("ConfigT", bound="MaskConfig")  # a MaskConfig or a subclass (modeling.BertConfig)
 
 PATTERN_NAMES = ("dense", "no_diagonal", "strided", "fixed", "longformer", "logsparse", "bigbird", "star")
 DAM_MODES = ("dam_u", "dam_s")
@@ -67,9 +69,15 @@ PENALTY_GRADIENTS = ("kept_gates", "all_gates")
 MASK_FIELD_PREFIXES = ("attention_mask", "mask_", "dam_", "pattern_")
 # Checked before any allocation: beyond it a mask only fails later with an allocator traceback.
 MAX_MASK_ENTRIES = 10**11
+# The buffers a target search keeps in its mask module beside the logits: they steer the search (the
+# multipliers, the sparsity its target ramps from), not the mask, so a model that searches nothing
+# (fine-tuning, a lambda search) loads a target search's weights without them.
+SEARCH_STATE_NAMES = ("lagrange_multipliers", "target_start")
 MASK_FILE_KEY = "mask"
 MASK_METADATA_KEY = "sparsebert_mask"
 MASK_FILE_FORMAT = 1
+# Where a budget is counted, in words (a mask file's report).
+SCOPE_WORDS = {"global": "over the whole mask", "layer": "in each layer", "head": "in each head"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +353,45 @@ def keep_highest(scores: torch.Tensor, sparsity_target: float, scope: str = "glo
     return mask.reshape(scores.shape)
 
 
+def binarization_rule(config: MaskConfig) -> tuple[float | None, str]:
+    """(sparsity, scope) of the budget a DAM config binarises at: dam_binarize_sparsity, else a target
+    search's target; (None, scope) means the threshold 1[a > 0]."""
+    sparsity_target = config.dam_binarize_sparsity
+    if sparsity_target is None:
+        sparsity_target = config.dam_target_sparsity
+    return sparsity_target, config.dam_binarize_scope
+
+
+def frozen_mask_config(config: ConfigT, searched: MaskConfig | None) -> ConfigT:
+    """The DAM config that fine-tuning freezes a searched mask under: the binarisation rule the search
+    wrote its mask with (``searched``, the config recorded with its logits), unless ``config`` sets its
+    own dam_binarize_sparsity; no target, since fine-tuning searches nothing (so the model carries no
+    search state). Another mask type comes back unchanged."""
+    if config.attention_mask_type not in DAM_MODES:
+        return config
+    source = searched if searched is not None and config.dam_binarize_sparsity is None else config
+    sparsity_target, scope = binarization_rule(source)
+    return config.replace(dam_target_sparsity=None, dam_binarize_sparsity=sparsity_target, dam_binarize_scope=scope)
+
+
+def is_search_state(key: str) -> bool:
+    """Whether state-dict entry ``key`` is a target search's state (``SEARCH_STATE_NAMES`` of a mask
+    module: ``lagrange_multipliers`` alone, or ``<prefix>.sparse_mask.lagrange_multipliers``)."""
+    module, _, name = key.rpartition(".")
+    return name in SEARCH_STATE_NAMES and (not module or module.endswith("sparse_mask"))
+
+
+def describe_binarization(binarization: dict[str, Any] | None) -> str:
+    """One line for a mask file's recorded binarisation rule (``DifferentiableMask.binarization()``)."""
+    if not binarization:
+        return "binarisation: not recorded (a file written before budgets, or not from a search)"
+    if binarization.get("rule") == "budget":
+        scope = binarization.get("scope")
+        return (f"binarisation: budget, sparsity {binarization.get('sparsity')} {SCOPE_WORDS.get(scope, scope)} "
+                f"(scope {scope!r}): the highest logits kept, ties to the lower flat index")
+    return f"binarisation: threshold, {binarization.get('threshold', 'sigma(a) > 0.5')}"
+
+
 def block_layout(mask: torch.Tensor, block_size: int) -> torch.Tensor:
     """Bool[..., n/b, n/b]: a block is on when any of its b x b entries is kept (what a block-sparse
     kernel would still have to compute)."""
@@ -486,10 +533,7 @@ class DifferentiableMask(AttentionMask):
         self.target_sparsity, self.target_warmup = config.dam_target_sparsity, config.dam_target_warmup
         self.multiplier_lr, self.target_method = config.dam_multiplier_lr, config.dam_target_method
         self.last_shift = 0.0
-        self.binarize_sparsity = config.dam_binarize_sparsity
-        if self.binarize_sparsity is None:
-            self.binarize_sparsity = self.target_sparsity
-        self.binarize_scope = config.dam_binarize_scope
+        self.binarize_sparsity, self.binarize_scope = binarization_rule(config)
         self.current_target = self.target_sparsity
         if self.target_sparsity is not None:
             # (l1, l2) and the expected sparsity the target ramps from (NaN until the first step).
@@ -985,8 +1029,9 @@ def find_mask_module(model_or_mask: nn.Module) -> AttentionMask:
 
 
 def export_mask(model_or_mask: nn.Module, path: str | os.PathLike, **metadata: Any) -> dict[str, Any]:
-    """Binarise a model's (or mask module's) mask at 1[sigma(a) > 0.5] and write it as a mask file
-    [num_layers, num_heads, n, n]; ``metadata`` (e.g. step=...) is added to the module's own."""
+    """Binarise a model's (or mask module's) mask by its rule (1[sigma(a) > 0.5], or a DAM mask's
+    budget) and write it as a mask file [num_layers, num_heads, n, n]; ``metadata`` (e.g. step=...) is
+    added to the module's own, which records the rule."""
     module = find_mask_module(model_or_mask)
     return save_mask_file(path, module.full_mask(), {**module.describe(), **metadata})
 
@@ -1038,8 +1083,10 @@ def checkpoint_number(state: dict[str, Any], checkpoint: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None) -> dict[str, Any]:
-    """Write the mask of a DAM search checkpoint; ``step`` (None: the checkpoint's number) is recorded."""
+def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None,
+                            sparsity_target: float | None = None, scope: str | None = None) -> dict[str, Any]:
+    """Write the mask of a DAM search checkpoint; ``step`` (None: the checkpoint's number) is recorded.
+    ``sparsity_target`` / ``scope`` (--sparsity / --scope) replace the search's own binarisation rule."""
     inputs = [("--checkpoint", checkpoint), ("--config", config_path)]
     refuse_overwriting_inputs(out, inputs, "--out")
     refuse_overwriting_inputs(Path(out).with_suffix(".json"), inputs, "the sidecar of --out")
@@ -1048,12 +1095,27 @@ def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, 
     if config.attention_mask_type not in DAM_MODES:
         raise ValueError(f"{config_source} sets attention_mask_type={config.attention_mask_type!r}; "
                          f"export needs dam_u or dam_s")
-    module = DifferentiableMask(config)
+    module = DifferentiableMask(_with_budget(config, sparsity_target, scope, config_source))
     extra = {"source_checkpoint": str(checkpoint)}
     step = checkpoint_number(state, checkpoint) if step is None else step
     if step is not None:
         extra["step"] = step
-    state = state.get("model", state)
+    _load_searched_mask(module, state.get("model", state), checkpoint, config_source)
+    return export_mask(module, out, **extra)
+
+
+def _with_budget(config: MaskConfig, sparsity_target: float | None, scope: str | None, source: str) -> MaskConfig:
+    """The search's config binarising at --sparsity and in --scope where given, else by its own rule."""
+    if sparsity_target is None and scope is not None and binarization_rule(config)[0] is None:
+        raise ValueError(f"--scope {scope} needs --sparsity: {source} binarises at 1[a > 0], which has no budget "
+                         f"to scope; pass --sparsity S (e.g. 0.9) as well")
+    changes: dict[str, Any] = {"dam_binarize_sparsity": sparsity_target, "dam_binarize_scope": scope}
+    return config.replace(**{name: value for name, value in changes.items() if value is not None})
+
+
+def _load_searched_mask(module: DifferentiableMask, state: dict[str, Any], checkpoint: str, config_source: str) -> None:
+    """The checkpoint's mask logits into ``module``, with a target search's state where both hold it
+    (so the file's metadata reports the search's multipliers, not fresh zeros)."""
     keys = [k for k in state if k.endswith("sparse_mask.mask_logits")]
     if not keys:
         raise ValueError(f"checkpoint {checkpoint} has no '*sparse_mask.mask_logits' (not a DAM search run)")
@@ -1061,8 +1123,9 @@ def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, 
     if logits.shape != module.mask_logits.shape:
         raise ValueError(f"checkpoint {checkpoint}: mask_logits shape {list(logits.shape)} does not match "
                          f"{list(module.mask_logits.shape)} from {config_source}")
-    module.mask_logits.data.copy_(logits)
-    return export_mask(module, out, **extra)
+    prefix = keys[0].removesuffix("mask_logits")
+    found = {name: state[prefix + name] for name in module.state_dict() if prefix + name in state}
+    module.load_state_dict(found, strict=False)
 
 
 def _print_patterns(seq_len: int) -> None:
@@ -1075,8 +1138,27 @@ def _print_patterns(seq_len: int) -> None:
         print(f"{name:12s} {100 * sparsity(pattern_mask(name, seq_len)):6.2f}%  {fields}")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag or value is one line naming it (its subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _budget_sparsity(text: str) -> float:
+    """--sparsity: the share of entries to drop, strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sparsity: pass the share of attention entries to drop, "
+                                         f"strictly between 0 and 1 (e.g. --sparsity 0.9 keeps 10 %)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog="attention_masks.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("patterns", help="print every pattern's sparsity at --seq_len (mask_seq_length)")
     p.add_argument("--seq_len", type=int, default=MaskConfig().mask_seq_length)
@@ -1090,17 +1172,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output .safetensors path")
     p.add_argument("--step", type=int, default=None,
                    help="step to record in the mask file (default: the checkpoint's number, N of ckpt_<N>.pt)")
+    p.add_argument("--sparsity", type=_budget_sparsity, default=None,
+                   help="binarise at exactly this sparsity, keeping the highest logits (default: the search's own "
+                        "rule: its dam_binarize_sparsity or target, else 1[a > 0])")
+    p.add_argument("--scope", choices=BUDGET_SCOPES, default=None,
+                   help="where --sparsity is counted: over the whole mask, in each layer or in each head (default: "
+                        "the search's dam_binarize_scope)")
     args = parser.parse_args(argv)
     if args.command == "patterns":
         _print_patterns(args.seq_len)
     elif args.command == "report":
         mask, metadata = load_mask_file(args.mask_file)
         print(json.dumps({k: v for k, v in metadata.items() if not k.startswith("sparsity_per")}, sort_keys=True))
+        print(describe_binarization(metadata.get("binarization")))
         print(sparsity_report(mask))
     else:
-        meta = _export_from_checkpoint(args.checkpoint, args.config, args.out, args.step)
+        meta = _export_from_checkpoint(args.checkpoint, args.config, args.out, args.step, args.sparsity, args.scope)
         step = f"step {meta['step']}" if "step" in meta else "no step recorded (pass --step)"
-        print(f"wrote {args.out}: shape {meta['shape']}, sparsity {100 * meta['sparsity']:.2f}%, {step}")
+        print(f"wrote {args.out}: shape {meta['shape']}, sparsity {100 * meta['sparsity']:.2f}%, {step}; "
+              f"{describe_binarization(meta.get('binarization'))}")
 
 
 if __name__ == "__main__":

@@ -466,7 +466,9 @@ class BertPreTrainedModel(nn.Module):
         """Map foreign names onto ours, check shapes, load, and report what did not match.
 
         `strict` (a resume) refuses, before loading anything, a state dict that lacks any of this
-        model's tensors (mask logits included) or holds others: a resume is never partial.
+        model's tensors (mask logits included) or holds others: a resume is never partial. Otherwise a
+        target search's state (`attention_masks.SEARCH_STATE_NAMES`) this model lacks is left out
+        unreported: a fine-tuned or λ-searched mask has no multipliers.
         """
         own = self.state_dict()
         converted = convert_state_dict(state_dict, own_keys=own.keys(), vocab_size=self.config.vocab_size)
@@ -477,6 +479,8 @@ class BertPreTrainedModel(nn.Module):
                     f"{tuple(own[key].shape)}; the checkpoint is for another architecture — use its own "
                     f"bert_config.json"
                 )
+        if not strict:  # a target search's state means nothing to a model that searches nothing
+            converted = {k: v for k, v in converted.items() if k in own or not attention_masks.is_search_state(k)}
         # The tied decoder weight is restored through the embeddings.
         missing = [k for k in own if k not in converted and not k.endswith("decoder.weight")]
         unexpected = [k for k in converted if k not in own]
@@ -811,19 +815,27 @@ def _read_weights(weights_file: Path) -> tuple[dict[str, torch.Tensor], dict[str
 def read_warm_start(path: str | os.PathLike,
                     model: BertPreTrainedModel) -> tuple[dict[str, torch.Tensor], BertConfig | None]:
     """The weights at `path` (a file or a model folder) for warm-starting `model`, checked to be an
-    encoder of its architecture (`_check_warm_start`), and the config they were written under: the
-    checkpoint's recorded one, else a folder's own config file, else None."""
+    encoder of its architecture (`check_warm_start`), and the config they were written under
+    (`read_warm_start_weights`)."""
+    state, recorded = read_warm_start_weights(path)
+    check_warm_start(model, state, str(path), recorded)
+    return state, recorded
+
+
+def read_warm_start_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], BertConfig | None]:
+    """The weights at `path` (a file or a model folder), unchecked, and the config they were written
+    under: the checkpoint's recorded one, else a folder's own config file, else None. For a caller
+    whose model depends on that config (run_glue freezes the mask by the search's rule)."""
     weights_file = resolve_weights_file(path)
     state, recorded = read_checkpoint(weights_file)
     config_file = config_file_beside(weights_file) if Path(path).is_dir() else None
     if recorded is None and config_file is not None:
         recorded = BertConfig.from_json_file(config_file)
-    _check_warm_start(model, state, str(path), recorded)
     return state, recorded
 
 
-def _check_warm_start(model: BertPreTrainedModel, state: dict[str, torch.Tensor], source: str,
-                      recorded: BertConfig | None) -> None:
+def check_warm_start(model: BertPreTrainedModel, state: dict[str, torch.Tensor], source: str,
+                     recorded: BertConfig | None) -> None:
     """Refuse warm-start weights that would leave the encoder random or mean another encoder: none of
     its encoder tensors, other layers, or (per the checkpoint's config) another head count. Heads
     (MLM / NSP / classifier) and mask logits may be missing: they start fresh, named in the report."""

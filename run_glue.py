@@ -8,7 +8,8 @@ NVIDIA's command line, e.g. on 8 GPUs:
 
 The attention mask comes from the config (overridable with --attention_mask_type /
 --attention_mask_file): dense, a fixed pattern, a mask file exported from a DAM search, or a DAM
-type whose logits are read from --init_checkpoint and binarised on load (1[σ(a) > 0.5], no noise).
+type whose logits are read from --init_checkpoint and binarised on load, no noise, by the rule the
+search wrote its mask with (1[σ(a) > 0.5], or a target search's budget; dam_binarize_sparsity wins).
 Whatever its source, the mask is frozen: it has no trainable parameter during fine-tuning.
 
 Outputs in --output_dir: results.txt (JSON: metrics, throughput, latency percentiles),
@@ -42,9 +43,10 @@ from modeling import (
     MASK_FILE,
     BertConfig,
     BertForSequenceClassification,
+    check_warm_start,
     config_file_beside,
     mask_file_from_folder,
-    read_warm_start,
+    read_warm_start_weights,
     resolve_weights_file,
 )
 from optimization import build_adamw
@@ -189,16 +191,20 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
                 drop_searched_mask: bool = False) -> BertForSequenceClassification:
     """The classifier with the checkpoint's weights and its attention mask frozen.
 
-    A DAM config takes the mask logits from the checkpoint and fixes them at 1[σ(a) > 0.5]
-    (`take_mask_logits`); a pattern or mask-file config builds its fixed mask from the config. A
+    A DAM config takes the mask logits from the checkpoint (`take_mask_logits`) and fixes them by
+    the rule the search wrote its mask with (`attention_masks.frozen_mask_config`: 1[σ(a) > 0.5], or
+    a target search's budget) unless the config sets its own dam_binarize_sparsity; the returned
+    model's config records the rule. A pattern or mask-file config builds its fixed mask from the config. A
     checkpoint fine-tuned on a task with another label count keeps its body and gets a new head
     when `allow_new_head` (training), and is refused otherwise.
     """
+    state, searched = read_warm_start_weights(init_checkpoint) if init_checkpoint else ({}, None)
+    config = attention_masks.frozen_mask_config(config, searched)
     # A DAM mask's logits come from the checkpoint: building them leaves the global RNG untouched,
     # so a seed gives the same new head and dropout as with the mask file exported from it.
     model = BertForSequenceClassification(config, num_labels, mask_logits_from_checkpoint=True)
     if init_checkpoint:
-        state, searched = read_warm_start(init_checkpoint, model)
+        check_warm_start(model, state, str(init_checkpoint), searched)
         state = take_mask_logits(state, config, init_checkpoint, searched, drop_searched_mask)
         state = drop_foreign_head(state, num_labels, init_checkpoint, allow_new_head)
         model.load_converted_state_dict(state, source=str(init_checkpoint))
@@ -210,6 +216,20 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
         mask.freeze()
     assert not model.mask_parameters(), "the attention mask must have no trainable parameter while fine-tuning"
     return model
+
+
+def mask_binarization(model: BertForSequenceClassification) -> dict[str, Any]:
+    """{"mask_binarization": rule} for a frozen DAM mask (threshold or budget), else nothing."""
+    mask = model.bert.sparse_mask
+    return {"mask_binarization": mask.binarization()} if isinstance(mask, attention_masks.DifferentiableMask) else {}
+
+
+def log_frozen_mask(model: BertForSequenceClassification) -> None:
+    """One log line saying which mask a searched DAM checkpoint was frozen at."""
+    rule = mask_binarization(model)
+    if rule:
+        logger.info("frozen searched mask: sparsity %.4f, %s", model.mask_sparsity(),
+                    attention_masks.describe_binarization(rule["mask_binarization"]))
 
 
 def take_mask_logits(state: dict[str, torch.Tensor], config: BertConfig, source: str, searched: BertConfig | None,
@@ -462,6 +482,8 @@ def run_task(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str
     check_casing(tokenizer, args)
     model = build_model(config, task.num_labels, args.init_checkpoint, allow_new_head=args.do_train,
                         drop_searched_mask=args.drop_searched_mask).to(run.device)
+    config = model.config  # a searched mask frozen by the search's binarisation rule
+    log_frozen_mask(model)
     # Every file of the run is read and checked before the first step: a bad dev or test row
     # must not surface after the fine-tuning time is spent.
     examples = read_run_examples(task, args.data_dir, args.do_train, args.do_eval, args.do_predict)
@@ -470,7 +492,7 @@ def run_task(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str
     lock.acquire(exclusive=is_main_process())
     metrics = launch.open_metrics(args, config)
     results: dict[str, Any] = {"task": task.name, "attention_mask_type": config.attention_mask_type,
-                               "mask_sparsity": model.mask_sparsity()}
+                               "mask_sparsity": model.mask_sparsity(), **mask_binarization(model)}
     if args.do_train:
         results.update(train(args, model, train_features, run, metrics))
         if is_main_process() and not args.skip_checkpoint:

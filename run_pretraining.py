@@ -280,6 +280,22 @@ def check_resume_config(config: BertConfig, path: Path, checkpoint: dict[str, An
         raise ValueError(f"{path} was written by another model or mask than this run's config and flags "
                          f"({', '.join(differing)}): resume with the same --config_file and mask flags "
                          f"(--attention_mask_type, ...) as that run, or use another --output_dir")
+    check_resume_search(recorded, config, path)
+
+
+def check_resume_search(recorded: BertConfig, config: BertConfig, path: Path) -> None:
+    """Refuse to resume a target search as a λ search or the other way round: the checkpoint's search
+    state (attention_masks.SEARCH_STATE_NAMES) would be lost or missing, so the resume could not be
+    exact. Another target value is a change of course, like another λ, and is allowed."""
+    theirs, ours = recorded.dam_target_sparsity, config.dam_target_sparsity
+    if config.attention_mask_type not in attention_masks.DAM_MODES or (theirs is None) == (ours is None):
+        return
+    if theirs is not None:
+        raise ValueError(f"{path} was written by a target-sparsity search (dam_target_sparsity={theirs}) and this "
+                         f"run has none: resume with --target_sparsity {theirs}, or use another --output_dir")
+    raise ValueError(f"{path} was written by a λ search (dam_target_sparsity null) and this run sets "
+                     f"dam_target_sparsity={ours}: resume without --target_sparsity (and with a config whose "
+                     f"dam_target_sparsity is null), or use another --output_dir")
 
 
 def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str, Any]) -> tuple[int, bool]:

@@ -840,3 +840,164 @@ def test_bert_config_inherits_the_mask_fields_with_their_defaults_and_checks():
         for config_class in (am.MaskConfig, modeling.BertConfig):  # one check, one message, for both
             with pytest.raises(ValueError, match=message):
                 config_class.from_dict({**data, **bad})
+
+
+# ------------------------------------------------------------------------------ budgeted binarisation
+
+def groups_of(mask_or_scores: torch.Tensor, scope: str) -> torch.Tensor:
+    """[groups, entries]: the entries each scope counts its budget over."""
+    layers, heads = mask_or_scores.shape[:2]
+    return mask_or_scores.reshape({"global": 1, "layer": layers, "head": layers * heads}[scope], -1)
+
+
+def reference_keep_highest(scores: torch.Tensor, sparsity_target: float, scope: str) -> torch.Tensor:
+    """keep_highest written out by hand: per group, sort (score high first, then index low first)."""
+    groups = groups_of(scores, scope)
+    kept = round((1 - sparsity_target) * groups.shape[1])
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    for g, row in enumerate(groups.tolist()):
+        for i in sorted(range(len(row)), key=lambda i: (-row[i], i))[:kept]:
+            mask[g, i] = True
+    return mask.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("scope", am.BUDGET_SCOPES)
+@pytest.mark.parametrize("sparsity_target", [0.1, 0.7, 0.93])
+def test_keep_highest_keeps_exactly_the_budget_in_each_scope_on_random_scores(scope, sparsity_target):
+    scores = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    mask = am.keep_highest(scores, sparsity_target, scope)
+    kept, values = groups_of(mask, scope), groups_of(scores, scope)
+    expected = round((1 - sparsity_target) * kept.shape[1])
+    assert kept.sum(dim=1).tolist() == [expected] * kept.shape[0]
+    for row_kept, row_values in zip(kept, values):  # every kept score beats every dropped one in its group
+        assert row_values[row_kept].min() > row_values[~row_kept].max()
+    assert torch.equal(mask, reference_keep_highest(scores, sparsity_target, scope))
+
+
+@pytest.mark.parametrize("scope", am.BUDGET_SCOPES)
+def test_keep_highest_on_tied_scores_is_exact_deterministic_and_prefers_the_lower_flat_index(scope):
+    # Three score levels over 600 entries: every cut falls inside a tie.
+    scores = torch.randint(0, 3, (2, 3, 10, 10), generator=torch.Generator().manual_seed(1)).float()
+    mask = am.keep_highest(scores, 0.6, scope)
+    assert torch.equal(mask, reference_keep_highest(scores, 0.6, scope))
+    assert torch.equal(mask, am.keep_highest(scores.clone(), 0.6, scope))  # same input, same mask
+    groups = groups_of(mask, scope)
+    assert groups.sum(dim=1).tolist() == [round(0.4 * groups.shape[1])] * groups.shape[0]
+    # All equal: each group keeps its first 40 % of entries in row-major (layer, head, query, key) order.
+    flat = groups_of(am.keep_highest(torch.zeros(2, 3, 10, 10), 0.6, scope), scope)
+    size = flat.shape[1]
+    assert all(row.tolist() == [True] * round(0.4 * size) + [False] * (size - round(0.4 * size)) for row in flat)
+
+
+def test_dam_s_budget_cuts_a_tied_offset_at_its_first_rows_and_is_the_eval_mask():
+    """A DAM_s gate covers every entry of its offset, so the budget cuts inside ties."""
+    module = dam("dam_s", n=16, layers=2, heads=3, dam_binarize_sparsity=0.75, dam_binarize_scope="head")
+    with torch.no_grad():
+        module.mask_logits.copy_(torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(2)))
+    mask = module.binarize()
+    assert sparsity_per_head_counts(mask) == [[64] * 3] * 2  # round(0.25 * 256) kept in each head
+    assert torch.equal(mask, reference_keep_highest(module.mask_logits[:, :, module.gate_index], 0.75, "head"))
+    assert module.binarization() == {"rule": "budget", "scope": "head", "sparsity": 0.75}
+    assert torch.equal(module.eval()(16), mask.float()) and torch.equal(module.eval()(8), mask[..., :8, :8].float())
+    assert not torch.equal(mask, (module.mask_logits > 0)[:, :, module.gate_index])  # not the threshold's mask
+    assert dam("dam_s").binarization() == {"rule": "threshold", "threshold": "sigma(a) > 0.5"}
+
+
+def sparsity_per_head_counts(mask: torch.Tensor) -> list[list[int]]:
+    return mask.sum(dim=(-1, -2)).tolist()
+
+
+def test_frozen_mask_config_adopts_the_searchs_rule_unless_the_config_sets_its_own():
+    searched = config(dam_target_sparsity=0.7, dam_binarize_scope="layer")
+    frozen = am.frozen_mask_config(config(), searched)
+    assert (frozen.dam_target_sparsity, frozen.dam_binarize_sparsity, frozen.dam_binarize_scope) == (None, 0.7, "layer")
+    own = am.frozen_mask_config(config(dam_binarize_sparsity=0.9), searched)  # the user's own budget wins
+    assert (own.dam_binarize_sparsity, own.dam_binarize_scope) == (0.9, "global")
+    # A lambda search wrote 1[a > 0]: a target in the fine-tuning config does not change that mask.
+    threshold = am.frozen_mask_config(config(dam_target_sparsity=0.8), config())
+    assert threshold.dam_binarize_sparsity is None and threshold.dam_target_sparsity is None
+    assert am.frozen_mask_config(config(dam_target_sparsity=0.8), None).dam_binarize_sparsity == 0.8  # none recorded
+    star = config(attention_mask_type="star")
+    assert am.frozen_mask_config(star, searched) is star
+
+
+def test_search_state_is_named_in_one_place():
+    module = dam("dam_u", dam_target_sparsity=0.5)
+    assert {name for name, _ in module.named_buffers() if name in module.state_dict()} == set(am.SEARCH_STATE_NAMES)
+    keys = ["bert.sparse_mask.mask_logits", "bert.sparse_mask.lagrange_multipliers", "module.sparse_mask.target_start",
+            "target_start", "bert.encoder.target_start", "bert.sparse_mask.gate_index"]
+    assert [key for key in keys if am.is_search_state(key)] == keys[1:4]
+
+
+def target_search_checkpoint(path: Path, mode: str = "dam_u", **fields) -> "torch.nn.Module":
+    """A target search's checkpoint as run_pretraining.py writes one (multipliers set, target 0.7)."""
+    import modeling
+
+    searched = bert_config(attention_mask_type=mode, dam_target_sparsity=0.7, **fields)
+    torch.manual_seed(0)
+    model = modeling.BertForPreTraining(searched)
+    with torch.no_grad():
+        model.bert.sparse_mask.mask_logits.normal_()
+        model.bert.sparse_mask.lagrange_multipliers.copy_(torch.tensor([0.25, 0.125]))
+    torch.save({"model": model.state_dict(), "config": searched.to_json_string(), "global_step": 9,
+                "phase2": False}, path)
+    return model
+
+
+@pytest.mark.parametrize("flags, sparsity_target, scope", [
+    ([], 0.7, "global"),  # the search's own rule: its target
+    (["--sparsity", "0.9"], 0.9, "global"),
+    (["--sparsity", "0.85", "--scope", "layer"], 0.85, "layer"),
+    (["--sparsity", "0.6", "--scope", "head"], 0.6, "head"),
+    (["--scope", "head"], 0.7, "head"),  # the target, counted per head
+])
+def test_cli_export_binarises_at_the_budget_and_records_the_rule(tmp_path, capsys, flags, sparsity_target, scope):
+    model = target_search_checkpoint(tmp_path / "ckpt_9.pt")
+    out = tmp_path / "mask.safetensors"
+    am.main(["export", "--checkpoint", str(tmp_path / "ckpt_9.pt"), "--out", str(out), *flags])
+    mask, meta = am.load_mask_file(out)
+    per_group = groups_of(mask, scope)
+    assert per_group.sum(dim=1).tolist() == [round((1 - sparsity_target) * per_group.shape[1])] * per_group.shape[0]
+    logits = model.bert.sparse_mask.mask_logits.detach()[:, :, model.bert.sparse_mask.gate_index]
+    assert torch.equal(mask, am.keep_highest(logits, sparsity_target, scope))
+    rule = {"rule": "budget", "scope": scope, "sparsity": sparsity_target}
+    assert meta["binarization"] == rule and json.loads((tmp_path / "mask.json").read_text())["binarization"] == rule
+    assert meta["lagrange_multipliers"] == [0.25, 0.125] and meta["target_sparsity"] == 0.7  # the search's own
+    assert f"sparsity {sparsity_target}" in capsys.readouterr().out
+    am.main(["report", str(out)])
+    assert f"binarisation: budget, sparsity {sparsity_target} {am.SCOPE_WORDS[scope]}" in capsys.readouterr().out
+
+
+def test_cli_export_of_a_lambda_search_keeps_the_threshold_unless_given_a_budget(tmp_path, capsys):
+    model = search_checkpoint(tmp_path / "ckpt_5.pt")
+    out = tmp_path / "mask.safetensors"
+    am.main(["export", "--checkpoint", str(tmp_path / "ckpt_5.pt"), "--out", str(out)])
+    mask, meta = am.load_mask_file(out)
+    assert torch.equal(mask, model.bert.sparse_mask.full_mask()) and meta["binarization"]["rule"] == "threshold"
+    am.main(["report", str(out)])
+    assert "binarisation: threshold, sigma(a) > 0.5" in capsys.readouterr().out
+    am.main(["export", "--checkpoint", str(tmp_path / "ckpt_5.pt"), "--out", str(out), "--sparsity", "0.8"])
+    assert am.load_mask_file(out)[0].sum().item() == round(0.2 * 2 * 2 * 32 * 32)
+    with pytest.raises(ValueError, match=r"--scope head needs --sparsity: .* pass --sparsity S"):
+        am.main(["export", "--checkpoint", str(tmp_path / "ckpt_5.pt"), "--out", str(tmp_path / "x.safetensors"),
+                 "--scope", "head"])
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--sparsity", "1.2"], "argument --sparsity: '1.2' is not a sparsity"),
+    (["--sparsity", "0"], "argument --sparsity: '0' is not a sparsity"),
+    (["--sparsity", "nan"], "argument --sparsity: 'nan' is not a sparsity"),
+    (["--sparsity", "90%"], "argument --sparsity: '90%' is not a sparsity"),
+    (["--sparsity", "0.9", "--scope", "row"], "argument --scope: invalid choice: 'row' (choose from 'global', "),
+])
+def test_cli_export_refuses_a_bad_budget_in_one_line_before_writing(tmp_path, capsys, flags, named):
+    target_search_checkpoint(tmp_path / "ckpt_9.pt")
+    out = tmp_path / "mask.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        am.main(["export", "--checkpoint", str(tmp_path / "ckpt_9.pt"), "--out", str(out), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and named in err[0], err
+    assert err[0].startswith("attention_masks.py export: error:")
+    assert "strictly between 0 and 1" in err[0] or "'head'" in err[0]  # the fix, not just the fault
+    assert not out.exists() and not out.with_suffix(".json").exists()

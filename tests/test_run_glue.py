@@ -16,10 +16,13 @@ from safetensors.torch import load_file
 
 import attention_masks
 import run_glue
+import run_pretraining
+import helpers
 from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification
 from utils import read_dllogger_json, safe_torch_load
 
 ROOT = Path(__file__).resolve().parent.parent
+SEARCH_SEQ = helpers.SEQ  # the pretraining tests' mask_seq_length, which a search checkpoint here has
 FILLER = [f"w{i}" for i in range(40)]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "yes", "no", "maybe", *FILLER]
 SEQ = 16
@@ -389,6 +392,55 @@ def test_same_seed_fine_tunes_alike_from_the_dam_checkpoint_or_its_exported_mask
     file_run, dam_run = results(tmp_path / "file"), results(tmp_path / "dam")
     assert 0.2 < dam_run["mask_sparsity"] < 0.8 and dam_run["mask_sparsity"] == file_run["mask_sparsity"]
     assert dam_run["train:loss"] == file_run["train:loss"] and dam_run["eval:loss"] == file_run["eval:loss"]
+
+
+@pytest.fixture(scope="module")
+def target_search(tmp_path_factory, make_shards, pretraining_args, write_config) -> Path:
+    """A finished 4-step dam_s search to a target sparsity of 0.7 (given by --target_sparsity, so only
+    its checkpoint records it): its config.json and output folder (ckpt_4.pt, attention_mask.safetensors)."""
+    root = tmp_path_factory.mktemp("target_search")
+    shards = make_shards(root, corpus_seeds=[0], dupe_factor=1, docs=10)
+    config = write_config(root / "config.json", attention_mask_type="dam_s")
+    assert run_pretraining.main(pretraining_args(shards, root / "out", config, max_steps=4, target_sparsity=0.7)) == 0
+    return root
+
+
+def test_fine_tuning_a_target_search_freezes_the_mask_it_exported(glue: Path, tmp_path: Path, target_search: Path,
+                                                                  caplog) -> None:
+    exported, meta = attention_masks.load_mask_file(target_search / "out/attention_mask.safetensors")
+    assert meta["binarization"] == {"rule": "budget", "scope": "global", "sparsity": 0.7}
+    checkpoint, config = target_search / "out/ckpt_4.pt", target_search / "config.json"
+    out = tmp_path / "ft"
+    caplog.set_level("INFO")
+    assert run_glue.main(glue_args(glue, out, "sst-2", "--do_train", "--do_eval", "--max_steps", "2",
+                                   "--config_file", str(config), "--init_checkpoint", str(checkpoint),
+                                   "--attention_mask_type", "dam_s")) == 0
+    assert "lagrange_multipliers" not in caplog.text and "target_start" not in caplog.text  # not "unexpected"
+    assert "frozen searched mask: sparsity 0.7000, binarisation: budget, sparsity 0.7" in caplog.text
+    assert results(out)["mask_sparsity"] == attention_masks.sparsity(exported) == pytest.approx(0.7, abs=1e-3)
+    assert results(out)["mask_binarization"] == meta["binarization"]
+    # The fine-tuned folder records the rule instead of the search state, and reloads the same mask.
+    saved = json.loads((out / "bert_config.json").read_text())
+    assert (saved["dam_binarize_sparsity"], saved["dam_target_sparsity"]) == (0.7, None)
+    assert not [key for key in saved_weights(out) if attention_masks.is_search_state(key)]
+    reloaded = BertForSequenceClassification.from_pretrained(out, num_labels=2).bert.sparse_mask
+    assert torch.equal(reloaded.full_mask(), exported)
+    # Built directly: the search's budget, not 1[a > 0] (which a 4-step search leaves elsewhere).
+    model = run_glue.build_model(BertConfig.from_json_file(config).replace(attention_mask_type="dam_s"), 2,
+                                 str(checkpoint))
+    mask = model.bert.sparse_mask
+    assert mask.frozen and torch.equal(mask.full_mask(), exported)
+    threshold = (mask.mask_logits > 0)[:, :, mask.gate_index]
+    assert abs(attention_masks.sparsity(threshold) - 0.7) > 0.02
+
+
+def test_a_fine_tuning_config_with_its_own_budget_wins_over_the_searchs(target_search: Path) -> None:
+    config = BertConfig.from_json_file(target_search / "config.json").replace(dam_binarize_sparsity=0.9,
+                                                                            dam_binarize_scope="head")
+    model = run_glue.build_model(config, 2, str(target_search / "out/ckpt_4.pt"))
+    assert model.bert.sparse_mask.binarization() == {"rule": "budget", "scope": "head", "sparsity": 0.9}
+    per_head = model.bert.sparse_mask.full_mask().sum(dim=(-1, -2))
+    assert per_head.eq(round(0.1 * SEARCH_SEQ * SEARCH_SEQ)).all()
 
 
 def test_checkpoint_fine_tuned_on_another_task_gets_a_new_head_only_when_training(tmp_path: Path, tiny_config) -> None:

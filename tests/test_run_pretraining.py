@@ -383,6 +383,25 @@ def test_resume_may_change_lambda_temperature_and_dropout(dam_s_run, shards, tmp
     assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
 
 
+def test_resume_may_not_turn_a_target_search_into_a_lambda_search_or_back(dam_s_run, shards, tmp_path, capsys,
+                                                                          pretraining_args, write_config):
+    """The multipliers would be dropped or missing: one line naming the flag, before anything is written."""
+    out = copy_run(dam_s_run, tmp_path / "lambda")
+    argv = pretraining_args(shards, out, dam_s_run / "config.json", max_steps=4, resume_from_checkpoint=True)
+    before = folder_state(out)
+    assert run_pretraining.main([*argv, "--target_sparsity", "0.7"]) == 1
+    assert_refused_and_untouched(out, before, capsys, "written by a λ search", "resume without --target_sparsity")
+    target = tmp_path / "target"
+    config = write_config(tmp_path / "c.json", attention_mask_type="dam_s")
+    assert run_pretraining.main(pretraining_args(shards, target, config, max_steps=2, target_sparsity=0.7)) == 0
+    argv = pretraining_args(shards, target, config, max_steps=3, resume_from_checkpoint=True)
+    before = folder_state(target)
+    assert run_pretraining.main(argv) == 1
+    assert_refused_and_untouched(target, before, capsys, "dam_target_sparsity=0.7", "resume with --target_sparsity 0.7")
+    assert run_pretraining.main([*argv, "--target_sparsity", "0.8"]) == 0, capsys.readouterr().err  # a new course
+    assert [s for s, _ in training.list_checkpoints(target)] == [2, 3]
+
+
 @pytest.mark.parametrize("case", ["empty", "missing_key", "unexpected_key", "nvidia_other_depth"])
 def test_resume_from_a_model_that_does_not_fit_is_refused(dam_s_run, shards, tmp_path, capsys, case, pretraining_args):
     """A resume is never partial; a checkpoint without a recorded config (NVIDIA's) is judged by keys."""
@@ -882,4 +901,5 @@ def test_every_float_flag_refuses_non_finite_values_at_parse_time(capsys, float_
         with pytest.raises(SystemExit):
             run_pretraining.parse_arguments([*base, f"{flag}={value}"])
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert f"argument {flag}: must be a finite number, got {value}" in err
+        named = err.split(": must be")[0].removeprefix("run_pretraining.py: error: argument ").split("/")
+        assert flag in named and f": must be a finite number, got {value}" in err, err  # aliases: --lamb/--dam_lambda
