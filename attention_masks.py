@@ -532,7 +532,7 @@ class DifferentiableMask(AttentionMask):
         self.register_buffer("gate_cells", cells, persistent=False)
         self.target_sparsity, self.target_warmup = config.dam_target_sparsity, config.dam_target_warmup
         self.multiplier_lr, self.target_method = config.dam_multiplier_lr, config.dam_target_method
-        self.last_shift = 0.0
+        self.last_shift, self.sharpness, self.sharpness_final = 0.0, 1.0, config.dam_target_sharpness_final
         self.binarize_sparsity, self.binarize_scope = binarization_rule(config)
         self.current_target = self.target_sparsity
         if self.target_sparsity is not None:
@@ -565,12 +565,14 @@ class DifferentiableMask(AttentionMask):
         self.temperature = self.temperature_at(progress)
         if self.target_sparsity is not None:
             self.current_target = self.target_at(progress)
+            self.sharpness = self.sharpness_at(progress)
 
     # -- target search --------------------------------------------------------------------------
-    def expected_sparsity(self) -> torch.Tensor:
-        """fp32 scalar 1 - E[kept fraction] of the full mask under the sampler (differentiable)."""
+    def expected_sparsity(self, sharpness: float = 1.0) -> torch.Tensor:
+        """fp32 scalar 1 - mean sigma(a / sharpness) over every entry of the full mask (differentiable):
+        at sharpness 1 the sampler's expected sparsity, towards 0 the sparsity of 1[a > 0]."""
         with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
-            keep = torch.sigmoid(self.mask_logits.float())
+            keep = torch.sigmoid(self.mask_logits.float() / sharpness)
             return 1.0 - (keep * self.gate_cells).sum() / (self.gate_cells.sum() * keep.shape[0] * keep.shape[1])
 
     def deterministic_sparsity(self) -> float:
@@ -591,6 +593,14 @@ class DifferentiableMask(AttentionMask):
         ramp = 1.0 if share == 0 else min(max(progress, 0.0) / share, 1.0)
         return start + (self.target_sparsity - start) * ramp
 
+    def sharpness_at(self, progress: float) -> float:
+        """The constraint's sharpness: 1 (the sampler's expected sparsity) while the target ramps up,
+        then geometrically down to dam_target_sharpness_final at the end, so that the constrained
+        quantity becomes the sparsity of what is binarised, 1[a > 0]."""
+        share = self.target_warmup
+        hold = 1.0 if share >= 1.0 else min(max((progress - share) / (1.0 - share), 0.0), 1.0)
+        return self.sharpness_final ** hold
+
     @torch.no_grad()
     def after_step(self) -> None:
         """A target search's update after each applied optimizer step (see TARGET_METHODS)."""
@@ -603,14 +613,14 @@ class DifferentiableMask(AttentionMask):
             return
         # Dual ascent: l1 += lr * (s - t'), l2 += lr * (s - t')^2, so the constraint's pull grows for
         # as long as the expected sparsity misses the current target.
-        gap = self.expected_sparsity().item() - self.current_target
+        gap = self.expected_sparsity(self.sharpness).item() - self.current_target
         self.lagrange_multipliers.add_(torch.tensor([gap, gap * gap]) * self.multiplier_lr)
 
     def _update_price(self) -> None:
         """Raise the price of density while the step just taken left the mask denser than the target
         (the gradients want more than the budget), lower it otherwise; kept as l1 = -mu."""
         price = -self.lagrange_multipliers[0].item()
-        if self.expected_sparsity().item() < self.current_target:
+        if self.expected_sparsity(self.sharpness).item() < self.current_target:
             price = max(price, PRICE_FLOOR) * (1.0 + PRICE_RATE)
         else:
             price = price / (1.0 + PRICE_RATE)
@@ -619,7 +629,7 @@ class DifferentiableMask(AttentionMask):
     def _shift_to(self, target: float) -> float:
         """The constant c for which the logits a + c have expected sparsity ``target`` (bisection:
         the expected kept fraction rises monotonically with c)."""
-        logits, cells = self.mask_logits.detach().double(), self.gate_cells.double()
+        logits, cells = self.mask_logits.detach().double() / self.sharpness, self.gate_cells.double()
         wanted = (1.0 - target) * cells.sum().item() * logits.shape[0] * logits.shape[1]
         low, high = -logits.max().item() - 40.0, -logits.min().item() + 40.0
         for _ in range(64):
@@ -628,7 +638,7 @@ class DifferentiableMask(AttentionMask):
                 low = middle
             else:
                 high = middle
-        return 0.5 * (low + high)
+        return 0.5 * (low + high) * self.sharpness
 
     def search_state(self) -> dict[str, float]:
         """What a log line reports of the search: expected and deterministic sparsity, decided gates,
@@ -638,7 +648,7 @@ class DifferentiableMask(AttentionMask):
         if self.target_sparsity is not None:
             l1, l2 = self.lagrange_multipliers.tolist()
             state.update(target_sparsity=self.current_target, lagrange_l1=l1, lagrange_l2=l2,
-                         target_shift=self.last_shift)
+                         target_shift=self.last_shift, constraint_sharpness=self.sharpness)
         return state
 
     # -- sampling -------------------------------------------------------------------------------
@@ -675,7 +685,7 @@ class DifferentiableMask(AttentionMask):
         if self._last_gates is None:
             return torch.zeros((), dtype=torch.float32, device=self.mask_logits.device)
         if self.target_sparsity is not None:
-            gap = self.expected_sparsity() - self.current_target
+            gap = self.expected_sparsity(self.sharpness) - self.current_target
             l1, l2 = self.lagrange_multipliers
             if self.target_method == "projection":
                 return l1 * gap * self.mask_logits.numel()
@@ -708,6 +718,7 @@ class DifferentiableMask(AttentionMask):
     def describe(self) -> dict[str, Any]:
         search = {"lambda": self.penalty_weight} if self.target_sparsity is None else {
             "target_sparsity": self.target_sparsity, "target_warmup": self.target_warmup,
+            "target_method": self.target_method, "target_sharpness_final": self.sharpness_final,
             "lagrange_multipliers": self.lagrange_multipliers.tolist()}
         return {"mode": self.mode, **search, "temperature": self.temperature,
                 "temperature_schedule": self.temperature_schedule, "share_across_layers": self.share_across_layers,
@@ -747,6 +758,7 @@ class MaskConfig:
     dam_target_sparsity: float | None = None
     dam_target_warmup: float = 0.5
     dam_target_method: str = "projection"
+    dam_target_sharpness_final: float = 0.1
     dam_multiplier_lr: float = 1.0
     dam_binarize_sparsity: float | None = None
     dam_binarize_scope: str = "global"
@@ -817,6 +829,9 @@ class MaskConfig:
         if not 0.0 <= self.dam_target_warmup <= 1.0:
             raise ValueError(f"bert_config field 'dam_target_warmup' is a share of the run's steps in [0, 1], "
                              f"got {self.dam_target_warmup}")
+        if not 0.0 < self.dam_target_sharpness_final <= 1.0:
+            raise ValueError(f"bert_config field 'dam_target_sharpness_final' must be in (0, 1] (1: constrain the "
+                             f"sampler's expected sparsity to the end), got {self.dam_target_sharpness_final}")
         if not self.dam_multiplier_lr > 0:
             raise ValueError(f"bert_config field 'dam_multiplier_lr' must be > 0, got {self.dam_multiplier_lr}")
 

@@ -524,8 +524,8 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
                 progress.update(1)
                 window.add(outcome)
                 if search is not None:
-                    search.after_step()
                     search.set_progress(global_step / args.max_steps)
+                    search.after_step()  # holds the target of the step it is now at
             elif args.fp16:
                 p.metrics.log("PARAMETER", {"loss_scale": p.optimization.grad_scaler.get_scale()})
             if window.steps and (global_step % max(int(args.log_freq), 1) == 0 or global_step == target_step or stop):
