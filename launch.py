@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from tqdm import tqdm
 
 import attention_masks
 import training
@@ -72,6 +73,9 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
                         "(a dead or stuck worker turns into an exit, not a hang)")
     p.add_argument("--json-summary", dest="json_summary", default=None,
                    help="dllogger JSON-lines file (default: <output_dir>/dllogger.json, so runs never share one)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the PARAMETER record's Config (every flag, ~2 KB) at the start; the dllogger "
+                        "file holds it either way")
 
 
 def set_help(p: argparse.ArgumentParser, **helps: str) -> None:
@@ -176,16 +180,35 @@ def start(args: argparse.Namespace) -> Run:
     """Join the process group (under torchrun), log from rank 0 only, seed every RNG (seed + rank)."""
     device = init_distributed(args.local_rank, no_cuda=args.no_cuda, timeout_s=args.dist_timeout)
     rank = get_rank()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    configure_logging(rank)
     seed_everything(args.seed + rank)
     return Run(device, rank, get_world_size(), precision_dtype(args.fp16, args.bf16))
 
 
+class ProgressBarSafeHandler(logging.StreamHandler):
+    """Writes each log line through tqdm.write: a progress bar on the same terminal is cleared first
+    and redrawn after, so a line never starts where the bar's text ends."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's contract: a failing handler reports itself, never raises
+            self.handleError(record)
+
+
+def configure_logging(rank: int) -> None:
+    """INFO from rank 0, WARNING from the others, through a progress-bar-safe handler (unless the
+    process has configured logging itself)."""
+    handler = ProgressBarSafeHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[handler])
+
+
 def open_metrics(args: argparse.Namespace, config: BertConfig, **parameters: Any) -> MetricLogger:
-    """The run's dllogger log, opened with NVIDIA's PARAMETER record (every flag, the seed)."""
+    """The run's dllogger log, opened with NVIDIA's PARAMETER record (every flag, the seed). The
+    Config (every flag) goes to the file always, to stdout only with --verbose."""
     metrics = MetricLogger(args.json_summary or Path(args.output_dir) / "dllogger.json")
-    metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,
-                              "world_size": get_world_size(), "attention_mask_type": config.attention_mask_type,
-                              **parameters})
+    metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str)}, echo=args.verbose)
+    metrics.log("PARAMETER", {"SEED": args.seed, "world_size": get_world_size(),
+                              "attention_mask_type": config.attention_mask_type, **parameters})
     return metrics
