@@ -3,6 +3,7 @@ command-line overrides, precision, logging, seeding and the distributed start.""
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 from dataclasses import dataclass
@@ -23,22 +24,39 @@ from utils import (MetricLogger, add_local_rank_argument, finite_float, get_rank
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default after its help, except where there is none to tell (unset, a switch)."""
+    """Every flag's default once, after its help: not where there is none to tell (unset, a switch),
+    nor where the help already names it (a default that needs words, e.g. "default: beside the log")."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or action.required:
-            return action.help or ""
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or action.required or "default" in text.lower():
+            return text
         return super()._get_help_string(action)
 
 
 class ScriptParser(argparse.ArgumentParser):
-    """--help shows every flag's default; a bad flag is one line naming it, not the whole usage."""
+    """--help shows every flag's default once; a bad flag is one line naming it (and the flags it
+    resembles), not the whole usage."""
 
     def __init__(self, prog: str, description: str) -> None:
         super().__init__(prog=prog, description=description, formatter_class=_DefaultsFormatter)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self.suggestions(message)} (see --help)\n")
+
+    def suggestions(self, message: str) -> str:
+        """"; did you mean --lamb / --dam_lambda?" for each unrecognized flag that resembles some of ours."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        ours = [flag for action in self._actions for flag in action.option_strings]
+        hints = []
+        for word in message.removeprefix("unrecognized arguments:").split():
+            flag = word.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, ours, n=3, cutoff=0.75) if flag.startswith("-") else []
+            if close:
+                hints.append(f"; {flag}: did you mean {' / '.join(close)}?")
+        return "".join(hints)
 
 
 def add_shared_arguments(p: argparse.ArgumentParser) -> None:

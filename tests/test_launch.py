@@ -111,3 +111,29 @@ def test_log_and_metric_lines_are_never_glued_to_a_progress_bar(tmp_path, capsys
     captured = capsys.readouterr()
     assert "warm start from x" in captured.err and not glued(captured.err, "pretraining:", "warm start from x")
     assert "average_loss: 1.5" in captured.out and not glued(captured.out, "fine-tuning:", "average_loss")
+
+
+@pytest.mark.parametrize("typo, hint", [
+    ("--lambda", "--lambda: did you mean --lamb / --dam_lambda?"),
+    ("--dam_lamda=1e-3", "--dam_lamda: did you mean --dam_lambda?"),
+    ("--fp61", "--fp61: did you mean --fp16?"),
+])
+def test_a_near_miss_flag_is_one_line_with_the_flags_it_resembles(tmp_path, capsys, typo, hint):
+    with pytest.raises(SystemExit) as exit_info:
+        shared_args(tmp_path, typo, "1e-3")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and hint in err
+
+
+def test_an_unlike_flag_gets_no_suggestion(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        shared_args(tmp_path, "--xyz")
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_a_default_the_help_already_names_is_not_repeated():
+    p = launch.ScriptParser("x.py", "test")
+    p.add_argument("--out", default="a.png", help="output PNG (default: a.png beside the log)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution")
+    text = " ".join(p.format_help().split())
+    assert text.count("default") == 2 and "resolution (default: 100)" in text

@@ -97,7 +97,55 @@ def test_training_series_reads_the_logger_and_a_resume_replaces_redone_steps(tmp
     assert series["mask_sparsity"][-1] == (4, 0.7) and series["mask_learning_rate"][0] == (1, 0.05)
     assert plot_training.search_lambda(records) == 1e-3
     png = plot_training.plot_training_log(log)
-    assert png == log.with_name("training_curves.png") and Image.open(png).size == (1100, 750)
+    assert png == log.with_name("training_curves.png") and Image.open(png).size == (1100, 1000)
+
+
+def lambda_search_series(steps: int = 100) -> dict:
+    """A λ search's curves as the issue saw them: penalty 9.84 -> 9.81, sparsity 49.8 -> 50.7 %."""
+    return {"average_loss": [(s, 3.0 - 0.001 * s) for s in range(1, steps + 1)],
+            "mask_penalty": [(s, 9.84 - 0.0003 * s) for s in range(1, steps + 1)],
+            "mask_sparsity": [(s, 0.498 + 0.00009 * s) for s in range(1, steps + 1)],
+            "deterministic_sparsity": [(s, 0.498 + 0.00009 * s) for s in range(1, steps + 1)],
+            "expected_sparsity": [(s, 0.5) for s in range(1, steps + 1)],
+            "decided_gates": [(s, 0.003 * s) for s in range(1, steps + 1)],
+            "learning_rate": [(s, 1e-4) for s in range(1, steps + 1)],
+            "mask_learning_rate": [(s, 5e-3) for s in range(1, steps + 1)]}
+
+
+def panel(fig, title_start: str):
+    return next(ax for ax in fig.axes if ax.get_title().startswith(title_start))
+
+
+def test_no_axis_zooms_a_small_change_into_a_steep_trend():
+    fig = plot_training.training_figure(lambda_search_series(), "run")
+    assert panel(fig, "mask sparsity").get_ylim() == (0, 100) and panel(fig, "decided gates").get_ylim() == (0, 100)
+    for title in ("MLM + NSP loss", "mask penalty", "learning rate of the model", "learning rate of the mask"):
+        low, high = panel(fig, title).get_ylim()
+        assert low == 0 and high > 0, title  # 9.81-9.84 drawn on 0-10, not as a cliff
+    low, high = panel(fig, "mask penalty").get_ylim()
+    assert 9.84 < high < 11
+
+
+def test_the_two_learning_rates_have_their_own_panels_and_every_line_a_label():
+    fig = plot_training.training_figure(lambda_search_series(), "run")
+    model, mask = panel(fig, "learning rate of the model"), panel(fig, "learning rate of the mask logits")
+    assert [line.get_label() for line in model.lines] == ["learning_rate"]
+    assert [line.get_label() for line in mask.lines] == ["mask_learning_rate"]
+    assert all(not line.get_label().startswith("_") for ax in fig.axes for line in ax.lines
+               if len(line.get_xdata()) > 2)  # matplotlib names unlabelled lines "_child<k>"
+
+
+def test_a_target_search_draws_expected_deterministic_binarised_and_target_sparsity():
+    series = lambda_search_series(10)
+    series["mask_sparsity"] = [(s, 0.8) for s in range(1, 11)]  # binarised at the target's budget
+    series["target_sparsity"] = [(s, 0.5 + 0.03 * s) for s in range(1, 11)]
+    labels = [line.get_label() for line in panel(plot_training.training_figure(series, "t"), "mask sparsity").lines]
+    assert labels == ["binarised mask (what fine-tuning uses)", "1[a > 0] (before any budget)",
+                      "expected under the sampler (mean of 1 - σ(a))", "target (warmed up)"]
+    # A λ search binarises at 1[a > 0]: one line for both, not one hidden under the other.
+    labels = [line.get_label() for line in panel(plot_training.training_figure(lambda_search_series(10), "l"),
+                                                 "mask sparsity").lines]
+    assert labels == ["binarised mask = 1[a > 0] (what fine-tuning uses)", "expected under the sampler (mean of 1 - σ(a))"]
 
 
 def test_dense_or_old_log_still_plots(tmp_path):
