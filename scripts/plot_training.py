@@ -213,8 +213,9 @@ def training_figure(series: dict[str, list[tuple[int, float]]], name: str) -> pl
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = launch.ScriptParser("plot_training.py", "Loss, mask penalty, mask sparsity, decided gates and the two "
-                                                     "learning rates of a run_pretraining.py run, from its dllogger log.")
+    parser = launch.ScriptParser("plot_training.py", "Loss, mask penalty, mask sparsity, decided gates and the "
+                                                     "two learning rates of a run_pretraining.py run, from its "
+                                                     "dllogger log.")
     parser.add_argument("log", help="the run's --json-summary file (dllogger JSON lines)")
     parser.add_argument("--out", help="output PNG path (default: training_curves.png beside the log)")
     parser.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG (the figure is 11 x 10 in)")

@@ -145,7 +145,8 @@ def test_a_target_search_draws_expected_deterministic_binarised_and_target_spars
     # A λ search binarises at 1[a > 0]: one line for both, not one hidden under the other.
     labels = [line.get_label() for line in panel(plot_training.training_figure(lambda_search_series(10), "l"),
                                                  "mask sparsity").lines]
-    assert labels == ["binarised mask = 1[a > 0] (what fine-tuning uses)", "expected under the sampler (mean of 1 - σ(a))"]
+    assert labels == ["binarised mask = 1[a > 0] (what fine-tuning uses)",
+                      "expected under the sampler (mean of 1 - σ(a))"]
 
 
 def test_dense_or_old_log_still_plots(tmp_path):
@@ -172,3 +173,48 @@ def test_plot_training_errors_are_one_line(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "training_curves.png").exists()
+
+
+def red_pixels(png: Path) -> int:
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    target = np.array([int(plot_masks.DIAGONAL_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb - target).sum(axis=-1) <= 6).sum())
+
+
+def test_a_dropped_diagonal_is_drawn_red_and_the_title_states_the_finding(tmp_path):
+    keeps, drops = banded(1, 4, 64, 3), banded(1, 4, 64, 3)
+    drops[0, 1:] &= ~torch.eye(64, dtype=torch.bool)  # heads 1-3 drop their diagonal, head 0 keeps it
+    pngs = {}
+    for name, mask in (("keeps", keeps), ("drops", drops)):
+        am.save_mask_file(tmp_path / f"{name}.safetensors", mask, {"mode": "dam_s"})
+        pngs[name] = plot_masks.plot_mask_file(str(tmp_path / f"{name}.safetensors"), str(tmp_path / f"{name}.png"))[0]
+    # The bar of offset 0 and the corner's frames are red in both; three maps' diagonals only where dropped.
+    assert red_pixels(pngs["drops"]) - red_pixels(pngs["keeps"]) >= 3 * 64 * 2
+    assert plot_masks.finding(drops) == "main diagonal kept 0.25 (dropped in 3 of 4 heads); offset 1: 1.00; " \
+                                        "offsets 2-63: 0.03"
+    assert plot_masks._map_title("head 1", drops[0, 1]) == "head 1: 91% dropped, diagonal dropped"
+
+
+def test_the_offset_panels_span_0_to_1_with_a_line_at_one_half():
+    import matplotlib.pyplot as plt
+
+    kept = am.offset_keep_fraction(banded(2, 3, 32, 2))
+    fig, (bars, lines) = plt.subplots(1, 2)
+    plot_masks._draw_first_offsets(bars, kept.mean(dim=(0, 1)))
+    plot_masks._draw_all_offsets(lines, kept, shared=False)
+    for ax in (bars, lines):
+        assert ax.get_ylim()[0] == 0.0 and 1.0 < ax.get_ylim()[1] < 1.2
+        assert any(list(line.get_ydata()) == [0.5, 0.5] for line in ax.lines)  # the ½ line
+    assert [t.get_text() for t in bars.texts][:2] == ["1.00", "1.00"]  # offsets 0 and 1 printed
+    assert "offsets 0-15 of 0-31" in bars.get_title()  # the cut is stated
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("name, content", [("ckpt_8.pt", b"PK\x03\x04rest"), ("weights", b"\x80\x02rest")])
+def test_a_checkpoint_given_to_plot_masks_points_to_export(tmp_path, capsys, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_masks.main([str(tmp_path / name), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "is a checkpoint, not a mask file" in err
+    assert f"python attention_masks.py export --checkpoint {tmp_path / name} --out" in err
