@@ -105,8 +105,11 @@ def _draw_first_offsets(ax: plt.Axes, mean: torch.Tensor) -> None:
     colours = [DIAGONAL_COLOUR] + ["#4a6fa5"] * (len(shown) - 1)
     ax.bar(range(len(shown)), shown, color=colours, width=0.8)
     for offset in range(min(2, len(shown))):
-        ax.annotate(f"{shown[offset]:.2f}", (offset, shown[offset]), xytext=(0, 3), textcoords="offset points",
-                    ha="center", fontsize=8, fontweight="bold", color=colours[offset])
+        # Upright (level ones overlap on bars of a similar height); inside a tall bar, above a short one.
+        inside = shown[offset] > 0.7
+        ax.annotate(f"{shown[offset]:.2f}", (offset, shown[offset]), xytext=(0, -3 if inside else 3),
+                    textcoords="offset points", ha="center", va="top" if inside else "bottom", rotation=90,
+                    fontsize=8, fontweight="bold", color="white" if inside else colours[offset])
     _half_line(ax)
     ax.set_xticks(range(len(shown)))
     ax.set_xlim(-0.6, len(shown) - 0.4)
@@ -118,7 +121,7 @@ def _draw_first_offsets(ax: plt.Axes, mean: torch.Tensor) -> None:
 def _half_line(ax: plt.Axes) -> None:
     ax.axhline(0.5, color="gray", lw=1.0, ls="--")
     ax.text(1.0, 0.5, " ½", transform=ax.get_yaxis_transform(), va="center", fontsize=9, color="gray")
-    ax.set_ylim(0.0, 1.12)
+    ax.set_ylim(0.0, 1.2)
     ax.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
     ax.tick_params(labelsize=7)
 
