@@ -3,6 +3,7 @@ command-line overrides, precision, logging, seeding and the distributed start.""
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from tqdm import tqdm
 
 import attention_masks
 import training
@@ -22,22 +24,39 @@ from utils import (MetricLogger, add_local_rank_argument, finite_float, get_rank
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every flag's default after its help, except where there is none to tell (unset, a switch)."""
+    """Every flag's default once, after its help: not where there is none to tell (unset, a switch),
+    nor where the help already names it (a default that needs words, e.g. "default: beside the log")."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or action.required:
-            return action.help or ""
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or action.required or "default" in text.lower():
+            return text
         return super()._get_help_string(action)
 
 
 class ScriptParser(argparse.ArgumentParser):
-    """--help shows every flag's default; a bad flag is one line naming it, not the whole usage."""
+    """--help shows every flag's default once; a bad flag is one line naming it (and the flags it
+    resembles), not the whole usage."""
 
     def __init__(self, prog: str, description: str) -> None:
         super().__init__(prog=prog, description=description, formatter_class=_DefaultsFormatter)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self.suggestions(message)} (see --help)\n")
+
+    def suggestions(self, message: str) -> str:
+        """"; did you mean --lamb / --dam_lambda?" for each unrecognized flag that resembles some of ours."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        ours = [flag for action in self._actions for flag in action.option_strings]
+        hints = []
+        for word in message.removeprefix("unrecognized arguments:").split():
+            flag = word.split("=", 1)[0]
+            close = difflib.get_close_matches(flag, ours, n=3, cutoff=0.75) if flag.startswith("-") else []
+            if close:
+                hints.append(f"; {flag}: did you mean {' / '.join(close)}?")
+        return "".join(hints)
 
 
 def add_shared_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,6 +91,9 @@ def add_shared_arguments(p: argparse.ArgumentParser) -> None:
                         "(a dead or stuck worker turns into an exit, not a hang)")
     p.add_argument("--json-summary", dest="json_summary", default=None,
                    help="dllogger JSON-lines file (default: <output_dir>/dllogger.json, so runs never share one)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the PARAMETER record's Config (every flag, ~2 KB) at the start; the dllogger "
+                        "file holds it either way")
 
 
 def set_help(p: argparse.ArgumentParser, **helps: str) -> None:
@@ -176,16 +198,35 @@ def start(args: argparse.Namespace) -> Run:
     """Join the process group (under torchrun), log from rank 0 only, seed every RNG (seed + rank)."""
     device = init_distributed(args.local_rank, no_cuda=args.no_cuda, timeout_s=args.dist_timeout)
     rank = get_rank()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    configure_logging(rank)
     seed_everything(args.seed + rank)
     return Run(device, rank, get_world_size(), precision_dtype(args.fp16, args.bf16))
 
 
+class ProgressBarSafeHandler(logging.StreamHandler):
+    """Writes each log line through tqdm.write: a progress bar on the same terminal is cleared first
+    and redrawn after, so a line never starts where the bar's text ends."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's contract: a failing handler reports itself, never raises
+            self.handleError(record)
+
+
+def configure_logging(rank: int) -> None:
+    """INFO from rank 0, WARNING from the others, through a progress-bar-safe handler (unless the
+    process has configured logging itself)."""
+    handler = ProgressBarSafeHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=[handler])
+
+
 def open_metrics(args: argparse.Namespace, config: BertConfig, **parameters: Any) -> MetricLogger:
-    """The run's dllogger log, opened with NVIDIA's PARAMETER record (every flag, the seed)."""
+    """The run's dllogger log, opened with NVIDIA's PARAMETER record (every flag, the seed). The
+    Config (every flag) goes to the file always, to stdout only with --verbose."""
     metrics = MetricLogger(args.json_summary or Path(args.output_dir) / "dllogger.json")
-    metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str), "SEED": args.seed,
-                              "world_size": get_world_size(), "attention_mask_type": config.attention_mask_type,
-                              **parameters})
+    metrics.log("PARAMETER", {"Config": json.dumps(vars(args), sort_keys=True, default=str)}, echo=args.verbose)
+    metrics.log("PARAMETER", {"SEED": args.seed, "world_size": get_world_size(),
+                              "attention_mask_type": config.attention_mask_type, **parameters})
     return metrics

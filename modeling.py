@@ -398,6 +398,18 @@ class LoadReport:
     source: str
 
 
+def log_load_report(report: LoadReport) -> None:
+    """Heads missing or left over (MLM / NSP heads absent from an encoder-only checkpoint, a new
+    classifier, a pretraining checkpoint's heads under a classifier) are what a warm start expects:
+    INFO. Encoder weights (`bert.*`) missing or left over mean the wrong checkpoint: WARNING."""
+    if not (report.missing_keys or report.unexpected_keys):
+        return
+    in_encoder = any(k.startswith("bert.") for k in report.missing_keys + report.unexpected_keys)
+    level = logging.WARNING if in_encoder else logging.INFO
+    logger.log(level, "%s: missing keys %s; unexpected keys %s%s", report.source, report.missing_keys,
+               report.unexpected_keys, "" if in_encoder else " (task heads only: they start from fresh weights)")
+
+
 class BertPreTrainedModel(nn.Module):
     """Weight init, mask access and checkpoint I/O shared by every BERT model class."""
 
@@ -427,11 +439,17 @@ class BertPreTrainedModel(nn.Module):
         mask = self.bert_model.sparse_mask
         return [p for p in mask.parameters() if p.requires_grad] if mask is not None else []
 
-    def mask_sparsity(self) -> float:
-        """Sparsity (fraction of dropped pairs) of the mask used at evaluation (1[σ(a) > 0.5] for DAM),
-        at mask_seq_length; 0 for dense attention."""
+    def mask_sparsity(self, seq_len: int | None = None) -> float:
+        """Sparsity (fraction of dropped pairs) of the mask used at evaluation (1[σ(a) > 0.5] for DAM):
+        of its top-left `seq_len` x `seq_len` slice, which inputs of that length use (default: all of
+        mask_seq_length); 0 for dense attention."""
         mask = self.bert_model.sparse_mask
-        return attention_masks.sparsity(mask.binarize()) if mask is not None else 0.0
+        if mask is None:
+            return 0.0
+        n = mask.seq_len if seq_len is None else seq_len
+        if not 1 <= n <= mask.seq_len:
+            raise ValueError(f"cannot measure the mask at length {n}: it covers 1 to {mask.seq_len} tokens")
+        return attention_masks.sparsity(mask.binarize()[..., :n, :n])
 
     def mask_penalty(self) -> torch.Tensor:
         """λ·ΣM of the mask sampled in the last forward pass, in fp32 (0 without a DAM mask)."""
@@ -493,8 +511,7 @@ class BertPreTrainedModel(nn.Module):
         # Mask logits absent from a plain BERT checkpoint start fresh, as intended.
         missing = [k for k in missing if "sparse_mask" not in k]
         report = LoadReport(missing, unexpected, source)
-        if missing or report.unexpected_keys:
-            logger.warning("%s: missing keys %s; unexpected keys %s", source, missing, report.unexpected_keys)
+        log_load_report(report)
         return report
 
     def save_pretrained(self, directory: str | os.PathLike, hf_format: bool = False) -> Path:

@@ -4,7 +4,7 @@ With `p = s / total_steps` and `w` the warm-up fraction, every schedule is `base
 `p < w`, then:
 
     PolyWarmUpScheduler      base * (1 - p) ** degree        (NVIDIA pretraining; degree 0.5)
-    LinearWarmUpScheduler    base * max((p - 1) / (w - 1), 0)  (linear decay to 0 at total_steps)
+    LinearWarmUpScheduler    base * max((1 - p) / (1 - w), 0)  (linear decay to 0 at total_steps)
     ConstantWarmUpScheduler  base
     CosineWarmUpScheduler    base * 0.5 * (1 + cos(pi * p))  (upstream wrote `pi + p`, a bug)
 
@@ -101,7 +101,8 @@ class LinearWarmUpScheduler(_WarmUpScheduler):
     """Linear warm-up, then linear decay reaching 0 at `total_steps` (fine-tuning)."""
 
     def _decay(self, progress: float) -> float:
-        return max((progress - 1.0) / (self.warmup - 1.0), 0.0)
+        # (1 - p) / (1 - w), not (p - 1) / (w - 1): at p = 1 the latter is -0.0, logged as "learning_rate: -0".
+        return max((1.0 - progress) / (1.0 - self.warmup), 0.0)
 
 
 class ConstantWarmUpScheduler(_WarmUpScheduler):

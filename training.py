@@ -453,7 +453,9 @@ class OutputDirLock:
     `acquire()` (called where a script first writes there) takes an exclusive `flock` on
     `<output_dir>/.lock` and writes the holder into it; a second run is refused in one line naming
     that holder. The kernel drops the lock when its process dies, so the lock of a killed run is
-    taken over at once: no stale lock ever needs deleting by hand.
+    taken over at once: no stale lock ever needs deleting by hand. `release()` deletes the file
+    while still holding it, so a finished run leaves no `.lock` behind; a run that opened the old
+    file just before that finds it unlinked once it holds it, and locks the folder's new one.
     """
 
     NAME = ".lock"
@@ -466,24 +468,43 @@ class OutputDirLock:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not exclusive:
             return
-        fd = os.open(self.directory / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise ValueError(f"--output_dir {self.directory} is in use by {holder}: wait for that run to end "
-                             f"(or stop it), or use another --output_dir") from None
+        fd = self._lock_current_file()
         started = datetime.datetime.now().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{self.script} (pid {os.getpid()} on {socket.gethostname()}, started {started})\n".encode(), 0)
         self._fd = fd
 
+    def _lock_current_file(self) -> int:
+        """An fd holding the flock of the file now at `.lock` (not of one a releasing run just unlinked)."""
+        while True:
+            fd = os.open(self.directory / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+                os.close(fd)
+                raise ValueError(f"--output_dir {self.directory} is in use by {holder}: wait for that run to end "
+                                 f"(or stop it), or use another --output_dir") from None
+            if self._is_at_path(fd):
+                return fd
+            os.close(fd)
+
+    def _is_at_path(self, fd: int) -> bool:
+        try:
+            here = os.stat(self.directory / self.NAME)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
     def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # an empty lock file names no holder
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        # Unlinked while held, so no other run can hold this file; a file someone put in its place is not ours.
+        if self._is_at_path(self._fd):
+            (self.directory / self.NAME).unlink()
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
 
     def __enter__(self) -> "OutputDirLock":
         return self

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from atomic_io import atomic_path
 
@@ -226,18 +227,21 @@ class MetricLogger:
             if json_path:
                 self._file = open(json_path, "a", encoding="utf-8")
             return
-        backends = [dllogger.StdOutBackend(dllogger.Verbosity.VERBOSE, step_format=format_step)]
+        backends = [dllogger.StdOutBackend(dllogger.Verbosity.DEFAULT, step_format=format_step)]
         if json_path:
             backends.append(_json_backend(dllogger, str(json_path)))
         dllogger.init(backends=backends)
         self._dllogger = dllogger
 
-    def log(self, step: Any, data: dict[str, Any]) -> None:
+    def log(self, step: Any, data: dict[str, Any], echo: bool = True) -> None:
+        """One record into the file; on stdout too when `echo` (and the logger is verbose)."""
         if not self.enabled:
             return
         data = {k: _plain(v) for k, v in data.items()}
         if self._dllogger is not None:
-            self._dllogger.log(step=step, data=data)
+            # Its stdout backend shows DEFAULT-verbosity records only, the JSON backend every record.
+            verbosity = self._dllogger.Verbosity.DEFAULT if echo else self._dllogger.Verbosity.VERBOSE
+            self._dllogger.log(step=step, data=data, verbosity=verbosity)
             return
         record = {"timestamp": time.time(), "datetime": datetime.datetime.now().isoformat(),
                   "elapsedtime": time.perf_counter(), "type": "LOG",
@@ -249,9 +253,10 @@ class MetricLogger:
             except OSError as exc:
                 raise OSError(f"could not write the log {self._file.name} ({exc.strerror or exc}): "
                               f"free disk space, or pass another --json-summary") from None
-        if self.verbose:
+        if self.verbose and echo:
             shown = " ".join(f"{k}: {_short(v)}" for k, v in data.items())
-            print(f"{format_step(step)}{shown}", file=sys.stdout, flush=True)
+            tqdm.write(f"{format_step(step)}{shown}", file=sys.stdout)  # clears a progress bar first
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self._dllogger is not None:

@@ -1,16 +1,20 @@
 """Training curves of one run_pretraining.py run from its dllogger JSON-lines log (--json-summary).
 
-Four panels against the optimizer step: the MLM + NSP loss without the mask penalty (the window
-mean and the last step of each log line), the mask penalty λ·ΣM, the deterministic mask's sparsity
-(1[a > 0]: what the binarised mask would drop at that step), and the learning rates (model and mask
-logits). A key the log lacks (an older log, or a dense run without mask keys) leaves its panel
-saying so; a resumed run's redone steps replace the interrupted run's.
+Six panels against the optimizer step, every line labelled:
+  * the MLM + NSP loss without the mask penalty (the window mean and the last step of each log line);
+  * the mask penalty (λ·ΣM, or a target search's Lagrangian);
+  * the mask's sparsity: the binarised mask's, 1[a > 0]'s (one line when they agree), the expected
+    one under the sampler and a target search's current target;
+  * the share of decided gates (σ(a) < 0.1 or > 0.9);
+  * the model's learning rate and the mask logits' learning rate, each in its own panel.
+No axis zooms into a small range: sparsity and decided share span 0-100 %, and the loss, penalty
+and rate axes include 0, so a change of 0.3 % reads as one. A key the log lacks (an older log, or a
+dense run) leaves its panel saying so; a resumed run's redone steps replace the interrupted run's.
 
     python scripts/plot_training.py results/dllogger.json --out results/training_curves.png
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -21,13 +25,23 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import launch  # noqa: E402
 from atomic_io import save_figure  # noqa: E402
 from utils import read_dllogger_json  # noqa: E402
 
-CURVE_KEYS = ("average_loss", "step_loss", "mask_penalty", "mask_sparsity", "learning_rate", "mask_learning_rate")
+SEARCH_KEYS = ("expected_sparsity", "deterministic_sparsity", "decided_gates", "target_sparsity")
+CURVE_KEYS = ("average_loss", "step_loss", "mask_penalty", "mask_sparsity", "learning_rate", "mask_learning_rate",
+              *SEARCH_KEYS)
+# (key, label, style) of the sparsity panel's lines, drawn when logged.
+SPARSITY_LINES = (
+    ("mask_sparsity", "binarised mask (what fine-tuning uses)", dict(color="tab:purple", lw=2.2, marker="o", ms=3)),
+    ("deterministic_sparsity", "1[a > 0] (before any budget)", dict(color="tab:green", lw=1.4, ls="--")),
+    ("expected_sparsity", "expected under the sampler (mean of 1 - σ(a))", dict(color="tab:orange", lw=1.4)),
+    ("target_sparsity", "target (warmed up)", dict(color="black", lw=1.2, ls=":")),
+)
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
@@ -69,12 +83,22 @@ def search_lambda(records: list[dict[str, Any]]) -> float | None:
     return None
 
 
-def _line(ax: plt.Axes, series: dict, key: str, **style: Any) -> bool:
+def axis_from_zero(ax: plt.Axes, values: list[float]) -> None:
+    """y from 0 (or the lowest negative value) to the highest: a difference of 0.3 % looks like one.
+    An all-zero series gets [0, 1], not matplotlib's ±0.05 around it."""
+    low, high = min(0.0, *values), max(0.0, *values)
+    pad = 0.05 * (high - low) or 1.0
+    ax.set_ylim(low - pad if low < 0 else 0.0, high + pad if high > 0 else (0.0 if low < 0 else 1.0))
+
+
+def _line(ax: plt.Axes, series: dict, key: str, scale: float = 1.0, **style: Any) -> list[float]:
+    """Draw `key` (times `scale`) if logged; its values, [] when absent."""
     if key not in series:
-        return False
+        return []
     steps, values = zip(*series[key])
+    values = [scale * v for v in values]
     ax.plot(steps, values, **style)
-    return True
+    return values
 
 
 def _missing(ax: plt.Axes, text: str) -> None:
@@ -83,46 +107,83 @@ def _missing(ax: plt.Axes, text: str) -> None:
 
 def _draw_loss(ax: plt.Axes, series: dict) -> None:
     ax.set_title("MLM + NSP loss (without the mask penalty)", fontsize=10)
-    drawn = _line(ax, series, "average_loss", marker="o", ms=3, lw=1.6, label="mean over the log window")
-    drawn |= _line(ax, series, "step_loss", lw=0.8, alpha=0.6, label="the window's last step")
-    if drawn:
-        ax.legend(fontsize=8)
-    else:
+    values = _line(ax, series, "average_loss", marker="o", ms=3, lw=1.6, label="mean over the log window")
+    values += _line(ax, series, "step_loss", lw=0.8, alpha=0.6, label="the window's last step")
+    if not values:
         _missing(ax, "no average_loss / step_loss in this log")
+        return
+    axis_from_zero(ax, values)
+    ax.legend(fontsize=8, loc="lower left")
 
 
 def _draw_penalty(ax: plt.Axes, series: dict) -> None:
-    ax.set_title("mask penalty λ·ΣM", fontsize=10)
-    if not _line(ax, series, "mask_penalty", color="tab:red", marker="o", ms=3):
+    target_search = "target_sparsity" in series
+    ax.set_title("mask penalty: " + ("the target's Lagrangian λ₁(ŝ-t)+λ₂(ŝ-t)²" if target_search else "λ·ΣM"),
+                 fontsize=10)
+    values = _line(ax, series, "mask_penalty", color="tab:red", marker="o", ms=3, label="mask_penalty")
+    if not values:
         _missing(ax, "no mask_penalty in this log (an older log)")
-    elif all(value == 0.0 for _, value in series["mask_penalty"]):
+        return
+    axis_from_zero(ax, values)
+    if all(value == 0.0 for value in values):
         _missing(ax, "0 throughout: no learnable mask (dense or a fixed pattern), or λ = 0")
 
 
+def _sparsity_lines(series: dict) -> list[tuple[str, str, dict]]:
+    """SPARSITY_LINES, with 1[a > 0] folded into the binarised mask's line where they are the same
+    (a λ search binarises at 1[a > 0]): one labelled line, not one hidden under the other."""
+    if series.get("deterministic_sparsity") != series.get("mask_sparsity"):
+        return list(SPARSITY_LINES)
+    key, _, style = SPARSITY_LINES[0]
+    return [(key, "binarised mask = 1[a > 0] (what fine-tuning uses)", style), *SPARSITY_LINES[2:]]
+
+
 def _draw_sparsity(ax: plt.Axes, series: dict) -> None:
-    ax.set_title("deterministic mask sparsity (1[a > 0])", fontsize=10)
-    if "mask_sparsity" not in series:
+    ax.set_title("mask sparsity (% of (query, key) pairs dropped)", fontsize=10)
+    drawn = [key for key, label, style in _sparsity_lines(series)
+             if _line(ax, series, key, 100.0, label=label, **style)]
+    ax.set_ylim(0, 100)
+    ax.yaxis.set_major_formatter(PercentFormatter())
+    if not drawn:
         _missing(ax, "no mask_sparsity in this log (an older log)")
         return
-    steps, values = zip(*series["mask_sparsity"])
-    ax.plot(steps, [100 * v for v in values], color="tab:purple", marker="o", ms=3)
-    ax.set_ylabel("% of (query, key) pairs dropped", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
 
 
-def _draw_rates(ax: plt.Axes, series: dict) -> None:
-    ax.set_title("learning rates", fontsize=10)
-    if not _line(ax, series, "learning_rate", color="tab:blue", label="model"):
-        _missing(ax, "no learning_rate in this log")
-    ax.set_ylabel("model learning rate", fontsize=8, color="tab:blue")
-    if "mask_learning_rate" in series and series["mask_learning_rate"] != series.get("learning_rate"):
-        right = ax.twinx()  # the mask logits' rate is typically ~50x the model's: its own axis
-        _line(right, series, "mask_learning_rate", color="tab:orange", ls="--")
-        right.set_ylabel("mask-logit learning rate (dashed)", fontsize=8, color="tab:orange")
-        right.tick_params(labelsize=7)
+def _draw_decided(ax: plt.Axes, series: dict) -> None:
+    ax.set_title("decided gates (σ(a) < 0.1 or > 0.9)", fontsize=10)
+    ax.set_ylim(0, 100)
+    ax.yaxis.set_major_formatter(PercentFormatter())
+    if not _line(ax, series, "decided_gates", 100.0, color="tab:brown", marker="o", ms=3, label="decided_gates"):
+        _missing(ax, "no decided_gates in this log (no mask search, or an older log)")
+        return
+    ax.axhline(50, color="gray", lw=0.8, ls=":")
+    ax.text(0.01, 51, " half the gates", fontsize=7, color="gray", transform=ax.get_yaxis_transform())
+
+
+def _draw_rate(ax: plt.Axes, series: dict, key: str, title: str, colour: str) -> None:
+    ax.set_title(title, fontsize=10)
+    values = _line(ax, series, key, color=colour, label=key)
+    if not values:
+        _missing(ax, f"no {key} in this log")
+        return
+    axis_from_zero(ax, values)
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+
+
+def _draw_model_rate(ax: plt.Axes, series: dict) -> None:
+    _draw_rate(ax, series, "learning_rate", "learning rate of the model's weights", "tab:blue")
+
+
+def _draw_mask_rate(ax: plt.Axes, series: dict) -> None:
+    _draw_rate(ax, series, "mask_learning_rate", "learning rate of the mask logits", "tab:orange")
+
+
+PANELS = (_draw_loss, _draw_penalty, _draw_sparsity, _draw_decided, _draw_model_rate, _draw_mask_rate)
 
 
 def plot_training_log(log: str | Path, out: str | Path | None = None, dpi: int = 100) -> Path:
-    """Write the four-panel PNG of `log` to `out` (default: training_curves.png beside the log)."""
+    """Write the six-panel PNG of `log` to `out` (default: training_curves.png beside the log)."""
     log = Path(log)
     records = read_log(log)
     series = training_series(records)
@@ -130,8 +191,15 @@ def plot_training_log(log: str | Path, out: str | Path | None = None, dpi: int =
         raise ValueError(f"{log} has no training lines: none of {', '.join(CURVE_KEYS)} is logged against an "
                          f"(epoch, step); is it the --json-summary log of a run_pretraining.py run?")
     out = Path(out) if out else log.with_name("training_curves.png")
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True, layout="constrained")
-    for ax, draw in zip(axes.flat, (_draw_loss, _draw_penalty, _draw_sparsity, _draw_rates)):
+    lam = search_lambda(records)
+    name = f"{log.parent.name}/{log.name}" + (f", λ = {lam:g}" if lam is not None else "")
+    return save_figure(training_figure(series, name), out, dpi)
+
+
+def training_figure(series: dict[str, list[tuple[int, float]]], name: str) -> plt.Figure:
+    """The six panels of `series` (`training_series`), titled with `name`."""
+    fig, axes = plt.subplots(3, 2, figsize=(11, 10), sharex=True, layout="constrained")
+    for ax, draw in zip(axes.flat, PANELS):
         draw(ax, series)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -139,19 +207,18 @@ def plot_training_log(log: str | Path, out: str | Path | None = None, dpi: int =
         ax.set_xlabel("optimizer step", fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     last = max(step for points in series.values() for step, _ in points)
-    lam = search_lambda(records)
-    fig.suptitle(f"{log.parent.name}/{log.name}: {last} steps" + (f", λ = {lam:g}" if lam is not None else ""),
-                 fontsize=11)
-    return save_figure(fig, out, dpi)
+    fig.suptitle(f"{name}: {last} steps\nno axis zooms in: every y-axis includes 0 (sparsity and decided share "
+                 f"span 0-100 %)", fontsize=11)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Loss, mask penalty, mask sparsity and learning rates of a "
-                                                 "run_pretraining.py run, from its dllogger log.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = launch.ScriptParser("plot_training.py", "Loss, mask penalty, mask sparsity, decided gates and the "
+                                                     "two learning rates of a run_pretraining.py run, from its "
+                                                     "dllogger log.")
     parser.add_argument("log", help="the run's --json-summary file (dllogger JSON lines)")
     parser.add_argument("--out", help="output PNG path (default: training_curves.png beside the log)")
-    parser.add_argument("--dpi", type=int, default=100)
+    parser.add_argument("--dpi", type=int, default=100, help="pixels per inch of the PNG (the figure is 11 x 10 in)")
     args = parser.parse_args(argv)
     try:
         path = plot_training_log(args.log, args.out, args.dpi)

@@ -15,7 +15,14 @@
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (torchrun's rendezvous), e.g. from SLURM.
 # EXTRA_ARGS: more run_pretraining.py flags for both phases, e.g. EXTRA_ARGS="--compile".
 # PYTHON: the interpreter of the phase-2 check (default: python).
+# `bash scripts/run_pretraining.sh --help` lists the parameters with their defaults.
 set -euo pipefail
+
+show_help=false
+if [[ "${1-}" == "-h" || "${1-}" == "--help" ]]; then
+  show_help=true
+  set --  # every parameter at its default, to list them
+fi
 
 train_batch_size=${1:-8192}
 learning_rate=${2:-"6e-3"}
@@ -50,6 +57,44 @@ BERT_CONFIG=${BERT_CONFIG:-"$CODEDIR/bert_config.json"}
 VOCAB_FILE=${VOCAB_FILE:-"$CODEDIR/vocab/vocab"}
 RESULTS_DIR=${RESULTS_DIR:-"$CODEDIR/results"}
 CHECKPOINTS_DIR=$RESULTS_DIR/checkpoints
+
+names=(train_batch_size learning_rate precision num_gpus warmup_proportion train_steps save_checkpoint_steps
+       resume_training create_logfile accumulate_gradients gradient_accumulation_steps seed job_name
+       allreduce_post_accumulation allreduce_post_accumulation_fp16 "" train_batch_size_phase2 learning_rate_phase2
+       warmup_proportion_phase2 train_steps_phase2 gradient_accumulation_steps_phase2 DATA_DIR_PHASE1 DATA_DIR_PHASE2
+       CODEDIR init_checkpoint attention_mask_type lamb run_phase2)
+declare -A notes=([precision]="fp16 | bf16 | fp32 | tf32" [train_batch_size]="per GPU, after accumulation"
+  [DATA_DIR_PHASE1]="wiki_only data: .../wikicorpus_en/" [DATA_DIR_PHASE2]="wiki_only data: .../wikicorpus_en/"
+  [init_checkpoint]="None = from random weights; else warm-start weights (NVIDIA / ours / a Hugging Face folder)"
+  [attention_mask_type]="config = bert_config.json's; or dense, a pattern, dam_u, dam_s"
+  [lamb]="λ of the mask penalty (run_pretraining.py --lamb / --dam_lambda); config = bert_config.json's"
+  [run_phase2]="phase 2 runs at 512 tokens: a mask other than dense needs mask_seq_length 512 in the config")
+
+usage() {
+  echo "usage: bash scripts/run_pretraining.sh [1 train_batch_size] [2 learning_rate] ... [28 run_phase2]"
+  echo
+  echo "Two-phase BERT pretraining (NVIDIA's recipe) with SparseBERT's attention mask, through torchrun."
+  echo "Positional, in NVIDIA's order; a missing one takes its default. Defaults, then notes:"
+  for i in "${!names[@]}"; do
+    local name=${names[i]}
+    if [ -z "$name" ]; then
+      printf '%3d %-36s %s\n' $((i + 1)) "(unused, as NVIDIA's)" ""
+      continue
+    fi
+    printf '%3d %-36s %s\n' $((i + 1)) "$name" "${!name}"
+    if [ -n "${notes[$name]-}" ]; then
+      printf '%41s%s\n' "" "${notes[$name]}"
+    fi
+  done
+  echo "Environment: BERT_PREP_WORKING_DIR (data root: $BERT_PREP_WORKING_DIR), BERT_CONFIG, VOCAB_FILE, RESULTS_DIR"
+  echo "(checkpoints in RESULTS_DIR/checkpoints), EXTRA_ARGS (more run_pretraining.py flags for both phases),"
+  echo "PYTHON (of the phase-2 check), NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT (multi-node)."
+}
+
+if $show_help; then
+  usage
+  exit 0
+fi
 mkdir -p "$CHECKPOINTS_DIR"
 
 for dir in "$DATA_DIR_PHASE1" "$BERT_CONFIG"; do

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import re
+import sys
 
 import pytest
+from tqdm import tqdm
 
 import launch
 import run_glue
 import run_pretraining
+from modeling import BertConfig
+from utils import MetricLogger, read_dllogger_json
 
 SCRIPTS = {"run_pretraining.py": run_pretraining, "run_glue.py": run_glue}
 
@@ -65,3 +72,68 @@ def test_read_config_overrides_win_and_none_keeps_the_file_s_value(tmp_path):
     assert launch.read_config(args, dam_lambda=None).dam_lambda == 0.5
     args.attention_mask_type = "dense"
     assert launch.read_config(args, attention_mask_type="strided").attention_mask_type == "strided"
+
+
+def shared_args(tmp_path, *extra: str) -> argparse.Namespace:
+    return run_pretraining.parse_arguments(["--input_dir", str(tmp_path), "--config_file", "c.json",
+                                            "--output_dir", str(tmp_path / "o"), *extra])
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_full_parameter_dump_is_printed_only_with_verbose_and_always_logged(tmp_path, capsys, verbose):
+    args = shared_args(tmp_path, *(["--verbose"] if verbose else []))
+    metrics = launch.open_metrics(args, BertConfig(vocab_size=10))
+    metrics.close()
+    out = capsys.readouterr().out
+    assert ("Config" in out) == verbose and "SEED: 42" in out and len(out) < 2000 + 2000 * verbose
+    records = read_dllogger_json(tmp_path / "o" / "dllogger.json")
+    config = next(r["data"]["Config"] for r in records if "Config" in r["data"])
+    assert json.loads(config)["verbose"] is verbose  # plot_training.py reads λ from it
+
+
+def glued(text: str, bar: str, line: str) -> bool:
+    """Whether a segment of terminal output (split at \\r and \\n) holds both the bar's text and the line."""
+    return any(bar in part and line in part for part in re.split(r"[\r\n]", text))
+
+
+def test_log_and_metric_lines_are_never_glued_to_a_progress_bar(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a fresh process (pytest installs its own)
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    launch.configure_logging(rank=0)
+    to_stderr = tqdm(total=4, desc="pretraining", file=sys.stderr)  # where tqdm draws by default
+    to_stdout = tqdm(total=4, desc="fine-tuning", file=sys.stdout)  # a terminal shows both streams on one screen
+    to_stderr.update(1)
+    to_stdout.update(1)
+    logging.getLogger("run_pretraining").info("warm start from x")
+    MetricLogger(tmp_path / "log.json").log((0, 1), {"average_loss": 1.5})
+    to_stderr.close()
+    to_stdout.close()
+    captured = capsys.readouterr()
+    assert "warm start from x" in captured.err and not glued(captured.err, "pretraining:", "warm start from x")
+    assert "average_loss: 1.5" in captured.out and not glued(captured.out, "fine-tuning:", "average_loss")
+
+
+@pytest.mark.parametrize("typo, hint", [
+    ("--lambda", "--lambda: did you mean --lamb / --dam_lambda?"),
+    ("--dam_lamda=1e-3", "--dam_lamda: did you mean --dam_lambda?"),
+    ("--fp61", "--fp61: did you mean --fp16?"),
+])
+def test_a_near_miss_flag_is_one_line_with_the_flags_it_resembles(tmp_path, capsys, typo, hint):
+    with pytest.raises(SystemExit) as exit_info:
+        shared_args(tmp_path, typo, "1e-3")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and hint in err
+
+
+def test_an_unlike_flag_gets_no_suggestion(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        shared_args(tmp_path, "--xyz")
+    assert "did you mean" not in capsys.readouterr().err
+
+
+def test_a_default_the_help_already_names_is_not_repeated():
+    p = launch.ScriptParser("x.py", "test")
+    p.add_argument("--out", default="a.png", help="output PNG (default: a.png beside the log)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution")
+    text = " ".join(p.format_help().split())
+    assert text.count("default") == 2 and "resolution (default: 100)" in text

@@ -339,6 +339,29 @@ def test_pretraining_checkpoint_into_classifier_adds_nothing_unexpected(tmp_path
     assert all(k.startswith("cls.") for k in clf.load_report.unexpected_keys)
 
 
+def test_missing_heads_are_info_and_missing_encoder_weights_a_warning(tmp_path, tiny_config, caplog):
+    config = tiny_config()
+    torch.save(BertModel(config).state_dict(), tmp_path / "encoder.pt")  # no MLM / NSP heads: expected
+    with caplog.at_level("INFO", logger="modeling"):
+        BertForPreTraining.from_pretrained(tmp_path / "encoder.pt", config=config)
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "cls.seq_relationship" in caplog.text
+    caplog.clear()
+    partial = {k: v for k, v in BertModel(config).state_dict().items() if "layer.1." not in k}
+    torch.save(partial, tmp_path / "partial.pt")
+    with caplog.at_level("INFO", logger="modeling"):
+        BertForPreTraining.from_pretrained(tmp_path / "partial.pt", config=config)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "layer.1." in caplog.text
+
+
+def test_mask_sparsity_measures_the_slice_of_the_inputs_length(tiny_config):
+    model = BertForSequenceClassification(tiny_config(attention_mask_type="star"), num_labels=2)
+    star = attention_masks.pattern_mask("star", 32)
+    assert model.mask_sparsity() == pytest.approx(attention_masks.sparsity(star))
+    assert model.mask_sparsity(16) == pytest.approx(attention_masks.sparsity(star[:16, :16]))
+    with pytest.raises(ValueError, match="covers 1 to 32 tokens"):
+        model.mask_sparsity(33)
+
+
 def test_own_folder_round_trip_with_config(tmp_path, tiny_config):
     model = BertForPreTraining(tiny_config()).eval()
     model.save_pretrained(tmp_path / "out")

@@ -97,7 +97,56 @@ def test_training_series_reads_the_logger_and_a_resume_replaces_redone_steps(tmp
     assert series["mask_sparsity"][-1] == (4, 0.7) and series["mask_learning_rate"][0] == (1, 0.05)
     assert plot_training.search_lambda(records) == 1e-3
     png = plot_training.plot_training_log(log)
-    assert png == log.with_name("training_curves.png") and Image.open(png).size == (1100, 750)
+    assert png == log.with_name("training_curves.png") and Image.open(png).size == (1100, 1000)
+
+
+def lambda_search_series(steps: int = 100) -> dict:
+    """A λ search's curves as the issue saw them: penalty 9.84 -> 9.81, sparsity 49.8 -> 50.7 %."""
+    return {"average_loss": [(s, 3.0 - 0.001 * s) for s in range(1, steps + 1)],
+            "mask_penalty": [(s, 9.84 - 0.0003 * s) for s in range(1, steps + 1)],
+            "mask_sparsity": [(s, 0.498 + 0.00009 * s) for s in range(1, steps + 1)],
+            "deterministic_sparsity": [(s, 0.498 + 0.00009 * s) for s in range(1, steps + 1)],
+            "expected_sparsity": [(s, 0.5) for s in range(1, steps + 1)],
+            "decided_gates": [(s, 0.003 * s) for s in range(1, steps + 1)],
+            "learning_rate": [(s, 1e-4) for s in range(1, steps + 1)],
+            "mask_learning_rate": [(s, 5e-3) for s in range(1, steps + 1)]}
+
+
+def panel(fig, title_start: str):
+    return next(ax for ax in fig.axes if ax.get_title().startswith(title_start))
+
+
+def test_no_axis_zooms_a_small_change_into_a_steep_trend():
+    fig = plot_training.training_figure(lambda_search_series(), "run")
+    assert panel(fig, "mask sparsity").get_ylim() == (0, 100) and panel(fig, "decided gates").get_ylim() == (0, 100)
+    for title in ("MLM + NSP loss", "mask penalty", "learning rate of the model", "learning rate of the mask"):
+        low, high = panel(fig, title).get_ylim()
+        assert low == 0 and high > 0, title  # 9.81-9.84 drawn on 0-10, not as a cliff
+    low, high = panel(fig, "mask penalty").get_ylim()
+    assert 9.84 < high < 11
+
+
+def test_the_two_learning_rates_have_their_own_panels_and_every_line_a_label():
+    fig = plot_training.training_figure(lambda_search_series(), "run")
+    model, mask = panel(fig, "learning rate of the model"), panel(fig, "learning rate of the mask logits")
+    assert [line.get_label() for line in model.lines] == ["learning_rate"]
+    assert [line.get_label() for line in mask.lines] == ["mask_learning_rate"]
+    assert all(not line.get_label().startswith("_") for ax in fig.axes for line in ax.lines
+               if len(line.get_xdata()) > 2)  # matplotlib names unlabelled lines "_child<k>"
+
+
+def test_a_target_search_draws_expected_deterministic_binarised_and_target_sparsity():
+    series = lambda_search_series(10)
+    series["mask_sparsity"] = [(s, 0.8) for s in range(1, 11)]  # binarised at the target's budget
+    series["target_sparsity"] = [(s, 0.5 + 0.03 * s) for s in range(1, 11)]
+    labels = [line.get_label() for line in panel(plot_training.training_figure(series, "t"), "mask sparsity").lines]
+    assert labels == ["binarised mask (what fine-tuning uses)", "1[a > 0] (before any budget)",
+                      "expected under the sampler (mean of 1 - σ(a))", "target (warmed up)"]
+    # A λ search binarises at 1[a > 0]: one line for both, not one hidden under the other.
+    labels = [line.get_label() for line in panel(plot_training.training_figure(lambda_search_series(10), "l"),
+                                                 "mask sparsity").lines]
+    assert labels == ["binarised mask = 1[a > 0] (what fine-tuning uses)",
+                      "expected under the sampler (mean of 1 - σ(a))"]
 
 
 def test_dense_or_old_log_still_plots(tmp_path):
@@ -124,3 +173,48 @@ def test_plot_training_errors_are_one_line(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
     assert not (tmp_path / "training_curves.png").exists()
+
+
+def red_pixels(png: Path) -> int:
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    target = np.array([int(plot_masks.DIAGONAL_COLOUR[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(rgb - target).sum(axis=-1) <= 6).sum())
+
+
+def test_a_dropped_diagonal_is_drawn_red_and_the_title_states_the_finding(tmp_path):
+    keeps, drops = banded(1, 4, 64, 3), banded(1, 4, 64, 3)
+    drops[0, 1:] &= ~torch.eye(64, dtype=torch.bool)  # heads 1-3 drop their diagonal, head 0 keeps it
+    pngs = {}
+    for name, mask in (("keeps", keeps), ("drops", drops)):
+        am.save_mask_file(tmp_path / f"{name}.safetensors", mask, {"mode": "dam_s"})
+        pngs[name] = plot_masks.plot_mask_file(str(tmp_path / f"{name}.safetensors"), str(tmp_path / f"{name}.png"))[0]
+    # The bar of offset 0 and the corner's frames are red in both; three maps' diagonals only where dropped.
+    assert red_pixels(pngs["drops"]) - red_pixels(pngs["keeps"]) >= 3 * 64 * 2
+    assert plot_masks.finding(drops) == "main diagonal kept 0.25 (dropped in 3 of 4 heads); offset 1: 1.00; " \
+                                        "offsets 2-63: 0.03"
+    assert plot_masks._map_title("head 1", drops[0, 1]) == "head 1: 91% dropped, diagonal dropped"
+
+
+def test_the_offset_panels_span_0_to_1_with_a_line_at_one_half():
+    import matplotlib.pyplot as plt
+
+    kept = am.offset_keep_fraction(banded(2, 3, 32, 2))
+    fig, (bars, lines) = plt.subplots(1, 2)
+    plot_masks._draw_first_offsets(bars, kept.mean(dim=(0, 1)))
+    plot_masks._draw_all_offsets(lines, kept, shared=False)
+    for ax in (bars, lines):
+        assert ax.get_ylim()[0] == 0.0 and 1.0 < ax.get_ylim()[1] <= 1.2  # room for the printed values
+        assert any(list(line.get_ydata()) == [0.5, 0.5] for line in ax.lines)  # the ½ line
+    assert [t.get_text() for t in bars.texts][:2] == ["1.00", "1.00"]  # offsets 0 and 1 printed
+    assert "offsets 0-15 of 0-31" in bars.get_title()  # the cut is stated
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("name, content", [("ckpt_8.pt", b"PK\x03\x04rest"), ("weights", b"\x80\x02rest")])
+def test_a_checkpoint_given_to_plot_masks_points_to_export(tmp_path, capsys, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        plot_masks.main([str(tmp_path / name), "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "is a checkpoint, not a mask file" in err
+    assert f"python attention_masks.py export --checkpoint {tmp_path / name} --out" in err

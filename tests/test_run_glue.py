@@ -4,6 +4,7 @@ have the right format; bad flags give one line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -131,7 +132,20 @@ def test_tiny_bert_learns_the_keyword_task(glue: Path, tmp_path: Path, mask: str
     assert BertConfig.from_json_file(out / "bert_config.json").attention_mask_type == mask
     records = read_dllogger_json(out / "dllogger.json")
     final = records[-1]["data"]
-    assert final["exact_match"] == r["acc"] and "training_sequences_per_second" in final
+    assert final["acc"] == r["acc"] and "exact_match" not in final and "training_sequences_per_second" in final
+    last_rate = [rec["data"]["learning_rate"] for rec in records if "learning_rate" in rec.get("data", {})][-1]
+    assert last_rate == 0.0 and math.copysign(1.0, last_rate) == 1.0  # not -0.0, printed "learning_rate: -0"
+
+
+def test_reported_sparsity_is_that_of_the_slice_the_inputs_use(glue: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY, "mask_seq_length": 2 * SEQ}))
+    out = tmp_path / "star"
+    assert run_glue.main(glue_args(glue, out, "sst-2", "--do_eval", "--do_train", "--max_steps", "1",
+                                   "--config_file", str(config), "--attention_mask_type", "star")) == 0
+    used = attention_masks.sparsity(attention_masks.pattern_mask("star", 2 * SEQ)[:SEQ, :SEQ])
+    assert results(out)["mask_sparsity"] == pytest.approx(used)
+    assert used < attention_masks.sparsity(attention_masks.pattern_mask("star", 2 * SEQ)) - 0.1  # not the 32-token one
 
 
 def test_eval_only_from_the_finetuned_checkpoint_reproduces_the_metrics(glue: Path, tmp_path: Path) -> None:

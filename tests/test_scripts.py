@@ -1,4 +1,4 @@
-"""The shell entry points: run_glue.sh's --help and defaults, and the set-up scripts saying what they install."""
+"""The shell entry points: every launcher's --help and defaults, and the set-up scripts saying what they install."""
 import os
 import re
 import subprocess
@@ -64,3 +64,23 @@ def test_each_install_step_is_announced_and_pip_stays_quiet(no_torch_python, scr
 def test_install_torch_keeps_an_installed_torch():
     proc = bash("install_torch.sh")
     assert proc.returncode == 0 and re.fullmatch(r"\[setup\] torch \S+ is already installed: using it\n", proc.stdout)
+
+
+def test_run_pretraining_sh_help_lists_the_28_parameters_and_touches_nothing(tmp_path):
+    results = tmp_path / "results"
+    proc = bash("run_pretraining.sh", "--help", env={"RESULTS_DIR": str(results)})
+    assert proc.returncode == 0 and proc.stderr == ""
+    rows = re.findall(r"^\s*(\d+) (\S+)\s+(.*)$", proc.stdout, flags=re.M)
+    assert [int(n) for n, _, _ in rows] == list(range(1, 29))
+    defaults = {name: value.strip() for _, name, value in rows}
+    assert defaults["train_batch_size"] == "8192" and defaults["lamb"] == "config" and defaults["run_phase2"] == "true"
+    assert "--dam_lambda" in proc.stdout and not results.exists()  # no folder made, no data checked
+
+
+def test_run_glue_all_sh_help_and_a_missing_parameter_is_one_line():
+    proc = bash("run_glue_all.sh", "--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: bash scripts/run_glue_all.sh <init_checkpoint>")
+    assert "seed             2" in proc.stdout and proc.stderr == ""
+    proc = bash("run_glue_all.sh", "ckpt.pt")
+    assert proc.returncode == 2 and proc.stderr == "run_glue_all.sh: error: needs <init_checkpoint> and <glue_dir> " \
+                                                   "(see --help)\n"

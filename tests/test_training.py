@@ -296,3 +296,48 @@ def test_ddp_gradients_all_reduced_in_half_precision_on_gloo(tmp_path, dtype):
     hook refuses any backend but NCCL)."""
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), dtype), nprocs=2, join=True)
 
+
+
+def test_output_dir_lock_is_removed_on_release_and_refuses_a_second_holder(tmp_path):
+    lock_file = tmp_path / "out" / training.OutputDirLock.NAME
+    with training.OutputDirLock(tmp_path / "out", "first.py") as first:
+        first.acquire()
+        assert "first.py (pid" in lock_file.read_text()
+        with pytest.raises(ValueError, match="in use by first.py"):
+            training.OutputDirLock(tmp_path / "out", "second.py").acquire()
+    assert not lock_file.exists()  # a clean end leaves no empty .lock behind
+
+
+def test_a_lock_opened_before_its_holder_released_it_is_not_taken(tmp_path):
+    """A run that opened the file just before the holder unlinked it must not lock that orphan:
+    a third run would lock the new file and both would write."""
+    holder = training.OutputDirLock(tmp_path, "holder.py")
+    holder.acquire()
+    late = training.OutputDirLock(tmp_path, "late.py")
+    orphan_fd = os.open(tmp_path / holder.NAME, os.O_RDWR)
+    real_open = os.open
+    handed = []
+
+    def open_orphan_first(path, *args):
+        if not handed:
+            handed.append(path)
+            return orphan_fd
+        return real_open(path, *args)
+
+    holder.release()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", open_orphan_first)
+        late.acquire()
+    third = training.OutputDirLock(tmp_path, "third.py")
+    with pytest.raises(ValueError, match="in use by late.py"):
+        third.acquire()
+    late.release()
+
+
+def test_release_leaves_a_lock_file_that_is_not_its_own(tmp_path):
+    lock = training.OutputDirLock(tmp_path, "run.py")
+    lock.acquire()
+    (tmp_path / lock.NAME).unlink()  # removed by hand while held, then another run's file in its place
+    (tmp_path / lock.NAME).write_text("other.py (pid 1)\n")
+    lock.release()
+    assert (tmp_path / lock.NAME).read_text() == "other.py (pid 1)\n"
