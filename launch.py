@@ -128,7 +128,7 @@ def validate_shared(args: argparse.Namespace) -> None:
         raise ValueError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
     if not args.loss_scale >= 0:
         raise ValueError(f"--loss_scale must be 0 (dynamic) or > 0 (a static scale), got {args.loss_scale}")
-    parse_config_overrides(args.config_overrides)
+    parse_config_overrides(args.config_overrides)  # a malformed override is refused before anything is read
     args.config_file = resolve_config_file(args.config_file)
     for flag in ("config_file", "vocab_file"):
         value = getattr(args, flag)
