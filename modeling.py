@@ -870,7 +870,9 @@ def _refuse_another_architecture(model: BertPreTrainedModel, state: dict[str, to
         problems += [f"its config has {name}={getattr(recorded, name)!r}, this model {getattr(model.config, name)!r}"
                      for name in ARCHITECTURE_FIELDS
                      if name != "num_hidden_layers" and getattr(recorded, name) != getattr(model.config, name)]
-    mismatch = _shape_mismatch(own, converted)
+    # The body only: a task head of another shape (another label count) is the caller's to judge.
+    mismatch = _shape_mismatch(own, {key: tensor for key, tensor in converted.items()
+                                     if key.removeprefix("bert.").startswith(_BODY_ROOTS)})
     if mismatch and not problems:
         problems.append(mismatch)
     if problems:
@@ -919,7 +921,8 @@ _TO_OURS = (
     ("transform.dense.", "transform.dense_act."),
 )
 _VOCAB_ROW_KEYS = ("embeddings.word_embeddings.weight", "cls.predictions.bias", "cls.predictions.decoder.weight")
-_HEADLESS_ROOTS = ("embeddings.", "encoder.", "pooler.", "sparse_mask.")
+_BODY_ROOTS = ("embeddings.", "encoder.", "pooler.")
+_HEADLESS_ROOTS = (*_BODY_ROOTS, "sparse_mask.")
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], own_keys, vocab_size: int) -> dict[str, torch.Tensor]:
