@@ -419,7 +419,7 @@ def test_bad_flags_give_one_line(good_shard, tmp_path, capsys, flags, expect, pr
 
 @pytest.mark.parametrize("flag, value, expect", [
     ("--attention_mask_type", "Star", "argument --attention_mask_type: invalid choice: 'Star'"),
-    ("--lamb", "abc", "argument --lamb: must be a number, got 'abc'"),
+    ("--lamb", "abc", "argument --lamb/--dam_lambda: must be a number, got 'abc'"),
 ])
 def test_a_bad_flag_value_is_one_line_naming_the_flag_not_the_usage(good_shard, tmp_path, capsys, pretraining_args,
                                                                       write_config, flag, value, expect):
