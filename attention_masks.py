@@ -59,6 +59,8 @@ TARGET_METHODS = ("projection", "lagrangian")
 PRICE_RATE, PRICE_FLOOR = 0.15, 1e-2
 # A gate counts as decided once its keep probability sigma(a) is below 0.1 or above 0.9 (|a| > 2.197).
 DECIDED_LOGIT = 2.1972245773362196
+# Below this share of decided gates a searched mask is reported as close to a coin flip.
+UNDECIDED_SHARE = 0.5
 # Which gates the L1 penalty's straight-through gradient reaches. "kept_gates": the released code's
 # lambda * ||M||_1 of the hard sample, whose gradient sign(M) is 0 on a gate sampled 0, so only the
 # gates kept in this sample are pulled down. "all_gates": every gate, sampled 0 or 1: at tau = 1 a pull
@@ -316,19 +318,74 @@ def offset_keep_fraction(mask: torch.Tensor) -> torch.Tensor:
     return kept / counts
 
 
-def diagonal_finding(mask: torch.Tensor, offsets_shown: int = 8) -> str:
-    """The paper's headline check of a binary mask [..., n, n], in two lines: in how many of its
-    (layer, head) masks the main diagonal is dropped (fewer than half its entries kept) and offset 1
-    kept (at least half), then the kept fraction per offset |i - j|, averaged over layers and heads."""
-    per_head = offset_keep_fraction(_as_layers_heads(mask)).flatten(0, 1)  # [L*H, n]
-    total, n = per_head.shape
-    dropped = int((per_head[:, 0] < 0.5).sum())
-    kept_next = int((per_head[:, 1] >= 0.5).sum()) if n > 1 else 0
-    mean = per_head.mean(dim=0)
-    shown = " ".join(f"{d}: {v:.2f}" for d, v in enumerate(mean[:offsets_shown].tolist()))
-    rest = f"; {offsets_shown}..{n - 1}: {mean[offsets_shown:].mean().item():.2f}" if n > offsets_shown else ""
-    return (f"Main diagonal dropped in {dropped} of {total} layer-heads; offset 1 kept in {kept_next} of {total}.\n"
-            f"Kept fraction per offset |i - j|: {shown}{rest}")
+def mask_finding(mask: torch.Tensor, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The paper's headline check of a binary mask [..., n, n], as numbers: per (layer, head) mask the
+    kept fraction of the main diagonal and of offset 1 (dropped = fewer than half kept), how many
+    drop the one and keep the other, and the kept fraction per offset |i - j| averaged over them. A
+    mask the same in every layer (shared, as the released code's) is counted once per head.
+
+    ``metadata`` (a mask file's, or a search's `search_state()`) adds what the logits say, where
+    present: expected and deterministic sparsity, and the share of decided gates."""
+    layers = _as_layers_heads(mask)
+    shared = bool((layers == layers[:1]).all())
+    per_unit = offset_keep_fraction(layers[:1] if shared else layers).flatten(0, 1)  # [units, n]
+    n = per_unit.shape[1]
+    next_offset = per_unit[:, 1] if n > 1 else torch.zeros_like(per_unit[:, 0])
+    finding = {"layers": layers.shape[0], "heads": layers.shape[1], "shared_across_layers": shared,
+               "units": "heads" if shared else "layer-heads", "count": per_unit.shape[0],
+               "diagonal_dropped": int((per_unit[:, 0] < 0.5).sum()), "offset1_kept": int((next_offset >= 0.5).sum()),
+               "diagonal_kept_per_unit": per_unit[:, 0].tolist(), "offset1_kept_per_unit": next_offset.tolist(),
+               "kept_per_offset": per_unit.mean(dim=0).tolist(), "sparsity": sparsity(layers)}
+    for key in ("mode", "step", "lambda", "target_sparsity", "expected_sparsity", "deterministic_sparsity",
+                "decided_gates"):
+        if metadata and metadata.get(key) is not None:
+            finding[key] = metadata[key]
+    return finding
+
+
+def finding_text(finding: dict[str, Any], offsets_shown: int = 8) -> str:
+    """`mask_finding`'s numbers in a few lines, ending with a caveat when most gates are undecided."""
+    count, units = finding["count"], finding["units"]
+    where = f" (one mask shared by all {finding['layers']} layers)" if finding["shared_across_layers"] and \
+        finding["layers"] > 1 else ""
+    kept = finding["kept_per_offset"]
+    shown = " ".join(f"{d}: {v:.2f}" for d, v in enumerate(kept[:offsets_shown]))
+    rest = f"; {offsets_shown}..{len(kept) - 1}: {sum(kept[offsets_shown:]) / len(kept[offsets_shown:]):.2f}" \
+        if len(kept) > offsets_shown else ""
+    lines = [_finding_header(finding)] if "mode" in finding else []
+    lines += [f"Main diagonal dropped in {finding['diagonal_dropped']} of {count} {units}; offset 1 kept in "
+             f"{finding['offset1_kept']} of {count}{where}.",
+             f"Kept fraction per offset |i - j|: {shown}{rest}",
+             f"Sparsity of the binarised mask: {100 * finding['sparsity']:.1f} %" + _logit_sparsities(finding)]
+    if "decided_gates" in finding:
+        decided = finding["decided_gates"]
+        lines.append(f"Decided gates (sigma(a) < 0.1 or > 0.9): {100 * decided:.1f} %")
+        if decided < UNDECIDED_SHARE:
+            lines.append("Caveat: most gates are undecided; the mask is close to a coin flip: search longer, raise "
+                         "--mask_learning_rate, or use --target_sparsity.")
+    return "\n".join(lines)
+
+
+def _finding_header(finding: dict[str, Any]) -> str:
+    """Which search the finding is of: its mode, step, and λ or target sparsity."""
+    facts = [f"step {finding['step']}"] if "step" in finding else []
+    if "target_sparsity" in finding:
+        facts.append(f"target sparsity {finding['target_sparsity']:g}")
+    elif "lambda" in finding:
+        facts.append(f"λ = {finding['lambda']:g}")
+    return f"Finding of the {finding['mode']} mask" + (f" ({', '.join(facts)}):" if facts else ":")
+
+
+def _logit_sparsities(finding: dict[str, Any]) -> str:
+    parts = [f"{label} {100 * finding[key]:.1f} %" for key, label in (
+        ("expected_sparsity", "expected under sampling"), ("deterministic_sparsity", "of 1[a > 0]"))
+        if key in finding]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def diagonal_finding(mask: torch.Tensor, metadata: dict[str, Any] | None = None) -> str:
+    """`mask_finding` of a binary mask [..., n, n] as text (`finding_text`)."""
+    return finding_text(mask_finding(mask, metadata))
 
 
 def keep_highest(scores: torch.Tensor, sparsity_target: float, scope: str = "global") -> torch.Tensor:
@@ -724,6 +781,7 @@ class DifferentiableMask(AttentionMask):
                 "temperature_schedule": self.temperature_schedule, "share_across_layers": self.share_across_layers,
                 "symmetric": self.symmetric, "block_size": self.block_size, "init_std": self.init_std,
                 "penalty_gradient": self.penalty_gradient, "binarization": self.binarization(),
+                "expected_sparsity": self.expected_sparsity().item(),
                 "deterministic_sparsity": self.deterministic_sparsity(), "decided_gates": self.decided_share()}
 
     def extra_repr(self) -> str:
@@ -1177,7 +1235,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("patterns", help="print every pattern's sparsity at --seq_len (mask_seq_length)")
     p.add_argument("--seq_len", type=int, default=MaskConfig().mask_seq_length)
-    p = sub.add_parser("report", help="print a mask file's per-layer / per-head sparsity table")
+    p = sub.add_parser("report", help="print a mask file's per-layer / per-head sparsity table and its finding "
+                                      "(diagonal, offset 1, kept fraction per offset, decided gates)")
     p.add_argument("mask_file")
     p = sub.add_parser("export", help="binarise the DAM logits of a checkpoint into a mask file")
     p.add_argument("--checkpoint", required=True)
@@ -1201,6 +1260,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: v for k, v in metadata.items() if not k.startswith("sparsity_per")}, sort_keys=True))
         print(describe_binarization(metadata.get("binarization")))
         print(sparsity_report(mask))
+        print(diagonal_finding(mask, metadata))
     else:
         meta = _export_from_checkpoint(args.checkpoint, args.config, args.out, args.step, args.sparsity, args.scope)
         step = f"step {meta['step']}" if "step" in meta else "no step recorded (pass --step)"

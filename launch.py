@@ -3,6 +3,7 @@ command-line overrides, precision, logging, seeding and the distributed start.""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import logging
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 import attention_masks
 import training
-from modeling import BertConfig
+from modeling import CONFIG_NAMES, BertConfig
 from utils import (MetricLogger, add_local_rank_argument, finite_float, get_rank, get_world_size, init_distributed,
                    precision_dtype, seed_everything)
 
@@ -61,7 +62,13 @@ class ScriptParser(argparse.ArgumentParser):
 
 def add_shared_arguments(p: argparse.ArgumentParser) -> None:
     """The flags run_pretraining.py and run_glue.py both take, with the same meaning."""
-    p.add_argument("--config_file", required=True, help="bert_config.json (model + attention-mask fields)")
+    p.add_argument("--config_file", required=True,
+                   help="bert_config.json (model + attention-mask fields), a Hugging Face config.json, or a model "
+                        "folder holding either")
+    p.add_argument("--config_overrides", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="config fields set on top of --config_file, each value read as JSON, e.g. "
+                        "num_hidden_layers=2 (the checkpoint's first 2 layers) dam_share_across_layers=true; "
+                        "--attention_mask_type and the other mask flags still win")
     p.add_argument("--output_dir", required=True, help="where this run's files go")
     p.add_argument("--init_checkpoint", default=None,
                    help="weights to start from: an NVIDIA / this project's checkpoint, a state dict or a "
@@ -143,6 +150,8 @@ def validate_shared(args: argparse.Namespace) -> None:
         raise ValueError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
     if not args.loss_scale >= 0:
         raise ValueError(f"--loss_scale must be 0 (dynamic) or > 0 (a static scale), got {args.loss_scale}")
+    parse_config_overrides(args.config_overrides)  # a malformed override is refused before anything is read
+    args.config_file = resolve_config_file(args.config_file)
     for flag in ("config_file", "vocab_file"):
         value = getattr(args, flag)
         if value and not Path(value).is_file():
@@ -152,9 +161,44 @@ def validate_shared(args: argparse.Namespace) -> None:
 # ============================================================================ config
 
 
+def resolve_config_file(path: str) -> str:
+    """--config_file itself, or a model folder's own config: its bert_config.json, else its (Hugging
+    Face) config.json, whose extra keys are kept and ignored."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    for name in CONFIG_NAMES:
+        if (folder / name).is_file():
+            return str(folder / name)
+    raise FileNotFoundError(f"--config_file {path} is a folder without {' or '.join(CONFIG_NAMES)}: pass the "
+                            f"config file itself")
+
+
+def parse_config_overrides(pairs: list[str]) -> dict[str, Any]:
+    """--config_overrides FIELD=VALUE ... as {field: value}; a value that is not JSON (2, true, null,
+    1e-4, "gelu") is taken as a string, so hidden_act=gelu needs no quotes."""
+    known = {f.name for f in dataclasses.fields(BertConfig)} - {"extra"}
+    overrides = {}
+    for pair in pairs:
+        name, equals, text = pair.partition("=")
+        if not equals or name not in known:
+            raise ValueError(f"--config_overrides {pair}: expected FIELD=VALUE with FIELD a bert_config field, "
+                             f"e.g. num_hidden_layers=2")
+        try:
+            overrides[name] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[name] = text
+    return overrides
+
+
 def read_config(args: argparse.Namespace, **overrides: Any) -> BertConfig:
-    """--config_file with --attention_mask_type and the script's own overrides, which win (None = keep)."""
-    return training.load_config(args.config_file, **{"attention_mask_type": args.attention_mask_type, **overrides})
+    """--config_file with --config_overrides, then --attention_mask_type and the script's own
+    overrides, which win (None = keep)."""
+    config = training.load_config(args.config_file)
+    flags = {"attention_mask_type": args.attention_mask_type, **overrides}
+    changes = {**parse_config_overrides(args.config_overrides),
+               **{name: value for name, value in flags.items() if value is not None}}
+    return config.replace(**changes) if changes else config
 
 
 def check_config(config: BertConfig, args: argparse.Namespace) -> None:

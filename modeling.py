@@ -490,13 +490,10 @@ class BertPreTrainedModel(nn.Module):
         """
         own = self.state_dict()
         converted = convert_state_dict(state_dict, own_keys=own.keys(), vocab_size=self.config.vocab_size)
-        for key, tensor in converted.items():
-            if key in own and own[key].shape != tensor.shape:
-                raise ValueError(
-                    f"{source}: '{key}' has shape {tuple(tensor.shape)} but this model needs "
-                    f"{tuple(own[key].shape)}; the checkpoint is for another architecture — use its own "
-                    f"bert_config.json"
-                )
+        mismatch = _shape_mismatch(own, converted)
+        if mismatch:
+            raise ValueError(f"{source}: {mismatch}; the checkpoint is for another architecture — use its own "
+                             f"bert_config.json")
         if not strict:  # a target search's state means nothing to a model that searches nothing
             converted = {k: v for k, v in converted.items() if k in own or not attention_masks.is_search_state(k)}
         # The tied decoder weight is restored through the embeddings.
@@ -833,10 +830,9 @@ def read_warm_start(path: str | os.PathLike,
                     model: BertPreTrainedModel) -> tuple[dict[str, torch.Tensor], BertConfig | None]:
     """The weights at `path` (a file or a model folder) for warm-starting `model`, checked to be an
     encoder of its architecture (`check_warm_start`), and the config they were written under
-    (`read_warm_start_weights`)."""
+    (`read_warm_start_weights`). A model with fewer layers than the checkpoint gets its first layers."""
     state, recorded = read_warm_start_weights(path)
-    check_warm_start(model, state, str(path), recorded)
-    return state, recorded
+    return check_warm_start(model, state, str(path), recorded), recorded
 
 
 def read_warm_start_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], BertConfig | None]:
@@ -852,31 +848,74 @@ def read_warm_start_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Te
 
 
 def check_warm_start(model: BertPreTrainedModel, state: dict[str, torch.Tensor], source: str,
-                     recorded: BertConfig | None) -> None:
+                     recorded: BertConfig | None) -> dict[str, torch.Tensor]:
+    """`state` to load into `model`: the checkpoint's first layers when the model is shallower
+    (`_first_layers`), after refusing (`_refuse_another_architecture`) weights that would leave the
+    encoder random or mean another encoder."""
+    state = _first_layers(state, model.config.num_hidden_layers, source)
+    _refuse_another_architecture(model, state, source, recorded)
+    return state
+
+
+def _first_layers(state: dict[str, torch.Tensor], depth: int, source: str) -> dict[str, torch.Tensor]:
+    """`state` without its encoder layers from `depth` on, when it holds exactly layers 0 .. n-1 with
+    n > depth: a shallower model asks for the checkpoint's first layers (logged). Anything else is
+    left for `_refuse_another_architecture` to judge."""
+    layers = _encoder_layers(state)
+    if layers != set(range(len(layers))) or len(layers) <= depth:
+        return state
+    logger.info("warm start from %s: encoder layers 0-%d of its %d (num_hidden_layers %d)", source, depth - 1,
+                len(layers), depth)
+    return {key: tensor for key, tensor in state.items() if _layer_of(key) is None or _layer_of(key) < depth}
+
+
+def _refuse_another_architecture(model: BertPreTrainedModel, state: dict[str, torch.Tensor], source: str,
+                                 recorded: BertConfig | None) -> None:
     """Refuse warm-start weights that would leave the encoder random or mean another encoder: none of
-    its encoder tensors, other layers, or (per the checkpoint's config) another head count. Heads
-    (MLM / NSP / classifier) and mask logits may be missing: they start fresh, named in the report."""
-    own = model.state_dict().keys()
-    converted = convert_state_dict(state, own_keys=own, vocab_size=model.config.vocab_size).keys()
+    its encoder tensors, fewer or other layers, tensors of other shapes, or (per the checkpoint's
+    config) another architecture. Heads (MLM / NSP / classifier) and mask logits may be missing:
+    they start fresh, named in the report."""
+    own = model.state_dict()
+    converted = convert_state_dict(state, own_keys=own.keys(), vocab_size=model.config.vocab_size)
     problems = []
-    if not any(".encoder." in f".{key}" for key in converted & own):
+    if not any(".encoder." in f".{key}" for key in converted.keys() & own.keys()):
         problems.append("none of its tensors is an encoder weight of this model (is it a BERT checkpoint?)")
     elif _encoder_layers(converted) != _encoder_layers(own):
         problems.append(f"it holds encoder layers {sorted(_encoder_layers(converted))}, this model has "
                         f"{sorted(_encoder_layers(own))}")
-    if recorded is not None and recorded.num_attention_heads != model.config.num_attention_heads:
-        problems.append(f"its config has num_attention_heads={recorded.num_attention_heads}, this model "
-                        f"{model.config.num_attention_heads}")
+    if recorded is not None:
+        problems += [f"its config has {name}={getattr(recorded, name)!r}, this model {getattr(model.config, name)!r}"
+                     for name in ARCHITECTURE_FIELDS
+                     if name != "num_hidden_layers" and getattr(recorded, name) != getattr(model.config, name)]
+    # The body only: a task head of another shape (another label count) is the caller's to judge.
+    mismatch = _shape_mismatch(own, {key: tensor for key, tensor in converted.items()
+                                     if key.removeprefix("bert.").startswith(_BODY_ROOTS)})
+    if mismatch and not problems:
+        problems.append(mismatch)
     if problems:
-        raise ValueError(f"--init_checkpoint {source}: {'; '.join(problems)}, so training would start from "
-                         f"random weights: pass a checkpoint of this architecture, or its own config")
+        raise ValueError(f"--init_checkpoint {source}: {'; '.join(problems)}: another architecture, from which "
+                         f"training would start from random weights: pass a checkpoint of this architecture, or its "
+                         f"own config (--config_file <its folder or config.json>)")
+
+
+def _shape_mismatch(own: dict[str, torch.Tensor], converted: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor both hold with other shapes, described, or None."""
+    for key, tensor in converted.items():
+        if key in own and own[key].shape != tensor.shape:
+            return f"'{key}' has shape {tuple(tensor.shape)} but this model needs {tuple(own[key].shape)}"
+    return None
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
 
 
+def _layer_of(key: str) -> int | None:
+    match = _LAYER_RE.search(key)
+    return int(match.group(1)) if match else None
+
+
 def _encoder_layers(keys: Iterable[str]) -> set[int]:
-    return {int(m.group(1)) for key in keys if (m := _LAYER_RE.search(key))}
+    return {layer for key in keys if (layer := _layer_of(key)) is not None}
 
 
 def recorded_config(checkpoint: dict[str, Any], source: str) -> BertConfig | None:
@@ -899,7 +938,8 @@ _TO_OURS = (
     ("transform.dense.", "transform.dense_act."),
 )
 _VOCAB_ROW_KEYS = ("embeddings.word_embeddings.weight", "cls.predictions.bias", "cls.predictions.decoder.weight")
-_HEADLESS_ROOTS = ("embeddings.", "encoder.", "pooler.", "sparse_mask.")
+_BODY_ROOTS = ("embeddings.", "encoder.", "pooler.")
+_HEADLESS_ROOTS = (*_BODY_ROOTS, "sparse_mask.")
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], own_keys, vocab_size: int) -> dict[str, torch.Tensor]:

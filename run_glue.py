@@ -204,7 +204,7 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
     # so a seed gives the same new head and dropout as with the mask file exported from it.
     model = BertForSequenceClassification(config, num_labels, mask_logits_from_checkpoint=True)
     if init_checkpoint:
-        check_warm_start(model, state, str(init_checkpoint), searched)
+        state = check_warm_start(model, state, str(init_checkpoint), searched)
         state = take_mask_logits(state, config, init_checkpoint, searched, drop_searched_mask)
         state = drop_foreign_head(state, num_labels, init_checkpoint, allow_new_head)
         model.load_converted_state_dict(state, source=str(init_checkpoint))

@@ -29,7 +29,7 @@ import launch
 import modeling
 import pretraining_data
 import training
-from atomic_io import remove_stale_temps
+from atomic_io import atomic_write_text, remove_stale_temps
 from batches import PretrainingBatch
 from modeling import BertConfig, BertForPreTraining
 from optimization import build_lamb
@@ -117,6 +117,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
                          f"got {args.target_sparsity}")
     if not Path(args.input_dir).is_dir():
         raise FileNotFoundError(f"--input_dir {args.input_dir} does not exist: point it at a folder of .hdf5 shards")
+    if args.init_checkpoint:
+        modeling.resolve_weights_file(args.init_checkpoint)  # one clear line when the path is wrong
 
 
 def load_model_config(args: argparse.Namespace) -> BertConfig:
@@ -185,14 +187,26 @@ def search_mask(model: torch.nn.Module) -> attention_masks.DifferentiableMask | 
     return module if isinstance(module, attention_masks.DifferentiableMask) else None
 
 
-def write_mask(model: torch.nn.Module, path: Path, step: int, print_table: bool) -> None:
+def write_mask(model: torch.nn.Module, path: Path, step: int, print_table: bool) -> dict[str, Any] | None:
+    """Export the binarised mask to `path` (main process only); returns the metadata written."""
     module = mask_module(model)
     if module is None or not is_main_process():
-        return
-    attention_masks.export_mask(module, path, step=step)
+        return None
+    metadata = attention_masks.export_mask(module, path, step=step)
     if print_table:
         print(f"attention-mask sparsity (%) at step {step}, written to {path}:\n"
               f"{attention_masks.sparsity_report(module.full_mask())}", flush=True)
+    return metadata
+
+
+def write_finding(mask: torch.Tensor, metadata: dict[str, Any], output_dir: Path) -> None:
+    """Print a searched mask's finding and write it into the output folder: finding.md (the text)
+    and finding.json (the numbers, per head included)."""
+    finding = attention_masks.mask_finding(mask, metadata)
+    text = attention_masks.finding_text(finding)
+    atomic_write_text(output_dir / "finding.json", json.dumps(finding, indent=2) + "\n")
+    atomic_write_text(output_dir / "finding.md", text + "\n")
+    print(f"{text}\n(written to {output_dir / 'finding.md'} and finding.json)", flush=True)
 
 
 # ============================================================================ set-up
@@ -238,6 +252,17 @@ def warm_start(model: BertForPreTraining, path: str, keep_mask: bool = False) ->
     report = model.load_converted_state_dict(state, source=str(path))
     logger.info("warm start from %s (missing %d keys, unexpected %d)", path,
                 len(report.missing_keys), len(report.unexpected_keys))
+
+
+def check_warm_start(args: argparse.Namespace, config: BertConfig) -> None:
+    """What `warm_start` would refuse (no encoder, fewer layers, another architecture), checked on a
+    model on the meta device, which holds shapes but no memory. A run that will resume a checkpoint
+    in --output_dir ignores --init_checkpoint, so it is not checked then."""
+    if not args.init_checkpoint or (args.resume_from_checkpoint and training.list_checkpoints(args.output_dir)):
+        return
+    with torch.device("meta"):
+        model = BertForPreTraining(config)
+    modeling.read_warm_start(args.init_checkpoint, model)
 
 
 def resume_state(args: argparse.Namespace, config: BertConfig) -> tuple[int, Path, dict[str, Any]] | None:
@@ -479,7 +504,7 @@ def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[s
 def finish(args: argparse.Namespace, p: Pretraining, last_log: dict[str, float], e2e_time: float,
            state: dict[str, Any]) -> dict[str, Any]:
     """NVIDIA's summary line (final_loss: MLM + NSP of the last log window, as a dense run's; the
-    mask penalty apart), then the end-of-run mask file."""
+    mask penalty apart), then the end-of-run mask file and, for a search, its finding."""
     results = {"e2e_train_time": e2e_time, "training_sequences_per_second": p.step.meter.sequences_per_second(),
                "final_loss": last_log["average_loss"], "final_mask_penalty": last_log["mask_penalty"],
                "raw_train_time": p.step.meter.elapsed(), **state}
@@ -488,16 +513,21 @@ def finish(args: argparse.Namespace, p: Pretraining, last_log: dict[str, float],
                                                "final_loss", "final_mask_penalty", "raw_train_time")})
     p.metrics.close()
     if mask_module(p.raw_model) is not None:
-        write_mask(p.raw_model, Path(args.output_dir) / "attention_mask.safetensors",
-                   checkpoint_name_step(args, state["global_step"]), print_table=True)
+        metadata = write_mask(p.raw_model, Path(args.output_dir) / "attention_mask.safetensors",
+                              checkpoint_name_step(args, state["global_step"]), print_table=True)
+        search = search_mask(p.raw_model)
+        if search is not None and metadata is not None:
+            write_finding(search.full_mask(), metadata, Path(args.output_dir))
     return results
 
 
 def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, Any]:
     validate_arguments(args)
     if args.check_only:
-        checked_inputs(args)
-        print(f"run_pretraining.py: {args.input_dir} and {args.config_file} pass the checks", flush=True)
+        config, _ = checked_inputs(args)
+        check_warm_start(args, config)
+        checked = f" and --init_checkpoint {args.init_checkpoint}" if args.init_checkpoint else ""
+        print(f"run_pretraining.py: {args.input_dir}, {args.config_file}{checked} pass the checks", flush=True)
         return {}
     p = set_up(args, lock)
     global_step, search = p.global_step, search_mask(p.raw_model)

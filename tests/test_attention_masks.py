@@ -456,7 +456,9 @@ def test_cli_report_and_plot_script(tmp_path, capsys):
     am.save_mask_file(path, mask, {"mode": "fixed"})
     am.main(["report", str(path)])
     out = capsys.readouterr().out
-    assert '"mode": "fixed"' in out and out.splitlines()[-1].split()[-1] == f"{100 * am.sparsity(mask):.1f}"
+    mean_row = next(line for line in out.splitlines() if line.startswith(" mean |"))
+    assert '"mode": "fixed"' in out and mean_row.split()[-1] == f"{100 * am.sparsity(mask):.1f}"
+    assert out.rstrip().endswith(am.diagonal_finding(mask, {"mode": "fixed"}))
     am.main(["patterns", "--seq_len", "128"])
     rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
     assert rows["star"] == "96.13%" and rows["longformer"] == "88.68%" and len(rows) == len(am.PATTERN_NAMES)
@@ -715,14 +717,31 @@ def test_cli_export_reads_the_search_config_recorded_in_the_checkpoint(tmp_path)
     assert torch.equal(am.load_mask_file(out)[0], mask)
 
 
-def test_diagonal_finding_counts_heads_and_averages_offsets():
+def test_finding_counts_heads_once_for_a_shared_mask_and_averages_offsets():
     n = 10
     d = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs()
     no_diag, band = (d >= 1) & (d <= 2), d <= 1  # head 0 drops the diagonal, head 1 keeps it
-    text = am.diagonal_finding(torch.stack([no_diag, band])[None], offsets_shown=3)
-    first, second = text.splitlines()
-    assert first == "Main diagonal dropped in 1 of 2 layer-heads; offset 1 kept in 2 of 2."
-    assert second == "Kept fraction per offset |i - j|: 0: 0.50 1: 1.00 2: 0.50; 3..9: 0.00"
+    heads = torch.stack([no_diag, band])
+    finding = am.mask_finding(heads[None].expand(3, 2, n, n))
+    lines = am.finding_text(finding, offsets_shown=3).splitlines()
+    assert lines[0] == ("Main diagonal dropped in 1 of 2 heads; offset 1 kept in 2 of 2 "
+                        "(one mask shared by all 3 layers).")
+    assert lines[1] == "Kept fraction per offset |i - j|: 0: 0.50 1: 1.00 2: 0.50; 3..9: 0.00"
+    assert lines[2] == f"Sparsity of the binarised mask: {100 * am.sparsity(heads):.1f} %" and len(lines) == 3
+    assert finding["diagonal_kept_per_unit"] == [0.0, 1.0] and finding["offset1_kept_per_unit"] == [1.0, 1.0]
+    per_layer = am.mask_finding(torch.stack([heads, heads.flip(0)]))  # the layers differ: layer-heads
+    assert (per_layer["units"], per_layer["count"], per_layer["diagonal_dropped"]) == ("layer-heads", 4, 2)
+
+
+@pytest.mark.parametrize("decided, caveat", [(0.2, True), (0.7, False)])
+def test_finding_states_what_the_logits_say_and_warns_when_most_gates_are_undecided(decided, caveat):
+    metadata = {"mode": "dam_s", "step": 60, "lambda": 1e-5, "expected_sparsity": 0.48,
+                "deterministic_sparsity": 0.5, "decided_gates": decided}
+    text = am.diagonal_finding(torch.ones(1, 2, 4, 4, dtype=torch.bool), metadata)
+    assert text.startswith("Finding of the dam_s mask (step 60, λ = 1e-05):\n")
+    assert "Sparsity of the binarised mask: 0.0 % (expected under sampling 48.0 %, of 1[a > 0] 50.0 %)" in text
+    assert f"Decided gates (sigma(a) < 0.1 or > 0.9): {100 * decided:.1f} %" in text
+    assert ("Caveat: most gates are undecided; the mask is close to a coin flip" in text) == caveat
 
 
 def test_mask_export_never_replaces_an_unrelated_file_with_its_sidecar(tmp_path):

@@ -216,7 +216,6 @@ def other_encoder(tiny_config):
 
 WARM_START_CASES = [("no_encoder_key", "none of its tensors is an encoder weight"),
                     ("fewer_layers", "encoder layers [0], this model has [0, 1]"),
-                    ("more_layers", "encoder layers [0, 1, 2], this model has [0, 1]"),
                     ("other_heads_recorded", "num_attention_heads=4, this model 2"),
                     ("other_heads_hf_folder", "num_attention_heads=4, this model 2")]
 
@@ -239,6 +238,25 @@ def test_glue_warm_start_from_another_encoder_is_refused(tmp_path, case, expecte
 
     with pytest.raises(ValueError, match=re.escape(expected)):
         run_glue.build_model(tiny_config(), 2, str(other_encoder(tmp_path, case)))
+
+
+def test_warm_start_from_a_deeper_checkpoint_takes_its_first_layers(good_shard, tmp_path, capsys, caplog,
+                                                                    other_encoder, pretraining_args, write_config,
+                                                                    tiny_config):
+    """num_hidden_layers below the checkpoint's asks for its first layers: loaded, and the log says which."""
+    import run_glue
+
+    source = other_encoder(tmp_path, "more_layers")
+    argv = pretraining_args(good_shard.parent, tmp_path / "out", write_config(tmp_path / "config.json"),
+                            init_checkpoint=source, max_steps=1, learning_rate=0.0)
+    with caplog.at_level("INFO", logger="modeling"):
+        assert run_pretraining.main(argv) == 0, capsys.readouterr().err
+    assert "encoder layers 0-1 of its 3 (num_hidden_layers 2)" in caplog.text
+    loaded = training.load_checkpoint(tmp_path / "out" / "ckpt_1.pt")["model"]
+    key = "bert.encoder.layer.1.attention.self.query.weight"
+    assert torch.equal(loaded[key], torch.load(source, weights_only=True)[key])
+    classifier = run_glue.build_model(tiny_config(), 2, str(source)).state_dict()
+    assert torch.equal(classifier[key], loaded[key])
 
 
 def test_warm_start_from_an_encoder_without_heads_or_mask_logits_loads(good_shard, tmp_path, capsys, pretraining_args,
@@ -401,7 +419,7 @@ def test_bad_flags_give_one_line(good_shard, tmp_path, capsys, flags, expect, pr
 
 @pytest.mark.parametrize("flag, value, expect", [
     ("--attention_mask_type", "Star", "argument --attention_mask_type: invalid choice: 'Star'"),
-    ("--lamb", "abc", "argument --lamb: must be a number, got 'abc'"),
+    ("--lamb", "abc", "argument --lamb/--dam_lambda: must be a number, got 'abc'"),
 ])
 def test_a_bad_flag_value_is_one_line_naming_the_flag_not_the_usage(good_shard, tmp_path, capsys, pretraining_args,
                                                                       write_config, flag, value, expect):

@@ -34,7 +34,7 @@ def test_smoke_reproduction_writes_the_table_plot_and_finding_and_resumes(tmp_pa
         for cell in (sst2, cola, average):  # two seeds: mean ± std, scores in percent
             mean, std = map(float, re.fullmatch(r"(\S+) ± (\S+)", cell).groups())
             assert -100 <= mean <= 100 and std >= 0  # MCC may be negative
-    assert re.search(r"\*\*DAM_s λ=0.0001\*\*: Main diagonal dropped in \d+ of 72 layer-heads", results)
+    assert re.search(r"\*\*DAM_s λ=0.0001\*\*: Main diagonal dropped in \d+ of 12 heads;", results)
     assert (out / "offsets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "search" / "dam_s_lam0.0001" / "attention_mask.png").is_file()
     # the searches and continued runs all start from the one checkpoint the head stage wrote
