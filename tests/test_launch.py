@@ -67,7 +67,7 @@ def test_a_script_s_own_defaults_override_the_shared_ones(name):
 def test_read_config_overrides_win_and_none_keeps_the_file_s_value(tmp_path):
     config = tmp_path / "c.json"
     config.write_text('{"attention_mask_type": "star", "dam_lambda": 0.5}')
-    args = argparse.Namespace(config_file=str(config), attention_mask_type=None)
+    args = argparse.Namespace(config_file=str(config), attention_mask_type=None, config_overrides=[])
     assert launch.read_config(args, dam_lambda=None).attention_mask_type == "star"
     assert launch.read_config(args, dam_lambda=None).dam_lambda == 0.5
     args.attention_mask_type = "dense"
