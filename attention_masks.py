@@ -674,10 +674,12 @@ class DifferentiableMask(AttentionMask):
         self.lagrange_multipliers.add_(torch.tensor([gap, gap * gap]) * self.multiplier_lr)
 
     def _update_price(self) -> None:
-        """Raise the price of density while the step just taken left the mask denser than the target
-        (the gradients want more than the budget), lower it otherwise; kept as l1 = -mu."""
+        """Raise the price of density while the step just taken left the sampler's expected sparsity
+        below the target (the gradients want more than the budget, or gates are still undecided),
+        lower it otherwise; kept as l1 = -mu. Its pull goes through the optimizer like the task's,
+        so it moves the gates the data does not defend, where the projection moves all alike."""
         price = -self.lagrange_multipliers[0].item()
-        if self.expected_sparsity(self.sharpness).item() < self.current_target:
+        if self.expected_sparsity().item() < self.current_target:
             price = max(price, PRICE_FLOOR) * (1.0 + PRICE_RATE)
         else:
             price = price / (1.0 + PRICE_RATE)
@@ -745,7 +747,7 @@ class DifferentiableMask(AttentionMask):
             gap = self.expected_sparsity(self.sharpness) - self.current_target
             l1, l2 = self.lagrange_multipliers
             if self.target_method == "projection":
-                return l1 * gap * self.mask_logits.numel()
+                return l1 * self.expected_sparsity() * self.mask_logits.numel()
             return l1 * gap + l2 * gap * gap
         with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
             index = self.gate_index[:self._last_seq_len, :self._last_seq_len].flatten()
