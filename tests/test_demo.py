@@ -182,3 +182,24 @@ def test_the_search_state_warns_when_most_gates_are_undecided(summary_text):
     assert text.startswith("Search state at step 80: expected sparsity 0.700, deterministic 1[a > 0] 0.750, 20 % of "
                            "gates decided") and "Most gates are undecided" in text
     assert "undecided" not in summary_text.search_state({**state, "decided_gates": 0.8}, 80)
+
+
+def test_a_target_search_leaves_the_mask_rate_to_run_pretraining_and_none_keeps_the_lambda_search(demo, tmp_path,
+                                                                                                   monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "run_python", lambda *argv, threads=None: calls.append(argv))
+    pipeline = demo.Pipeline(demo.parse_arguments(["--out", str(tmp_path), "--target_s", "0.9", "--target_u", "none"]))
+    for run in pipeline.runs:
+        pipeline.pretrain(run)
+    searches = [argv for argv in calls if argv[0] == "run_pretraining.py"]
+
+    def flag(argv: tuple[str, ...], name: str) -> str | None:
+        return argv[argv.index(name) + 1] if name in argv else None
+
+    assert flag(searches[0], "--target_sparsity") == "0.9" and flag(searches[0], "--mask_learning_rate") is None
+    assert flag(searches[0], "--lamb") is None
+    assert flag(searches[1], "--target_sparsity") is None and flag(searches[1], "--lamb") == "0.0001"
+    assert flag(searches[1], "--mask_learning_rate") == "0.05"
+    assert [row for row, _, _ in pipeline.glue_runs()] == ["dense", "dam_s (target 0.9)", "dam_u (λ=0.0001)", "star"]
+    with pytest.raises(SystemExit):
+        demo.parse_arguments(["--target_s", "1.5"])
