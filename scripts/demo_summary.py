@@ -19,7 +19,6 @@ from attention_masks import offset_keep_fraction, sparsity, sparsity_per_layer_h
 # Gates with sigma(a) in [0.1, 0.9] are undecided (run_pretraining's decided_gates); below this share of
 # decided gates the written mask is mostly a cut through logits the last steps' noise still moves.
 MOSTLY_DECIDED = 0.5
-NEIGHBOURS = 3  # the diagonal is compared with offsets 1..NEIGHBOURS, the positions the paper finds kept
 
 
 @dataclass(frozen=True)
@@ -71,20 +70,21 @@ def diagonal_gates(mask: torch.Tensor, mode: str, block_size: int) -> int:
 
 
 def diagonal_verdict(mask: torch.Tensor, gates: int) -> str:
-    """Whether the diagonal is kept less often than its neighbours by more than a random mask of the
-    same sparsity would show (2 standard errors of the difference, `gates` independent gates on the
-    diagonal and three times as many on the neighbours): only then is it reported as a finding."""
+    """Whether the diagonal is kept less often than offset 1 (the paper's finding: a token's attention
+    to itself matters least, to its neighbour most) by more than a random mask of the same sparsity would
+    show (2 standard errors of the difference, `gates` independent gates on each of the two offsets):
+    only then is it reported as a finding."""
     mean = offset_keep_fraction(distinct_heads(mask)[0]).mean(dim=0)
-    diagonal, near = mean[0].item(), mean[1:NEIGHBOURS + 1].mean().item()
+    diagonal, neighbour = mean[0].item(), mean[1].item()
     kept = 1 - sparsity(mask)
-    noise = 2 * math.sqrt(kept * (1 - kept) * (1 / gates + 1 / (NEIGHBOURS * gates)))
-    numbers = (f"{diagonal:.2f} against {near:.2f} at offsets 1-{NEIGHBOURS}; a random mask of this sparsity "
-               f"would differ by up to {noise:.2f}")
-    if diagonal < near - noise:
-        return f"The diagonal is kept less often than its neighbours ({numbers}): the paper's finding."
-    if diagonal > near + noise:
-        return f"The diagonal is kept more often than its neighbours ({numbers}): the opposite of the paper's finding."
-    return f"The diagonal is kept about as often as its neighbours ({numbers}): no diagonal finding from this search."
+    noise = 2 * math.sqrt(kept * (1 - kept) * 2 / gates)
+    numbers = (f"{diagonal:.2f} against {neighbour:.2f} at offset 1; a random mask of this sparsity would differ "
+               f"by up to {noise:.2f}")
+    if diagonal < neighbour - noise:
+        return f"The diagonal is kept less often than offset 1 ({numbers}): the paper's finding."
+    if diagonal > neighbour + noise:
+        return f"The diagonal is kept more often than offset 1 ({numbers}): the opposite of the paper's finding."
+    return f"The diagonal is kept about as often as offset 1 ({numbers}): no diagonal finding from this search."
 
 
 def search_state(state: dict[str, float], step: int) -> str:

@@ -143,7 +143,7 @@ def test_a_shared_mask_counts_its_heads_once_and_prints_one_row(summary_text):
     rows = summary_text.head_sparsity(mask)
     assert len(rows) == 3 and rows[2].startswith("| all 6 | ")
     verdict = summary_text.diagonal_verdict(mask, summary_text.diagonal_gates(mask, "dam_s", 1))
-    assert verdict.startswith("The diagonal is kept less often than its neighbours (0.17 against 1.00")
+    assert verdict.startswith("The diagonal is kept less often than offset 1 (0.17 against 1.00 at offset 1")
     assert verdict.endswith("the paper's finding.")
 
 
@@ -155,12 +155,12 @@ def test_per_layer_masks_are_counted_per_layer_and_head(summary_text):
 
 
 def test_a_flat_profile_is_not_reported_as_a_finding(summary_text):
-    """A random half-kept DAM_u mask: the diagonal kept about as often as its neighbours, within the noise."""
+    """A random half-kept DAM_u mask: the diagonal kept about as often as offset 1, within the noise."""
     mask = torch.rand(1, 12, 128, 128, generator=torch.Generator().manual_seed(0)) < 0.5
     mask = mask.expand(6, -1, -1, -1)
     assert summary_text.diagonal_gates(mask, "dam_u", 1) == 12 * 128
     verdict = summary_text.diagonal_verdict(mask, 12 * 128)
-    assert verdict.startswith("The diagonal is kept about as often as its neighbours (0.")
+    assert verdict.startswith("The diagonal is kept about as often as offset 1 (0.")
     assert verdict.endswith("no diagonal finding from this search.")
 
 
