@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import demo_summary  # noqa: E402
-from attention_masks import load_mask_file  # noqa: E402
+from attention_masks import load_mask_file, pattern_mask, sparsity  # noqa: E402
 from atomic_io import atomic_write_text  # noqa: E402
 from pretrained import bert_config_from_hf, minilm_folder  # noqa: E402
 from stages import Stages, run_python  # noqa: E402
@@ -230,12 +230,12 @@ class Pipeline:
     def summary(self) -> str:
         a = self.args
         rows, lines = [], []
-        for name, init, _ in self.glue_runs():
+        for name, init, mask_args in self.glue_runs():
             results = json.loads((self.out / "glue" / name.split(" ")[0] / "results.txt").read_text())
-            rows.append(demo_summary.Row(name, results["mask_sparsity"], results["acc"]))
+            rows.append(demo_summary.Row(name, self.finetune_sparsity(mask_args), results["acc"]))
             loss = f"{self.last_search_log(init.parent.name)['average_loss']:.3f}" if init.suffix == ".pt" \
                 else "— (not searched)"
-            lines.append(f"| {name} | {100 * results['mask_sparsity']:.1f} | {loss} | {100 * results['acc']:.1f} |")
+            lines.append(f"| {name} | {100 * rows[-1].sparsity:.1f} | {loss} | {100 * results['acc']:.1f} |")
         examples = int(results["eval:num_samples_per_gpu"])
         text = ["# SparseBERT demo summary", "",
                 f"Start: pretrained MiniLM-L6 (6 layers, 12 heads, hidden 384). Searches: {a.pretrain_steps} steps "
@@ -249,6 +249,14 @@ class Pipeline:
         for run in self.runs:
             text += ["", f"## {run.label} searched mask", "", *self.mask_section(run)]
         return "\n".join(text) + "\n"
+
+    def finetune_sparsity(self, mask_args: list[str]) -> float:
+        """Sparsity of the mask a fine-tuning used: the top-left glue_seq_len slice of a searched mask, a
+        pattern at that length (run_glue.py may report the mask at its full length)."""
+        n, kind = self.args.glue_seq_len, mask_args[1]
+        if kind == "file":
+            return sparsity(load_mask_file(mask_args[3])[0][..., :n, :n])
+        return sparsity(pattern_mask(kind, n))
 
     def mask_section(self, run: SearchRun) -> list[str]:
         """What a search ended with (its last log line) and what its mask shows, at the search length."""

@@ -10,7 +10,7 @@ import h5py
 import pytest
 import torch
 
-from attention_masks import load_mask_file
+from attention_masks import load_mask_file, save_mask_file
 from utils import read_dllogger_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,3 +203,14 @@ def test_a_target_search_leaves_the_mask_rate_to_run_pretraining_and_none_keeps_
     assert [row for row, _, _ in pipeline.glue_runs()] == ["dense", "dam_s (target 0.9)", "dam_u (λ=0.0001)", "star"]
     with pytest.raises(SystemExit):
         demo.parse_arguments(["--target_s", "1.5"])
+
+
+def test_the_table_reports_the_sparsity_of_the_slice_fine_tuning_used(demo, tmp_path):
+    pipeline = demo.Pipeline(demo.parse_arguments(["--out", str(tmp_path), "--glue_seq_len", "32"]))
+    # star at n = 32: the band |i - j| <= 1 (32 + 2 * 31) plus row and column 0 beyond it (2 * 30)
+    assert pipeline.finetune_sparsity(["--attention_mask_type", "star"]) == pytest.approx(1 - 154 / 32**2)
+    mask = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    mask[..., :32, :16] = True  # half of the 32 x 32 slice kept (an eighth of the whole mask)
+    save_mask_file(tmp_path / "m.safetensors", mask)
+    flags = ["--attention_mask_type", "file", "--attention_mask_file", str(tmp_path / "m.safetensors")]
+    assert pipeline.finetune_sparsity(flags) == pytest.approx(0.5)
