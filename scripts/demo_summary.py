@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import attention_masks  # noqa: E402
 from attention_masks import offset_keep_fraction, sparsity, sparsity_per_layer_head  # noqa: E402
 
 # Gates with sigma(a) in [0.1, 0.9] are undecided (run_pretraining's decided_gates); below this share of
@@ -44,13 +45,7 @@ def distinct_heads(mask: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 def diagonal_counts(mask: torch.Tensor) -> str:
     """'Main diagonal dropped in 10 of 12 heads; offset 1 kept in 12 of 12 (one mask shared by all 6 layers).'"""
-    heads, unit = distinct_heads(mask)
-    per_head = offset_keep_fraction(heads)
-    total = per_head.shape[0]
-    dropped = int((per_head[:, 0] < 0.5).sum())
-    kept_next = int((per_head[:, 1] >= 0.5).sum())
-    shared = f" (one mask shared by all {mask.shape[0]} layers)" if unit == "heads" else ""
-    return f"Main diagonal dropped in {dropped} of {total} {unit}; offset 1 kept in {kept_next} of {total}{shared}."
+    return attention_masks.finding_text(attention_masks.mask_finding(mask)).splitlines()[0]
 
 
 def offset_profile(mask: torch.Tensor, shown: int = 8) -> str:
