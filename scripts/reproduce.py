@@ -495,6 +495,7 @@ class Report:
         """Mean ± std; '(chance)' when the mean is within two seed SEs of the task's chance level."""
         scores, chance = self.scores(row, task), TASKS[task][2]
         se = statistics.stdev(scores) / math.sqrt(len(scores))
+        # at least a point: seeds that agree exactly (a model stuck on one class) still count as chance
         at_chance = abs(statistics.fmean(scores) - chance) <= NOISE_FACTOR * max(se, 1.0)
         return mean_std(scores, 1) + (" (chance)" if at_chance else "")
 
