@@ -56,6 +56,7 @@ DAM_KINDS = ("dam_s", "dam_u")
 TASKS = {"sst-2": ("SST-2", "acc", 50.0), "cola": ("CoLA", "mcc", 0.0)}  # folder, metric, chance level (%)
 MATCHING = ("budget", "target")
 NOISE_FACTOR = 2.0  # a difference "exceeds the noise" when |diff| > NOISE_FACTOR x its standard error
+HELD_OUT = "held_out_mlm.json"  # per held-out sequence: summed masked-token cross-entropy and count
 MAX_TASK_STD = 3.0  # task scores whose seed std exceeds this (points) are reported, not concluded from
 
 
@@ -87,7 +88,8 @@ class Preset:
 PRESETS = {
     # a few minutes on 2 CPU cores: a check that the pipeline runs; its numbers are not results
     "smoke": Preset(seq_len=32, max_pred=5, batch=4, head_steps=2, search_steps=2, continue_steps=2, glue_steps=2,
-                    glue_batch=4, glue_seq_len=32, seeds=(1, 2), jobs=2, patterns=("star",), tasks=("sst-2",)),
+                    glue_batch=4, glue_seq_len=32, seeds=(1, 2), jobs=2, patterns=("star",), tasks=("sst-2",),
+                    held_out_every=20),
     # within 45 minutes on 2 CPU cores: three patterns that span the sparsity range
     "cpu": Preset(seq_len=64, max_pred=10, batch=16, head_steps=60, search_steps=300, continue_steps=50,
                   glue_steps=100, glue_batch=16, glue_seq_len=64, seeds=(1, 2), jobs=2,
@@ -263,8 +265,13 @@ class Reproduction:
         return self.out / "continue" / row.slug / f"seed{seed}"
 
     def continue_pretraining(self, row: Row, seed: int, threads: int) -> None:
-        self.pretrain(self.continue_folder(row, seed), self.p.continue_steps, [], threads, seed=seed,
-                      **row.config_fields)
+        """Continue pretraining with the row's mask frozen, then score the held-out tokens (inside the
+        stage: the scoring runs beside other stages and a re-run reads it back)."""
+        folder = self.continue_folder(row, seed)
+        self.pretrain(folder, self.p.continue_steps, [], threads, seed=seed, **row.config_fields)
+        sums, counts = held_out_sums(folder / "bert_config.json", folder / f"ckpt_{self.p.continue_steps}.pt",
+                                     self.data / "held_out" / "training_shard_0.hdf5", self.p.max_pred)
+        atomic_write_text(folder / HELD_OUT, json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}) + "\n")
 
     # -- fine-tuning
 
@@ -371,6 +378,12 @@ def held_out_sums(config_file: Path, checkpoint: Path, shard: Path, max_pred: in
     return torch.cat(sums), torch.cat(counts)
 
 
+def read_held_out(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sequence held-out sums and counts a continued-pretraining stage wrote."""
+    scored = json.loads((folder / HELD_OUT).read_text(encoding="utf-8"))
+    return torch.tensor(scored["sums"], dtype=torch.float64), torch.tensor(scored["counts"], dtype=torch.float64)
+
+
 def ratio_se(sums: torch.Tensor, counts: torch.Tensor) -> float:
     """Standard error of sum(sums) / sum(counts) with sequences as the sampling units (the
     linearised ratio estimator: masked tokens of one sequence are not independent draws)."""
@@ -416,10 +429,8 @@ class Report:
 
     def __init__(self, reproduction: Reproduction, rows: list[Row]) -> None:
         self.r, self.p, self.rows = reproduction, reproduction.p, rows
-        shard = reproduction.data / "held_out" / "training_shard_0.hdf5"
-        self.sums = {row.name: [held_out_sums(reproduction.continue_folder(row, s) / "bert_config.json",
-                                              reproduction.continue_folder(row, s) / f"ckpt_{self.p.continue_steps}.pt",
-                                              shard, self.p.max_pred) for s in self.p.seeds] for row in rows}
+        self.sums = {row.name: [read_held_out(reproduction.continue_folder(row, s)) for s in self.p.seeds]
+                     for row in rows}
         self.masks = {row.name: row_mask(reproduction.continue_folder(row, self.p.seeds[0]) / "bert_config.json")
                       for row in rows}
 
