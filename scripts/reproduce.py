@@ -540,10 +540,12 @@ class Report:
         """The conclusion, computed: per DAM kind, how many pairs it won, lost or tied on the held-out loss;
         which tasks are quiet enough (seed std within MAX_TASK_STD) to count."""
         lines = ["", "## Verdict", ""]
+        overall = [self.loss_difference(dam.name, pattern.name).winner() for pattern, dam in self.pairs()]
+        lines += [f"At matched sparsity, on held-out MLM loss, the searched masks {tally(overall)}", ""]
         for kind in self.r.args.searches:
             outcome = [self.loss_difference(dam.name, pattern.name).winner()
                        for pattern, dam in self.pairs() if dam.kind == kind]
-            lines.append(f"- **DAM_{kind[-1]}, held-out MLM loss**: " + tally(outcome))
+            lines.append(f"- **DAM_{kind[-1]}, held-out MLM loss**: its masks " + tally(outcome))
         for task in self.p.tasks:
             worst = self.max_task_std(task)
             if worst > MAX_TASK_STD:
@@ -554,7 +556,7 @@ class Report:
                 outcome = [self.task_difference(dam, pattern, task).winner()
                            for pattern, dam in self.pairs() if dam.kind == kind]
                 lines.append(f"- **DAM_{kind[-1]}, {self.task_header(task)}** (seed std ≤ {worst:.1f} points): "
-                             + tally(outcome))
+                             f"its masks {tally(outcome)}")
         if self.r.args.preset == "smoke":
             lines.append("- Smoke preset: the tallies above only show the report works; they conclude nothing.")
         return lines
@@ -572,9 +574,9 @@ class Report:
 
 
 def tally(outcome: list[str]) -> str:
-    """'better than the pattern beyond the noise in a of n pairs, worse in b, within the noise in c.'"""
+    """'were better than the pattern beyond the noise in a of n pairs, worse in b, within the noise in c.'"""
     n = len(outcome)
-    return (f"better than the pattern beyond the noise in {outcome.count('DAM')} of {n} pairs, worse in "
+    return (f"were better than the pattern beyond the noise in {outcome.count('DAM')} of {n} pairs, worse in "
             f"{outcome.count('pattern')}, within the noise in {outcome.count('neither')}.")
 
 
@@ -596,8 +598,9 @@ def plot_pairs(masks: dict[str, torch.Tensor | None], rows: list[Row], sparsity:
     patterns = [row.name for row in rows if row.kind is None and row.name != "dense"]
     columns = min(3, len(patterns))
     grid_rows = math.ceil(len(patterns) / columns)
-    fig, axes = plt.subplots(grid_rows, columns, figsize=(4.2 * columns, 3.2 * grid_rows + 0.8), squeeze=False,
-                             sharey=True)
+    # at least 8 inches wide: the title and the legend below the panels must fit a single panel
+    size = (max(4.2 * columns, 8.0), 3.2 * grid_rows + 1.2)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=size, squeeze=False, sharey=True)
     styles = {None: ("black", "-", "."), "dam_s": ("tab:blue", "-", "o"), "dam_u": ("tab:orange", "--", "s")}
     for ax, pattern in zip(axes.flat, patterns):
         for row in rows:
@@ -614,7 +617,7 @@ def plot_pairs(masks: dict[str, torch.Tensor | None], rows: list[Row], sparsity:
         ax.set_ylabel("kept fraction (mean over layers, heads)")
     for ax in list(axes.flat)[len(patterns):]:
         ax.axis("off")
-    fig.suptitle("Kept fraction per offset |i - j|: each fixed pattern and the DAM masks at its sparsity")
+    fig.suptitle("Kept fraction per offset |i - j|:\neach fixed pattern and the DAM masks at its sparsity")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 1))  # the legend sits below the panels, never over the data

@@ -59,8 +59,9 @@ def test_smoke_reproduction_writes_the_pairs_noise_verdict_plot_and_finding_and_
     assert dam == "DAM_s @ star"
     check_difference(loss_diff)
     check_difference(sst2_diff)
-    assert re.search(r"\*\*DAM_s, held-out MLM loss\*\*: better than the pattern beyond the noise in \d of 1 pairs, "
-                     r"worse in \d, within the noise in \d\.", results)
+    assert re.search(r"\*\*DAM_s, held-out MLM loss\*\*: its masks were better than the pattern beyond the noise in "
+                     r"\d of 1 pairs, worse in \d, within the noise in \d\.", results)
+    assert "At matched sparsity, on held-out MLM loss, the searched masks were better" in results
     assert re.search(r"\*\*DAM_s @ star\*\* \(shared by every layer\): Main diagonal dropped in \d+ of 12 layer-heads",
                      results)
     assert (out / "offsets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
