@@ -20,7 +20,7 @@ def tables(results: str) -> list[dict[str, list[str]]]:
     """Each markdown table of `results` as {first cell: the other cells} (header row left out)."""
     found, current = [], None
     for line in results.splitlines():
-        if not line.startswith("| "):
+        if not line.startswith("|"):
             current = None
             continue
         if current is None:
