@@ -86,7 +86,7 @@ class Preset:
 
 
 PRESETS = {
-    # a few minutes on 2 CPU cores: a check that the pipeline runs; its numbers are not results
+    # minutes (9.5 on 2 cores at a load of 6-7): a check that the pipeline runs; its numbers are not results
     "smoke": Preset(seq_len=32, max_pred=5, batch=4, head_steps=2, search_steps=2, continue_steps=2, glue_steps=2,
                     glue_batch=4, glue_seq_len=32, seeds=(1, 2), jobs=2, patterns=("star",), tasks=("sst-2",),
                     held_out_every=20),
