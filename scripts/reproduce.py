@@ -1,4 +1,4 @@
-"""The SparseBERT paper's experiment at reachable scale, from one pretrained checkpoint, in one command.
+"""The SparseBERT paper's comparison at matched sparsity, from one pretrained checkpoint, in one command.
 
     python scripts/reproduce.py --preset cpu --out reproduce_output
 
@@ -6,15 +6,20 @@ Start: the pretrained MiniLM-L6 BERT (6 layers, 12 heads, hidden 384; the `gt-al
 package) and the demo corpus of English text that ships with Python, split by document into a
 pretraining part and a held-out part. MiniLM ships no MLM / NSP heads, so a short dense run first
 trains fresh ones: its checkpoint is the one pretrained checkpoint every later run starts from.
-  1. DAM_s and DAM_u searches over a λ grid, warm-started from the checkpoint (one mask shared by
-     every layer, as released), each binarised into a mask file.
-  2. The same number of continued-pretraining steps from the checkpoint with each searched mask
-     frozen, with each fixed pattern (Strided, Fixed, Longformer, LogSparse, BigBird, Star) and dense.
-  3. Held-out MLM loss of each, and fine-tuning with its mask on two GLUE-format tasks built from the
-     corpus (SST-2 layout: which source a sentence comes from; CoLA layout: are the words in their
-     written order or shuffled), several seeds, mean ± std.
-  4. `<out>/results.md`: one table in the paper's shape, the diagonal finding of each searched mask,
-     and `<out>/offsets.png`, the kept fraction per offset |i - j| of every mask.
+  1. Masks: for each fixed pattern P compared (Strided, Fixed, Longformer, LogSparse, BigBird, Star),
+     a DAM_s and a DAM_u mask at P's sparsity at the run's length. `--matching budget` (the default):
+     one target-sparsity search per DAM kind, binarised at each pattern's sparsity (its highest
+     logits); `--matching target`: one search per DAM kind and pattern, to that pattern's sparsity.
+     Each search is warm-started from the checkpoint, one mask shared by every layer (as released).
+  2. Continued pretraining from the checkpoint with each mask frozen (and dense), once per seed.
+  3. Held-out MLM loss of each run on documents no run trained on, with its standard error; then
+     fine-tuning on GLUE-format tasks built from the corpus (SST-2 layout: which source a sentence
+     comes from; CoLA layout: are the words in their written order or shuffled), one fine-tuning
+     run per seed from that seed's continued-pretraining checkpoint.
+  4. `<out>/results.md`: every run's numbers, then each pattern paired with the DAM masks at its
+     sparsity: the difference, its standard error (seeds and held-out sampling), whether it exceeds
+     the noise, and a verdict computed from those; the diagonal finding of each DAM mask; and
+     `<out>/offsets.png`, the kept fraction per offset |i - j| of each pair.
 Every run is a stage (see stages.py): an interrupted reproduction resumes where it stopped.
 """
 from __future__ import annotations
@@ -44,9 +49,15 @@ from pretrained import bert_config_from_hf, minilm_folder  # noqa: E402
 from pretraining_data import PretrainingDataset  # noqa: E402
 from stages import Stages, run_python  # noqa: E402
 from training import load_config  # noqa: E402
+from utils import safe_torch_load  # noqa: E402
 
 FIXED_PATTERNS = ("strided", "fixed", "longformer", "logsparse", "bigbird", "star")
-TASKS = (("sst-2", "SST-2"), ("cola", "CoLA"))  # (run_glue task name, folder of the demo corpus)
+DAM_KINDS = ("dam_s", "dam_u")
+TASKS = {"sst-2": ("SST-2", "acc", 50.0), "cola": ("CoLA", "mcc", 0.0)}  # folder, metric, chance level (%)
+MATCHING = ("budget", "target")
+NOISE_FACTOR = 2.0  # a difference "exceeds the noise" when |diff| > NOISE_FACTOR x its standard error
+HELD_OUT = "held_out_mlm.json"  # per held-out sequence: summed masked-token cross-entropy and count
+MAX_TASK_STD = 3.0  # task scores whose seed std exceeds this (points) are reported, not concluded from
 
 
 @dataclass(frozen=True)
@@ -58,69 +69,90 @@ class Preset:
     batch: int
     head_steps: int
     search_steps: int
-    lambdas: tuple[float, ...]
     continue_steps: int
     glue_steps: int
     glue_batch: int
     glue_seq_len: int
     seeds: tuple[int, ...]
     jobs: int
+    patterns: tuple[str, ...]
+    tasks: tuple[str, ...]
+    matching: str = "budget"
+    search_target: float = 0.8  # the one search per DAM kind of --matching budget
     learning_rate: float = 1e-3
-    mask_learning_rate: float = 0.05
     glue_learning_rate: float = 1e-4
+    held_out_every: int = 5  # every k-th document of the corpus is held out
     dupe_factor: int = 1
 
 
 PRESETS = {
-    # seconds: for tests of the pipeline itself
-    "smoke": Preset(seq_len=32, max_pred=5, batch=4, head_steps=2, search_steps=2, lambdas=(1e-4,), continue_steps=2,
-                    glue_steps=2, glue_batch=4, glue_seq_len=32, seeds=(1,), jobs=2),
-    # within 45 minutes on 2 CPU cores
-    "cpu": Preset(seq_len=64, max_pred=10, batch=16, head_steps=60, search_steps=100, lambdas=(1e-4, 1e-3),
-                  continue_steps=40, glue_steps=30, glue_batch=16, glue_seq_len=64, seeds=(1, 2, 3), jobs=2),
-    # sized for one H200 in under 8 minutes; not yet timed on one
-    "gpu": Preset(seq_len=128, max_pred=20, batch=64, head_steps=300, search_steps=300, lambdas=(1e-5, 1e-4, 1e-3),
-                  continue_steps=300, glue_steps=200, glue_batch=32, glue_seq_len=128, seeds=(1, 2, 3), jobs=1),
+    # minutes (9.5 on 2 cores at a load of 6-7): a check that the pipeline runs; its numbers are not results
+    "smoke": Preset(seq_len=32, max_pred=5, batch=4, head_steps=2, search_steps=2, continue_steps=2, glue_steps=2,
+                    glue_batch=4, glue_seq_len=32, seeds=(1, 2), jobs=2, patterns=("star",), tasks=("sst-2",),
+                    held_out_every=20),
+    # within 45 minutes on 2 CPU cores: three patterns that span the sparsity range
+    "cpu": Preset(seq_len=64, max_pred=10, batch=16, head_steps=60, search_steps=300, continue_steps=50,
+                  glue_steps=100, glue_batch=16, glue_seq_len=64, seeds=(1, 2), jobs=2,
+                  patterns=("strided", "longformer", "star"), tasks=("sst-2",)),
+    # sized for one H200; not yet timed on one
+    "gpu": Preset(seq_len=128, max_pred=20, batch=64, head_steps=300, search_steps=300, continue_steps=300,
+                  glue_steps=400, glue_batch=32, glue_seq_len=128, seeds=(1, 2, 3), jobs=1,
+                  patterns=FIXED_PATTERNS, tasks=("sst-2", "cola"), matching="target"),
 }
+NAME_LISTS = {"patterns": FIXED_PATTERNS, "tasks": tuple(TASKS)}  # Preset fields given as comma-separated names
 
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the table: a mask, how its continued-pretraining config names it, and its GLUE flags."""
+    """One mask of the table: its name, how its continued-pretraining config names it, its GLUE flags,
+    and for a DAM mask its kind and the pattern whose sparsity it matches."""
 
     name: str
     config_fields: dict
     glue_flags: tuple[str, ...]
-    search: str | None = None  # the search stage whose mask this row freezes
+    kind: str | None = None
+    pattern: str | None = None
 
     @property
     def slug(self) -> str:
-        return self.name.replace(" ", "_").replace("λ=", "lam")
+        return self.name.replace(" @ ", "_at_").replace(" ", "_")
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, Preset]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="sizes of the run (default: %(default)s)")
     p.add_argument("--out", default="reproduce_output", help="folder for every artefact of the run")
-    p.add_argument("--patterns", default=",".join(FIXED_PATTERNS),
-                   help=f"comma-separated fixed patterns to compare (default: all of {', '.join(FIXED_PATTERNS)})")
-    p.add_argument("--searches", default="dam_s,dam_u", help="comma-separated DAM kinds to search")
+    p.add_argument("--searches", default=",".join(DAM_KINDS), help="comma-separated DAM kinds paired with each pattern")
     for field in dataclasses.fields(Preset):
-        kind = float if field.type in ("float", "tuple[float, ...]") else int
-        p.add_argument(f"--{field.name}", type=kind, nargs="+" if field.type.startswith("tuple") else None,
-                       default=None, help=f"override the preset's {field.name}")
+        if field.name in NAME_LISTS:
+            p.add_argument(f"--{field.name}", default=None,
+                           help=f"comma-separated, from {', '.join(NAME_LISTS[field.name])} (default: the preset's)")
+        elif field.name == "matching":
+            p.add_argument("--matching", choices=MATCHING, default=None,
+                           help="budget: one search per DAM kind, binarised at each pattern's sparsity; target: one "
+                                "search per kind and pattern, to its sparsity (default: the preset's)")
+        else:
+            kind = float if field.type in ("float", "tuple[float, ...]") else int
+            p.add_argument(f"--{field.name}", type=kind, nargs="+" if field.type.startswith("tuple") else None,
+                           default=None, help=f"override the preset's {field.name}")
     args = p.parse_args(argv)
+    args.command = " ".join(["python scripts/reproduce.py", *(sys.argv[1:] if argv is None else argv)])
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset) if getattr(args, f.name) is not None}
+    for name in NAME_LISTS:
+        if name in overrides:
+            overrides[name] = [entry for entry in overrides[name].split(",") if entry]
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     preset = dataclasses.replace(PRESETS[args.preset], **overrides)
-    args.patterns = [name for name in args.patterns.split(",") if name]
     args.searches = [name for name in args.searches.split(",") if name]
-    unknown = sorted(set(args.patterns) - set(FIXED_PATTERNS)) + sorted(set(args.searches) - {"dam_s", "dam_u"})
+    unknown = (sorted(set(preset.patterns) - set(FIXED_PATTERNS)) + sorted(set(args.searches) - set(DAM_KINDS))
+               + sorted(set(preset.tasks) - set(TASKS)))
     if unknown:
-        p.error(f"unknown --patterns / --searches entries {unknown}; patterns: {', '.join(FIXED_PATTERNS)}; "
-                f"searches: dam_s, dam_u")
-    if not preset.seeds or not preset.lambdas and args.searches:
-        p.error("--seeds and --lambdas need at least one value")
+        p.error(f"unknown --patterns / --searches / --tasks entries {unknown}; patterns: {', '.join(FIXED_PATTERNS)}; "
+                f"searches: {', '.join(DAM_KINDS)}; tasks: {', '.join(TASKS)}")
+    if len(preset.seeds) < 2:
+        p.error("--seeds needs at least two values: the noise level is measured across seeds")
+    if not preset.patterns:
+        p.error("--patterns needs at least one pattern to compare")
     return args, preset
 
 
@@ -131,7 +163,7 @@ class Reproduction:
         self.data = self.out / "data"
         self.pretrained = minilm_folder()
         self.stages = Stages(self.out, "reproduce")
-        self.searches = [(kind, lam) for kind in args.searches for lam in preset.lambdas]
+        self.sparsity = {name: pattern_sparsity(self.pretrained, name, preset.seq_len) for name in preset.patterns}
 
     # -- data: the demo corpus, split by document; shards of each part
 
@@ -142,8 +174,9 @@ class Reproduction:
     def build_corpus(self) -> None:
         run_python("data/demo_corpus.py", "--out", str(self.data / "corpus"), "--vocab", "auto")
         documents = (self.data / "corpus" / "corpus.txt").read_text(encoding="utf-8").strip().split("\n\n")
-        held_out = documents[::10]  # every tenth document: text no run trains on
-        trained = [d for i, d in enumerate(documents) if i % 10]
+        every = self.p.held_out_every
+        held_out = documents[::every]  # text no run trains on
+        trained = [d for i, d in enumerate(documents) if i % every]
         atomic_write_text(self.data / "corpus" / "pretrain.txt", "\n\n".join(trained) + "\n")
         atomic_write_text(self.data / "corpus" / "held_out.txt", "\n\n".join(held_out) + "\n")
 
@@ -156,7 +189,7 @@ class Reproduction:
                        "--dupe_factor", str(self.p.dupe_factor), "--random_seed", "12345", "--n_processes", "2",
                        log=self.data / f"{folder}.log")
 
-    # -- pretraining runs (searches and continued pretraining share one command)
+    # -- pretraining runs (head training, searches and continued pretraining share one command)
 
     def write_config(self, folder: Path, **fields) -> Path:
         config = bert_config_from_hf(self.pretrained, mask_seq_length=self.p.seq_len, **fields)
@@ -173,7 +206,7 @@ class Reproduction:
                       attention_mask_type="dense")
 
     def pretrain(self, folder: Path, steps: int, extra: list[str], threads: int, init: Path | None = None,
-                 **fields) -> None:
+                 seed: int = 42, **fields) -> None:
         p = self.p
         run_python("run_pretraining.py", "--do_train", "--input_dir", str(self.data / "shards"),
                    "--init_checkpoint", str(init or self.start_checkpoint),
@@ -183,48 +216,74 @@ class Reproduction:
                    "--train_batch_size", str(p.batch), "--max_steps", str(steps),
                    "--learning_rate", str(p.learning_rate), "--warmup_proportion", "0.1",
                    "--num_steps_per_checkpoint", str(steps), "--log_freq", str(max(steps // 10, 1)),
-                   "--seed", "42", "--json-summary", str(folder / "dllogger.json"), "--disable_progress_bar", *extra,
-                   threads=threads, log=folder / "log.txt")
+                   "--seed", str(seed), "--json-summary", str(folder / "dllogger.json"), "--disable_progress_bar",
+                   *extra, threads=threads, log=folder / "log.txt")
 
-    def search_folder(self, kind: str, lam: float) -> Path:
-        return self.out / "search" / f"{kind}_lam{lam:g}"
+    # -- masks: searches, and the DAM mask file of each (kind, pattern)
 
-    def search(self, kind: str, lam: float, threads: int) -> None:
-        folder = self.search_folder(kind, lam)
-        self.pretrain(folder, self.p.search_steps,
-                      ["--lamb", str(lam), "--mask_learning_rate", str(self.p.mask_learning_rate)], threads,
+    def search_targets(self) -> list[tuple[str, float]]:
+        """(kind, target) of every search: one per kind, or one per kind and pattern sparsity."""
+        targets = [self.p.search_target] if self.p.matching == "budget" else sorted(set(self.sparsity.values()))
+        return [(kind, target) for kind in self.args.searches for target in targets]
+
+    def search_folder(self, kind: str, target: float) -> Path:
+        return self.out / "search" / search_name(kind, target)
+
+    def search(self, kind: str, target: float, threads: int) -> None:
+        """A target-sparsity search with run_pretraining's own defaults (mask rate, multipliers, warm-up)."""
+        folder = self.search_folder(kind, target)
+        self.pretrain(folder, self.p.search_steps, ["--target_sparsity", repr(target)], threads,
                       attention_mask_type=kind, dam_share_across_layers=True)
         run_python("scripts/plot_masks.py", str(folder / "attention_mask.safetensors"),
                    "--out", str(folder / "attention_mask.png"), log=folder / "plot.log")
 
+    def mask_file(self, kind: str, pattern: str) -> Path:
+        if self.p.matching == "target":
+            return self.search_folder(kind, self.sparsity[pattern]) / "attention_mask.safetensors"
+        return self.out / "masks" / f"{kind}_at_{pattern}.safetensors"
+
+    def write_budget_masks(self) -> None:
+        """Each DAM kind's one search, binarised at each pattern's exact sparsity (its highest logits)."""
+        for kind in self.args.searches:
+            folder = self.search_folder(kind, self.p.search_target)
+            for pattern, sparsity in self.sparsity.items():
+                binarise_at_budget(folder / f"ckpt_{self.p.search_steps}.pt", sparsity, self.mask_file(kind, pattern))
+
     def rows(self) -> list[Row]:
         rows = [Row("dense", {"attention_mask_type": "dense"}, ("--attention_mask_type", "dense"))]
-        for kind, lam in self.searches:
-            mask_file = str(self.search_folder(kind, lam) / "attention_mask.safetensors")
-            rows.append(Row(f"DAM_{kind[-1]} λ={lam:g}",
-                            {"attention_mask_type": "file", "attention_mask_file": mask_file},
-                            ("--attention_mask_type", "file", "--attention_mask_file", mask_file),
-                            search=f"search_{kind}_lam{lam:g}"))
-        rows += [Row(name, {"attention_mask_type": name}, ("--attention_mask_type", name))
-                 for name in self.args.patterns]
+        for pattern in self.p.patterns:
+            rows.append(Row(pattern, {"attention_mask_type": pattern}, ("--attention_mask_type", pattern)))
+            for kind in self.args.searches:
+                mask_file = str(self.mask_file(kind, pattern))
+                rows.append(Row(f"DAM_{kind[-1]} @ {pattern}",
+                                {"attention_mask_type": "file", "attention_mask_file": mask_file},
+                                ("--attention_mask_type", "file", "--attention_mask_file", mask_file),
+                                kind=kind, pattern=pattern))
         return rows
 
-    def continue_folder(self, row: Row) -> Path:
-        return self.out / "continue" / row.slug
+    def continue_folder(self, row: Row, seed: int) -> Path:
+        return self.out / "continue" / row.slug / f"seed{seed}"
 
-    def continue_pretraining(self, row: Row, threads: int) -> None:
-        self.pretrain(self.continue_folder(row), self.p.continue_steps, [], threads, **row.config_fields)
+    def continue_pretraining(self, row: Row, seed: int, threads: int) -> None:
+        """Continue pretraining with the row's mask frozen, then score the held-out tokens (inside the
+        stage: the scoring runs beside other stages and a re-run reads it back)."""
+        folder = self.continue_folder(row, seed)
+        self.pretrain(folder, self.p.continue_steps, [], threads, seed=seed, **row.config_fields)
+        sums, counts = held_out_sums(folder / "bert_config.json", folder / f"ckpt_{self.p.continue_steps}.pt",
+                                     self.data / "held_out" / "training_shard_0.hdf5", self.p.max_pred)
+        atomic_write_text(folder / HELD_OUT, json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}) + "\n")
 
     # -- fine-tuning
 
     def glue_folder(self, row: Row, task: str, seed: int) -> Path:
         return self.out / "glue" / row.slug / f"{task}_seed{seed}"
 
-    def finetune(self, row: Row, task: str, task_dir: str, seed: int, threads: int) -> None:
+    def finetune(self, row: Row, task: str, seed: int, threads: int) -> None:
         p, folder = self.p, self.glue_folder(row, task, seed)
         config = self.write_config(folder)
-        run_python("run_glue.py", "--task_name", task, "--data_dir", str(self.data / "corpus" / "glue" / task_dir),
-                   "--init_checkpoint", str(self.continue_folder(row) / f"ckpt_{p.continue_steps}.pt"),
+        task_dir = self.data / "corpus" / "glue" / TASKS[task][0]
+        run_python("run_glue.py", "--task_name", task, "--data_dir", str(task_dir),
+                   "--init_checkpoint", str(self.continue_folder(row, seed) / f"ckpt_{p.continue_steps}.pt"),
                    "--config_file", str(config), "--vocab_file", str(self.vocab_file), "--do_lower_case",
                    "--output_dir", str(folder), "--do_train", "--do_eval", "--skip_checkpoint",
                    "--max_seq_length", str(p.glue_seq_len), "--train_batch_size", str(p.glue_batch),
@@ -249,68 +308,45 @@ class Reproduction:
         self.stages.stage("corpus", self.data / "corpus", self.build_corpus)
         self.stages.stage("shards", self.data / "shards", self.build_shards)
         self.parallel([("heads", self.out / "heads", self.train_heads)])
-        self.parallel([(f"search_{kind}_lam{lam:g}", self.search_folder(kind, lam),
-                        lambda t, k=kind, lam=lam: self.search(k, lam, t)) for kind, lam in self.searches])
+        self.parallel([(f"search_{search_name(kind, target)}", self.search_folder(kind, target),
+                        lambda t, k=kind, target=target: self.search(k, target, t))
+                       for kind, target in self.search_targets()])
+        if self.p.matching == "budget":
+            self.stages.stage("budget_masks", self.out / "masks", self.write_budget_masks)
         rows = self.rows()
-        self.parallel([(f"continue_{row.slug}", self.continue_folder(row),
-                        lambda t, r=row: self.continue_pretraining(r, t)) for row in rows])
+        self.parallel([(f"continue_{row.slug}_seed{seed}", self.continue_folder(row, seed),
+                        lambda t, r=row, s=seed: self.continue_pretraining(r, s, t))
+                       for row in rows for seed in self.p.seeds])
         self.parallel([(f"glue_{row.slug}_{task}_seed{seed}", self.glue_folder(row, task, seed),
-                        lambda t, r=row, task=task, d=task_dir, s=seed: self.finetune(r, task, d, s, t))
-                       for row in rows for task, task_dir in TASKS for seed in self.p.seeds])
-        report = self.report(rows)
+                        lambda t, r=row, task=task, s=seed: self.finetune(r, task, s, t))
+                       for row in rows for task in self.p.tasks for seed in self.p.seeds])
+        report = Report(self, rows).markdown()
         atomic_write_text(self.out / "results.md", report)
         return report
 
-    # -- results
 
-    def held_out_loss(self, row: Row) -> float:
-        folder = self.continue_folder(row)
-        return held_out_mlm_loss(folder / "bert_config.json", folder / f"ckpt_{self.p.continue_steps}.pt",
-                                 self.data / "held_out" / "training_shard_0.hdf5", self.p.max_pred)
-
-    def task_scores(self, row: Row, task: str) -> list[float]:
-        """Per seed, in percent: accuracy for the SST-2-format task, Matthews correlation for CoLA (GLUE's)."""
-        scores = []
-        for seed in self.p.seeds:
-            results = json.loads((self.glue_folder(row, task, seed) / "results.txt").read_text(encoding="utf-8"))
-            scores.append(100 * (results["mcc"] if task == "cola" else results["acc"]))
-        return scores
-
-    def report(self, rows: list[Row]) -> str:
-        p = self.p
-        lines = ["# SparseBERT reproduction at reachable scale", "",
-                 f"Start: pretrained MiniLM-L6, its MLM/NSP heads trained for {p.head_steps} dense steps. "
-                 f"Searches: {p.search_steps} steps of {p.batch} × {p.seq_len} tokens "
-                 f"(model lr {p.learning_rate:g}, mask lr {p.mask_learning_rate:g}). Continued pretraining: "
-                 f"{p.continue_steps} steps with each mask frozen, from the same checkpoint. Fine-tuning: "
-                 f"{p.glue_steps} steps of {p.glue_batch} × {p.glue_seq_len}, seeds {', '.join(map(str, p.seeds))} "
-                 f"(mean ± std). Sparsity at length {p.seq_len}; held-out MLM loss on documents no run "
-                 f"trained on.", "",
-                 "| mask | sparsity (%) | held-out MLM loss | SST-2-format acc | CoLA-format MCC | average |",
-                 "|---|---:|---:|---:|---:|---:|"]
-        masks = {}
-        for row in rows:
-            mask = row_mask(self.continue_folder(row) / "bert_config.json")
-            masks[row.name] = mask
-            scores = [self.task_scores(row, task) for task, _ in TASKS]
-            average = [statistics.fmean(per_seed) for per_seed in zip(*scores)]
-            cells = [mean_std(s) for s in scores] + [mean_std(average)]
-            sparsity = 100 * attention_masks.sparsity(mask) if mask is not None else 0.0
-            lines.append(f"| {row.name} | {sparsity:.1f} | {self.held_out_loss(row):.3f} | {' | '.join(cells)} |")
-        for row in rows:
-            if row.search is not None:
-                finding = attention_masks.diagonal_finding(masks[row.name]).replace("\n", " ")
-                lines += ["", f"**{row.name}**: {finding}"]
-        plot_offsets({name: m for name, m in masks.items() if m is not None}, self.out / "offsets.png")
-        lines += ["", "Kept fraction per offset |i - j| of every mask: offsets.png; each searched mask's picture: "
-                      "search/<search>/attention_mask.png."]
-        return "\n".join(lines) + "\n"
+def search_name(kind: str, target: float) -> str:
+    """A search's folder and stage name: its kind and target (4 digits; the search itself gets every digit)."""
+    return f"{kind}_target{target:.4g}"
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+# -- measuring
+
+def pattern_sparsity(pretrained: Path, pattern: str, seq_len: int) -> float:
+    """Sparsity of `pattern` at `seq_len` as the model builds it from its default config fields."""
+    config = modeling.BertConfig.from_dict(bert_config_from_hf(pretrained, mask_seq_length=seq_len,
+                                                               attention_mask_type=pattern))
+    return attention_masks.sparsity(attention_masks.build_attention_mask(config).full_mask())
+
+
+def binarise_at_budget(checkpoint: Path, sparsity: float, out: Path) -> None:
+    """Write the mask of a DAM search checkpoint that keeps its highest logits at exactly `sparsity`."""
+    state = safe_torch_load(str(checkpoint))
+    config = attention_masks.MaskConfig.from_checkpoint(state, str(checkpoint))
+    module = attention_masks.DifferentiableMask(config.replace(dam_binarize_sparsity=sparsity))
+    logits = [v for k, v in state["model"].items() if k.endswith("sparse_mask.mask_logits")]
+    module.mask_logits.data.copy_(logits[0])
+    attention_masks.export_mask(module, out, source_checkpoint=str(checkpoint), step=state.get("global_step"))
 
 
 def row_mask(config_file: Path) -> torch.Tensor | None:
@@ -320,42 +356,272 @@ def row_mask(config_file: Path) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def held_out_mlm_loss(config_file: Path, checkpoint: Path, shard: Path, max_pred: int, batch_size: int = 64) -> float:
-    """Mean cross-entropy of the masked tokens of `shard` (MLM only), the model in eval mode."""
+def held_out_sums(config_file: Path, checkpoint: Path, shard: Path, max_pred: int,
+                  batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per held-out sequence: the summed cross-entropy of its masked tokens (MLM only, eval mode) and
+    their number, Float64[N] each; sequences are the units of the standard error."""
     config = load_config(config_file)
     model = modeling.BertForPreTraining(config)
     model.load_converted_state_dict(modeling.read_state_dict(checkpoint), source=str(checkpoint))
     model.eval()
     data = PretrainingDataset(shard, max_pred, vocab_size=config.vocab_size)
-    total, count = 0.0, 0
+    sums, counts = [], []
     for start in range(0, len(data), batch_size):
         batch = data.batch(range(start, min(start + batch_size, len(data))))
         labels = batch.masked_lm_labels
         scores, _ = model(batch.input_ids, batch.segment_ids, batch.input_mask, masked_lm_labels=labels,
                           max_predictions=max_pred)
-        targets = labels.reshape(-1)[modeling.masked_lm_rows(labels, max_pred)]
-        total += torch.nn.functional.cross_entropy(scores.float(), targets, ignore_index=-1, reduction="sum").item()
-        count += int((targets != -1).sum())
-    return total / count if count else math.nan
+        targets = labels.reshape(-1)[modeling.masked_lm_rows(labels, max_pred)]  # max_pred rows per sequence
+        losses = torch.nn.functional.cross_entropy(scores.float(), targets, ignore_index=-1, reduction="none")
+        sums.append(losses.double().reshape(-1, max_pred).sum(1))
+        counts.append((targets != -1).double().reshape(-1, max_pred).sum(1))
+    return torch.cat(sums), torch.cat(counts)
 
 
-def plot_offsets(masks: dict[str, torch.Tensor], path: Path, offsets: int = 16) -> None:
+def read_held_out(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-sequence held-out sums and counts a continued-pretraining stage wrote."""
+    scored = json.loads((folder / HELD_OUT).read_text(encoding="utf-8"))
+    return torch.tensor(scored["sums"], dtype=torch.float64), torch.tensor(scored["counts"], dtype=torch.float64)
+
+
+def ratio_se(sums: torch.Tensor, counts: torch.Tensor) -> float:
+    """Standard error of sum(sums) / sum(counts) with sequences as the sampling units (the
+    linearised ratio estimator: masked tokens of one sequence are not independent draws)."""
+    n, mean = len(sums), (sums.sum() / counts.sum()).item()
+    residuals = sums - mean * counts
+    return math.sqrt(n / (n - 1) * (residuals ** 2).sum().item()) / counts.sum().item()
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A paired difference (DAM minus pattern) of a per-seed measure, and its standard error."""
+
+    value: float
+    se: float
+    higher_is_better: bool
+
+    @property
+    def exceeds_noise(self) -> bool:
+        return abs(self.value) > NOISE_FACTOR * self.se
+
+    def winner(self) -> str:
+        """'DAM', 'pattern' or 'neither' (within the noise)."""
+        if not self.exceeds_noise:
+            return "neither"
+        return "DAM" if (self.value > 0) == self.higher_is_better else "pattern"
+
+    def cell(self, digits: int) -> str:
+        verdict = {"DAM": "DAM better", "pattern": "pattern better", "neither": "within noise"}[self.winner()]
+        return f"{self.value:+.{digits}f} ± {self.se:.{digits}f} ({verdict})"
+
+
+def paired_difference(dam: list[float], pattern: list[float], higher_is_better: bool,
+                      shared_se: float = 0.0) -> Difference:
+    """Mean over seeds of dam - pattern (the same seed = the same data order, paired); its SE from the
+    seeds' spread of that difference, combined with `shared_se`, a sampling error common to all seeds."""
+    per_seed = [d - p for d, p in zip(dam, pattern)]
+    seed_se = statistics.stdev(per_seed) / math.sqrt(len(per_seed))
+    return Difference(statistics.fmean(per_seed), math.hypot(seed_se, shared_se), higher_is_better)
+
+
+class Report:
+    """results.md: every run's numbers, the matched pairs with their noise, the verdict, the findings."""
+
+    def __init__(self, reproduction: Reproduction, rows: list[Row]) -> None:
+        self.r, self.p, self.rows = reproduction, reproduction.p, rows
+        self.sums = {row.name: [read_held_out(reproduction.continue_folder(row, s)) for s in self.p.seeds]
+                     for row in rows}
+        self.masks = {row.name: row_mask(reproduction.continue_folder(row, self.p.seeds[0]) / "bert_config.json")
+                      for row in rows}
+
+    def losses(self, name: str) -> list[float]:
+        return [(s.sum() / c.sum()).item() for s, c in self.sums[name]]
+
+    def loss_se(self, name: str) -> float:
+        """Held-out sampling SE of one run's loss (seed 1's; the seeds share the held-out tokens)."""
+        return ratio_se(*self.sums[name][0])
+
+    def loss_difference(self, dam: str, pattern: str) -> Difference:
+        """DAM minus pattern held-out loss; the held-out sampling SE of the seed-averaged difference is
+        paired by sequence (both runs are scored on the same tokens)."""
+        counts = self.sums[dam][0][1]
+        dam_sums = torch.stack([s for s, _ in self.sums[dam]]).mean(0)
+        pattern_sums = torch.stack([s for s, _ in self.sums[pattern]]).mean(0)
+        sampling_se = ratio_se(dam_sums - pattern_sums, counts)
+        return paired_difference(self.losses(dam), self.losses(pattern), False, sampling_se)
+
+    def scores(self, row: Row, task: str) -> list[float]:
+        """Per seed, in percent: accuracy for the SST-2-format task, Matthews correlation for CoLA (GLUE's)."""
+        metric = TASKS[task][1]
+        return [100 * json.loads((self.r.glue_folder(row, task, seed) / "results.txt").read_text())[metric]
+                for seed in self.p.seeds]
+
+    def max_task_std(self, task: str) -> float:
+        return max(statistics.stdev(self.scores(row, task)) for row in self.rows)
+
+    def markdown(self) -> str:
+        plot_pairs(self.masks, self.rows, self.r.sparsity, self.r.out / "offsets.png")
+        return "\n".join([*self.header(), *self.runs_table(), *self.pairs_table(), *self.verdict(),
+                          *self.findings()]) + "\n"
+
+    def header(self) -> list[str]:
+        p, command = self.p, self.r.args.command
+        how = ("one target search per DAM kind to sparsity "
+               f"{p.search_target:g}, binarised at each pattern's sparsity (its highest logits)"
+               if p.matching == "budget" else "one target search per DAM kind and pattern, to that pattern's sparsity")
+        lines = ["# SparseBERT: fixed patterns against searched masks at matched sparsity", "",
+                 f"Command: `{command}` (preset `{self.r.args.preset}`). Seeds: {', '.join(map(str, p.seeds))}.", "",
+                 f"Start: pretrained MiniLM-L6, its MLM/NSP heads trained for {p.head_steps} dense steps. "
+                 f"DAM masks: {how}; searches of {p.search_steps} steps of {p.batch} × {p.seq_len} tokens, "
+                 f"run_pretraining's target-search defaults. Continued pretraining: {p.continue_steps} steps "
+                 f"of {p.batch} × {p.seq_len} from the same checkpoint with each mask frozen, once per seed. "
+                 f"Fine-tuning: {p.glue_steps} steps of {p.glue_batch} × {p.glue_seq_len} per seed, from that "
+                 f"seed's checkpoint. Sparsity at length {p.seq_len}."]
+        if self.r.args.preset == "smoke":
+            lines += ["", "**Smoke preset: a check that the pipeline runs. Its runs are a few steps long and "
+                          "learn nothing; no number below is a result, and nothing is concluded from them.**"]
+        return lines
+
+    def runs_table(self) -> list[str]:
+        counts = self.sums["dense"][0][1]
+        lines = ["", f"## Every run (mean ± std over {len(self.p.seeds)} seeds)", "",
+                 f"Held-out MLM loss: {int(counts.sum())} masked tokens in {len(counts)} sequences of documents no "
+                 f"run trained on; its sampling SE (sequences as units) is given beside the seeds' spread.", "",
+                 "| mask | sparsity (%) | held-out MLM loss | sampling SE | "
+                 + " | ".join(self.task_header(task) for task in self.p.tasks) + " |",
+                 "|---|---:|---:|---:|" + "---:|" * len(self.p.tasks)]
+        for row in self.rows:
+            mask = self.masks[row.name]
+            sparsity = 100 * attention_masks.sparsity(mask) if mask is not None else 0.0
+            cells = [f"{sparsity:.1f}", mean_std(self.losses(row.name), 3), f"{self.loss_se(row.name):.3f}"]
+            cells += [self.task_cell(row, task) for task in self.p.tasks]
+            lines.append(f"| {row.name} | {' | '.join(cells)} |")
+        return lines
+
+    @staticmethod
+    def task_header(task: str) -> str:
+        return f"{TASKS[task][0]}-format {TASKS[task][1]}"
+
+    def task_cell(self, row: Row, task: str) -> str:
+        """Mean ± std; '(chance)' when the mean is within two seed SEs of the task's chance level."""
+        scores, chance = self.scores(row, task), TASKS[task][2]
+        se = statistics.stdev(scores) / math.sqrt(len(scores))
+        # at least a point: seeds that agree exactly (a model stuck on one class) still count as chance
+        at_chance = abs(statistics.fmean(scores) - chance) <= NOISE_FACTOR * max(se, 1.0)
+        return mean_std(scores, 1) + (" (chance)" if at_chance else "")
+
+    def pairs(self) -> list[tuple[Row, Row]]:
+        """(pattern row, DAM row at its sparsity), in table order."""
+        by_name = {row.name: row for row in self.rows}
+        return [(by_name[row.pattern], row) for row in self.rows if row.kind is not None]
+
+    def pairs_table(self) -> list[str]:
+        lines = ["", "## Matched pairs: DAM minus pattern", "",
+                 f"Each difference is the mean over seeds of the per-seed difference (the same seed: the same "
+                 f"data order), ± its standard error: the seeds' spread of the difference / √{len(self.p.seeds)}, "
+                 f"for the loss combined with the held-out sampling SE of the difference (paired by sequence). "
+                 f"It exceeds the noise when |difference| > {NOISE_FACTOR:g} × SE. Lower loss is better. With "
+                 f"{len(self.p.seeds)} seeds the seed part of each SE rests on {len(self.p.seeds) - 1} degree(s) "
+                 f"of freedom: a rough noise level, not a test.", "",
+                 "| pattern | sparsity (%) | DAM mask | Δ held-out MLM loss | "
+                 + " | ".join(f"Δ {self.task_header(task)}" for task in self.p.tasks) + " |",
+                 "|---|---:|---|---:|" + "---:|" * len(self.p.tasks)]
+        for pattern, dam in self.pairs():
+            cells = [f"{100 * self.r.sparsity[pattern.name]:.1f}", dam.name,
+                     self.loss_difference(dam.name, pattern.name).cell(3)]
+            cells += [self.task_difference(dam, pattern, task).cell(1) for task in self.p.tasks]
+            lines.append(f"| {pattern.name} | {' | '.join(cells)} |")
+        return lines
+
+    def task_difference(self, dam: Row, pattern: Row, task: str) -> Difference:
+        return paired_difference(self.scores(dam, task), self.scores(pattern, task), True)
+
+    def verdict(self) -> list[str]:
+        """The conclusion, computed: per DAM kind, how many pairs it won, lost or tied on the held-out loss;
+        which tasks are quiet enough (seed std within MAX_TASK_STD) to count."""
+        lines = ["", "## Verdict", ""]
+        overall = [self.loss_difference(dam.name, pattern.name).winner() for pattern, dam in self.pairs()]
+        lines += [f"At matched sparsity, on held-out MLM loss, the searched masks {tally(overall)}", ""]
+        for kind in self.r.args.searches:
+            outcome = [self.loss_difference(dam.name, pattern.name).winner()
+                       for pattern, dam in self.pairs() if dam.kind == kind]
+            lines.append(f"- **DAM_{kind[-1]}, held-out MLM loss**: its masks " + tally(outcome))
+        for task in self.p.tasks:
+            worst = self.max_task_std(task)
+            if worst > MAX_TASK_STD:
+                lines.append(f"- **{self.task_header(task)}**: seed std up to {worst:.1f} points, above the "
+                             f"{MAX_TASK_STD:g}-point bar: its differences are reported, not concluded from.")
+                continue
+            for kind in self.r.args.searches:
+                outcome = [self.task_difference(dam, pattern, task).winner()
+                           for pattern, dam in self.pairs() if dam.kind == kind]
+                lines.append(f"- **DAM_{kind[-1]}, {self.task_header(task)}** (seed std ≤ {worst:.1f} points): "
+                             f"its masks {tally(outcome)}")
+        if self.r.args.preset == "smoke":
+            lines.append("- Smoke preset: the tallies above only show the report works; they conclude nothing.")
+        return lines
+
+    def findings(self) -> list[str]:
+        lines = ["", "## Diagonal finding of each DAM mask", ""]
+        for row in self.rows:
+            if row.kind is not None:
+                mask = self.masks[row.name]
+                shared = bool((mask == mask[:1]).all())  # one mask for every layer: count its heads once
+                finding = attention_masks.diagonal_finding(mask[:1] if shared else mask).replace("\n", " ")
+                lines.append(f"- **{row.name}**{' (shared by every layer)' if shared else ''}: {finding}")
+        return lines + ["", "Kept fraction per offset |i - j| of each pair: offsets.png; each search's mask: "
+                            "search/<search>/attention_mask.png."]
+
+
+def tally(outcome: list[str]) -> str:
+    """'were better than the pattern beyond the noise in a of n pairs, worse in b, within the noise in c.'"""
+    n = len(outcome)
+    return (f"were better than the pattern beyond the noise in {outcome.count('DAM')} of {n} pairs, worse in "
+            f"{outcome.count('pattern')}, within the noise in {outcome.count('neither')}.")
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+LEGEND = {None: "the panel's fixed pattern", "dam_s": "DAM_s at its sparsity", "dam_u": "DAM_u at its sparsity"}
+
+
+def plot_pairs(masks: dict[str, torch.Tensor | None], rows: list[Row], sparsity: dict[str, float], path: Path) -> None:
+    """One panel per pattern: its kept fraction per offset |i - j| beside the DAM masks at its sparsity,
+    every offset shown, ½ marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, mask in masks.items():
-        kept = attention_masks.offset_keep_fraction(mask).flatten(0, -2).mean(0)[:offsets]
-        ax.plot(range(len(kept)), kept.tolist(), marker="o" if name.startswith("DAM") else ".",
-                linestyle="-" if name.startswith("DAM") else ":", label=name)
-    ax.set_xlabel("offset |i - j|")
-    ax.set_ylabel("kept fraction (mean over layers, heads)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    patterns = [row.name for row in rows if row.kind is None and row.name != "dense"]
+    columns = min(3, len(patterns))
+    grid_rows = math.ceil(len(patterns) / columns)
+    # at least 8 inches wide: the title and the legend below the panels must fit a single panel
+    size = (max(4.2 * columns, 8.0), 3.2 * grid_rows + 1.2)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=size, squeeze=False, sharey=True)
+    styles = {None: ("black", "-", "."), "dam_s": ("tab:blue", "-", "o"), "dam_u": ("tab:orange", "--", "s")}
+    for ax, pattern in zip(axes.flat, patterns):
+        for row in rows:
+            if row.name == pattern or row.pattern == pattern:
+                kept = attention_masks.offset_keep_fraction(masks[row.name]).flatten(0, -2).mean(0)
+                color, line, marker = styles[row.kind]
+                ax.plot(range(len(kept)), kept.tolist(), color=color, linestyle=line, marker=marker, markersize=3,
+                        linewidth=1.2, label=LEGEND[row.kind])
+        ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":", label="½ (a coin flip)")
+        ax.set_title(f"{pattern}: {100 * sparsity[pattern]:.1f} % sparse")
+        ax.set_xlabel("offset |i - j|")
+        ax.set_ylim(-0.03, 1.03)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("kept fraction (mean over layers, heads)")
+    for ax in list(axes.flat)[len(patterns):]:
+        ax.axis("off")
+    fig.suptitle("Kept fraction per offset |i - j|:\neach fixed pattern and the DAM masks at its sparsity")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(handles), fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # the legend sits below the panels, never over the data
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
