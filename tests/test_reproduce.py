@@ -44,6 +44,9 @@ def test_smoke_reproduction_writes_the_pairs_noise_verdict_plot_and_finding_and_
     out = tmp_path / "repro"
     first = run_reproduce(*SMALL, "--out", str(out))
     assert first.returncode == 0, first.stderr[-3000:]
+    # the overall progress line: every stage announced, then "stage k of N" with the time left
+    total = int(re.search(r"\[reproduce\] (\d+) stages to run, about ", first.stdout).group(1))
+    assert f"[reproduce] stage {total} of {total}: " in first.stdout and "left" in first.stdout
     results = (out / "results.md").read_text()
     assert "Command: `python scripts/reproduce.py --preset smoke" in results and "Seeds: 1, 2." in results
     assert "no number below is a result" in results  # the smoke preset says what it is
