@@ -219,3 +219,17 @@ def dllogger_records() -> Callable[[Path, str], dict[int, float]]:
 def assert_same_weights() -> Callable[[Path, Path], None]:
     """`assert_same_weights(a, b)`: two checkpoints hold bit-identical model tensors."""
     return _assert_same_weights
+
+
+@pytest.fixture
+def script_module(monkeypatch) -> Callable[[str], Any]:
+    """`script_module(name)`: scripts/<name>.py, freshly imported (scripts/ is not a package)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+
+    def load(name: str) -> Any:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        return importlib.import_module(name)
+
+    return load

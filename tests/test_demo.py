@@ -17,11 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def summary_text(monkeypatch):
+def summary_text(script_module):
     """scripts/demo_summary.py, the summary's wording."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    monkeypatch.delitem(sys.modules, "demo_summary", raising=False)
-    return importlib.import_module("demo_summary")
+    return script_module("demo_summary")
 
 
 @pytest.fixture

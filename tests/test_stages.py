@@ -1,19 +1,13 @@
 """scripts/stages.py: the resumable stages' progress lines (stage k of N, elapsed, time left)."""
-import importlib
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
-def stages(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    monkeypatch.delitem(sys.modules, "stages", raising=False)
-    return importlib.import_module("stages")
+def stages(script_module):
+    return script_module("stages")
 
 
 def test_durations_read_as_seconds_minutes_or_hours(stages):
