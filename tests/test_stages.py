@@ -1,6 +1,5 @@
 """scripts/stages.py: the resumable stages' progress lines (stage k of N, elapsed, time left)."""
 import re
-import sys
 
 import pytest
 
