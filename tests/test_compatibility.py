@@ -26,9 +26,10 @@ MASK_LOGITS = "bert.sparse_mask.mask_logits"
 PRETRAINING = ["--do_train", "--disable_progress_bar", "--input_dir", "shards", "--config_file", "bert_config.json",
                "--max_seq_length", "32", "--max_predictions_per_seq", "3", "--train_batch_size", "8",
                "--lamb", "1e-3", "--seed", "7", "--num_workers", "0"]
+GLUE_SEQ = 16  # the fine-tuning length: reported sparsities are those of the mask's 16 x 16 slice
 GLUE = ["--task_name", "sst-2", "--data_dir", "SST-2", "--vocab_file", "vocab.txt", "--do_lower_case",
-        "--max_seq_length", "16", "--train_batch_size", "8", "--eval_batch_size", "16", "--learning_rate", "2e-3",
-        "--seed", "1"]
+        "--max_seq_length", str(GLUE_SEQ), "--train_batch_size", "8", "--eval_batch_size", "16",
+        "--learning_rate", "2e-3", "--seed", "1"]
 
 
 @pytest.fixture
@@ -58,8 +59,13 @@ def logged_steps(log: Path) -> list[int]:
     return steps
 
 
-def old_mask_sparsity() -> float:
-    return json.loads((OLD / f"pretraining/mask_{OLD_STEP}.json").read_text())["sparsity"]
+def old_mask_sparsity(seq_len: int | None = None) -> float:
+    """The old exported mask's sparsity, of its top-left seq_len x seq_len slice when given (what a run
+    at --max_seq_length seq_len reports), else the recorded whole-mask value."""
+    if seq_len is None:
+        return json.loads((OLD / f"pretraining/mask_{OLD_STEP}.json").read_text())["sparsity"]
+    mask, _ = attention_masks.load_mask_file(OLD / f"pretraining/mask_{OLD_STEP}.safetensors")
+    return attention_masks.sparsity(mask[..., :seq_len, :seq_len])
 
 
 def results(out: Path) -> dict:
@@ -98,7 +104,7 @@ def test_old_pretraining_checkpoint_fine_tunes_with_its_searched_mask(old: Path)
         "--max_steps", "2")
     found = results(old / "fine_tuned")
     assert found["global_step"] == 2
-    assert found["mask_sparsity"] == pytest.approx(old_mask_sparsity())  # the binarised old logits
+    assert found["mask_sparsity"] == pytest.approx(old_mask_sparsity(GLUE_SEQ))  # the binarised old logits
     # Today's saved-model folder, which loads back with the mask it was fine-tuned under.
     saved = BertForSequenceClassification.from_pretrained(old / "fine_tuned", num_labels=2)
     assert attention_masks.sparsity(saved.bert.sparse_mask.binarize()) == pytest.approx(old_mask_sparsity())
@@ -110,7 +116,7 @@ def test_old_glue_output_folder_evaluates_to_its_recorded_metrics(old: Path) -> 
     recorded, found = results(old / "glue"), results(old / "eval")
     assert found["acc"] == recorded["acc"]
     assert found["eval:loss"] == pytest.approx(recorded["eval:loss"], rel=1e-5)
-    assert found["mask_sparsity"] == pytest.approx(old_mask_sparsity())
+    assert found["mask_sparsity"] == pytest.approx(old_mask_sparsity(GLUE_SEQ))
 
 
 def test_old_exported_mask_loads_as_a_mask_file(old: Path) -> None:
@@ -119,4 +125,4 @@ def test_old_exported_mask_loads_as_a_mask_file(old: Path) -> None:
         "--output_dir", "with_file", "--do_train", "--do_eval", "--max_steps", "1")
     found = results(old / "with_file")
     assert found["global_step"] == 1
-    assert found["mask_sparsity"] == pytest.approx(old_mask_sparsity())
+    assert found["mask_sparsity"] == pytest.approx(old_mask_sparsity(GLUE_SEQ))
