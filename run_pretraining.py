@@ -63,8 +63,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lamb", "--dam_lambda", dest="lamb", type=finite_float, default=None,
                    help="λ of the mask penalty (overrides dam_lambda; unused by a target search)")
     p.add_argument("--target_sparsity", type=finite_float, default=None,
-                   help="search the mask to this sparsity, e.g. 0.9 (overrides dam_target_sparsity; replaces the λ "
-                        "penalty by a Lagrangian, and binarises at the target)")
+                   help="search the mask to this sparsity, e.g. 0.9 (overrides dam_target_sparsity): the λ penalty is "
+                        "replaced by a constraint holding the expected sparsity at the target (ramped up over "
+                        "dam_target_warmup), and the mask is binarised at the target; docs/search.md")
     p.add_argument("--init_loss_scale", type=finite_float, default=2.0**20, help="first dynamic fp16 loss scale")
     p.add_argument("--log_freq", type=finite_float, default=1.0, help="log every N optimizer steps")
     p.add_argument("--checkpoint_activations", action="store_true", help="recompute activations in the backward")
