@@ -56,7 +56,10 @@ BUDGET_SCOPES = ("global", "layer", "head")
 # "lagrangian": l1 (s - t) + l2 (s - t)^2 in the loss, multipliers by dual ascent at dam_multiplier_lr
 #   (CoFi pruning's method); its rate must match the model's gradient noise.
 TARGET_METHODS = ("projection", "lagrangian")
-PRICE_RATE, PRICE_FLOOR = 0.15, 1e-2
+# The price is kept within [PRICE_FLOOR, PRICE_MAX]: beyond about one typical gradient it pushes every
+# gate alike, which decides nothing and drowns the data's ranking (a run without the cap reached 1e9
+# and kept the diagonal it had dropped; docs/search.md).
+PRICE_RATE, PRICE_FLOOR, PRICE_MAX = 0.15, 1e-2, 1.0
 # A gate counts as decided once its keep probability sigma(a) is below 0.1 or above 0.9 (|a| > 2.197).
 DECIDED_LOGIT = 2.1972245773362196
 # Below this share of decided gates a searched mask is reported as close to a coin flip.
@@ -680,7 +683,7 @@ class DifferentiableMask(AttentionMask):
         so it moves the gates the data does not defend, where the projection moves all alike."""
         price = -self.lagrange_multipliers[0].item()
         if self.expected_sparsity().item() < self.current_target:
-            price = max(price, PRICE_FLOOR) * (1.0 + PRICE_RATE)
+            price = min(max(price, PRICE_FLOOR) * (1.0 + PRICE_RATE), PRICE_MAX)
         else:
             price = price / (1.0 + PRICE_RATE)
         self.lagrange_multipliers[0] = -price

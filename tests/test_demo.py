@@ -74,8 +74,9 @@ def test_demo_smoke_run_produces_every_artefact_and_resumes(tmp_path):
     assert summary.count("The mask is written at exactly 85.0 % sparsity") == 2
     assert "[demo] 8 stages to run" in first and "[demo] stage 8 of 8: glue_star ..." in first
     star = json.loads((out / "glue" / "star" / "results.txt").read_text())
-    # star at n = 64, by hand: a band |i - j| <= 1 (64 + 2 * 63) plus row and column 0 beyond it (2 * 62)
-    assert star["mask_sparsity"] == pytest.approx(1 - (64 + 2 * 63 + 2 * 62) / 64**2, abs=1e-9)
+    # star at the smoke's fine-tuning length n = 32 (the slice run_glue reports), by hand: a band
+    # |i - j| <= 1 (32 + 2 * 31) plus row and column 0 beyond it (2 * 30)
+    assert star["mask_sparsity"] == pytest.approx(1 - (32 + 2 * 31 + 2 * 30) / 32**2, abs=1e-9)
     assert "| mask | sparsity (%)" in first
 
     # A re-run finds every stage done and rebuilds the same summary without training again.
