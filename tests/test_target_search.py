@@ -126,9 +126,9 @@ def test_a_warm_started_dam_s_search_to_085_converges_by_default(minilm, tmp_pat
     """What a user gets who sets only the target and 300 steps (16 x 128, model lr 1e-3, no mask rate):
     real MiniLM weights (its first two layers), English text (the demo corpus's Python reference
     documents), a dam_s mask per layer. 1[a > 0] ends within 3 points of the target and the paper's
-    finding holds (the diagonal's logits below offset 1's). The decided share is asserted at what
-    was measured (about 40 % at step 225 of this run, docs/search.md), not at "most gates": the
-    search does not yet decide most of its gates in 300 steps."""
+    finding holds (the diagonal's logits below offset 1's). Measured at 97aa1e9: 1[a > 0] 0.851, 51 %
+    of the gates decided, the diagonal dropped in 18 of 24 layer-heads (docs/search.md); the decided
+    share is asserted with a margin, since runs differ in their last digits."""
     from data import create_pretraining_data, demo_corpus
     from safetensors.torch import save_file
 
@@ -155,6 +155,6 @@ def test_a_warm_started_dam_s_search_to_085_converges_by_default(minilm, tmp_pat
     assert run_pretraining.main(argv) == 0
     module = mask_module(out / "ckpt_300.pt", config)
     assert module.deterministic_sparsity() == pytest.approx(0.85, abs=0.03)
-    assert module.decided_share() > 0.25
+    assert module.decided_share() > 0.4
     logits = module.mask_logits.detach()  # [layers, heads, offsets]
     assert logits[..., 0].mean() < logits[..., 1].mean()
