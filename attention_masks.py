@@ -632,13 +632,16 @@ class DifferentiableMask(AttentionMask):
         """fp32 scalar 1 - mean sigma(a / sharpness) over every entry of the full mask (differentiable):
         at sharpness 1 the sampler's expected sparsity, towards 0 the sparsity of 1[a > 0]."""
         with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
-            keep = torch.sigmoid(self.mask_logits.float() / sharpness)
-            return 1.0 - (keep * self.gate_cells).sum() / (self.gate_cells.sum() * keep.shape[0] * keep.shape[1])
+            return 1.0 - self._mean_over_entries(torch.sigmoid(self.mask_logits.float() / sharpness))
 
     def deterministic_sparsity(self) -> float:
         """Sparsity of 1[a > 0] over the full mask (what the logits decide, before any budget)."""
-        kept = (self.mask_logits.detach() > 0).float() * self.gate_cells
-        return 1.0 - kept.sum().item() / (self.gate_cells.sum().item() * kept.shape[0] * kept.shape[1])
+        return 1.0 - self._mean_over_entries((self.mask_logits.detach() > 0).float()).item()
+
+    def _mean_over_entries(self, per_gate: torch.Tensor) -> torch.Tensor:
+        """The mean over every entry of the full [L', H, n, n] mask of a value given per gate
+        [L', H, P]: each gate weighs as many entries as it controls."""
+        return (per_gate * self.gate_cells).sum() / (self.gate_cells.sum() * per_gate.shape[0] * per_gate.shape[1])
 
     def decided_share(self) -> float:
         """Share of gates whose keep probability sigma(a) is below 0.1 or above 0.9."""
@@ -747,10 +750,10 @@ class DifferentiableMask(AttentionMask):
         if self._last_gates is None:
             return torch.zeros((), dtype=torch.float32, device=self.mask_logits.device)
         if self.target_sparsity is not None:
-            gap = self.expected_sparsity(self.sharpness) - self.current_target
             l1, l2 = self.lagrange_multipliers
             if self.target_method == "projection":
                 return l1 * self.expected_sparsity() * self.mask_logits.numel()
+            gap = self.expected_sparsity(self.sharpness) - self.current_target
             return l1 * gap + l2 * gap * gap
         with torch.autocast(device_type=self.mask_logits.device.type, enabled=False):
             index = self.gate_index[:self._last_seq_len, :self._last_seq_len].flatten()
