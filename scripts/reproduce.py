@@ -60,11 +60,16 @@ HELD_OUT = "held_out_mlm.json"  # per held-out sequence: summed masked-token cro
 MAX_TASK_STD = 3.0  # task scores whose seed std exceeds this (points) are reported, not concluded from
 
 
-# The progress line's estimate: seconds per token of one training step of MiniLM-L6 on 2 CPU cores
-# (the previous reproduction: 2,880 steps of 16 x 64 in 32 min, two runs side by side), and what
-# scoring the held-out set adds to a continued-pretraining stage.
-SECONDS_PER_TOKEN_STEP = 0.65e-3
-HELD_OUT_SECONDS = 15.0
+# The progress line's estimate, measured on the project's 2-core CPU (commit 71e2ea8, idle machine, two
+# stages side by side on one thread each): a training step of MiniLM-L6 costs about 2.1 ms per token
+# (16 x 64 tokens: 2.15 s with a fixed or file mask, 1.7 s dense), a DAM search step 1.2 times that
+# (2.6 s); every run adds about 20 s (start-up, first step, checkpoint); scoring the ~970 held-out
+# sequences 37 s, a fine-tuning run's evaluation 14 s.
+SECONDS_PER_TOKEN_STEP = 2.1e-3
+SEARCH_STEP_FACTOR = 1.2
+RUN_START_SECONDS = 20.0
+HELD_OUT_SECONDS = 37.0
+GLUE_EVAL_SECONDS = 14.0
 
 
 @dataclass(frozen=True)
@@ -97,10 +102,12 @@ PRESETS = {
     "smoke": Preset(seq_len=32, max_pred=5, batch=4, head_steps=2, search_steps=2, continue_steps=2, glue_steps=2,
                     glue_batch=4, glue_seq_len=32, seeds=(1, 2), jobs=2, patterns=("star",), tasks=("sst-2",),
                     held_out_every=20),
-    # within 45 minutes on 2 CPU cores: three patterns that span the sparsity range
-    "cpu": Preset(seq_len=64, max_pred=10, batch=16, head_steps=60, search_steps=300, continue_steps=50,
-                  glue_steps=100, glue_batch=16, glue_seq_len=64, seeds=(1, 2), jobs=2,
-                  patterns=("strided", "longformer", "star"), tasks=("sst-2",)),
+    # within 45 minutes on 2 CPU cores: three patterns that span the sparsity range, held-out MLM loss
+    # only (fine-tuning long enough for task scores with a seed std within 3 points does not fit;
+    # `--tasks sst-2` adds them: about 12 more minutes at --glue_steps 40, docs/results.md)
+    "cpu": Preset(seq_len=64, max_pred=10, batch=16, head_steps=60, search_steps=250, continue_steps=40,
+                  glue_steps=40, glue_batch=16, glue_seq_len=64, seeds=(1, 2), jobs=2,
+                  patterns=("strided", "longformer", "star"), tasks=()),
     # sized for one H200; not yet timed on one
     "gpu": Preset(seq_len=128, max_pred=20, batch=64, head_steps=300, search_steps=300, continue_steps=300,
                   glue_steps=400, glue_batch=32, glue_seq_len=128, seeds=(1, 2, 3), jobs=1,
@@ -313,19 +320,22 @@ class Reproduction:
     def expected_seconds(self, rows: list[Row]) -> dict[str, float]:
         """Every stage and its expected wall time on 2 cores, for the progress line's estimate: a
         training step of B x n tokens at SECONDS_PER_TOKEN_STEP, side-by-side stages sharing the cores."""
-        def cost(steps: int, batch: int, seq_len: int, side_by_side: bool = True) -> float:
+        def cost(steps: int, batch: int, seq_len: int, extra: float = 0.0, factor: float = 1.0,
+                 side_by_side: bool = True) -> float:
             share = max(1, self.p.jobs) if side_by_side else 1
-            return steps * batch * seq_len * SECONDS_PER_TOKEN_STEP / share
+            return (RUN_START_SECONDS + steps * batch * seq_len * SECONDS_PER_TOKEN_STEP * factor + extra) / share
 
         p = self.p
         plan = {"corpus": 2.0, "shards": 5.0, "heads": cost(p.head_steps, p.batch, p.seq_len, side_by_side=False)}
-        plan |= {f"search_{search_name(kind, target)}": cost(p.search_steps, p.batch, p.seq_len)
+        plan |= {f"search_{search_name(kind, target)}": cost(p.search_steps, p.batch, p.seq_len,
+                                                              factor=SEARCH_STEP_FACTOR)
                  for kind, target in self.search_targets()}
         if p.matching == "budget":
             plan["budget_masks"] = 5.0
-        plan |= {f"continue_{row.slug}_seed{seed}": cost(p.continue_steps, p.batch, p.seq_len) + HELD_OUT_SECONDS
+        plan |= {f"continue_{row.slug}_seed{seed}": cost(p.continue_steps, p.batch, p.seq_len, HELD_OUT_SECONDS)
                  for row in rows for seed in p.seeds}
-        plan |= {f"glue_{row.slug}_{task}_seed{seed}": cost(p.glue_steps, p.glue_batch, p.glue_seq_len)
+        plan |= {f"glue_{row.slug}_{task}_seed{seed}": cost(p.glue_steps, p.glue_batch, p.glue_seq_len,
+                                                             GLUE_EVAL_SECONDS)
                  for row in rows for task in p.tasks for seed in p.seeds}
         return plan
 
@@ -502,8 +512,9 @@ class Report:
                  f"DAM masks: {how}; searches of {p.search_steps} steps of {p.batch} × {p.seq_len} tokens, "
                  f"run_pretraining's target-search defaults. Continued pretraining: {p.continue_steps} steps "
                  f"of {p.batch} × {p.seq_len} from the same checkpoint with each mask frozen, once per seed. "
-                 f"Fine-tuning: {p.glue_steps} steps of {p.glue_batch} × {p.glue_seq_len} per seed, from that "
-                 f"seed's checkpoint. Sparsity at length {p.seq_len}."]
+                 + (f"Fine-tuning: {p.glue_steps} steps of {p.glue_batch} × {p.glue_seq_len} per seed, from that "
+                    f"seed's checkpoint. " if p.tasks else "No fine-tuning (no --tasks): held-out MLM loss only. ")
+                 + f"Sparsity at length {p.seq_len}."]
         if self.r.args.preset == "smoke":
             lines += ["", "**Smoke preset: a check that the pipeline runs. Its runs are a few steps long and "
                           "learn nothing; no number below is a result, and nothing is concluded from them.**"]
@@ -514,8 +525,8 @@ class Report:
         lines = ["", f"## Every run (mean ± std over {len(self.p.seeds)} seeds)", "",
                  f"Held-out MLM loss: {int(counts.sum())} masked tokens in {len(counts)} sequences of documents no "
                  f"run trained on; its sampling SE (sequences as units) is given beside the seeds' spread.", "",
-                 "| mask | sparsity (%) | held-out MLM loss | sampling SE | "
-                 + " | ".join(self.task_header(task) for task in self.p.tasks) + " |",
+                 "| mask | sparsity (%) | held-out MLM loss | sampling SE |"
+                 + "".join(f" {self.task_header(task)} |" for task in self.p.tasks),
                  "|---|---:|---:|---:|" + "---:|" * len(self.p.tasks)]
         for row in self.rows:
             mask = self.masks[row.name]
@@ -550,8 +561,8 @@ class Report:
                  f"It exceeds the noise when |difference| > {NOISE_FACTOR:g} × SE. Lower loss is better. With "
                  f"{len(self.p.seeds)} seeds the seed part of each SE rests on {len(self.p.seeds) - 1} degree(s) "
                  f"of freedom: a rough noise level, not a test.", "",
-                 "| pattern | sparsity (%) | DAM mask | Δ held-out MLM loss | "
-                 + " | ".join(f"Δ {self.task_header(task)}" for task in self.p.tasks) + " |",
+                 "| pattern | sparsity (%) | DAM mask | Δ held-out MLM loss |"
+                 + "".join(f" Δ {self.task_header(task)} |" for task in self.p.tasks),
                  "|---|---:|---|---:|" + "---:|" * len(self.p.tasks)]
         for pattern, dam in self.pairs():
             cells = [f"{100 * self.r.sparsity[pattern.name]:.1f}", dam.name,
