@@ -364,9 +364,17 @@ def finding_text(finding: dict[str, Any], offsets_shown: int = 8) -> str:
         decided = finding["decided_gates"]
         lines.append(f"Decided gates (sigma(a) < 0.1 or > 0.9): {100 * decided:.1f} %")
         if decided < UNDECIDED_SHARE:
-            lines.append("Caveat: most gates are undecided; the mask is close to a coin flip: search longer, raise "
-                         "--mask_learning_rate, or use --target_sparsity.")
+            lines.append(_undecided_caveat("target_sparsity" in finding))
     return "\n".join(lines)
+
+
+def _undecided_caveat(target_search: bool) -> str:
+    """What to do about a mask most of whose gates are undecided (a target search already has a budget)."""
+    if target_search:
+        return ("Caveat: most gates are undecided; the budget's cut runs through near-coin-flip gates: search "
+                "longer (--max_steps) or on more tokens per step before trusting which positions it keeps.")
+    return ("Caveat: most gates are undecided; the mask is close to a coin flip: search longer, raise "
+            "--mask_learning_rate, or use --target_sparsity.")
 
 
 def _finding_header(finding: dict[str, Any]) -> str:

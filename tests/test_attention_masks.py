@@ -744,6 +744,14 @@ def test_finding_states_what_the_logits_say_and_warns_when_most_gates_are_undeci
     assert ("Caveat: most gates are undecided; the mask is close to a coin flip" in text) == caveat
 
 
+def test_an_undecided_target_search_is_told_to_search_longer_not_to_use_a_target():
+    metadata = {"mode": "dam_s", "step": 250, "target_sparsity": 0.8, "decided_gates": 0.24}
+    text = am.diagonal_finding(torch.ones(1, 2, 4, 4, dtype=torch.bool), metadata)
+    assert text.startswith("Finding of the dam_s mask (step 250, target sparsity 0.8):\n")
+    assert "the budget's cut runs through near-coin-flip gates: search longer" in text
+    assert "--target_sparsity" not in text
+
+
 def test_mask_export_never_replaces_an_unrelated_file_with_its_sidecar(tmp_path):
     mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
     (tmp_path / "config.json").write_text('{"hidden_size": 768}')
