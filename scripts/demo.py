@@ -33,12 +33,13 @@ from stages import Stages, run_python  # noqa: E402
 from utils import read_dllogger_json  # noqa: E402
 
 
-# The progress line's plan: seconds per stage on this project's 2-core machine, idle, 2 threads, so chosen
-# that the defaults add up to the λ demo's measured 385 s (docs/results.md; how they split between searches and
-# fine-tuning is estimated), each run scaled by its tokens.
-# The line rescales the plan by the pace it measures, so another CPU or a loaded one still gets an estimate.
-CORPUS_SECONDS, SHARD_SECONDS, RUN_SECONDS = 3.0, 5.0, 15.0
-SEARCH_SECONDS_PER_TOKEN, GLUE_SECONDS_PER_TOKEN = 7.0e-4, 3.5e-4
+# The progress line's plan, measured on this project's 2-core CPU (commit 77c9811, idle, two runs side by
+# side on one thread each): a search step costs about 2.5 ms per token (16 x 64: 2.6 s), a fine-tuning
+# step 2.1 ms per token (2.15 s); each run adds about 24 s (start-up, first step, evaluation). A stage's
+# share of the wall time is its cost over the runs side by side. The line rescales the plan by the pace
+# it measures, so another CPU or a loaded one still gets an estimate.
+CORPUS_SECONDS, SHARD_SECONDS, RUN_SECONDS = 3.0, 3.0, 24.0
+SEARCH_SECONDS_PER_TOKEN, GLUE_SECONDS_PER_TOKEN = 2.5e-3, 2.1e-3
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="smallest settings, for tests: --seq_len 64 --max_pred 10 --batch 4 --pretrain_steps 4 "
                         "--glue_steps 4 --glue_seq_len 32")
-    p.add_argument("--seq_len", type=int, default=128, help="search sequence length (tokens)")
+    p.add_argument("--seq_len", type=int, default=64,
+                   help="search sequence length (tokens); the default is the fine-tuning length, so the picture "
+                        "shows the mask fine-tuning uses")
     p.add_argument("--max_pred", type=int, default=20, help="masked tokens per sequence at most")
     p.add_argument("--dupe_factor", type=int, default=1, help="passes over the corpus when making shards")
     p.add_argument("--batch", type=int, default=16, help="search sequences per optimizer step")
@@ -93,17 +96,21 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lambda_u", type=float, default=1e-4, help="λ of the DAM_u search when its target is none")
     p.add_argument("--dam_block_size", type=int, default=1,
                    help="> 1: one DAM gate per block (pair / offset), the block-sparse-kernel friendly search")
-    p.add_argument("--glue_steps", type=int, default=40, help="optimizer steps of each fine-tuning")
+    p.add_argument("--glue_steps", type=int, default=30, help="optimizer steps of each fine-tuning")
     p.add_argument("--glue_seq_len", type=int, default=64, help="fine-tuning length (the mask's top-left slice)")
     p.add_argument("--glue_batch", type=int, default=16, help="fine-tuning sequences per step")
     p.add_argument("--glue_learning_rate", type=float, default=1e-4, help="fine-tuning peak learning rate")
     p.add_argument("--fixed_pattern", default="star", help="the fixed pattern fine-tuned beside the searches")
-    p.add_argument("--threads", type=int, default=2,
+    p.add_argument("--jobs", type=int, default=2,
+                   help="training runs side by side (the two searches, then the fine-tunings): on 2 cores two "
+                        "one-thread runs do about a third more work than one two-thread run")
+    p.add_argument("--threads", type=int, default=1,
                    help="CPU threads of every training run: the float rounding, and so every number of the table, "
                         "depends on it, so the default is fixed rather than this machine's core count")
     args = p.parse_args(argv)
-    if args.threads < 1:
-        p.error(f"--threads {args.threads}: give 1 or more")
+    for name in ("jobs", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: give 1 or more")
     if args.smoke:
         args.seq_len, args.max_pred, args.batch, args.pretrain_steps, args.glue_steps, args.glue_seq_len = \
             64, 10, 4, 4, 4, 32
@@ -162,11 +169,11 @@ class Pipeline:
                 "--learning_rate", str(a.learning_rate), "--warmup_proportion", "0.1",
                 "--num_steps_per_checkpoint", str(a.pretrain_steps), "--log_freq", str(max(a.pretrain_steps // 10, 1)),
                 "--seed", "42", "--json-summary", str(folder / "dllogger.json")]
-        run_python(*argv, threads=a.threads)
+        run_python(*argv, threads=a.threads, log=folder / "log.txt")
         run_python("scripts/plot_masks.py", str(folder / "attention_mask.safetensors"),
-                    "--out", str(folder / "attention_mask.png"))
+                   "--out", str(folder / "attention_mask.png"), log=folder / "plot_masks.log")
         run_python("scripts/plot_training.py", str(folder / "dllogger.json"),
-                   "--out", str(folder / "training_curves.png"))
+                   "--out", str(folder / "training_curves.png"), log=folder / "plot_training.log")
 
     def finetune(self, name: str, init: Path, mask_args: list[str]) -> None:
         a = self.args
@@ -177,7 +184,8 @@ class Pipeline:
                     "--max_seq_length", str(a.glue_seq_len), "--train_batch_size", str(a.glue_batch),
                     "--eval_batch_size", "64", "--learning_rate", str(a.glue_learning_rate),
                     "--max_steps", str(a.glue_steps),
-                    "--warmup_proportion", "0.1", "--seed", "2", *mask_args, threads=a.threads)
+                    "--warmup_proportion", "0.1", "--seed", "2", *mask_args, threads=a.threads,
+                    log=self.out / "glue" / name / "log.txt")
 
     def glue_config(self) -> Path:
         """Fine-tuning config: the architecture and mask length; the mask itself comes as flags."""
@@ -200,29 +208,32 @@ class Pipeline:
 
     # -- the story
 
-    def stage_list(self) -> list[tuple[str, Path, Callable[[], None], float]]:
-        """Every stage in order: (name, folder, work, expected seconds on 2 idle cores)."""
+    def stage_groups(self) -> list[list[tuple[str, Path, Callable[[], None], float]]]:
+        """Every stage, in groups run one after the other (the stages of a group side by side):
+        (name, folder, work, expected seconds on 2 idle cores)."""
         a = self.args
-        search = RUN_SECONDS + a.pretrain_steps * a.batch * a.seq_len * SEARCH_SECONDS_PER_TOKEN
-        glue = RUN_SECONDS + a.glue_steps * a.glue_batch * a.glue_seq_len * GLUE_SECONDS_PER_TOKEN
-        stages = [("corpus", self.data / "corpus", self.build_corpus, CORPUS_SECONDS),
-                  ("shards", self.data / "shards", self.build_shards, SHARD_SECONDS * a.dupe_factor)]
-        stages += [(f"pretrain_{run.name}", self.out / "pretrain" / run.name,
-                    lambda run=run: self.pretrain(run), search) for run in self.runs]
+        share = min(a.jobs, len(self.runs))  # runs side by side split the wall time between them
+        search = (RUN_SECONDS + a.pretrain_steps * a.batch * a.seq_len * SEARCH_SECONDS_PER_TOKEN) / share
+        glue = (RUN_SECONDS + a.glue_steps * a.glue_batch * a.glue_seq_len * GLUE_SECONDS_PER_TOKEN) / a.jobs
+        setup = [[("corpus", self.data / "corpus", self.build_corpus, CORPUS_SECONDS)],
+                 [("shards", self.data / "shards", self.build_shards, SHARD_SECONDS * a.dupe_factor)]]
+        searches = [(f"pretrain_{run.name}", self.out / "pretrain" / run.name,
+                     lambda run=run: self.pretrain(run), search) for run in self.runs]
+        fine_tunings = []
         for row, init, mask_args in self.glue_runs():
             folder_name = row.split(" ")[0]
-            stages.append((f"glue_{folder_name}", self.out / "glue" / folder_name,
-                           lambda f=folder_name, i=init, m=mask_args: self.finetune(f, i, m), glue))
-        return stages
+            fine_tunings.append((f"glue_{folder_name}", self.out / "glue" / folder_name,
+                                 lambda f=folder_name, i=init, m=mask_args: self.finetune(f, i, m), glue))
+        return [*setup, searches, fine_tunings]
 
     def run(self) -> str:
         if self.args.fresh:
             shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        stages = self.stage_list()
-        self.stages.plan({name: seconds for name, _, _, seconds in stages})
-        for name, folder, work, _ in stages:
-            self.stages.stage(name, folder, work)
+        groups = self.stage_groups()
+        self.stages.plan({name: seconds for group in groups for name, _, _, seconds in group})
+        for group in groups:
+            self.stages.side_by_side([(name, folder, work) for name, folder, work, _ in group], self.args.jobs)
         summary = self.summary()
         atomic_write_text(self.out / "summary.md", summary)
         return summary
@@ -243,7 +254,7 @@ class Pipeline:
                 f"shared by all layers. Fine-tuning: {a.glue_steps} steps on the demo SST-2-format task, one seed "
                 f"(2), {examples} dev sentences; dense and {a.fixed_pattern} start from the pretrained weights, "
                 f"each searched mask from its search's. Sparsity at the fine-tuning length {a.glue_seq_len} (the "
-                f"masks' top-left slice). Every training run used {a.threads} CPU threads.", "",
+                f"masks' top-left slice). Training runs: {a.jobs} side by side, {a.threads} CPU thread(s) each.", "",
                 "| mask | sparsity (%) | search MLM+NSP loss | dev accuracy (%) |", "|---|---:|---:|---:|", *lines,
                 "", f"**Conclusion.** {demo_summary.conclusion(rows, examples, a.glue_steps)}"]
         for run in self.runs:

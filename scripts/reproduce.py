@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -311,11 +310,8 @@ class Reproduction:
         """Run stages side by side, `self.p.jobs` at a time, the cores shared out between them."""
         workers = max(1, min(self.p.jobs, len(jobs)))
         threads = max(1, (os.cpu_count() or 1) // workers)
-        with ThreadPoolExecutor(workers) as pool:
-            futures = [pool.submit(self.stages.stage, name, folder, lambda work=work: work(threads))
-                       for name, folder, work in jobs]
-            for future in futures:
-                future.result()
+        self.stages.side_by_side([(name, folder, lambda work=work: work(threads)) for name, folder, work in jobs],
+                                 workers)
 
     def expected_seconds(self, rows: list[Row]) -> dict[str, float]:
         """Every stage and its expected wall time on 2 cores, for the progress line's estimate: a

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -88,6 +89,14 @@ class Stages:
             self.done_expected += self.expected.pop(name, 0.0)
             self.report(f"{name} done in {format_duration(time.perf_counter() - start)}, "
                         f"{self.count(self.finished)} finished")
+
+    def side_by_side(self, stages: list[tuple[str, Path, Callable[[], None]]], workers: int) -> None:
+        """Run `stages` (name, folder, work) `workers` at a time; the first failure is raised once all
+        started ones have ended (a finished stage keeps its marker either way)."""
+        with ThreadPoolExecutor(max(1, min(workers, len(stages)))) as pool:
+            futures = [pool.submit(self.stage, name, folder, work) for name, folder, work in stages]
+            for future in futures:
+                future.result()
 
     def count(self, k: int) -> str:
         """'k of N' once planned (N: the planned stages this run does), else 'k'."""

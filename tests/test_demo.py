@@ -105,7 +105,7 @@ def test_demo_smoke_run_produces_every_artefact_and_resumes(tmp_path):
 def test_every_training_run_gets_the_fixed_thread_count(demo, tmp_path, monkeypatch):
     """The numbers depend on the thread count (float rounding), so no training run may use the machine's."""
     calls = []
-    monkeypatch.setattr(demo, "run_python", lambda *argv, threads=None: calls.append((argv[0], threads)))
+    monkeypatch.setattr(demo, "run_python", lambda *argv, threads=None, log=None: calls.append((argv[0], threads)))
     pipeline = demo.Pipeline(demo.parse_arguments(["--out", str(tmp_path), "--threads", "3"]))
     for run in pipeline.runs:
         pipeline.pretrain(run)
@@ -119,8 +119,8 @@ def test_help_shows_the_real_defaults(demo, capsys):
     with pytest.raises(SystemExit):
         demo.parse_arguments(["--help"])
     options = " ".join(capsys.readouterr().out.split()).split("options:")[1]
-    for option, default in (("--pretrain_steps", 80), ("--threads", 2), ("--glue_steps", 40), ("--lambda_s", 0.0001),
-                             ("--target_s", 0.85)):
+    for option, default in (("--pretrain_steps", 80), ("--threads", 1), ("--jobs", 2), ("--seq_len", 64),
+                             ("--glue_steps", 30), ("--lambda_s", 0.0001), ("--target_s", 0.85)):
         entry = re.search(rf"{option} [A-Z_]+ (.*?)(?= --[a-z]|$)", options).group(1)  # help text and default
         assert entry.endswith(f"(default: {default})"), (option, entry)
 
@@ -186,7 +186,7 @@ def test_the_search_state_warns_when_most_gates_are_undecided(summary_text):
 def test_a_target_search_leaves_the_mask_rate_to_run_pretraining_and_none_keeps_the_lambda_search(demo, tmp_path,
                                                                                                    monkeypatch):
     calls = []
-    monkeypatch.setattr(demo, "run_python", lambda *argv, threads=None: calls.append(argv))
+    monkeypatch.setattr(demo, "run_python", lambda *argv, threads=None, log=None: calls.append(argv))
     pipeline = demo.Pipeline(demo.parse_arguments(["--out", str(tmp_path), "--target_s", "0.9", "--target_u", "none"]))
     for run in pipeline.runs:
         pipeline.pretrain(run)
