@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from atomic_io import atomic_write_text  # noqa: E402
+from atomic_io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
