@@ -72,7 +72,7 @@ class Pipeline:
     weights every run starts from, and the commands of its runs."""
 
     def __init__(self, out: Path, sizes: PretrainingSizes, glue: GlueSizes) -> None:
-        self.out, self.sizes, self.glue = out, sizes, glue
+        self.sizes, self.glue = sizes, glue
         self.data = out / "data"
         self.corpus = self.data / "corpus"
         self.vocab_file = self.corpus / "vocab.txt"
