@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import demo_summary  # noqa: E402
 from attention_masks import load_mask_file, pattern_mask, sparsity  # noqa: E402
 from atomic_io import atomic_write_text  # noqa: E402
-from pretrained import bert_config_from_hf, minilm_folder  # noqa: E402
+from pipeline import (GlueSizes, Mask, Pipeline, PretrainingSizes, final_checkpoint, plot_mask_command,  # noqa: E402
+                      plot_training_command)
 from stages import Stages, run_python  # noqa: E402
 from utils import read_dllogger_json  # noqa: E402
 
@@ -40,13 +40,14 @@ from utils import read_dllogger_json  # noqa: E402
 # it measures, so another CPU or a loaded one still gets an estimate.
 CORPUS_SECONDS, SHARD_SECONDS, RUN_SECONDS = 3.0, 3.0, 24.0
 SEARCH_SECONDS_PER_TOKEN, GLUE_SECONDS_PER_TOKEN = 2.5e-3, 2.1e-3
+SEARCH_SEED, GLUE_SEED = 42, 2
 
 
 @dataclass(frozen=True)
 class SearchRun:
-    """One pretraining run of the demo and the mask the GLUE step uses after it."""
+    """One pretraining run of the demo: a mask search, in its own folder pretrain/<name>."""
 
-    name: str
+    name: str  # its folder under pretrain/ and glue/, and its stages' names
     mask_type: str
     lam: float
     target: float | None  # a target-sparsity search; None: the paper's λ penalty
@@ -54,6 +55,18 @@ class SearchRun:
     @property
     def label(self) -> str:
         return f"{self.name} (target {self.target:g})" if self.target is not None else f"{self.name} (λ={self.lam:g})"
+
+
+@dataclass(frozen=True)
+class GlueRun:
+    """One fine-tuning of the table: its row label, its folder under glue/, the weights it starts from,
+    its mask, and the search those came from (None: the pretrained weights)."""
+
+    label: str
+    folder: str
+    init: Path
+    mask: Mask
+    search: SearchRun | None = None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -117,94 +130,62 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class Pipeline:
+class Demo:
+    """The demo's runs in order: corpus, shards, the searches, the fine-tunings; then the summary."""
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.out = Path(args.out).resolve()
-        self.data = self.out / "data"
-        self.pretrained = minilm_folder()
+        self.pipeline = Pipeline(self.out, PretrainingSizes(args.seq_len, args.max_pred, args.batch, args.learning_rate),
+                                 GlueSizes(args.glue_seq_len, args.glue_batch, args.glue_steps, args.glue_learning_rate))
         self.runs = [SearchRun("dam_s", "dam_s", args.lambda_s, args.target_s),
                      SearchRun("dam_u", "dam_u", args.lambda_u, args.target_u)]
         self.stages = Stages(self.out, "demo")
 
+    def search_folder(self, run: SearchRun) -> Path:
+        return self.out / "pretrain" / run.name
+
+    def glue_folder(self, run: GlueRun) -> Path:
+        return self.out / "glue" / run.folder
+
     # -- stages
 
-    def build_corpus(self) -> None:
-        run_python("data/demo_corpus.py", "--out", str(self.data / "corpus"), "--vocab", "auto")
-
     def build_shards(self) -> None:
-        a = self.args
-        run_python("data/create_pretraining_data.py", "--vocab_file", str(self.vocab_file),
-                    "--input_file", str(self.data / "corpus" / "corpus.txt"),
-                    "--output_file", str(self.data / "shards" / "training_shard_0.hdf5"),
-                    "--max_seq_length", str(a.seq_len), "--max_predictions_per_seq", str(a.max_pred),
-                    "--dupe_factor", str(a.dupe_factor), "--random_seed", "12345", "--n_processes", "2")
-
-    @property
-    def vocab_file(self) -> Path:
-        return self.data / "corpus" / "vocab.txt"
-
-    def write_config(self, run: SearchRun) -> Path:
-        """The pretrained model's architecture with this search's mask, one mask shared by every layer
-        (the released code's layout): a short search gets every layer's signal on each gate."""
-        config = bert_config_from_hf(self.pretrained, attention_mask_type=run.mask_type,
-                                     mask_seq_length=self.args.seq_len, dam_block_size=self.args.dam_block_size,
-                                     dam_share_across_layers=True)
-        path = self.out / "pretrain" / run.name / "bert_config.json"
-        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return path
+        self.pipeline.build_shards(self.pipeline.corpus / "corpus.txt", self.pipeline.shards, self.args.dupe_factor)
 
     def pretrain(self, run: SearchRun) -> None:
-        a = self.args
-        folder = self.out / "pretrain" / run.name
-        config = self.write_config(run)
+        """A search from the pretrained weights with one mask shared by every layer (the released code's layout:
+        a short search gets every layer's signal on each gate); then its mask and training curves drawn."""
+        a, folder = self.args, self.search_folder(run)
+        config = self.pipeline.write_config(folder, attention_mask_type=run.mask_type,
+                                            dam_block_size=a.dam_block_size, dam_share_across_layers=True)
         # A target search runs with run_pretraining.py's own mask learning rate (held after warm-up).
-        search = (["--lamb", str(run.lam), "--mask_learning_rate", str(a.mask_learning_rate)] if run.target is None
-                  else ["--target_sparsity", str(run.target)])
-        argv = ["run_pretraining.py", "--do_train", "--input_dir", str(self.data / "shards"),
-                "--init_checkpoint", str(self.pretrained), *search,
-                "--config_file", str(config), "--vocab_file", str(self.vocab_file), "--output_dir", str(folder),
-                "--max_seq_length", str(a.seq_len), "--max_predictions_per_seq", str(a.max_pred),
-                "--train_batch_size", str(a.batch), "--max_steps", str(a.pretrain_steps),
-                "--learning_rate", str(a.learning_rate), "--warmup_proportion", "0.1",
-                "--num_steps_per_checkpoint", str(a.pretrain_steps), "--log_freq", str(max(a.pretrain_steps // 10, 1)),
-                "--seed", "42", "--json-summary", str(folder / "dllogger.json")]
-        run_python(*argv, threads=a.threads, log=folder / "log.txt")
-        run_python("scripts/plot_masks.py", str(folder / "attention_mask.safetensors"),
-                   "--out", str(folder / "attention_mask.png"), log=folder / "plot_masks.log")
-        run_python("scripts/plot_training.py", str(folder / "dllogger.json"),
-                   "--out", str(folder / "training_curves.png"), log=folder / "plot_training.log")
+        search = ({"lamb": run.lam, "mask_learning_rate": a.mask_learning_rate} if run.target is None
+                  else {"target_sparsity": run.target})
+        run_python(*self.pipeline.pretraining_command(folder, config=config, init=self.pipeline.pretrained,
+                                                      steps=a.pretrain_steps, seed=SEARCH_SEED, **search),
+                   threads=a.threads, log=folder / "log.txt")
+        run_python(*plot_mask_command(folder), log=folder / "plot_masks.log")
+        run_python(*plot_training_command(folder), log=folder / "plot_training.log")
 
-    def finetune(self, name: str, init: Path, mask_args: list[str]) -> None:
-        a = self.args
-        run_python("run_glue.py", "--task_name", "sst-2", "--data_dir", str(self.data / "corpus" / "glue" / "SST-2"),
-                    "--init_checkpoint", str(init), "--config_file", str(self.glue_config()),
-                    "--vocab_file", str(self.vocab_file), "--do_lower_case",
-                    "--output_dir", str(self.out / "glue" / name), "--do_train", "--do_eval", "--do_predict",
-                    "--max_seq_length", str(a.glue_seq_len), "--train_batch_size", str(a.glue_batch),
-                    "--eval_batch_size", "64", "--learning_rate", str(a.glue_learning_rate),
-                    "--max_steps", str(a.glue_steps),
-                    "--warmup_proportion", "0.1", "--seed", "2", *mask_args, threads=a.threads,
-                    log=self.out / "glue" / name / "log.txt")
+    def finetune(self, run: GlueRun) -> None:
+        """Fine-tune on the SST-2-format task; the config holds the architecture and mask length, the mask
+        itself comes as flags."""
+        config = self.pipeline.write_config(self.out / "glue")
+        run_python(*self.pipeline.glue_command(self.glue_folder(run), task="sst-2", task_folder="SST-2",
+                                               init=run.init, config=config, mask=run.mask, seed=GLUE_SEED,
+                                               predict=True), threads=self.args.threads,
+                   log=self.glue_folder(run) / "log.txt")
 
-    def glue_config(self) -> Path:
-        """Fine-tuning config: the architecture and mask length; the mask itself comes as flags."""
-        path = self.out / "glue" / "bert_config.json"
-        config = bert_config_from_hf(self.pretrained, mask_seq_length=self.args.seq_len)
-        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return path
-
-    def glue_runs(self) -> list[tuple[str, Path, list[str]]]:
-        """(row name, weights it starts from, mask arguments): dense and the fixed pattern from the
-        pretrained weights, each searched mask frozen on its search's weights."""
-        rows = [("dense", self.pretrained, ["--attention_mask_type", "dense"])]
-        for run in self.runs:
-            folder = self.out / "pretrain" / run.name
-            rows.append((run.label, folder / f"ckpt_{self.args.pretrain_steps}.pt",
-                         ["--attention_mask_type", "file", "--attention_mask_file",
-                          str(folder / "attention_mask.safetensors")]))
-        rows.append((self.args.fixed_pattern, self.pretrained, ["--attention_mask_type", self.args.fixed_pattern]))
-        return rows
+    def glue_runs(self) -> list[GlueRun]:
+        """Dense and the fixed pattern from the pretrained weights, each searched mask frozen on its search's
+        weights."""
+        a, pretrained = self.args, self.pipeline.pretrained
+        searched = [GlueRun(run.label, run.name, final_checkpoint(self.search_folder(run), a.pretrain_steps),
+                            Mask("file", self.search_folder(run) / "attention_mask.safetensors"), run)
+                    for run in self.runs]
+        return [GlueRun("dense", "dense", pretrained, Mask("dense")), *searched,
+                GlueRun(a.fixed_pattern, a.fixed_pattern, pretrained, Mask(a.fixed_pattern))]
 
     # -- the story
 
@@ -215,15 +196,12 @@ class Pipeline:
         share = min(a.jobs, len(self.runs))  # runs side by side split the wall time between them
         search = (RUN_SECONDS + a.pretrain_steps * a.batch * a.seq_len * SEARCH_SECONDS_PER_TOKEN) / share
         glue = (RUN_SECONDS + a.glue_steps * a.glue_batch * a.glue_seq_len * GLUE_SECONDS_PER_TOKEN) / a.jobs
-        setup = [[("corpus", self.data / "corpus", self.build_corpus, CORPUS_SECONDS)],
-                 [("shards", self.data / "shards", self.build_shards, SHARD_SECONDS * a.dupe_factor)]]
-        searches = [(f"pretrain_{run.name}", self.out / "pretrain" / run.name,
-                     lambda run=run: self.pretrain(run), search) for run in self.runs]
-        fine_tunings = []
-        for row, init, mask_args in self.glue_runs():
-            folder_name = row.split(" ")[0]
-            fine_tunings.append((f"glue_{folder_name}", self.out / "glue" / folder_name,
-                                 lambda f=folder_name, i=init, m=mask_args: self.finetune(f, i, m), glue))
+        setup = [[("corpus", self.pipeline.corpus, self.pipeline.build_corpus, CORPUS_SECONDS)],
+                 [("shards", self.pipeline.shards, self.build_shards, SHARD_SECONDS * a.dupe_factor)]]
+        searches = [(f"pretrain_{run.name}", self.search_folder(run), lambda run=run: self.pretrain(run), search)
+                    for run in self.runs]
+        fine_tunings = [(f"glue_{run.folder}", self.glue_folder(run), lambda run=run: self.finetune(run), glue)
+                        for run in self.glue_runs()]
         return [*setup, searches, fine_tunings]
 
     def run(self) -> str:
@@ -241,41 +219,40 @@ class Pipeline:
     def summary(self) -> str:
         a = self.args
         rows, lines = [], []
-        for name, init, mask_args in self.glue_runs():
-            results = json.loads((self.out / "glue" / name.split(" ")[0] / "results.txt").read_text())
-            rows.append(demo_summary.Row(name, self.finetune_sparsity(mask_args), results["acc"]))
-            loss = f"{self.last_search_log(init.parent.name)['average_loss']:.3f}" if init.suffix == ".pt" \
-                else "— (not searched)"
-            lines.append(f"| {name} | {100 * rows[-1].sparsity:.1f} | {loss} | {100 * results['acc']:.1f} |")
+        for run in self.glue_runs():
+            results = json.loads((self.glue_folder(run) / "results.txt").read_text())
+            rows.append(demo_summary.Row(run.label, self.finetune_sparsity(run.mask), results["acc"]))
+            loss = f"{self.last_search_log(run.search)['average_loss']:.3f}" if run.search else "— (not searched)"
+            lines.append(f"| {run.label} | {100 * rows[-1].sparsity:.1f} | {loss} | {100 * results['acc']:.1f} |")
         examples = int(results["eval:num_samples_per_gpu"])
         text = ["# SparseBERT demo summary", "",
                 f"Start: pretrained MiniLM-L6 (6 layers, 12 heads, hidden 384). Searches: {a.pretrain_steps} steps "
-                f"of {a.batch} sequences of {a.seq_len} tokens, model lr {a.learning_rate:g}, seed 42, one mask "
-                f"shared by all layers. Fine-tuning: {a.glue_steps} steps on the demo SST-2-format task, one seed "
-                f"(2), {examples} dev sentences; dense and {a.fixed_pattern} start from the pretrained weights, "
-                f"each searched mask from its search's. Sparsity at the fine-tuning length {a.glue_seq_len} (the "
-                f"masks' top-left slice). Training runs: {a.jobs} side by side, {a.threads} CPU thread(s) each.", "",
+                f"of {a.batch} sequences of {a.seq_len} tokens, model lr {a.learning_rate:g}, seed {SEARCH_SEED}, one "
+                f"mask shared by all layers. Fine-tuning: {a.glue_steps} steps on the demo SST-2-format task, one "
+                f"seed ({GLUE_SEED}), {examples} dev sentences; dense and {a.fixed_pattern} start from the pretrained "
+                f"weights, each searched mask from its search's. Sparsity at the fine-tuning length {a.glue_seq_len} "
+                f"(the masks' top-left slice). Training runs: {a.jobs} side by side, {a.threads} CPU thread(s) each.", "",
                 "| mask | sparsity (%) | search MLM+NSP loss | dev accuracy (%) |", "|---|---:|---:|---:|", *lines,
                 "", f"**Conclusion.** {demo_summary.conclusion(rows, examples, a.glue_steps)}"]
         for run in self.runs:
             text += ["", f"## {run.label} searched mask", "", *self.mask_section(run)]
         return "\n".join(text) + "\n"
 
-    def finetune_sparsity(self, mask_args: list[str]) -> float:
+    def finetune_sparsity(self, mask: Mask) -> float:
         """Sparsity of the mask a fine-tuning used: the top-left glue_seq_len slice of a searched mask, a
         pattern at that length (run_glue.py may report the mask at its full length)."""
-        n, kind = self.args.glue_seq_len, mask_args[1]
-        if kind == "file":
-            return sparsity(load_mask_file(mask_args[3])[0][..., :n, :n])
-        return sparsity(pattern_mask(kind, n))
+        n = self.args.glue_seq_len
+        if mask.file is not None:
+            return sparsity(load_mask_file(mask.file)[0][..., :n, :n])
+        return sparsity(pattern_mask(mask.type, n))
 
     def mask_section(self, run: SearchRun) -> list[str]:
         """What a search ended with (its last log line) and what its mask shows, at the search length."""
-        mask, meta = load_mask_file(self.out / "pretrain" / run.name / "attention_mask.safetensors")
+        mask, meta = load_mask_file(self.search_folder(run) / "attention_mask.safetensors")
         gates = demo_summary.diagonal_gates(mask, run.mask_type, self.args.dam_block_size)
         written = (f"written at exactly {100 * meta['binarization']['sparsity']:.1f} % sparsity (the highest logits "
                    f"kept)" if meta["binarization"]["rule"] == "budget" else "written as 1[a > 0]")
-        return [demo_summary.search_state(self.last_search_log(run.name), self.args.pretrain_steps)
+        return [demo_summary.search_state(self.last_search_log(run), self.args.pretrain_steps)
                 + f" The mask is {written}.", "",
                 demo_summary.diagonal_counts(mask), demo_summary.offset_profile(mask),
                 demo_summary.diagonal_verdict(mask, gates), "",
@@ -283,15 +260,15 @@ class Pipeline:
                 f"Pictures: pretrain/{run.name}/attention_mask.png (the mask), "
                 f"pretrain/{run.name}/training_curves.png (loss, penalty, sparsity, learning rates)"]
 
-    def last_search_log(self, run_name: str) -> dict[str, float]:
+    def last_search_log(self, run: SearchRun) -> dict[str, float]:
         """The search's last logged window: MLM + NSP loss (the penalty apart) and the search state."""
-        records = read_dllogger_json(self.out / "pretrain" / run_name / "dllogger.json")
+        records = read_dllogger_json(self.search_folder(run) / "dllogger.json")
         return [r["data"] for r in records if "average_loss" in r.get("data", {})][-1]
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
-    summary = Pipeline(parse_arguments(argv)).run()
+    summary = Demo(parse_arguments(argv)).run()
     print("\n" + summary, flush=True)
     print(f"[demo] finished in {time.perf_counter() - start:.0f} s", flush=True)
     return 0

@@ -7,15 +7,12 @@ a random mask's spread for the diagonal finding, the dev set's binomial spread f
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import attention_masks  # noqa: E402
-from attention_masks import offset_keep_fraction, sparsity, sparsity_per_layer_head  # noqa: E402
+import attention_masks
+from attention_masks import offset_keep_fraction, sparsity, sparsity_per_layer_head
 
 # Gates with sigma(a) in [0.1, 0.9] are undecided (run_pretraining's decided_gates); below this share of
 # decided gates the written mask is mostly a cut through logits the last steps' noise still moves.

@@ -38,13 +38,13 @@ from typing import Callable
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attention_masks  # noqa: E402
 import modeling  # noqa: E402
 from atomic_io import atomic_write_text, save_figure  # noqa: E402
-from pretrained import bert_config_from_hf, minilm_folder  # noqa: E402
+from pipeline import (SHARD_FILE, GlueSizes, Mask, Pipeline, PretrainingSizes, final_checkpoint,  # noqa: E402
+                      plot_mask_command)
 from pretraining_data import PretrainingDataset  # noqa: E402
 from stages import Stages, run_python  # noqa: E402
 from training import load_config  # noqa: E402
@@ -117,18 +117,14 @@ NAME_LISTS = {"patterns": FIXED_PATTERNS, "tasks": tuple(TASKS)}  # Preset field
 
 @dataclass(frozen=True)
 class Row:
-    """One mask of the table: its name, how its continued-pretraining config names it, its GLUE flags,
-    and for a DAM mask its kind and the pattern whose sparsity it matches."""
+    """One mask of the table: its name, its folder under continue/ and glue/ (and its stages' names), the
+    mask, and for a DAM mask its kind and the pattern whose sparsity it matches."""
 
     name: str
-    config_fields: dict
-    glue_flags: tuple[str, ...]
+    folder: str
+    mask: Mask
     kind: str | None = None
     pattern: str | None = None
-
-    @property
-    def slug(self) -> str:
-        return self.name.replace(" @ ", "_at_").replace(" ", "_")
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, Preset]:
@@ -173,64 +169,48 @@ class Reproduction:
     def __init__(self, args: argparse.Namespace, preset: Preset) -> None:
         self.args, self.p = args, preset
         self.out = Path(args.out).resolve()
-        self.data = self.out / "data"
-        self.pretrained = minilm_folder()
+        self.pipeline = Pipeline(self.out,
+                                 PretrainingSizes(preset.seq_len, preset.max_pred, preset.batch, preset.learning_rate),
+                                 GlueSizes(preset.glue_seq_len, preset.glue_batch, preset.glue_steps,
+                                           preset.glue_learning_rate))
+        self.data = self.pipeline.data
         self.stages = Stages(self.out, "reproduce")
-        self.sparsity = {name: pattern_sparsity(self.pretrained, name, preset.seq_len) for name in preset.patterns}
+        self.sparsity = {name: pattern_sparsity(self.pipeline, name) for name in preset.patterns}
 
     # -- data: the demo corpus, split by document; shards of each part
 
-    @property
-    def vocab_file(self) -> Path:
-        return self.data / "corpus" / "vocab.txt"
-
     def build_corpus(self) -> None:
-        run_python("data/demo_corpus.py", "--out", str(self.data / "corpus"), "--vocab", "auto")
-        documents = (self.data / "corpus" / "corpus.txt").read_text(encoding="utf-8").strip().split("\n\n")
+        self.pipeline.build_corpus()
+        corpus = self.pipeline.corpus
+        documents = (corpus / "corpus.txt").read_text(encoding="utf-8").strip().split("\n\n")
         every = self.p.held_out_every
         held_out = documents[::every]  # text no run trains on
         trained = [d for i, d in enumerate(documents) if i % every]
-        atomic_write_text(self.data / "corpus" / "pretrain.txt", "\n\n".join(trained) + "\n")
-        atomic_write_text(self.data / "corpus" / "held_out.txt", "\n\n".join(held_out) + "\n")
+        atomic_write_text(corpus / "pretrain.txt", "\n\n".join(trained) + "\n")
+        atomic_write_text(corpus / "held_out.txt", "\n\n".join(held_out) + "\n")
 
     def build_shards(self) -> None:
         for part, folder in (("pretrain", "shards"), ("held_out", "held_out")):
-            run_python("data/create_pretraining_data.py", "--vocab_file", str(self.vocab_file),
-                       "--input_file", str(self.data / "corpus" / f"{part}.txt"),
-                       "--output_file", str(self.data / folder / "training_shard_0.hdf5"),
-                       "--max_seq_length", str(self.p.seq_len), "--max_predictions_per_seq", str(self.p.max_pred),
-                       "--dupe_factor", str(self.p.dupe_factor), "--random_seed", "12345", "--n_processes", "2",
-                       log=self.data / f"{folder}.log")
+            self.pipeline.build_shards(self.pipeline.corpus / f"{part}.txt", self.data / folder, self.p.dupe_factor,
+                                       log=self.data / f"{folder}.log")
 
     # -- pretraining runs (head training, searches and continued pretraining share one command)
 
-    def write_config(self, folder: Path, **fields) -> Path:
-        config = bert_config_from_hf(self.pretrained, mask_seq_length=self.p.seq_len, **fields)
-        path = folder / "bert_config.json"
-        atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        return path
-
     @property
     def start_checkpoint(self) -> Path:
-        return self.out / "heads" / f"ckpt_{self.p.head_steps}.pt"
+        return final_checkpoint(self.out / "heads", self.p.head_steps)
 
     def train_heads(self, threads: int) -> None:
-        self.pretrain(self.out / "heads", self.p.head_steps, [], threads, init=self.pretrained,
+        self.pretrain(self.out / "heads", self.p.head_steps, threads, init=self.pipeline.pretrained,
                       attention_mask_type="dense")
 
-    def pretrain(self, folder: Path, steps: int, extra: list[str], threads: int, init: Path | None = None,
-                 seed: int = 42, **fields) -> None:
-        p = self.p
-        run_python("run_pretraining.py", "--do_train", "--input_dir", str(self.data / "shards"),
-                   "--init_checkpoint", str(init or self.start_checkpoint),
-                   "--config_file", str(self.write_config(folder, **fields)),
-                   "--vocab_file", str(self.vocab_file), "--output_dir", str(folder),
-                   "--max_seq_length", str(p.seq_len), "--max_predictions_per_seq", str(p.max_pred),
-                   "--train_batch_size", str(p.batch), "--max_steps", str(steps),
-                   "--learning_rate", str(p.learning_rate), "--warmup_proportion", "0.1",
-                   "--num_steps_per_checkpoint", str(steps), "--log_freq", str(max(steps // 10, 1)),
-                   "--seed", str(seed), "--json-summary", str(folder / "dllogger.json"), "--disable_progress_bar",
-                   *extra, threads=threads, log=folder / "log.txt")
+    def pretrain(self, folder: Path, steps: int, threads: int, init: Path | None = None, seed: int = 42,
+                 target_sparsity: float | None = None, **fields) -> None:
+        """One run_pretraining run into `folder`, its config there holding `fields`, its output in log.txt."""
+        command = self.pipeline.pretraining_command(folder, config=self.pipeline.write_config(folder, **fields),
+                                                    init=init or self.start_checkpoint, steps=steps, seed=seed,
+                                                    target_sparsity=target_sparsity, progress_bar=False)
+        run_python(*command, threads=threads, log=folder / "log.txt")
 
     # -- masks: searches, and the DAM mask file of each (kind, pattern)
 
@@ -245,10 +225,9 @@ class Reproduction:
     def search(self, kind: str, target: float, threads: int) -> None:
         """A target-sparsity search with run_pretraining's own defaults (mask rate, multipliers, warm-up)."""
         folder = self.search_folder(kind, target)
-        self.pretrain(folder, self.p.search_steps, ["--target_sparsity", repr(target)], threads,
-                      attention_mask_type=kind, dam_share_across_layers=True)
-        run_python("scripts/plot_masks.py", str(folder / "attention_mask.safetensors"),
-                   "--out", str(folder / "attention_mask.png"), log=folder / "plot.log")
+        self.pretrain(folder, self.p.search_steps, threads, target_sparsity=target, attention_mask_type=kind,
+                      dam_share_across_layers=True)
+        run_python(*plot_mask_command(folder), log=folder / "plot.log")
 
     def mask_file(self, kind: str, pattern: str) -> Path:
         if self.p.matching == "target":
@@ -260,49 +239,43 @@ class Reproduction:
         for kind in self.args.searches:
             folder = self.search_folder(kind, self.p.search_target)
             for pattern, sparsity in self.sparsity.items():
-                binarise_at_budget(folder / f"ckpt_{self.p.search_steps}.pt", sparsity, self.mask_file(kind, pattern))
+                binarise_at_budget(final_checkpoint(folder, self.p.search_steps), sparsity,
+                                   self.mask_file(kind, pattern))
 
     def rows(self) -> list[Row]:
-        rows = [Row("dense", {"attention_mask_type": "dense"}, ("--attention_mask_type", "dense"))]
+        rows = [Row("dense", "dense", Mask("dense"))]
         for pattern in self.p.patterns:
-            rows.append(Row(pattern, {"attention_mask_type": pattern}, ("--attention_mask_type", pattern)))
-            for kind in self.args.searches:
-                mask_file = str(self.mask_file(kind, pattern))
-                rows.append(Row(f"DAM_{kind[-1]} @ {pattern}",
-                                {"attention_mask_type": "file", "attention_mask_file": mask_file},
-                                ("--attention_mask_type", "file", "--attention_mask_file", mask_file),
-                                kind=kind, pattern=pattern))
+            rows.append(Row(pattern, pattern, Mask(pattern)))
+            rows += [Row(f"DAM_{kind[-1]} @ {pattern}", f"DAM_{kind[-1]}_at_{pattern}",
+                         Mask("file", self.mask_file(kind, pattern)), kind=kind, pattern=pattern)
+                     for kind in self.args.searches]
         return rows
 
     def continue_folder(self, row: Row, seed: int) -> Path:
-        return self.out / "continue" / row.slug / f"seed{seed}"
+        return self.out / "continue" / row.folder / f"seed{seed}"
 
     def continue_pretraining(self, row: Row, seed: int, threads: int) -> None:
         """Continue pretraining with the row's mask frozen, then score the held-out tokens (inside the
         stage: the scoring runs beside other stages and a re-run reads it back)."""
         folder = self.continue_folder(row, seed)
-        self.pretrain(folder, self.p.continue_steps, [], threads, seed=seed, **row.config_fields)
-        sums, counts = held_out_sums(folder / "bert_config.json", folder / f"ckpt_{self.p.continue_steps}.pt",
-                                     self.data / "held_out" / "training_shard_0.hdf5", self.p.max_pred)
+        self.pretrain(folder, self.p.continue_steps, threads, seed=seed, **row.mask.config_fields())
+        sums, counts = held_out_sums(folder / "bert_config.json", final_checkpoint(folder, self.p.continue_steps),
+                                     self.data / "held_out" / SHARD_FILE, self.p.max_pred)
         atomic_write_text(folder / HELD_OUT, json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}) + "\n")
 
     # -- fine-tuning
 
     def glue_folder(self, row: Row, task: str, seed: int) -> Path:
-        return self.out / "glue" / row.slug / f"{task}_seed{seed}"
+        return self.out / "glue" / row.folder / f"{task}_seed{seed}"
 
     def finetune(self, row: Row, task: str, seed: int, threads: int) -> None:
-        p, folder = self.p, self.glue_folder(row, task, seed)
-        config = self.write_config(folder)
-        task_dir = self.data / "corpus" / "glue" / TASKS[task][0]
-        run_python("run_glue.py", "--task_name", task, "--data_dir", str(task_dir),
-                   "--init_checkpoint", str(self.continue_folder(row, seed) / f"ckpt_{p.continue_steps}.pt"),
-                   "--config_file", str(config), "--vocab_file", str(self.vocab_file), "--do_lower_case",
-                   "--output_dir", str(folder), "--do_train", "--do_eval", "--skip_checkpoint",
-                   "--max_seq_length", str(p.glue_seq_len), "--train_batch_size", str(p.glue_batch),
-                   "--eval_batch_size", "64", "--learning_rate", str(p.glue_learning_rate),
-                   "--max_steps", str(p.glue_steps), "--warmup_proportion", "0.1", "--seed", str(seed),
-                   *row.glue_flags, threads=threads, log=folder / "log.txt")
+        """Fine-tune that seed's continued-pretraining checkpoint with the row's mask frozen."""
+        folder = self.glue_folder(row, task, seed)
+        init = final_checkpoint(self.continue_folder(row, seed), self.p.continue_steps)
+        command = self.pipeline.glue_command(folder, task=task, task_folder=TASKS[task][0], init=init,
+                                             config=self.pipeline.write_config(folder), mask=row.mask, seed=seed,
+                                             keep_checkpoint=False)
+        run_python(*command, threads=threads, log=folder / "log.txt")
 
     # -- the story
 
@@ -328,9 +301,9 @@ class Reproduction:
                  for kind, target in self.search_targets()}
         if p.matching == "budget":
             plan["budget_masks"] = 5.0
-        plan |= {f"continue_{row.slug}_seed{seed}": cost(p.continue_steps, p.batch, p.seq_len, HELD_OUT_SECONDS)
+        plan |= {f"continue_{row.folder}_seed{seed}": cost(p.continue_steps, p.batch, p.seq_len, HELD_OUT_SECONDS)
                  for row in rows for seed in p.seeds}
-        plan |= {f"glue_{row.slug}_{task}_seed{seed}": cost(p.glue_steps, p.glue_batch, p.glue_seq_len,
+        plan |= {f"glue_{row.folder}_{task}_seed{seed}": cost(p.glue_steps, p.glue_batch, p.glue_seq_len,
                                                              GLUE_EVAL_SECONDS)
                  for row in rows for task in p.tasks for seed in p.seeds}
         return plan
@@ -347,10 +320,10 @@ class Reproduction:
         if self.p.matching == "budget":
             self.stages.stage("budget_masks", self.out / "masks", self.write_budget_masks)
         rows = self.rows()
-        self.parallel([(f"continue_{row.slug}_seed{seed}", self.continue_folder(row, seed),
+        self.parallel([(f"continue_{row.folder}_seed{seed}", self.continue_folder(row, seed),
                         lambda t, r=row, s=seed: self.continue_pretraining(r, s, t))
                        for row in rows for seed in self.p.seeds])
-        self.parallel([(f"glue_{row.slug}_{task}_seed{seed}", self.glue_folder(row, task, seed),
+        self.parallel([(f"glue_{row.folder}_{task}_seed{seed}", self.glue_folder(row, task, seed),
                         lambda t, r=row, task=task, s=seed: self.finetune(r, task, s, t))
                        for row in rows for task in self.p.tasks for seed in self.p.seeds])
         report = Report(self, rows).markdown()
@@ -365,10 +338,9 @@ def search_name(kind: str, target: float) -> str:
 
 # -- measuring
 
-def pattern_sparsity(pretrained: Path, pattern: str, seq_len: int) -> float:
-    """Sparsity of `pattern` at `seq_len` as the model builds it from its default config fields."""
-    config = modeling.BertConfig.from_dict(bert_config_from_hf(pretrained, mask_seq_length=seq_len,
-                                                               attention_mask_type=pattern))
+def pattern_sparsity(pipeline: Pipeline, pattern: str) -> float:
+    """Sparsity of `pattern` at the pretraining length as the model builds it from its default config fields."""
+    config = modeling.BertConfig.from_dict(pipeline.config(attention_mask_type=pattern))
     return attention_masks.sparsity(attention_masks.build_attention_mask(config).full_mask())
 
 

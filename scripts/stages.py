@@ -17,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from atomic_io import atomic_write_text  # noqa: E402
+from atomic_io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -106,11 +106,11 @@ def test_every_training_run_gets_the_fixed_thread_count(demo, tmp_path, monkeypa
     """The numbers depend on the thread count (float rounding), so no training run may use the machine's."""
     calls = []
     monkeypatch.setattr(demo, "run_python", lambda *argv, threads=None, log=None: calls.append((argv[0], threads)))
-    pipeline = demo.Pipeline(demo.parse_arguments(["--out", str(tmp_path), "--threads", "3"]))
-    for run in pipeline.runs:
-        pipeline.pretrain(run)
-    for name, init, mask_args in pipeline.glue_runs():
-        pipeline.finetune(name.split(" ")[0], init, mask_args)
+    runs = demo.Demo(demo.parse_arguments(["--out", str(tmp_path), "--threads", "3"]))
+    for run in runs.runs:
+        runs.pretrain(run)
+    for run in runs.glue_runs():
+        runs.finetune(run)
     trainings = [threads for script, threads in calls if script in ("run_pretraining.py", "run_glue.py")]
     assert trainings == [3] * 6
 
@@ -187,9 +187,9 @@ def test_a_target_search_leaves_the_mask_rate_to_run_pretraining_and_none_keeps_
                                                                                                    monkeypatch):
     calls = []
     monkeypatch.setattr(demo, "run_python", lambda *argv, threads=None, log=None: calls.append(argv))
-    pipeline = demo.Pipeline(demo.parse_arguments(["--out", str(tmp_path), "--target_s", "0.9", "--target_u", "none"]))
-    for run in pipeline.runs:
-        pipeline.pretrain(run)
+    runs = demo.Demo(demo.parse_arguments(["--out", str(tmp_path), "--target_s", "0.9", "--target_u", "none"]))
+    for run in runs.runs:
+        runs.pretrain(run)
     searches = [argv for argv in calls if argv[0] == "run_pretraining.py"]
 
     def flag(argv: tuple[str, ...], name: str) -> str | None:
@@ -199,17 +199,17 @@ def test_a_target_search_leaves_the_mask_rate_to_run_pretraining_and_none_keeps_
     assert flag(searches[0], "--lamb") is None
     assert flag(searches[1], "--target_sparsity") is None and flag(searches[1], "--lamb") == "0.0001"
     assert flag(searches[1], "--mask_learning_rate") == "0.05"
-    assert [row for row, _, _ in pipeline.glue_runs()] == ["dense", "dam_s (target 0.9)", "dam_u (λ=0.0001)", "star"]
+    assert [run.label for run in runs.glue_runs()] == ["dense", "dam_s (target 0.9)", "dam_u (λ=0.0001)", "star"]
+    assert [run.folder for run in runs.glue_runs()] == ["dense", "dam_s", "dam_u", "star"]
     with pytest.raises(SystemExit):
         demo.parse_arguments(["--target_s", "1.5"])
 
 
 def test_the_table_reports_the_sparsity_of_the_slice_fine_tuning_used(demo, tmp_path):
-    pipeline = demo.Pipeline(demo.parse_arguments(["--out", str(tmp_path), "--glue_seq_len", "32"]))
+    runs = demo.Demo(demo.parse_arguments(["--out", str(tmp_path), "--glue_seq_len", "32"]))
     # star at n = 32: the band |i - j| <= 1 (32 + 2 * 31) plus row and column 0 beyond it (2 * 30)
-    assert pipeline.finetune_sparsity(["--attention_mask_type", "star"]) == pytest.approx(1 - 154 / 32**2)
+    assert runs.finetune_sparsity(demo.Mask("star")) == pytest.approx(1 - 154 / 32**2)
     mask = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
     mask[..., :32, :16] = True  # half of the 32 x 32 slice kept (an eighth of the whole mask)
     save_mask_file(tmp_path / "m.safetensors", mask)
-    flags = ["--attention_mask_type", "file", "--attention_mask_file", str(tmp_path / "m.safetensors")]
-    assert pipeline.finetune_sparsity(flags) == pytest.approx(0.5)
+    assert runs.finetune_sparsity(demo.Mask("file", tmp_path / "m.safetensors")) == pytest.approx(0.5)
