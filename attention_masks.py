@@ -299,6 +299,9 @@ def sparsity_report(mask: torch.Tensor) -> str:
     heads = " ".join(f"{'h' + str(h):>5}" for h in range(num_heads))
     lines = [f"{'layer':>5} | {heads} |  mean"]
     lines.append("-" * len(lines[0]))
+    if num_layers > 1 and bool((mask == mask[:1]).all()):  # one mask shared by every layer: one row, not N alike
+        row = " ".join(f"{v:5.1f}" for v in table[0].tolist())
+        return "\n".join([*lines, f"{'all ' + str(num_layers):>5} | {row} | {100.0 * sparsity(mask):5.1f}"])
     for layer in range(num_layers):
         row = " ".join(f"{v:5.1f}" for v in table[layer].tolist())
         lines.append(f"{layer:>5} | {row} | {table[layer].mean().item():5.1f}")

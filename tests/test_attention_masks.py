@@ -148,6 +148,13 @@ def test_sparsity_report_table():
     assert lines[-1].split() == ["mean", "|", "0.0", "0.0", "50.0", "|", "16.7"]
 
 
+def test_a_mask_shared_by_every_layer_is_reported_in_one_row():
+    mask = torch.ones(6, 3, 4, 4, dtype=torch.bool)
+    mask[:, 2] = False  # the same in every layer: head 2 fully dropped
+    lines = am.sparsity_report(mask).splitlines()
+    assert len(lines) == 3 and lines[2].split() == ["all", "6", "|", "0.0", "0.0", "100.0", "|", "33.3"]
+
+
 def test_offset_keep_fraction_and_block_layout():
     kept = am.offset_keep_fraction(am.pattern_mask("star", 8))
     # offsets 0, 1 fully kept; offset d >= 2 only via row/column 0: 2 of 2(8 - d) entries
@@ -456,8 +463,8 @@ def test_cli_report_and_plot_script(tmp_path, capsys):
     am.save_mask_file(path, mask, {"mode": "fixed"})
     am.main(["report", str(path)])
     out = capsys.readouterr().out
-    mean_row = next(line for line in out.splitlines() if line.startswith(" mean |"))
-    assert '"mode": "fixed"' in out and mean_row.split()[-1] == f"{100 * am.sparsity(mask):.1f}"
+    shared_row = next(line for line in out.splitlines() if line.startswith("all 2 |"))  # both layers alike
+    assert '"mode": "fixed"' in out and shared_row.split()[-1] == f"{100 * am.sparsity(mask):.1f}"
     assert out.rstrip().endswith(am.diagonal_finding(mask, {"mode": "fixed"}))
     am.main(["patterns", "--seq_len", "128"])
     rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
