@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import demo_summary  # noqa: E402
 from attention_masks import load_mask_file, pattern_mask, sparsity  # noqa: E402
+from checkpoints import checkpoint_path  # noqa: E402
 from atomic_io import atomic_write_text  # noqa: E402
 from pretrained import bert_config_from_hf, minilm_folder  # noqa: E402
 from stages import Stages, run_python  # noqa: E402
@@ -192,7 +193,7 @@ class Pipeline:
         rows = [("dense", self.pretrained, ["--attention_mask_type", "dense"])]
         for run in self.runs:
             folder = self.out / "pretrain" / run.name
-            rows.append((run.label, folder / f"ckpt_{self.args.pretrain_steps}.pt",
+            rows.append((run.label, checkpoint_path(folder, self.args.pretrain_steps),
                          ["--attention_mask_type", "file", "--attention_mask_file",
                           str(folder / "attention_mask.safetensors")]))
         rows.append((self.args.fixed_pattern, self.pretrained, ["--attention_mask_type", self.args.fixed_pattern]))

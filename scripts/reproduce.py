@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import attention_masks  # noqa: E402
+import checkpoints  # noqa: E402
 import modeling  # noqa: E402
 from atomic_io import atomic_write_text, save_figure  # noqa: E402
 from pretrained import bert_config_from_hf, minilm_folder  # noqa: E402
 from pretraining_data import PretrainingDataset  # noqa: E402
 from stages import Stages, run_python  # noqa: E402
 from training import load_config  # noqa: E402
-from utils import safe_torch_load  # noqa: E402
 
 FIXED_PATTERNS = ("strided", "fixed", "longformer", "logsparse", "bigbird", "star")
 DAM_KINDS = ("dam_s", "dam_u")
@@ -213,7 +213,7 @@ class Reproduction:
 
     @property
     def start_checkpoint(self) -> Path:
-        return self.out / "heads" / f"ckpt_{self.p.head_steps}.pt"
+        return checkpoints.checkpoint_path(self.out / "heads", self.p.head_steps)
 
     def train_heads(self, threads: int) -> None:
         self.pretrain(self.out / "heads", self.p.head_steps, [], threads, init=self.pretrained,
@@ -261,7 +261,7 @@ class Reproduction:
         for kind in self.args.searches:
             folder = self.search_folder(kind, self.p.search_target)
             for pattern, sparsity in self.sparsity.items():
-                binarise_at_budget(folder / f"ckpt_{self.p.search_steps}.pt", sparsity, self.mask_file(kind, pattern))
+                binarise_at_budget(checkpoints.checkpoint_path(folder, self.p.search_steps), sparsity, self.mask_file(kind, pattern))
 
     def rows(self) -> list[Row]:
         rows = [Row("dense", {"attention_mask_type": "dense"}, ("--attention_mask_type", "dense"))]
@@ -283,7 +283,7 @@ class Reproduction:
         stage: the scoring runs beside other stages and a re-run reads it back)."""
         folder = self.continue_folder(row, seed)
         self.pretrain(folder, self.p.continue_steps, [], threads, seed=seed, **row.config_fields)
-        sums, counts = held_out_sums(folder / "bert_config.json", folder / f"ckpt_{self.p.continue_steps}.pt",
+        sums, counts = held_out_sums(folder / "bert_config.json", checkpoints.checkpoint_path(folder, self.p.continue_steps),
                                      self.data / "held_out" / "training_shard_0.hdf5", self.p.max_pred)
         atomic_write_text(folder / HELD_OUT, json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}) + "\n")
 
@@ -297,7 +297,7 @@ class Reproduction:
         config = self.write_config(folder)
         task_dir = self.data / "corpus" / "glue" / TASKS[task][0]
         run_python("run_glue.py", "--task_name", task, "--data_dir", str(task_dir),
-                   "--init_checkpoint", str(self.continue_folder(row, seed) / f"ckpt_{p.continue_steps}.pt"),
+                   "--init_checkpoint", str(checkpoints.checkpoint_path(self.continue_folder(row, seed), p.continue_steps)),
                    "--config_file", str(config), "--vocab_file", str(self.vocab_file), "--do_lower_case",
                    "--output_dir", str(folder), "--do_train", "--do_eval", "--skip_checkpoint",
                    "--max_seq_length", str(p.glue_seq_len), "--train_batch_size", str(p.glue_batch),
@@ -378,12 +378,12 @@ def pattern_sparsity(pretrained: Path, pattern: str, seq_len: int) -> float:
 
 def binarise_at_budget(checkpoint: Path, sparsity: float, out: Path) -> None:
     """Write the mask of a DAM search checkpoint that keeps its highest logits at exactly `sparsity`."""
-    state = safe_torch_load(str(checkpoint))
+    state = checkpoints.safe_torch_load(str(checkpoint))
     config = attention_masks.MaskConfig.from_checkpoint(state, str(checkpoint))
     module = attention_masks.DifferentiableMask(config.replace(dam_binarize_sparsity=sparsity))
-    logits = [v for k, v in state["model"].items() if k.endswith("sparse_mask.mask_logits")]
+    logits = [v for k, v in state[checkpoints.MODEL].items() if k.endswith("sparse_mask.mask_logits")]
     module.mask_logits.data.copy_(logits[0])
-    attention_masks.export_mask(module, out, source_checkpoint=str(checkpoint), step=state.get("global_step"))
+    attention_masks.export_mask(module, out, source_checkpoint=str(checkpoint), step=state.get(checkpoints.GLOBAL_STEP))
 
 
 def row_mask(config_file: Path) -> torch.Tensor | None:
