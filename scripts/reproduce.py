@@ -260,8 +260,9 @@ class Reproduction:
         """Each DAM kind's one search, binarised at each pattern's exact sparsity (its highest logits)."""
         for kind in self.args.searches:
             folder = self.search_folder(kind, self.p.search_target)
+            checkpoint = checkpoints.checkpoint_path(folder, self.p.search_steps)
             for pattern, sparsity in self.sparsity.items():
-                binarise_at_budget(checkpoints.checkpoint_path(folder, self.p.search_steps), sparsity, self.mask_file(kind, pattern))
+                binarise_at_budget(checkpoint, sparsity, self.mask_file(kind, pattern))
 
     def rows(self) -> list[Row]:
         rows = [Row("dense", {"attention_mask_type": "dense"}, ("--attention_mask_type", "dense"))]
@@ -283,7 +284,8 @@ class Reproduction:
         stage: the scoring runs beside other stages and a re-run reads it back)."""
         folder = self.continue_folder(row, seed)
         self.pretrain(folder, self.p.continue_steps, [], threads, seed=seed, **row.config_fields)
-        sums, counts = held_out_sums(folder / "bert_config.json", checkpoints.checkpoint_path(folder, self.p.continue_steps),
+        sums, counts = held_out_sums(folder / "bert_config.json",
+                                     checkpoints.checkpoint_path(folder, self.p.continue_steps),
                                      self.data / "held_out" / "training_shard_0.hdf5", self.p.max_pred)
         atomic_write_text(folder / HELD_OUT, json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}) + "\n")
 
@@ -296,8 +298,9 @@ class Reproduction:
         p, folder = self.p, self.glue_folder(row, task, seed)
         config = self.write_config(folder)
         task_dir = self.data / "corpus" / "glue" / TASKS[task][0]
+        start = checkpoints.checkpoint_path(self.continue_folder(row, seed), p.continue_steps)
         run_python("run_glue.py", "--task_name", task, "--data_dir", str(task_dir),
-                   "--init_checkpoint", str(checkpoints.checkpoint_path(self.continue_folder(row, seed), p.continue_steps)),
+                   "--init_checkpoint", str(start),
                    "--config_file", str(config), "--vocab_file", str(self.vocab_file), "--do_lower_case",
                    "--output_dir", str(folder), "--do_train", "--do_eval", "--skip_checkpoint",
                    "--max_seq_length", str(p.glue_seq_len), "--train_batch_size", str(p.glue_batch),

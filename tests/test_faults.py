@@ -376,7 +376,8 @@ def test_soak_random_sigterm_and_sigkill_end_with_uninterrupted_weights(shards, 
             (tmp_path / f"run_{attempt}.txt").read_text()[-2000:]
     assert (out / "ckpt_200.pt").is_file()
     assert_same_weights(out / "ckpt_200.pt", straight / "ckpt_200.pt")
-    state, reference_state = checkpoints.load_checkpoint(out / "ckpt_200.pt"), checkpoints.load_checkpoint(straight / "ckpt_200.pt")
+    state = checkpoints.load_checkpoint(out / "ckpt_200.pt")
+    reference_state = checkpoints.load_checkpoint(straight / "ckpt_200.pt")
     for a, b in zip(state["optimizer"]["state"].values(), reference_state["optimizer"]["state"].values()):
         for key in a:
             if isinstance(a[key], torch.Tensor):
