@@ -2,8 +2,8 @@
 
 Model construction from a config plus command-line overrides, DDP wrapping with gradient sync only
 on the last accumulation micro-step, one optimizer step under a GradScaler that skips non-finite
-steps (the optimizer, schedule and loss scale save and load their own checkpoint entries; the
-files themselves are checkpoints.py's), a SIGTERM flag for clean preemption, and a throughput / latency meter.
+steps (optimizer, schedule and loss scale save and load their own checkpoint entries; the files
+are checkpoints.py's), a SIGTERM flag for clean preemption, and a throughput / latency meter.
 """
 from __future__ import annotations
 
@@ -207,7 +207,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
 
 class Optimization:
     """The optimizer, its learning-rate schedule and the fp16 loss scaler: stepped together, saved
-    together (under NVIDIA's checkpoint keys, checkpoints.OPTIMIZER ...), restored together."""
+    together (a checkpoint's OPTIMIZER, LR_SCHEDULER and GRAD_SCALER entries: NVIDIA's keys),
+    restored together."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, grad_scaler: torch.amp.GradScaler,
                  max_grad_norm: float = 0.0) -> None:
