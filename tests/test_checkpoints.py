@@ -48,9 +48,13 @@ class Batches:
     """The data position's side of `assemble`, as pretraining_data.PretrainingBatches gives it."""
 
     epoch, file_index = 1, 2
+    loaded: dict | None = None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "file_index": self.file_index, "batch_index": 3}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded = state
 
     def epoch_files(self, epoch: int) -> list[str]:
         return ["a.hdf5", "b.hdf5"]
@@ -181,3 +185,17 @@ def test_phase_step_follows_nvidia_rules(checkpoint, phase2, phase1_end_step, ex
 def test_numbering_that_would_clash_is_refused(checkpoint, phase2, phase1_end_step, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         checkpoints.phase_step(checkpoint, phase2, phase1_end_step)
+
+
+@pytest.mark.parametrize("phase2, expected_step, continuing", [(False, 4, True), (True, 0, False)])
+def test_restore_gives_each_component_its_state(phase2, expected_step, continuing):
+    model = nn.Linear(2, 2)
+    saved = tiny_optimization(model)
+    saved.optimizer.param_groups[0]["lr"] = 0.05  # as a schedule would have moved it
+    state = checkpoints.assemble(model, saved, Batches(), 4, False, "{}", {}, None)
+    optimization, batches = tiny_optimization(model), Batches()
+    step, rng = checkpoints.restore(found(4, **state), optimization, batches, phase2=phase2, phase1_end_step=4,
+                                    fp16=False, loss_scale=0.0)
+    assert step == expected_step and (rng is state[checkpoints.RNG]) == continuing
+    assert batches.loaded == (state[checkpoints.DATA] if continuing else None)
+    assert optimization.optimizer.param_groups[0]["lr"] == (0.05 if continuing else 0.1)  # a new phase restarts
