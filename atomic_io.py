@@ -20,8 +20,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
 
     A crash (or an exception, e.g. disk full) leaves the old file untouched and no partial file
-    under the final name. The temporary name is `.<name>.<random>.tmp` (training.py recognises
-    stale ones by it).
+    under the final name. The temporary name is `.<name>.<random>.tmp` (`remove_stale_temps`
+    recognises stale ones by it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ import functools
 import inspect
 import json
 import os
-import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -37,8 +36,9 @@ from typing import Any, Callable, Self, TypeVar
 import torch
 from torch import nn
 
+import checkpoints
 from atomic_io import atomic_path, atomic_write_text, refuse_overwriting_inputs
-from utils import check_json_type, describe_json_value, safe_torch_load
+from utils import check_json_type, describe_json_value
 
 ConfigT = TypeVar("ConfigT", bound="MaskConfig")  # a MaskConfig or a subclass (modeling.BertConfig)
 
@@ -939,7 +939,7 @@ class MaskConfig:
     def from_checkpoint(cls, checkpoint: dict[str, Any], source: str) -> Self | None:
         """The config a checkpoint records as a JSON string under "config" (run_pretraining.py's, with
         the run's command-line overrides applied, which no bert_config.json holds), or None."""
-        recorded = checkpoint.get("config")
+        recorded = checkpoint.get(checkpoints.CONFIG)
         if not isinstance(recorded, str):
             return None
         try:
@@ -1136,7 +1136,7 @@ def _read_checkpoint(checkpoint: str) -> dict[str, Any]:
     if not Path(checkpoint).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} not found: pass --checkpoint the ckpt_<step>.pt "
                                 f"written by the DAM search run")
-    state = safe_torch_load(checkpoint)
+    state = checkpoints.safe_torch_load(checkpoint)
     return state if isinstance(state, dict) else {}
 
 
@@ -1154,27 +1154,6 @@ def _search_config(state: dict[str, Any], checkpoint: str, config_path: str | No
     return MaskConfig.from_json_file(config_path), config_path
 
 
-_CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt")
-
-
-def checkpoint_number(state: dict[str, Any], checkpoint: str) -> int | None:
-    """The N of ckpt_<N>.pt that run_pretraining.py gives a checkpoint (and its mask_<N> files): the
-    step it records, plus the recorded --phase1_end_step for a phase-2 one; else the N in the file's
-    name (a foreign checkpoint); else None."""
-    step, phase2 = state.get("global_step"), state.get("phase2")
-    if type(step) is int and phase2 is False:
-        return step
-    if type(step) is int and phase2 is True:
-        try:
-            offset = json.loads(state.get("args", "")).get("phase1_end_step")
-        except (TypeError, ValueError, AttributeError):
-            offset = None
-        if type(offset) is int:
-            return offset + step
-    match = _CHECKPOINT_NAME.fullmatch(Path(checkpoint).name)
-    return int(match.group(1)) if match else None
-
-
 def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None,
                             sparsity_target: float | None = None, scope: str | None = None) -> dict[str, Any]:
     """Write the mask of a DAM search checkpoint; ``step`` (None: the checkpoint's number) is recorded.
@@ -1189,10 +1168,10 @@ def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, 
                          f"export needs dam_u or dam_s")
     module = DifferentiableMask(_with_budget(config, sparsity_target, scope, config_source))
     extra = {"source_checkpoint": str(checkpoint)}
-    step = checkpoint_number(state, checkpoint) if step is None else step
+    step = checkpoints.checkpoint_number(state, checkpoint) if step is None else step
     if step is not None:
         extra["step"] = step
-    _load_searched_mask(module, state.get("model", state), checkpoint, config_source)
+    _load_searched_mask(module, state.get(checkpoints.MODEL, state), checkpoint, config_source)
     return export_mask(module, out, **extra)
 
 

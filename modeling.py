@@ -30,10 +30,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import attention_masks
+import checkpoints
 import sparse_attention
 from sparse_attention import LayerAttention
 from atomic_io import atomic_path, atomic_write_text
-from utils import describe_json_value, safe_torch_load
+from utils import describe_json_value
 
 logger = logging.getLogger(__name__)
 
@@ -816,9 +817,9 @@ def _read_weights(weights_file: Path) -> tuple[dict[str, torch.Tensor], dict[str
             return load_file(str(weights_file)), {}
         except SafetensorError as err:
             raise ValueError(f"{weights_file} is not a valid safetensors file: {err}") from None
-    obj = checkpoint = safe_torch_load(weights_file)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]  # NVIDIA checkpoint / fine-tuning output
+    obj = checkpoint = checkpoints.safe_torch_load(weights_file)
+    if isinstance(obj, dict) and isinstance(obj.get(checkpoints.MODEL), dict):
+        obj = obj[checkpoints.MODEL]  # NVIDIA checkpoint / fine-tuning output
     else:
         checkpoint = {}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

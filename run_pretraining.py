@@ -25,11 +25,12 @@ import torch
 from tqdm import tqdm
 
 import attention_masks
+import checkpoints
 import launch
 import modeling
 import pretraining_data
 import training
-from atomic_io import atomic_write_text, remove_stale_temps
+from atomic_io import atomic_write_text
 from batches import PretrainingBatch
 from modeling import BertConfig, BertForPreTraining
 from optimization import build_lamb
@@ -214,14 +215,14 @@ def write_finding(mask: torch.Tensor, metadata: dict[str, Any], output_dir: Path
 
 
 def build_model(args: argparse.Namespace, config: BertConfig, device: torch.device,
-                found: tuple[int, Path, dict[str, Any]] | None) -> BertForPreTraining:
+                found: checkpoints.Found | None) -> BertForPreTraining:
     """The model with the resumed checkpoint's weights (all of them), or warm-started from
     --init_checkpoint. Weights load before anything is written: a checkpoint that does not fit
     leaves no trace."""
     model = BertForPreTraining(config)
     model.set_checkpoint_activations(args.checkpoint_activations)
     if found is not None:
-        model.load_converted_state_dict(found[2]["model"], source=str(found[1]), strict=True)
+        model.load_converted_state_dict(found.state[checkpoints.MODEL], source=str(found.path), strict=True)
     elif args.init_checkpoint:
         warm_start(model, args.init_checkpoint, keep_mask=args.phase2)
     return model.to(device)
@@ -259,31 +260,21 @@ def check_warm_start(args: argparse.Namespace, config: BertConfig) -> None:
     """What `warm_start` would refuse (no encoder, fewer layers, another architecture), checked on a
     model on the meta device, which holds shapes but no memory. A run that will resume a checkpoint
     in --output_dir ignores --init_checkpoint, so it is not checked then."""
-    if not args.init_checkpoint or (args.resume_from_checkpoint and training.list_checkpoints(args.output_dir)):
+    if not args.init_checkpoint or (args.resume_from_checkpoint and checkpoints.list_checkpoints(args.output_dir)):
         return
     with torch.device("meta"):
         model = BertForPreTraining(config)
     modeling.read_warm_start(args.init_checkpoint, model)
 
 
-def resume_state(args: argparse.Namespace, config: BertConfig) -> tuple[int, Path, dict[str, Any]] | None:
-    """The checkpoint to resume from, or None for a fresh start; refuses to overwrite a run, or to
-    continue one written under another model or mask (`check_resume_config`)."""
-    existing = training.list_checkpoints(args.output_dir)
-    if not args.resume_from_checkpoint:
-        if existing:
-            raise ValueError(f"{args.output_dir} already holds checkpoints ({existing[-1][1].name}); pass "
-                             f"--resume_from_checkpoint to continue that run, or use another --output_dir")
-        return None
-    found = training.find_latest_checkpoint(args.output_dir, args.resume_step)
-    if found is None and existing:  # never restart from scratch over checkpoints that exist
-        raise ValueError(f"--resume_from_checkpoint: no checkpoint in {args.output_dir} loads "
-                         f"({', '.join(p.name for _, p in existing)}; reasons logged above): restore a good "
-                         f"ckpt_<step>.pt there, or move them away to start fresh")
-    if found is None and args.phase2 and not args.init_checkpoint:
+def resume_state(args: argparse.Namespace, config: BertConfig) -> checkpoints.Found | None:
+    """The checkpoint to resume from, or None for a fresh start (`checkpoints.find_resume`); refuses
+    to continue a run written under another model or mask (`check_resume_config`)."""
+    found = checkpoints.find_resume(args.output_dir, args.resume_from_checkpoint, args.resume_step)
+    if found is None and args.resume_from_checkpoint and args.phase2 and not args.init_checkpoint:
         raise FileNotFoundError(f"--phase2 needs a phase-1 checkpoint in {args.output_dir} (or --init_checkpoint)")
     if found is not None:
-        check_resume_config(config, found[1], found[2])
+        check_resume_config(config, found.path, found.state)
     return found
 
 
@@ -324,106 +315,26 @@ def check_resume_search(recorded: BertConfig, config: BertConfig, path: Path) ->
                      f"dam_target_sparsity is null), or use another --output_dir")
 
 
-def phase_step(args: argparse.Namespace, resume_step: int, checkpoint: dict[str, Any]) -> tuple[int, bool]:
-    """(step within this phase, continue-in-phase?) for a checkpoint, as NVIDIA's phase-2 rules.
-
-    A phase-1 checkpoint loaded with --phase2 starts phase 2 at step 0 (schedule and optimizer
-    step reset, moments kept); a phase-2 checkpoint continues phase 2.
-    """
-    check_checkpoint_numbering(args, resume_step, checkpoint)
-    saved_phase2 = checkpoint.get("phase2")
-    if not args.phase2:
-        return int(checkpoint.get("global_step", resume_step)), True
-    if saved_phase2 is None:  # a foreign checkpoint: NVIDIA's arithmetic
-        step = max(resume_step - args.phase1_end_step, 0)
-        return step, step > 0
-    if saved_phase2:
-        return int(checkpoint["global_step"]), True
-    return 0, False
+def name_step(args: argparse.Namespace, global_step: int) -> int:
+    """The N of this run's ckpt_<N>.pt at `global_step` (`checkpoints.name_step`)."""
+    return checkpoints.name_step(global_step, args.phase2, args.phase1_end_step)
 
 
-def check_checkpoint_numbering(args: argparse.Namespace, resume_step: int, checkpoint: dict[str, Any]) -> None:
-    """Refuse flags under which this run's ckpt_<n> would overwrite the earlier phase's files or sort
-    below them (keep-last-3 would prune the new ones and a resume would pick the old phase)."""
-    saved_phase2 = checkpoint.get("phase2")
-    if saved_phase2:
-        offset = resume_step - int(checkpoint["global_step"])
-        if not args.phase2:
-            raise ValueError(f"ckpt_{resume_step}.pt is a phase-2 checkpoint: resume it with --phase2 "
-                             f"--phase1_end_step {offset}")
-        if offset != args.phase1_end_step:
-            raise ValueError(f"ckpt_{resume_step}.pt was numbered with --phase1_end_step {offset}, this run has "
-                             f"{args.phase1_end_step}: pass --phase1_end_step {offset}")
-    elif saved_phase2 is not None and args.phase2 and resume_step > args.phase1_end_step:
-        raise ValueError(f"phase-1 checkpoint ckpt_{resume_step}.pt is past --phase1_end_step "
-                         f"{args.phase1_end_step}: pass --phase1_end_step {resume_step} (phase 1's last step)")
-
-
-def restore(args: argparse.Namespace, found: tuple[int, Path, dict[str, Any]], optimization: training.Optimization,
-            batches: pretraining_data.PretrainingBatches) -> tuple[int, list[dict[str, Any]] | None]:
-    """Optimizer, schedule, loss scale and data position from the checkpoint; returns (the phase's
-    step, the saved RNG states to restore just before the first step).
-
-    A new phase keeps only the moments. The saved fp16 loss scale is kept unless this run sets its
-    own --loss_scale (e.g. to escape a collapsing dynamic scale); an fp32 / bf16 checkpoint saved
-    none, so --fp16 then starts at --init_loss_scale.
-    """
-    resume_step, path, checkpoint = found
-    global_step, continuing = phase_step(args, resume_step, checkpoint)
-    if args.fp16 and args.loss_scale > 0 and checkpoint.get("grad_scaler"):
-        logger.info("--loss_scale %g replaces the checkpoint's loss scale", args.loss_scale)
-    optimization.load_state_dict(checkpoint, new_phase=not continuing,
-                                 keep_loss_scale=args.fp16 and not args.loss_scale)
-    if continuing and "data" in checkpoint:
-        batches.load_state_dict(checkpoint["data"])
-    logger.info("resumed from %s: phase step %d (%s)", path, global_step,
-                "continuing" if continuing else "new phase: schedule reset")
-    return global_step, checkpoint.get("rng") if continuing else None
-
-
-def checkpoint_state(p: Pretraining, args: argparse.Namespace, step: int) -> dict[str, Any]:
-    """Everything a resume needs, under NVIDIA's keys, plus the config and the binarised mask."""
-    batches, mask = p.batches, p.raw_model.bert.sparse_mask
-    state = {"model": p.raw_model.state_dict(), **p.optimization.state_dict(), "data": batches.state_dict(),
-             "files": [batches.file_index, *batches.epoch_files(batches.epoch)], "epoch": batches.epoch,
-             "global_step": step, "phase2": args.phase2, "rng": training.gather_rng_states(),
-             "config": p.config.to_json_string(), "args": json.dumps(vars(args), default=str)}
-    if mask is not None:
-        state["mask"] = mask.full_mask()
-    return state
-
-
-def save_checkpoint(p: Pretraining, args: argparse.Namespace, step: int) -> None:
+def save_step(p: Pretraining, args: argparse.Namespace, step: int) -> None:
     """ckpt_<n>.pt (the last three kept) and, with --export_mask, mask_<n>.safetensors beside it."""
-    name_step = checkpoint_name_step(args, step)
-    training.save_checkpoint(checkpoint_state(p, args, step), args.output_dir, name_step)
+    number = name_step(args, step)
+    state = checkpoints.assemble(p.raw_model, p.optimization, p.batches, step, args.phase2, p.config.to_json_string(),
+                                 vars(args), p.raw_model.bert.sparse_mask)
+    checkpoints.save_checkpoint(state, args.output_dir, number)
     if args.export_mask:
-        write_mask(p.raw_model, Path(args.output_dir) / f"mask_{name_step}.safetensors", name_step, print_table=False)
-    p.metrics.log("PARAMETER", {"checkpoint_step": name_step})
-
-
-def last_good_checkpoint(output_dir: str) -> str:
-    """Names the newest checkpoint in `output_dir` whose weights are all finite: a run whose every
-    step is non-finite may have started from (or saved) weights that are already NaN."""
-    for _, path in reversed(training.list_checkpoints(output_dir)):
-        try:
-            model = training.load_checkpoint(path)["model"]
-        except (ValueError, OSError):
-            continue
-        if all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point()):
-            return f"the last good checkpoint {path.name} is intact"
-    return f"no checkpoint in {output_dir} is known good (none holds finite weights)"
+        write_mask(p.raw_model, Path(args.output_dir) / f"mask_{number}.safetensors", number, print_table=False)
+    p.metrics.log("PARAMETER", {"checkpoint_step": number})
 
 
 def bad_steps_advice(output_dir: str) -> str:
     """What to do once too many steps in a row were non-finite: where to go back to, the usual causes."""
-    return (f"stopping; {last_good_checkpoint(output_dir)}. Lower --learning_rate, use --bf16 or fp32, check "
-            f"the data, or raise --max_bad_steps")
-
-
-def checkpoint_name_step(args: argparse.Namespace, global_step: int) -> int:
-    """Phase-2 checkpoints continue phase 1's numbering (ckpt_<phase1_end_step + k>.pt)."""
-    return global_step + (args.phase1_end_step if args.phase2 else 0)
+    return (f"stopping; {checkpoints.last_good_checkpoint(output_dir)}. Lower --learning_rate, use --bf16 or fp32, "
+            f"check the data, or raise --max_bad_steps")
 
 
 # ============================================================================ training
@@ -463,13 +374,15 @@ def set_up(args: argparse.Namespace, lock: training.OutputDirLock) -> Pretrainin
     if is_main_process():
         # Each checkpoint write a kill interrupted left a checkpoint-sized temporary: repeated
         # preemptions would otherwise fill the disk.
-        remove_stale_temps(args.output_dir, training.CHECKPOINT_NAME)
+        checkpoints.remove_interrupted_writes(args.output_dir)
     optimization = build_optimization(args, raw_model, run.device)
     batches = pretraining_data.PretrainingBatches(
         shards, batch_size=args.train_batch_size // args.gradient_accumulation_steps,
         max_pred_length=args.max_predictions_per_seq, seed=args.seed, rank=run.rank, world_size=run.world_size,
         vocab_size=config.vocab_size)
-    global_step, rng_states = restore(args, found, optimization, batches) if found else (0, None)
+    global_step, rng_states = checkpoints.restore(
+        found, optimization, batches, phase2=args.phase2, phase1_end_step=args.phase1_end_step, fp16=args.fp16,
+        loss_scale=args.loss_scale) if found else (0, None)
     model = training.wrap_distributed(raw_model, run.device,
                                       compress_dtype=run.dtype if args.allreduce_post_accumulation_fp16 else None)
     if args.compile:
@@ -481,13 +394,6 @@ def set_up(args: argparse.Namespace, lock: training.OutputDirLock) -> Pretrainin
                               optimization, run.device, run.dtype, training.BadStepBound(args.max_bad_steps), meter,
                               sync_every_micro_step=not args.allreduce_post_accumulation)
     return Pretraining(config, run, raw_model, model, optimization, batches, metrics, step, global_step, rng_states)
-
-
-def restore_rng_states(states: list[dict[str, Any]] | None, world_size: int) -> None:
-    """The resumed run's RNG streams, last, so that nothing drawn while setting up shifts them."""
-    if states is not None and not training.restore_rng_states(states):
-        logger.warning("checkpoint holds RNG states of %d ranks, this run has %d: RNG streams restart",
-                       len(states), world_size)
 
 
 def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[str, float]:
@@ -503,19 +409,20 @@ def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[s
 
 
 def finish(args: argparse.Namespace, p: Pretraining, last_log: dict[str, float], e2e_time: float,
-           state: dict[str, Any]) -> dict[str, Any]:
+           global_step: int, stopped: bool) -> dict[str, Any]:
     """NVIDIA's summary line (final_loss: MLM + NSP of the last log window, as a dense run's; the
     mask penalty apart), then the end-of-run mask file and, for a search, its finding."""
     results = {"e2e_train_time": e2e_time, "training_sequences_per_second": p.step.meter.sequences_per_second(),
                "final_loss": last_log["average_loss"], "final_mask_penalty": last_log["mask_penalty"],
-               "raw_train_time": p.step.meter.elapsed(), **state}
-    p.metrics.log((p.batches.epoch, state["global_step"]), {"final_loss": results["final_loss"]})
+               "raw_train_time": p.step.meter.elapsed(), "global_step": global_step,
+               "skipped_steps": p.step.bad_steps.skipped, "stopped_by_sigterm": stopped}
+    p.metrics.log((p.batches.epoch, global_step), {"final_loss": results["final_loss"]})
     p.metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
                                                "final_loss", "final_mask_penalty", "raw_train_time")})
     p.metrics.close()
     if mask_module(p.raw_model) is not None:
         metadata = write_mask(p.raw_model, Path(args.output_dir) / "attention_mask.safetensors",
-                              checkpoint_name_step(args, state["global_step"]), print_table=True)
+                              name_step(args, global_step), print_table=True)
         search = search_mask(p.raw_model)
         if search is not None and metadata is not None:
             write_finding(search.full_mask(), metadata, Path(args.output_dir))
@@ -541,7 +448,7 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
                     disable=not is_main_process() or args.disable_progress_bar)
     if search is not None:
         search.set_progress(global_step / args.max_steps)
-    restore_rng_states(p.rng_states, p.run.world_size)
+    checkpoints.restore_rng_states(p.rng_states)
     start_time, data, stop = time.perf_counter(), iter(p.batches), False
     p.model.train()
     with training.SigtermFlag() as sigterm:
@@ -566,11 +473,10 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
                 p.step.meter.stop()  # the last checkpoint is not training time (NVIDIA stops its clock here too)
             due = outcome.applied and (global_step % args.num_steps_per_checkpoint == 0 or global_step == target_step)
             if not args.skip_checkpoint and (due or stop):
-                save_checkpoint(p, args, global_step)
+                save_step(p, args, global_step)
     progress.close()
     p.batches.close()
-    return finish(args, p, last_log, time.perf_counter() - start_time,
-                  {"global_step": global_step, "skipped_steps": p.step.bad_steps.skipped, "stopped_by_sigterm": stop})
+    return finish(args, p, last_log, time.perf_counter() - start_time, global_step, stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 Model construction from a config plus command-line overrides, DDP wrapping with gradient sync only
 on the last accumulation micro-step, one optimizer step under a GradScaler that skips non-finite
-steps, checkpoint files (`ckpt_<step>.pt`: atomic, rank 0, last N kept, newest loadable found),
-a SIGTERM flag for clean preemption, and a throughput / latency meter.
+steps (optimizer, schedule and loss scale save and load their own checkpoint entries; the files
+are checkpoints.py's), a SIGTERM flag for clean preemption, and a throughput / latency meter.
 """
 from __future__ import annotations
 
@@ -27,14 +27,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 from modeling import BertConfig
-from utils import (all_gather_object, all_reduce_mean, atomic_save, autocast, get_rank, get_world_size,
-                   is_main_process, rng_state, safe_torch_load, set_rng_state)
+from utils import all_reduce_mean, autocast, get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = r"ckpt_(\d+)\.pt"
-CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_NAME}$")
 COLLECTIVE_FAILURE_RE = re.compile(r"gloo|nccl|timed out|timeout|connection (closed|reset)|broken pipe", re.IGNORECASE)
 
 
@@ -209,7 +207,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]
 
 class Optimization:
     """The optimizer, its learning-rate schedule and the fp16 loss scaler: stepped together, saved
-    together (under NVIDIA's checkpoint keys), restored together."""
+    together (a checkpoint's OPTIMIZER, LR_SCHEDULER and GRAD_SCALER entries: NVIDIA's keys),
+    restored together."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, grad_scaler: torch.amp.GradScaler,
                  max_grad_norm: float = 0.0) -> None:
@@ -231,18 +230,20 @@ class Optimization:
         return self.optimizer.param_groups[0]["lr"], self.optimizer.param_groups[-1]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.scheduler.state_dict(),
-                "grad_scaler": self.grad_scaler.state_dict()}
+        return {checkpoints.OPTIMIZER: self.optimizer.state_dict(),
+                checkpoints.LR_SCHEDULER: self.scheduler.state_dict(),
+                checkpoints.GRAD_SCALER: self.grad_scaler.state_dict()}
 
     def load_state_dict(self, checkpoint: dict[str, Any], new_phase: bool, keep_loss_scale: bool) -> None:
         """The saved moments (when their layout fits); a `new_phase` restarts the schedule and the
         bias correction. The saved fp16 loss scale only when `keep_loss_scale` (an fp16 run that set
         no --loss_scale of its own) and the checkpoint's run used one."""
-        if "optimizer" in checkpoint and load_optimizer_state(self.optimizer, checkpoint["optimizer"]) and new_phase:
+        saved = checkpoint.get(checkpoints.OPTIMIZER)
+        if saved is not None and load_optimizer_state(self.optimizer, saved) and new_phase:
             for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
                 group["step"] = 0
                 group["lr"] = base_lr
-        saved_scale = checkpoint.get("grad_scaler")
+        saved_scale = checkpoint.get(checkpoints.GRAD_SCALER)
         if keep_loss_scale and saved_scale and not new_phase:
             self.grad_scaler.load_state_dict(saved_scale)
 
@@ -333,93 +334,6 @@ def endless(loader: Iterable[Any], set_epoch: Callable[[int], None] | None = Non
         for batch in loader:
             yield epoch, batch
         epoch += 1
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_path(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / f"ckpt_{step}.pt"
-
-
-def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every `ckpt_<step>.pt` in `output_dir`, oldest first.
-
-    Temporary files of an interrupted write (`.ckpt_<step>.pt.*.tmp`) never match.
-    """
-    directory = Path(output_dir)
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        match = CHECKPOINT_RE.match(path.name)
-        if match and path.is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def save_checkpoint(state: dict[str, Any], output_dir: str | Path, step: int, keep: int = 3) -> Path | None:
-    """Write `ckpt_<step>.pt` atomically on rank 0 and delete all but the newest `keep`.
-
-    A failed write (disk full, permissions) raises one clear error and leaves every earlier
-    checkpoint as it was. Returns the path on rank 0, None elsewhere.
-    """
-    if not is_main_process():
-        return None
-    path = checkpoint_path(output_dir, step)
-    try:
-        atomic_save(state, path)
-    except OSError as exc:
-        previous = [p.name for _, p in list_checkpoints(output_dir) if p != path]
-        raise OSError(
-            f"could not write checkpoint {path} ({exc.strerror or exc}); free disk space or fix "
-            f"permissions of {Path(output_dir)} — earlier checkpoints are intact: {previous or 'none'}"
-        ) from None
-    if keep > 0:
-        for _, old in list_checkpoints(output_dir)[:-keep]:
-            old.unlink(missing_ok=True)
-    return path
-
-
-# The types the resume code reads each entry as (a wrong one would end in a traceback mid-resume).
-CHECKPOINT_ENTRY_TYPES = {"model": dict, "optimizer": dict, "lr_scheduler": dict, "grad_scaler": dict,
-                          "data": dict, "rng": list, "global_step": int}
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint dict, loaded without unpickling objects (utils.safe_torch_load)."""
-    state = safe_torch_load(path)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{path} is not a training checkpoint (no 'model' entry); pass a ckpt_<step>.pt file")
-    for key, expected in CHECKPOINT_ENTRY_TYPES.items():
-        if key in state and not isinstance(state[key], expected):
-            raise ValueError(f"{path}: its '{key}' entry is a {type(state[key]).__name__}, not a "
-                             f"{expected.__name__}: the file is damaged or not a training checkpoint")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()):
-        raise ValueError(f"{path}: its 'model' entry is not a state dict (name → tensor): the file is damaged "
-                         f"or not a training checkpoint")
-    return state
-
-
-def find_latest_checkpoint(output_dir: str | Path, step: int = -1) -> tuple[int, Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads (or exactly `ckpt_<step>.pt` when `step` >= 0).
-
-    A newest file that cannot be read (corrupted outside our atomic writes) is reported and the
-    next older one is used, so one bad file never costs the run.
-    """
-    candidates = list_checkpoints(output_dir)
-    if step >= 0:
-        path = checkpoint_path(output_dir, step)
-        if not path.is_file():
-            steps = [s for s, _ in candidates]
-            raise FileNotFoundError(f"--resume_step {step}: {path} does not exist (available steps: {steps or 'none'})")
-        return step, path, load_checkpoint(path)
-    for found_step, path in reversed(candidates):
-        try:
-            return found_step, path, load_checkpoint(path)
-        except (ValueError, RuntimeError, EOFError, OSError) as exc:
-            logger.warning("skipping unreadable checkpoint %s: %s", path, exc)
-    return None
 
 
 class TrainingError(RuntimeError):
@@ -564,23 +478,6 @@ def is_collective_failure(exc: BaseException) -> bool:
     if get_world_size() == 1:
         return False
     return isinstance(exc, dist.DistError) or bool(COLLECTIVE_FAILURE_RE.search(str(exc)))
-
-
-def gather_rng_states() -> list[dict[str, Any]]:
-    """Every rank's RNG states (dropout, DAM noise), gathered so rank 0 can checkpoint them all."""
-    return all_gather_object(rng_state())
-
-
-def restore_rng_states(states: list[dict[str, Any]]) -> bool:
-    """Restore this rank's RNG states; False (nothing restored) when the world size changed."""
-    if len(states) != get_world_size():
-        return False
-    try:
-        set_rng_state(states[get_rank()])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise ValueError(f"the checkpoint's RNG state of rank {get_rank()} is damaged ({type(exc).__name__}: "
-                         f"{exc}): resume from another checkpoint (--resume_step)") from None
-    return True
 
 
 # ----------------------------------------------------------------------------- preemption

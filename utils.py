@@ -1,7 +1,8 @@
 """Process-level helpers shared by the pretraining and GLUE scripts.
 
 Distributed set-up (torchrun environment), seeding and RNG capture for exact resume, mixed-precision
-contexts, a dllogger-compatible metric logger, and atomic, pickle-free file I/O.
+contexts and a dllogger-compatible metric logger (checkpoint files, written atomically and read without
+unpickling: checkpoints.py).
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-
-from atomic_io import atomic_path
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -295,55 +294,3 @@ def read_dllogger_json(path: str | os.PathLike) -> list[dict[str, Any]]:
         if line:
             records.append(json.loads(line))
     return records
-
-
-# ----------------------------------------------------------------------------- atomic, safe I/O
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` that never leaves a half-written file under `path`.
-
-    A failed write (a full disk) is an OSError naming `path`: torch reports it as a RuntimeError
-    from its zip writer ("iostream error", "enforce fail at inline_container.cc"), which would
-    otherwise end a run in a C++ traceback."""
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(obj, tmp)
-        except RuntimeError as exc:  # its zip writer's only failures are failed writes
-            raise OSError(f"writing {path} failed ({str(exc).strip().splitlines()[-1][:200]}): "
-                          f"is the disk full?") from None
-
-
-# torch.save writes a zip archive; files of torch < 1.6 (and _use_new_zipfile_serialization=False)
-# are a bare pickle stream, protocol 2 or later.
-TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
-
-
-def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint with `weights_only=True`: tensors and plain containers only.
-
-    A file that needs arbitrary unpickling is refused with one line that names it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: check the path")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise ValueError(f"{path} is an empty file (0 bytes), not a checkpoint: an interrupted copy? "
-                         f"copy it again or point at another checkpoint")
-    if not head.startswith(TORCH_FILE_MAGIC):
-        raise ValueError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}, not a torch.save "
-                         f"archive): point at a .pt / .bin file written by torch.save, or a .safetensors file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError / RuntimeError with long messages
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        # torch's own refusal of objects weights_only cannot rebuild: the one case that is about pickle.
-        if "Weights only load failed" in first_line:
-            raise ValueError(
-                f"{path} cannot be loaded safely ({first_line}); only tensor checkpoints without pickled "
-                f"objects are accepted — re-save it with torch.save(state_dict) or as safetensors"
-            ) from None
-        raise ValueError(f"{path} is a damaged PyTorch checkpoint ({first_line}): copy it again or point at "
-                         f"another checkpoint") from None

@@ -15,7 +15,7 @@ from typing import Any
 from atomic_io import atomic_write_text
 from pretrained import bert_config_from_hf, minilm_folder
 from stages import run_python
-from training import checkpoint_path
+from checkpoints import checkpoint_path
 
 SHARD_FILE = "training_shard_0.hdf5"
 SHARD_SEED = 12345  # create_pretraining_data.py's --random_seed, NVIDIA's

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attention_masks  # noqa: E402
 import launch  # noqa: E402
 from atomic_io import save_figure  # noqa: E402
-from utils import TORCH_FILE_MAGIC  # noqa: E402
+from checkpoints import TORCH_FILE_MAGIC  # noqa: E402
 
 PANEL_INCHES = 2.6  # each map's side: 260 px at the default dpi, 2 px per position at n = 128
 KEPT_COLOUR, DROPPED_COLOUR = "#08306b", "#ffffff"

@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attention_masks  # noqa: E402
+import checkpoints  # noqa: E402
 import modeling  # noqa: E402
 from atomic_io import atomic_write_text, save_figure  # noqa: E402
 from pipeline import (SHARD_FILE, GlueSizes, Mask, Pipeline, PretrainingSizes, final_checkpoint,  # noqa: E402
@@ -48,7 +49,6 @@ from pipeline import (SHARD_FILE, GlueSizes, Mask, Pipeline, PretrainingSizes, f
 from pretraining_data import PretrainingDataset  # noqa: E402
 from stages import Stages, run_python  # noqa: E402
 from training import load_config  # noqa: E402
-from utils import safe_torch_load  # noqa: E402
 
 FIXED_PATTERNS = ("strided", "fixed", "longformer", "logsparse", "bigbird", "star")
 DAM_KINDS = ("dam_s", "dam_u")
@@ -346,12 +346,12 @@ def pattern_sparsity(pipeline: Pipeline, pattern: str) -> float:
 
 def binarise_at_budget(checkpoint: Path, sparsity: float, out: Path) -> None:
     """Write the mask of a DAM search checkpoint that keeps its highest logits at exactly `sparsity`."""
-    state = safe_torch_load(str(checkpoint))
+    state = checkpoints.safe_torch_load(str(checkpoint))
     config = attention_masks.MaskConfig.from_checkpoint(state, str(checkpoint))
     module = attention_masks.DifferentiableMask(config.replace(dam_binarize_sparsity=sparsity))
-    logits = [v for k, v in state["model"].items() if k.endswith("sparse_mask.mask_logits")]
+    logits = [v for k, v in state[checkpoints.MODEL].items() if k.endswith("sparse_mask.mask_logits")]
     module.mask_logits.data.copy_(logits[0])
-    attention_masks.export_mask(module, out, source_checkpoint=str(checkpoint), step=state.get("global_step"))
+    attention_masks.export_mask(module, out, source_checkpoint=str(checkpoint), step=state.get(checkpoints.GLOBAL_STEP))
 
 
 def row_mask(config_file: Path) -> torch.Tensor | None:

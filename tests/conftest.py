@@ -176,9 +176,9 @@ def _dllogger_records(out: Path, key: str) -> dict[int, float]:
 
 
 def _assert_same_weights(a: Path, b: Path) -> None:
-    import training
+    import checkpoints
 
-    wa, wb = training.load_checkpoint(a)["model"], training.load_checkpoint(b)["model"]
+    wa, wb = checkpoints.load_checkpoint(a)["model"], checkpoints.load_checkpoint(b)["model"]
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.equal(wa[key], wb[key]), key

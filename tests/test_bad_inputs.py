@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attention_masks
+import checkpoints
 import pretraining_data
 import run_pretraining
-import training
 from data import create_pretraining_data as cpd
 from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification
 from processors.glue import TASKS, GlueDataError
@@ -137,8 +137,8 @@ def test_bad_values_found_mid_run_stop_with_one_line_and_keep_checkpoints(good_s
     assert run_pretraining.main(argv) == 1
     line = one_error_line(capsys)
     assert "training_1.hdf5" in line and "next_sentence_labels must be 0 or 1" in line, line
-    assert [s for s, _ in training.list_checkpoints(out)] == [1, 2]
-    assert training.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [1, 2]
+    assert checkpoints.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
 
 
 # ----------------------------------------------------------------------------- checkpoints and vocab
@@ -166,7 +166,7 @@ def test_resume_from_another_architecture_is_refused_and_leaves_the_file(good_sh
     line = one_error_line(capsys)
     assert "another architecture" in line and "ckpt_3.pt" in line, line
     assert (out / "ckpt_3.pt").read_bytes() == before
-    assert [s for s, _ in training.list_checkpoints(out)] == [3]
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [3]
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -252,7 +252,7 @@ def test_warm_start_from_a_deeper_checkpoint_takes_its_first_layers(good_shard, 
     with caplog.at_level("INFO", logger="modeling"):
         assert run_pretraining.main(argv) == 0, capsys.readouterr().err
     assert "encoder layers 0-1 of its 3 (num_hidden_layers 2)" in caplog.text
-    loaded = training.load_checkpoint(tmp_path / "out" / "ckpt_1.pt")["model"]
+    loaded = checkpoints.load_checkpoint(tmp_path / "out" / "ckpt_1.pt")["model"]
     key = "bert.encoder.layer.1.attention.self.query.weight"
     assert torch.equal(loaded[key], torch.load(source, weights_only=True)[key])
     classifier = run_glue.build_model(tiny_config(), 2, str(source)).state_dict()
@@ -277,7 +277,7 @@ def test_checkpoint_with_wrong_types_inside_gives_one_line(good_shard, tmp_path,
     out = tmp_path / "out"
     assert run_pretraining.main(pretraining_args(good_shard.parent, out, config, max_steps=2)) == 0
     capsys.readouterr()
-    state = training.load_checkpoint(out / "ckpt_2.pt")
+    state = checkpoints.load_checkpoint(out / "ckpt_2.pt")
     if case == "model_list":
         state["model"] = list(state["model"].values())
     elif case == "rng_not_a_list":
@@ -593,6 +593,6 @@ def test_no_code_path_unpickles_user_data():
                     problems.append(f"{where(node)}: np.load with allow_pickle")
             if owner == "yaml" and attr in {"load", "unsafe_load", "full_load"}:
                 problems.append(f"{where(node)}: yaml.{attr} (use yaml.safe_load)")
-            if owner == "torch" and attr == "save" and path.name not in {"utils.py"}:
-                problems.append(f"{where(node)}: torch.save outside utils.atomic_save (not atomic)")
+            if owner == "torch" and attr == "save" and path.name not in {"checkpoints.py"}:
+                problems.append(f"{where(node)}: torch.save outside checkpoints.atomic_save (not atomic)")
     assert not problems, problems

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import modeling
 import run_pretraining
 import training
@@ -122,11 +123,11 @@ def test_sigterm_at_a_random_moment_checkpoints_exits_zero_and_resumes_exactly(s
     time.sleep(random.Random(seed).uniform(0.0, 0.25))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-2000:]
-    saved = [s for s, _ in training.list_checkpoints(out)]
+    saved = [s for s, _ in checkpoints.list_checkpoints(out)]
     assert len(saved) == 1 and 1 <= saved[0] < FLAGS["max_steps"], saved
     stop = saved[0]
     assert max(dllogger_records(out, "step_loss")) == stop  # it stopped at the boundary it saved, nothing after
-    assert training.load_checkpoint(out / f"ckpt_{stop}.pt")["global_step"] == stop
+    assert checkpoints.load_checkpoint(out / f"ckpt_{stop}.pt")["global_step"] == stop
     losses = resume_in_process(shards, out, config)
     assert losses == dllogger_records(reference, "step_loss")
     assert_same_weights(out / "ckpt_24.pt", reference / "ckpt_24.pt")
@@ -172,8 +173,8 @@ def test_sigkill_during_checkpoint_write_keeps_previous_and_resume_picks_it(shar
     assert proc.wait(timeout=120) == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-2000:]
     leftovers = sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp"))
     assert len(leftovers) == 1 and leftovers[0].startswith(".ckpt_4.pt.")  # the half file, under a temp name
-    assert [s for s, _ in training.list_checkpoints(out)] == [2]
-    step, path, state = training.find_latest_checkpoint(out)
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2]
+    step, path, state = checkpoints.find_latest_checkpoint(out)
     assert step == 2 and state["global_step"] == 2
     umask = os.umask(0o022)
     os.umask(umask)
@@ -210,7 +211,7 @@ def test_failed_checkpoint_write_stops_with_one_line_and_keeps_previous(shards, 
     assert "could not write checkpoint" in err[0] and "ckpt_4.pt" in err[0] and os.strerror(code) in err[0]
     assert "ckpt_2.pt" in err[0]  # names what is still there
     assert sorted(p.name for p in out.iterdir()) == ["ckpt_2.pt", "dllogger.json"]  # no half file, no lock anywhere
-    assert training.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
+    assert checkpoints.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
     assert max(dllogger_records(out, "step_loss")) == 4  # no silent continue past the failed save
 
 
@@ -240,8 +241,8 @@ def test_non_finite_loss_is_skipped_then_bounded_keeping_good_state(shards, conf
     assert "ckpt_4.pt" in err[0] and "--max_bad_steps" in err[0]
     assert calls["n"] == 8  # 4 good steps + 1 skipped, then 3 bad ones: stopped at once
     assert dllogger_records(out, "skipped_steps")[4] == 1
-    assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]
-    state = training.load_checkpoint(out / "ckpt_4.pt")
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 4]
+    state = checkpoints.load_checkpoint(out / "ckpt_4.pt")
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     moments = [t for s in state["optimizer"]["state"].values() for t in s.values()
                if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -256,7 +257,7 @@ def test_bad_step_stop_names_only_a_checkpoint_with_finite_weights(shards, confi
     assert run_pretraining.main(pretraining_args(shards, out, config, **{**flags, "steps_this_run": 4})) == 0
     capsys.readouterr()
     for step, expected in ((4, "the last good checkpoint ckpt_2.pt is intact"), (2, "no checkpoint in")):
-        state = training.load_checkpoint(out / f"ckpt_{step}.pt")
+        state = checkpoints.load_checkpoint(out / f"ckpt_{step}.pt")
         state["model"] = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v
                           for k, v in state["model"].items()}
         torch.save(state, out / f"ckpt_{step}.pt")
@@ -326,8 +327,8 @@ def test_torchrun_worker_death_stops_the_other_in_bounded_time(shards, config, t
     code, elapsed, out = run_faulty_torchrun(shards, config, tmp_path, "die")
     assert code != 0
     assert elapsed < 90, elapsed  # torchrun tears the survivor down; nothing waits for the 30-minute default
-    assert [s for s, _ in training.list_checkpoints(out)] == [2]  # the last good state is intact
-    assert training.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2]  # the last good state is intact
+    assert checkpoints.load_checkpoint(out / "ckpt_2.pt")["global_step"] == 2
 
 
 @pytest.mark.slow
@@ -342,7 +343,7 @@ def test_torchrun_stuck_worker_times_out_with_one_line(shards, config, tmp_path,
     lines = [line for line in log.splitlines() if "run_pretraining.py: error:" in line]
     assert len(lines) == 1 and "rank 0: lost the other workers" in lines[0] and "--dist_timeout" in lines[0], lines
     assert "[rank0]: Traceback" not in log  # rank 0 ends with its one line, not a stack dump
-    assert [s for s, _ in training.list_checkpoints(out)] == [2]
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2]
 
 
 # ----------------------------------------------------------------------------- soak
@@ -364,7 +365,7 @@ def test_soak_random_sigterm_and_sigkill_end_with_uninterrupted_weights(shards, 
     rng.shuffle(signals)
     out = tmp_path / "out"
     for attempt, sig in enumerate([*signals, None]):
-        resume = {"resume_from_checkpoint": True} if training.list_checkpoints(out) else {}
+        resume = {"resume_from_checkpoint": True} if checkpoints.list_checkpoints(out) else {}
         proc = launch(pretraining_args(shards, out, config, **flags, **resume), tmp_path / f"run_{attempt}.txt")
         if sig is not None:
             wait_for_training(out, proc, timeout=120, lines=rng.randint(1, 4))
@@ -375,7 +376,8 @@ def test_soak_random_sigterm_and_sigkill_end_with_uninterrupted_weights(shards, 
             (tmp_path / f"run_{attempt}.txt").read_text()[-2000:]
     assert (out / "ckpt_200.pt").is_file()
     assert_same_weights(out / "ckpt_200.pt", straight / "ckpt_200.pt")
-    state, reference_state = training.load_checkpoint(out / "ckpt_200.pt"), training.load_checkpoint(straight / "ckpt_200.pt")
+    state = checkpoints.load_checkpoint(out / "ckpt_200.pt")
+    reference_state = checkpoints.load_checkpoint(straight / "ckpt_200.pt")
     for a, b in zip(state["optimizer"]["state"].values(), reference_state["optimizer"]["state"].values()):
         for key in a:
             if isinstance(a[key], torch.Tensor):
@@ -388,13 +390,13 @@ FULL_DISK = '''
 import resource, signal, sys
 sys.path.insert(0, sys.argv[1])
 import torch
-import training, utils
+import checkpoints, utils
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit a write fails (EFBIG), as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 which, out = sys.argv[2], sys.argv[3]
 try:
     if which == "checkpoint":
-        training.save_checkpoint({"model": {"w": torch.zeros(1 << 18)}}, out, 5)
+        checkpoints.save_checkpoint({"model": {"w": torch.zeros(1 << 18)}}, out, 5)
     else:
         log = utils.MetricLogger(out + "/dllogger.json", verbose=False)
         for step in range(2000):

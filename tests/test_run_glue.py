@@ -19,8 +19,9 @@ import attention_masks
 import run_glue
 import run_pretraining
 import helpers
+from checkpoints import safe_torch_load
 from modeling import BertConfig, BertForPreTraining, BertForSequenceClassification
-from utils import read_dllogger_json, safe_torch_load
+from utils import read_dllogger_json
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH_SEQ = helpers.SEQ  # the pretraining tests' mask_seq_length, which a search checkpoint here has

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import attention_masks
+import checkpoints
 import modeling
 import run_pretraining
 import training
@@ -32,7 +33,7 @@ def shards(tmp_path_factory, make_shards) -> Path:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return training.load_checkpoint(path)["model"]
+    return checkpoints.load_checkpoint(path)["model"]
 
 
 # ----------------------------------------------------------------------------- training works
@@ -153,7 +154,7 @@ def test_resume_is_exact(shards, straight_run, tmp_path, assert_same_weights, dl
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     assert run_pretraining.main(pretraining_args(shards, out, config, steps_this_run=4, **RESUME_FLAGS)) == 0
-    assert [s for s, _ in training.list_checkpoints(out)] == [4]
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [4]
     first_half = dllogger_records(out, "step_loss")
     assert run_pretraining.main(pretraining_args(shards, out, config, resume_from_checkpoint=True, **RESUME_FLAGS)) == 0
     resumed = {**first_half, **dllogger_records(out, "step_loss")}
@@ -177,7 +178,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(shards, straight_run
 
     monkeypatch.setattr(modeling, "pretraining_loss", loss_then_sigterm)
     assert run_pretraining.main(pretraining_args(shards, out, config, **RESUME_FLAGS)) == 0
-    assert [s for s, _ in training.list_checkpoints(out)] == [3]
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [3]
     assert calls["n"] == 6  # stopped at the step boundary, no further micro-step
     first_part = dllogger_records(out, "step_loss")
     monkeypatch.setattr(modeling, "pretraining_loss", real_loss)
@@ -191,8 +192,8 @@ def test_checkpoints_keep_last_three_with_full_state(shards, tmp_path, pretraini
     out = tmp_path / "out"
     assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=5, num_steps_per_checkpoint=1,
                                                  export_mask=True)) == 0
-    assert [s for s, _ in training.list_checkpoints(out)] == [3, 4, 5]
-    state = training.load_checkpoint(out / "ckpt_5.pt")
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [3, 4, 5]
+    state = checkpoints.load_checkpoint(out / "ckpt_5.pt")
     for key in ("model", "optimizer", "lr_scheduler", "grad_scaler", "data", "files", "epoch", "rng", "mask"):
         assert key in state, key
     assert state["mask"].dtype == torch.bool and state["mask"].shape == (2, 2, SEQ, SEQ)
@@ -208,8 +209,8 @@ def test_phase2_resets_schedule_and_continues_numbering(shards, tmp_path, dllogg
     argv = pretraining_args(shards, out, config, max_steps=3, phase2=True, resume_from_checkpoint=True,
                             phase1_end_step=4, learning_rate=5e-3, warmup_proportion=0.0)
     assert run_pretraining.main(argv) == 0
-    assert [s for s, _ in training.list_checkpoints(out)] == [4, 7]  # ckpt_<phase1_end_step + k>
-    state = training.load_checkpoint(out / "ckpt_7.pt")
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [4, 7]  # ckpt_<phase1_end_step + k>
+    state = checkpoints.load_checkpoint(out / "ckpt_7.pt")
     assert state["phase2"] and state["global_step"] == 3
     assert [g["step"] for g in state["optimizer"]["param_groups"]] == [3, 3, 3]  # reset at the phase start
     lrs = dllogger_records(out, "learning_rate")
@@ -226,7 +227,7 @@ def test_mask_learning_rate_gives_the_mask_logits_their_own_rate_under_the_same_
     model_lrs, mask_lrs = dllogger_records(out, "learning_rate"), dllogger_records(out, "mask_learning_rate")
     for step in (1, 2, 3):
         assert mask_lrs[step] == pytest.approx(0.5 / 1e-2 * model_lrs[step]) and model_lrs[step] > 0
-    groups = training.load_checkpoint(out / "ckpt_4.pt")["optimizer"]["param_groups"]
+    groups = checkpoints.load_checkpoint(out / "ckpt_4.pt")["optimizer"]["param_groups"]
     assert [g["name"] for g in groups] == ["decay", "no_decay", "mask_logits"]
     assert groups[0]["initial_lr"] == 1e-2 and groups[2]["initial_lr"] == 0.5
 
@@ -244,7 +245,7 @@ def test_static_loss_scale_given_on_resume_wins_over_the_saved_dynamic_one(shard
     assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=3, steps_this_run=2, fp16=True)) == 0
     argv = pretraining_args(shards, out, config, max_steps=3, fp16=True, loss_scale=64, resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 0
-    scaler = training.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]
+    scaler = checkpoints.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]
     assert scaler["scale"] == 64.0 and scaler["growth_interval"] == 2**31 - 1
 
 
@@ -255,9 +256,9 @@ def test_steps_this_run_counts_the_resumed_steps_as_nvidia(shards, tmp_path, pre
     assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=6, steps_this_run=2)) == 0
     resume = dict(max_steps=6, resume_from_checkpoint=True)
     assert run_pretraining.main(pretraining_args(shards, out, config, steps_this_run=4, **resume)) == 0
-    assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 4]
     assert run_pretraining.main(pretraining_args(shards, out, config, steps_this_run=3, **resume)) == 0
-    assert [s for s, _ in training.list_checkpoints(out)] == [2, 4]  # already past it: nothing to do
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 4]  # already past it: nothing to do
 
 
 def test_fp32_run_resumes_under_fp16_with_a_fresh_loss_scale(shards, tmp_path, capsys, pretraining_args, write_config):
@@ -265,11 +266,11 @@ def test_fp32_run_resumes_under_fp16_with_a_fresh_loss_scale(shards, tmp_path, c
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=3, steps_this_run=2)) == 0
-    assert training.load_checkpoint(out / "ckpt_2.pt")["grad_scaler"] == {}
+    assert checkpoints.load_checkpoint(out / "ckpt_2.pt")["grad_scaler"] == {}
     argv = pretraining_args(shards, out, config, max_steps=3, fp16=True, init_loss_scale=1024,
                             resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 0, capsys.readouterr().err
-    assert training.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]["scale"] == 1024.0
+    assert checkpoints.load_checkpoint(out / "ckpt_3.pt")["grad_scaler"]["scale"] == 1024.0
 
 
 def test_phase2_refuses_a_phase1_end_step_below_the_phase1_checkpoint(shards, tmp_path, capsys, pretraining_args,
@@ -284,7 +285,7 @@ def test_phase2_refuses_a_phase1_end_step_below_the_phase1_checkpoint(shards, tm
     assert run_pretraining.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--phase1_end_step 4" in err[0], err
-    assert [s for s, _ in training.list_checkpoints(out)] == [4]
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [4]
 
 
 def test_phase2_checkpoint_resumed_without_phase2_is_refused(shards, tmp_path, capsys, pretraining_args, write_config):
@@ -298,7 +299,7 @@ def test_phase2_checkpoint_resumed_without_phase2_is_refused(shards, tmp_path, c
     assert run_pretraining.main(pretraining_args(shards, out, config, **phase2)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--phase2" in err[0], err
-    assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 3]
 
 
 def test_phase2_resume_with_another_phase1_end_step_is_refused(shards, tmp_path, capsys, pretraining_args,
@@ -313,7 +314,7 @@ def test_phase2_resume_with_another_phase1_end_step_is_refused(shards, tmp_path,
     assert run_pretraining.main(pretraining_args(shards, out, config, phase1_end_step=1, **phase2)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--phase1_end_step 2" in err[0], err
-    assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 3]
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +381,7 @@ def test_resume_may_change_lambda_temperature_and_dropout(dam_s_run, shards, tmp
     argv = pretraining_args(shards, out, config, max_steps=3, lamb=1e-3, learning_rate=5e-3,
                             resume_from_checkpoint=True)
     assert run_pretraining.main(argv) == 0, capsys.readouterr().err
-    assert [s for s, _ in training.list_checkpoints(out)] == [2, 3]
+    assert [s for s, _ in checkpoints.list_checkpoints(out)] == [2, 3]
 
 
 def test_resume_may_not_turn_a_target_search_into_a_lambda_search_or_back(dam_s_run, shards, tmp_path, capsys,
@@ -399,14 +400,14 @@ def test_resume_may_not_turn_a_target_search_into_a_lambda_search_or_back(dam_s_
     assert run_pretraining.main(argv) == 1
     assert_refused_and_untouched(target, before, capsys, "dam_target_sparsity=0.7", "resume with --target_sparsity 0.7")
     assert run_pretraining.main([*argv, "--target_sparsity", "0.8"]) == 0, capsys.readouterr().err  # a new course
-    assert [s for s, _ in training.list_checkpoints(target)] == [2, 3]
+    assert [s for s, _ in checkpoints.list_checkpoints(target)] == [2, 3]
 
 
 @pytest.mark.parametrize("case", ["empty", "missing_key", "unexpected_key", "nvidia_other_depth"])
 def test_resume_from_a_model_that_does_not_fit_is_refused(dam_s_run, shards, tmp_path, capsys, case, pretraining_args):
     """A resume is never partial; a checkpoint without a recorded config (NVIDIA's) is judged by keys."""
     out = copy_run(dam_s_run, tmp_path)
-    state = training.load_checkpoint(out / "ckpt_2.pt")
+    state = checkpoints.load_checkpoint(out / "ckpt_2.pt")
     if case == "empty":
         state["model"] = {}
     elif case == "missing_key":
@@ -426,7 +427,7 @@ def test_resume_from_a_model_that_does_not_fit_is_refused(dam_s_run, shards, tmp
 def test_resume_from_a_fitting_checkpoint_without_a_recorded_config(dam_s_run, shards, tmp_path, capsys,
                                                                     pretraining_args):
     out = copy_run(dam_s_run, tmp_path)
-    state = training.load_checkpoint(out / "ckpt_2.pt")
+    state = checkpoints.load_checkpoint(out / "ckpt_2.pt")
     del state["config"], state["args"]
     torch.save(state, out / "ckpt_2.pt")
     argv = pretraining_args(shards, out, dam_s_run / "config.json", max_steps=3, resume_from_checkpoint=True)
@@ -550,7 +551,7 @@ def test_fp16_overflow_skips_step_and_holds_schedule(shards, tmp_path, monkeypat
         assert lr == pytest.approx(expected), step
     scales = [r["data"]["loss_scale"] for r in read_dllogger_json(out / "dllogger.json") if "loss_scale" in r["data"]]
     assert scales == [512.0]
-    state = training.load_checkpoint(out / "ckpt_5.pt")
+    state = checkpoints.load_checkpoint(out / "ckpt_5.pt")
     assert [g["step"] for g in state["optimizer"]["param_groups"]] == [5, 5, 5]
 
 
@@ -579,7 +580,7 @@ def test_nan_loss_is_skipped_then_bounded(shards, tmp_path, monkeypatch, capsys,
     assert run_pretraining.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "3 consecutive optimizer steps" in err[0] and "ckpt_2.pt" in err[0]
-    assert [s for s, _ in training.list_checkpoints(out2)] == [2]  # the last good state, untouched
+    assert [s for s, _ in checkpoints.list_checkpoints(out2)] == [2]  # the last good state, untouched
     assert calls["n"] == 6
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import run_pretraining
-import training
 from data import create_pretraining_data
 from helpers import VOCAB
 from modeling import BertForPreTraining
@@ -75,7 +75,7 @@ def test_the_documented_warm_start_runs_from_the_minilm_folder_and_its_first_two
     from safetensors.torch import load_file
 
     source = load_file(str(minilm / "model.safetensors"))
-    ours = training.load_checkpoint(two / "ckpt_1.pt")["model"]
+    ours = checkpoints.load_checkpoint(two / "ckpt_1.pt")["model"]
     assert torch.equal(ours["bert.encoder.layer.1.output.dense.weight"], source["encoder.layer.1.output.dense.weight"])
     assert not any("encoder.layer.2." in key for key in ours)
     finding = json.loads((two / "finding.json").read_text())

@@ -1,4 +1,5 @@
-"""The code's shape: no import cycles, short training loops, no block repeated between the two scripts.
+"""The code's shape: no import cycles, short training loops, no block repeated between the two scripts,
+checkpoint names and keys known in checkpoints.py only.
 
 Each check is a small detector proven on synthetic files first, then asserted on the real tree.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import ast
 import io
 import keyword
+import re
 import tokenize
 from pathlib import Path
 
@@ -20,6 +22,21 @@ LOOPS = {"run_pretraining.py": "train", "run_glue.py": "train"}
 MAX_LOOP_LINES = 80
 SCRIPTS = ("run_pretraining.py", "run_glue.py")
 MIN_REPEAT = 6
+# The one home of checkpoint names and keys, and the only project modules it may import (everything
+# that reads a checkpoint imports it, so it imports none of them).
+CHECKPOINT_HOME = "checkpoints.py"
+CHECKPOINT_HOME_IMPORTS = {"utils", "atomic_io"}
+# A string literal that builds or parses a checkpoint file name: "ckpt_" closing a literal (what an
+# f-string's or a concatenation's value is appended to) or followed by a format field or a regex /
+# glob construct. Prose such as "ckpt_<step>.pt" is not one.
+CHECKPOINT_NAME_LITERAL = re.compile(r"ckpt_($|[{%(\\\[*])")
+# Files where a checkpoint key's literal names something else: (file, key) -> what it is there.
+NOT_CHECKPOINT_ENTRIES = {
+    ("pretraining_data.py", "epoch"): "a field of the data position's own state (under the checkpoint's DATA)",
+    ("scripts/demo.py", "data"): "a dllogger record's data",
+    ("scripts/plot_training.py", "data"): "a dllogger record's data",
+    ("bench/bench_attention.py", "mask"): "a column of a result row",
+}
 
 Edge = tuple[str, int]  # (imported module, line of the import)
 
@@ -266,6 +283,62 @@ def imports_of_test_modules(folder: Path) -> list[str]:
     return found
 
 
+# ----------------------------------------------------------------------------- checkpoint names and keys
+
+
+def checkpoint_keys(home: Path) -> dict[str, str]:
+    """{name: literal} of the key constants `KEYS = (...)` lists in the checkpoint home, read statically."""
+    tree = ast.parse(home.read_text(encoding="utf-8"))
+    constants = {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                 for target in node.targets if isinstance(target, ast.Name)
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+    listed = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id == "KEYS" for t in node.targets))
+    return {element.id: constants[element.id] for element in listed.elts}
+
+
+def _literal(node: ast.AST | None) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def checkpoint_key_uses(source: str, keys: set[str]) -> list[tuple[int, str]]:
+    """(line, key) where a key's literal reads or tests an entry: `x["key"]`, `x.get("key")` /
+    `.pop` / `.setdefault`, `"key" in x`. (Building a dict with such keys is not matched: results
+    and log records share some of the names.)"""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript):
+            key = _literal(node.slice)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args \
+                and node.func.attr in ("get", "pop", "setdefault"):
+            key = _literal(node.args[0])
+        elif isinstance(node, ast.Compare) and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+            key = _literal(node.left)
+        else:
+            continue
+        if key in keys:
+            found.append((node.lineno, key))
+    return sorted(found)
+
+
+def checkpoint_name_literals(source: str) -> list[int]:
+    """Lines of string literals (f-string pieces included) that build or parse a checkpoint file name."""
+    return sorted({node.lineno for node in ast.walk(ast.parse(source))
+                   if (text := _literal(node)) is not None and CHECKPOINT_NAME_LITERAL.search(text)})
+
+
+def imported_from(module: str, graph: dict[str, list[Edge]]) -> set[str]:
+    """Every project module `module` imports, directly or through others."""
+    seen: set[str] = set()
+    frontier = [module]
+    while frontier:
+        for target, _ in graph.get(frontier.pop(), []):
+            if target not in seen:
+                seen.add(target)
+                frontier.append(target)
+    return seen
+
+
 # ----------------------------------------------------------------------------- the detectors, proven
 
 
@@ -364,6 +437,26 @@ def test_imports_of_test_modules_and_conftest_are_found(tmp_path: Path) -> None:
                                                  "test_b.py:2 imports test_a"]
 
 
+def test_checkpoint_key_reads_and_name_literals_are_found(tmp_path: Path) -> None:
+    home = write_tree(tmp_path, {"home.py": 'MODEL = "model"\nSTEP = "global_step"\nOTHER = "x"\n'
+                                            'KEYS = (MODEL, STEP)\n'})
+    assert checkpoint_keys(home / "home.py") == {"MODEL": "model", "STEP": "global_step"}
+    keys = {"model", "global_step"}
+    source = ('w = state["model"]\nn = state.get("global_step", 0)\nif "model" in state:\n    pass\n'
+              'results = {"global_step": 3}\nx = state[MODEL]\ny = row["loss"]\nz = d.pop("model")\n')
+    assert checkpoint_key_uses(source, keys) == [(1, "model"), (2, "global_step"), (3, "model"), (8, "model")]
+    source = ('a = out / f"ckpt_{step}.pt"\nb = re.compile(r"ckpt_(\\d+)\\.pt")\nc = "ckpt_%d.pt" % 3\n'
+              'd = "ckpt_" + str(3)\ne = glob("ckpt_*.pt")\nf = "ckpt_{}.pt".format(3)\n'
+              'help = "continue from a ckpt_<step>.pt"\ng = f"{out}/mask_{step}.safetensors"\n')
+    assert checkpoint_name_literals(source) == [1, 2, 3, 4, 5, 6]
+
+
+def test_everything_a_module_imports_is_found_through_others(tmp_path: Path) -> None:
+    root = write_tree(tmp_path, {"home.py": "import utils\n", "utils.py": "def f():\n    import entry\n",
+                                 "entry.py": "import json\n"})
+    assert imported_from("home", import_graph(root)) == {"utils", "entry"}
+
+
 # ----------------------------------------------------------------------------- the real tree
 
 
@@ -394,3 +487,32 @@ def test_no_test_module_imports_another_or_conftest() -> None:
     """Shared test code is a conftest fixture (or a constant of tests/helpers.py), never a test module's."""
     found = imports_of_test_modules(Path(__file__).resolve().parent)
     assert not found, "\n".join(found)
+
+
+def test_checkpoint_home_imports_only_the_low_level_modules() -> None:
+    """checkpoints.py never reaches the scripts, the model or the training loop: they all import it."""
+    imported = imported_from(Path(CHECKPOINT_HOME).stem, import_graph(ROOT))
+    extra = sorted(imported - CHECKPOINT_HOME_IMPORTS)
+    assert not extra, f"{CHECKPOINT_HOME} imports {extra}, which would close a cycle or invert the layers"
+
+
+def test_only_the_checkpoint_home_names_checkpoint_files_and_keys() -> None:
+    """Outside checkpoints.py (tests aside) no literal builds or parses a ckpt_<N>.pt name, and no
+    literal of a key in its KEYS reads a loaded checkpoint's entry: the constants do
+    (`state[checkpoints.MODEL]`), so a key or a name changes in one place."""
+    keys = set(checkpoint_keys(ROOT / CHECKPOINT_HOME).values())
+    assert {"model", "optimizer", "global_step", "phase2", "rng"} <= keys  # the detector read the home
+    problems, exempt = [], set(NOT_CHECKPOINT_ENTRIES)
+    for path in project_modules(ROOT).values():
+        name = path.relative_to(ROOT).as_posix()
+        if name == CHECKPOINT_HOME:
+            continue
+        source = path.read_text(encoding="utf-8")
+        problems += [f"{name}:{line}: builds or parses a checkpoint file name (use checkpoints.checkpoint_path / "
+                     f"step_in_name)" for line in checkpoint_name_literals(source)]
+        uses = checkpoint_key_uses(source, keys)
+        problems += [f"{name}:{line}: reads checkpoint entry {key!r} by its literal (use the checkpoints constant)"
+                     for line, key in uses if (name, key) not in NOT_CHECKPOINT_ENTRIES]
+        exempt -= {(name, key) for _, key in uses}
+    assert not problems, "\n".join(problems)
+    assert not exempt, f"NOT_CHECKPOINT_ENTRIES lists uses that no longer exist: {sorted(exempt)}"

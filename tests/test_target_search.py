@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import attention_masks
+import checkpoints
 import run_pretraining
-import training
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests" / "data" / "lambda_search"
@@ -25,7 +25,7 @@ def shards(tmp_path_factory, make_shards) -> Path:
 
 def mask_module(checkpoint: Path, config: Path) -> attention_masks.DifferentiableMask:
     """The searched mask of a checkpoint, rebuilt from its recorded config."""
-    state = training.load_checkpoint(checkpoint)
+    state = checkpoints.load_checkpoint(checkpoint)
     module = attention_masks.DifferentiableMask(attention_masks.MaskConfig.from_checkpoint(state, str(checkpoint)))
     module.load_state_dict({k.removeprefix("bert.sparse_mask."): v for k, v in state["model"].items()
                             if k.startswith("bert.sparse_mask.")})
@@ -75,7 +75,7 @@ def test_a_target_search_resumes_exactly_multipliers_included(shards, tmp_path, 
     assert run_pretraining.main(pretraining_args(shards, split, config, resume_from_checkpoint=True, **flags)) == 0
     assert {**first_half, **dllogger_records(split, "lagrange_l1")} == dllogger_records(straight, "lagrange_l1")
     assert_same_weights(split / "ckpt_8.pt", straight / "ckpt_8.pt")
-    state = training.load_checkpoint(straight / "ckpt_8.pt")["model"]
+    state = checkpoints.load_checkpoint(straight / "ckpt_8.pt")["model"]
     assert state["bert.sparse_mask.lagrange_multipliers"][0] != 0  # the price moved, so resuming it matters
     assert not torch.isnan(state["bert.sparse_mask.target_start"])
 
@@ -93,7 +93,7 @@ def test_with_no_target_the_lambda_search_is_what_it_was(tmp_path, mode):
     torch.set_num_threads(1)
     assert run_pretraining.main(regenerate.argv(mode, out)) == 0
     assert regenerate.losses(out) == pytest.approx(json.loads((REFERENCE / f"{mode}.json").read_text()), rel=1e-6)
-    logits = training.load_checkpoint(out / f"ckpt_{regenerate.STEPS}.pt")["model"]["bert.sparse_mask.mask_logits"]
+    logits = checkpoints.load_checkpoint(out / f"ckpt_{regenerate.STEPS}.pt")["model"]["bert.sparse_mask.mask_logits"]
     recorded = load_file(str(REFERENCE / f"{mode}.safetensors"))["mask_logits"]
     torch.testing.assert_close(logits, recorded, rtol=1e-3, atol=1e-4)  # Adam steps ~1e-2 each
 
