@@ -506,7 +506,7 @@ class BertPreTrainedModel(nn.Module):
                              f"another --output_dir")
         self.load_state_dict(converted, strict=False)
         # Mask logits absent from a plain BERT checkpoint start fresh, as intended.
-        missing = [k for k in missing if "sparse_mask" not in k]
+        missing = [k for k in missing if not attention_masks.is_mask_state(k)]
         report = LoadReport(missing, unexpected, source)
         log_load_report(report)
         return report
@@ -939,7 +939,7 @@ _TO_OURS = (
 )
 _VOCAB_ROW_KEYS = ("embeddings.word_embeddings.weight", "cls.predictions.bias", "cls.predictions.decoder.weight")
 _BODY_ROOTS = ("embeddings.", "encoder.", "pooler.")
-_HEADLESS_ROOTS = (*_BODY_ROOTS, "sparse_mask.")
+_HEADLESS_ROOTS = (*_BODY_ROOTS, f"{attention_masks.MASK_MODULE}.")
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], own_keys, vocab_size: int) -> dict[str, torch.Tensor]:

@@ -211,7 +211,7 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
     elif config.attention_mask_type in DAM_TYPES:
         raise ValueError(f"attention_mask_type '{config.attention_mask_type}' needs --init_checkpoint holding the "
                          f"searched mask logits (fine-tuning never learns a mask)")
-    mask = model.bert.sparse_mask
+    mask = attention_masks.mask_module(model)
     if isinstance(mask, attention_masks.DifferentiableMask):
         mask.freeze()
     assert not model.mask_parameters(), "the attention mask must have no trainable parameter while fine-tuning"
@@ -220,7 +220,7 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
 
 def mask_binarization(model: BertForSequenceClassification) -> dict[str, Any]:
     """{"mask_binarization": rule} for a frozen DAM mask (threshold or budget), else nothing."""
-    mask = model.bert.sparse_mask
+    mask = attention_masks.mask_module(model)
     return {"mask_binarization": mask.binarization()} if isinstance(mask, attention_masks.DifferentiableMask) else {}
 
 
@@ -238,10 +238,10 @@ def take_mask_logits(state: dict[str, torch.Tensor], config: BertConfig, source:
     search) and nowhere else. A dense config would silently fine-tune without the searched mask, so
     it is refused unless `drop_searched_mask`; a pattern or mask-file config names the logits it
     leaves unused."""
-    logits = [key for key in state if key.endswith("sparse_mask.mask_logits")]
+    logits = attention_masks.mask_logits_key(state)  # its name, or None
     kind = config.attention_mask_type
     if kind in DAM_TYPES:
-        if not logits:
+        if logits is None:
             raise ValueError(
                 f"attention_mask_type '{kind}' reads its mask logits from --init_checkpoint, but {source} has none: "
                 f"pass the DAM pretraining checkpoint, or export its mask and use --attention_mask_type file "
@@ -249,15 +249,14 @@ def take_mask_logits(state: dict[str, torch.Tensor], config: BertConfig, source:
         if searched is not None:
             check_gate_layout(searched, config, source)
         return state
-    if logits and kind == "dense" and not drop_searched_mask:
+    if logits is not None and kind == "dense" and not drop_searched_mask:
         mode = searched.attention_mask_type if searched is not None else "dam_u / dam_s (the search's)"
-        raise ValueError(f"{source} holds a searched attention mask ({', '.join(logits)}) but attention_mask_type "
+        raise ValueError(f"{source} holds a searched attention mask ({logits}) but attention_mask_type "
                          f"is 'dense', which would fine-tune without it: pass --attention_mask_type {mode} to use "
                          f"the searched mask, or --drop_searched_mask to fine-tune densely")
-    if logits:
-        logger.warning("%s: not using its searched mask logits %s (attention_mask_type '%s')",
-                       source, ", ".join(logits), kind)
-    return {k: v for k, v in state.items() if "sparse_mask" not in k}
+    if logits is not None:
+        logger.warning("%s: not using its searched mask logits %s (attention_mask_type '%s')", source, logits, kind)
+    return attention_masks.without_mask_state(state)
 
 
 def check_gate_layout(searched: BertConfig, config: BertConfig, init_checkpoint: str) -> None:

@@ -178,19 +178,15 @@ def compile_for_training(model: torch.nn.Module) -> None:
     model.compile()
 
 
-def mask_module(model: torch.nn.Module) -> attention_masks.AttentionMask | None:
-    return training.unwrap_model(model).bert.sparse_mask
-
-
 def search_mask(model: torch.nn.Module) -> attention_masks.DifferentiableMask | None:
     """The DAM mask being searched, if any (its temperature follows the run's progress)."""
-    module = mask_module(model)
+    module = attention_masks.mask_module(model)
     return module if isinstance(module, attention_masks.DifferentiableMask) else None
 
 
 def write_mask(model: torch.nn.Module, path: Path, step: int, print_table: bool) -> dict[str, Any] | None:
     """Export the binarised mask to `path` (main process only); returns the metadata written."""
-    module = mask_module(model)
+    module = attention_masks.mask_module(model)
     if module is None or not is_main_process():
         return None
     metadata = attention_masks.export_mask(module, path, step=step)
@@ -249,7 +245,7 @@ def warm_start(model: BertForPreTraining, path: str, keep_mask: bool = False) ->
     unless ``keep_mask`` (phase 2 started from the phase-1 checkpoint continues its mask search)."""
     state, _ = modeling.read_warm_start(path, model)
     if not keep_mask:
-        state = {k: v for k, v in state.items() if "sparse_mask" not in k}
+        state = attention_masks.without_mask_state(state)
     report = model.load_converted_state_dict(state, source=str(path))
     logger.info("warm start from %s (missing %d keys, unexpected %d)", path,
                 len(report.missing_keys), len(report.unexpected_keys))
@@ -383,7 +379,7 @@ def restore(args: argparse.Namespace, found: tuple[int, Path, dict[str, Any]], o
 
 def checkpoint_state(p: Pretraining, args: argparse.Namespace, step: int) -> dict[str, Any]:
     """Everything a resume needs, under NVIDIA's keys, plus the config and the binarised mask."""
-    batches, mask = p.batches, p.raw_model.bert.sparse_mask
+    batches, mask = p.batches, attention_masks.mask_module(p.raw_model)
     state = {"model": p.raw_model.state_dict(), **p.optimization.state_dict(), "data": batches.state_dict(),
              "files": [batches.file_index, *batches.epoch_files(batches.epoch)], "epoch": batches.epoch,
              "global_step": step, "phase2": args.phase2, "rng": training.gather_rng_states(),
@@ -513,7 +509,7 @@ def finish(args: argparse.Namespace, p: Pretraining, last_log: dict[str, float],
     p.metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
                                                "final_loss", "final_mask_penalty", "raw_train_time")})
     p.metrics.close()
-    if mask_module(p.raw_model) is not None:
+    if attention_masks.mask_module(p.raw_model) is not None:
         metadata = write_mask(p.raw_model, Path(args.output_dir) / "attention_mask.safetensors",
                               checkpoint_name_step(args, state["global_step"]), print_table=True)
         search = search_mask(p.raw_model)

@@ -381,8 +381,7 @@ def binarise_at_budget(checkpoint: Path, sparsity: float, out: Path) -> None:
     state = safe_torch_load(str(checkpoint))
     config = attention_masks.MaskConfig.from_checkpoint(state, str(checkpoint))
     module = attention_masks.DifferentiableMask(config.replace(dam_binarize_sparsity=sparsity))
-    logits = [v for k, v in state["model"].items() if k.endswith("sparse_mask.mask_logits")]
-    module.mask_logits.data.copy_(logits[0])
+    module.mask_logits.data.copy_(attention_masks.mask_state(state["model"])["mask_logits"])
     attention_masks.export_mask(module, out, source_checkpoint=str(checkpoint), step=state.get("global_step"))
 
 

@@ -517,7 +517,7 @@ def test_dense_mode_is_the_plain_model(tmp_path):
                                                    num_attention_heads=2, intermediate_size=64,
                                                    max_position_embeddings=64)).eval()
     dense = bert(attention_mask_type="dense", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1).eval()
-    assert dense.sparse_mask is None and dense.mask_parameters() == [] and dense.mask_penalty().item() == 0.0
+    assert am.mask_module(dense) is None and dense.mask_parameters() == []
     assert dense.state_dict().keys() == plain.state_dict().keys()
     ids = torch.randint(0, 40, (3, 20))
     pad = torch.ones(3, 20, dtype=torch.long)
@@ -629,7 +629,7 @@ def test_search_export_and_reload_give_the_same_model(tmp_path):
     meta = am.export_mask(model, path, step=3)
     assert meta["shape"] == [2, 2, 32, 32] and meta["symmetric"] is True
     reloaded = bert(attention_mask_type="file", attention_mask_file=str(path))
-    reloaded.load_state_dict({k: v for k, v in model.state_dict().items() if "sparse_mask" not in k})
+    reloaded.load_state_dict(am.without_mask_state(model.state_dict()))
     model.eval()
     assert torch.equal(reloaded.train()(ids)[0], model(ids)[0])  # the frozen mask ignores train mode
     model.sparse_mask.freeze()
