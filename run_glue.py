@@ -352,12 +352,11 @@ def train(args: argparse.Namespace, model: torch.nn.Module, features: Features, 
     optimization = build_optimization(args, model, run.device, total_steps)
     ddp = training.wrap_distributed(model, run.device)
     meter = training.ThroughputMeter(run.device, warmup_steps=min(4, total_steps // 2))
-    no_penalty = torch.zeros((), device=run.device)  # the mask is frozen
-    step = training.TrainStep(ddp, lambda batch: (ddp(**batch.model_inputs())[1], no_penalty), optimization,
-                              run.device, run.dtype, training.BadStepBound(args.max_bad_steps), meter)
+    step = training.TrainStep(ddp, optimization, run.device, run.dtype, training.BadStepBound(args.max_bad_steps),
+                              meter)
     advice = lambda: "lower --learning_rate, use --bf16 or fp32, or raise --max_bad_steps"  # noqa: E731
     data = training.endless(loader, getattr(sampler, "set_epoch", None))
-    window, global_step, epoch, logged = training.LossWindow(run.device), 0, 0, {"step_loss": math.nan}
+    window, global_step, epoch, logged = training.LossWindow(), 0, 0, {"step_loss": math.nan}
     start = time.perf_counter()
     ddp.train()
     while global_step < total_steps:
@@ -369,7 +368,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, features: Features, 
         if outcome.applied:
             global_step += 1
             window.add(outcome)
-            logged = {"step_loss": window.means()["step_loss"], "learning_rate": optimization.learning_rates()[0]}
+            logged = {"step_loss": window.means().last["loss"], "learning_rate": optimization.learning_rates()[0]}
             metrics.log((epoch, global_step), logged)
     train_time = time.perf_counter() - start
     return {"global_step": global_step, "train:loss": logged["step_loss"], "train:latency": train_time,
@@ -393,11 +392,10 @@ def run_inference(model: torch.nn.Module, features: Features, batch_size: int, r
         tick = time.perf_counter()
         with autocast(run.device, run.dtype):
             output = model(**batch.model_inputs(with_labels=with_loss))
-        logits, loss = output if with_loss else (output, None)
-        outputs.append(logits.float().cpu())
+        outputs.append(output.logits.float().cpu())
         latencies.append((time.perf_counter() - tick) * 1000.0)
-        if loss is not None:
-            loss_total += loss.item() * len(batch)
+        if with_loss:
+            loss_total += output.loss.item() * len(batch)
     loss = loss_total / len(features) if with_loss and len(features) else math.nan
     return torch.cat(outputs).numpy(), loss, latencies
 

@@ -2,9 +2,9 @@
 
 NVIDIA's HDF5-era command line and checkpoint layout, with LAMB, fp16 / bf16 autocast, DDP with
 gradient sync only after accumulation, exact resume (data position, RNG, DAM noise included),
-SIGTERM-safe stops and a bound on consecutive non-finite steps. The loss is
-MLM + NSP + model.mask_penalty() (λ·ΣM of the sampled DAM mask, or a target search's Lagrangian
-on its expected sparsity; 0 for other masks).
+SIGTERM-safe stops and a bound on consecutive non-finite steps. The loss is the model's own:
+MLM + NSP + its mask penalty (λ·ΣM of the sampled DAM mask, or a target search's Lagrangian on its
+expected sparsity; 0 for other masks), each term logged by name.
 
     torchrun --nproc_per_node 8 run_pretraining.py --do_train --input_dir shards/ \
         --config_file bert_config.json --output_dir results/checkpoints --attention_mask_type dam_s --lamb 1e-3
@@ -30,7 +30,6 @@ import modeling
 import pretraining_data
 import training
 from atomic_io import atomic_write_text, remove_stale_temps
-from batches import PretrainingBatch
 from modeling import BertConfig, BertForPreTraining
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
@@ -159,16 +158,6 @@ def check_same_shards(shards: list[str], input_dir: str) -> None:
 
 
 # ============================================================================ the model and its mask
-
-
-def objective(model: torch.nn.Module, raw_model: BertForPreTraining, batch: PretrainingBatch,
-              max_predictions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MLM + NSP loss, λ·ΣM of the mask sampled in this forward pass): their sum is minimised.
-
-    `max_predictions` (the shards' validated bound) gives the MLM head a static shape: no host
-    sync, and nothing for torch.compile to recompile."""
-    _, _, loss = model(**batch.model_inputs(), max_predictions=max_predictions)
-    return loss, raw_model.mask_penalty()
 
 
 def compile_for_training(model: torch.nn.Module) -> None:
@@ -473,9 +462,11 @@ def set_up(args: argparse.Namespace, lock: training.OutputDirLock) -> Pretrainin
     metrics = launch.open_metrics(args, config, batch_size_per_gpu=batches.batch_size,
                                   learning_rate=args.learning_rate, dam_lambda=config.dam_lambda, train_start=True)
     meter = training.ThroughputMeter(run.device, warmup_steps=10 if args.phase2 else 4)
-    step = training.TrainStep(model, lambda b: objective(model, raw_model, b, args.max_predictions_per_seq),
-                              optimization, run.device, run.dtype, training.BadStepBound(args.max_bad_steps), meter,
-                              sync_every_micro_step=not args.allreduce_post_accumulation)
+    # The shards' validated bound on masked tokens gives the MLM head a static shape: no host sync,
+    # and nothing for torch.compile to recompile.
+    step = training.TrainStep(model, optimization, run.device, run.dtype, training.BadStepBound(args.max_bad_steps),
+                              meter, sync_every_micro_step=not args.allreduce_post_accumulation,
+                              model_kwargs={"max_predictions": args.max_predictions_per_seq})
     return Pretraining(config, run, raw_model, model, optimization, batches, metrics, step, global_step, rng_states)
 
 
@@ -486,10 +477,19 @@ def restore_rng_states(states: list[dict[str, Any]] | None, world_size: int) -> 
                        len(states), world_size)
 
 
+def language_model_loss(losses: dict[str, float]) -> float:
+    """NVIDIA's logged loss: MLM + NSP, without the mask penalty (logged apart)."""
+    return losses["mlm_loss"] + losses["nsp_loss"]
+
+
 def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[str, float]:
-    """One dllogger line: the losses (MLM + NSP and the mask penalty apart), rates, mask sparsity."""
+    """One dllogger line: the losses (NVIDIA's average_loss and step_loss: MLM + NSP; each named term,
+    the mask penalty among them, apart), rates, mask sparsity."""
+    losses = window.means()
     learning_rate, mask_learning_rate = p.optimization.learning_rates()
-    line = {**window.means(), "learning_rate": learning_rate, "mask_learning_rate": mask_learning_rate,
+    line = {"average_loss": language_model_loss(losses.mean), "step_loss": language_model_loss(losses.last),
+            **{name: value for name, value in losses.mean.items() if name != "loss"},
+            "learning_rate": learning_rate, "mask_learning_rate": mask_learning_rate,
             "mask_sparsity": p.raw_model.mask_sparsity(), "skipped_steps": p.step.bad_steps.skipped}
     search = search_mask(p.raw_model)
     if search is not None:
@@ -532,7 +532,7 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
     if global_step >= target_step:
         logger.info("step %d already reaches --max_steps / --steps_this_run %d: nothing to train",
                     global_step, target_step)
-    window, last_log = training.LossWindow(p.run.device), {"average_loss": math.nan, "mask_penalty": math.nan}
+    window, last_log = training.LossWindow(), {"average_loss": math.nan, "mask_penalty": math.nan}
     progress = tqdm(total=args.max_steps, initial=global_step, desc="pretraining", unit="step",
                     disable=not is_main_process() or args.disable_progress_bar)
     if search is not None:

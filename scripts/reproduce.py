@@ -404,13 +404,10 @@ def held_out_sums(config_file: Path, checkpoint: Path, shard: Path, max_pred: in
     sums, counts = [], []
     for start in range(0, len(data), batch_size):
         batch = data.batch(range(start, min(start + batch_size, len(data))))
-        labels = batch.masked_lm_labels
-        scores, _ = model(batch.input_ids, batch.segment_ids, batch.input_mask, masked_lm_labels=labels,
-                          max_predictions=max_pred)
-        targets = labels.reshape(-1)[modeling.masked_lm_rows(labels, max_pred)]  # max_pred rows per sequence
-        losses = torch.nn.functional.cross_entropy(scores.float(), targets, ignore_index=-1, reduction="none")
-        sums.append(losses.double().reshape(-1, max_pred).sum(1))
-        counts.append((targets != -1).double().reshape(-1, max_pred).sum(1))
+        output = model(batch.input_ids, batch.segment_ids, batch.input_mask, masked_lm_labels=batch.masked_lm_labels,
+                       max_predictions=max_pred)  # max_pred rows per sequence
+        sums.append(output.masked_lm_token_losses().double().reshape(-1, max_pred).sum(1))
+        counts.append((output.masked_lm_targets != -1).double().reshape(-1, max_pred).sum(1))
     return torch.cat(sums), torch.cat(counts)
 
 

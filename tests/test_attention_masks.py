@@ -622,7 +622,7 @@ def test_search_export_and_reload_give_the_same_model(tmp_path):
         model.sparse_mask.mask_logits.normal_()
     ids = torch.randint(0, 40, (2, 32))
     model.train()(ids)
-    assert model.mask_penalty().dtype == torch.float32 and model.mask_penalty().item() > 0
+    assert model.sparse_mask.penalty().dtype == torch.float32 and model.sparse_mask.penalty().item() > 0
     assert model.mask_parameters() == [model.sparse_mask.mask_logits]
     assert "sparse_mask.mask_logits" in model.state_dict()
     path = tmp_path / "dam_u.safetensors"
@@ -652,7 +652,7 @@ def test_dam_s_learns_the_one_offset_a_copy_task_needs():
         logits = head(model(ids)[0][:, 3:])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), ids[:, :-3].reshape(-1))
         optimizer.zero_grad()
-        (loss + model.mask_penalty()).backward()
+        (loss + model.sparse_mask.penalty()).backward()
         optimizer.step()
     kept = [torch.nonzero(gates).flatten().tolist() for gates in model.sparse_mask.mask_logits[0] > 0]
     assert kept == [[3], [3]], kept  # learned pattern: per head, the kept |i - j| offsets
