@@ -948,6 +948,20 @@ def test_search_state_is_named_in_one_place():
     assert [key for key in keys if am.is_search_state(key)] == keys[1:4]
 
 
+def test_the_mask_state_is_reached_through_its_accessors():
+    import modeling
+
+    model = modeling.BertForPreTraining(bert_config(attention_mask_type="dam_u", dam_target_sparsity=0.5))
+    module, state = model.bert.sparse_mask, model.state_dict()
+    assert am.mask_module(model) is module and am.mask_module(module) is module
+    assert am.mask_module(modeling.BertForPreTraining(bert_config())) is None
+    assert am.mask_state(state).keys() == module.state_dict().keys() == {"mask_logits", *am.SEARCH_STATE_NAMES}
+    assert am.without_mask_state(state).keys() == state.keys() - {f"bert.sparse_mask.{k}" for k in module.state_dict()}
+    assert am.mask_logits_key(state) == "bert.sparse_mask.mask_logits"
+    assert am.mask_logits_key(model.bert.state_dict()) == "sparse_mask.mask_logits"  # a headless model's
+    assert am.mask_logits_key(am.without_mask_state(state)) is None
+
+
 def target_search_checkpoint(path: Path, mode: str = "dam_u", **fields) -> "torch.nn.Module":
     """A target search's checkpoint as run_pretraining.py writes one (multipliers set, target 0.7)."""
     import modeling
