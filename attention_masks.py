@@ -448,8 +448,7 @@ def frozen_mask_config(config: ConfigT, searched: MaskConfig | None) -> ConfigT:
 def is_search_state(key: str) -> bool:
     """Whether state-dict entry ``key`` is a target search's state (``SEARCH_STATE_NAMES`` of a mask
     module: ``lagrange_multipliers`` alone, or ``<prefix>.sparse_mask.lagrange_multipliers``)."""
-    module, _, name = key.rpartition(".")
-    return name in SEARCH_STATE_NAMES and (not module or module.endswith("sparse_mask"))
+    return (key if "." not in key else mask_entry(key)) in SEARCH_STATE_NAMES
 
 
 def describe_binarization(binarization: dict[str, Any] | None) -> str:
@@ -1111,21 +1110,58 @@ def load_mask_file(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, Any
     return mask, metadata
 
 
-def find_mask_module(model_or_mask: nn.Module) -> AttentionMask:
-    if isinstance(model_or_mask, AttentionMask):
-        return model_or_mask
-    found = [m for m in model_or_mask.modules() if isinstance(m, AttentionMask)]
-    if not found:
-        raise ValueError("the model has no attention mask to export (attention_mask_type is 'dense')")
-    return found[0]
-
-
 def export_mask(model_or_mask: nn.Module, path: str | os.PathLike, **metadata: Any) -> dict[str, Any]:
     """Binarise a model's (or mask module's) mask by its rule (1[sigma(a) > 0.5], or a DAM mask's
     budget) and write it as a mask file [num_layers, num_heads, n, n]; ``metadata`` (e.g. step=...) is
     added to the module's own, which records the rule."""
-    module = find_mask_module(model_or_mask)
+    module = mask_module(model_or_mask)
+    if module is None:
+        raise ValueError("the model has no attention mask to export (attention_mask_type is 'dense')")
     return save_mask_file(path, module.full_mask(), {**module.describe(), **metadata})
+
+
+# ----------------------------------------------------------------------------------------------
+# The mask's state on a model: the one place that knows the mask module's name
+# ----------------------------------------------------------------------------------------------
+
+# The attribute BERT (modeling.BertModel) holds its mask module under: each of the mask's state-dict
+# entries is named `<model prefix>sparse_mask.<entry>`, e.g. bert.sparse_mask.mask_logits.
+MASK_MODULE = "sparse_mask"
+MASK_LOGITS = "mask_logits"
+
+
+def mask_module(model: nn.Module) -> AttentionMask | None:
+    """The attention-mask module of ``model`` (a BERT model, one under a DDP or torch.compile wrapper,
+    or a mask module itself), or None: dense attention has none."""
+    return next((module for module in model.modules() if isinstance(module, AttentionMask)), None)
+
+
+def mask_entry(key: str) -> str | None:
+    """The name inside the mask module of state-dict entry ``key`` (``bert.sparse_mask.mask_logits`` ->
+    ``mask_logits``), or None for an entry of any other module."""
+    module, _, name = key.rpartition(".")
+    return name if module.rpartition(".")[2] == MASK_MODULE else None
+
+
+def is_mask_state(key: str) -> bool:
+    """Whether state-dict entry ``key`` belongs to the attention mask (its logits, a search's state)."""
+    return mask_entry(key) is not None
+
+
+def mask_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The attention mask's entries of a model's state dict, under their names inside the mask module
+    (``mask_logits``, ``lagrange_multipliers``, ...): what the module's ``load_state_dict`` takes."""
+    return {mask_entry(key): value for key, value in state_dict.items() if is_mask_state(key)}
+
+
+def without_mask_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's state dict without the attention mask's entries (the mask starts fresh, or unused)."""
+    return {key: value for key, value in state_dict.items() if not is_mask_state(key)}
+
+
+def mask_logits_key(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The full name of a DAM search's mask logits in a model's state dict, or None when it holds none."""
+    return next((key for key in state_dict if mask_entry(key) == MASK_LOGITS), None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1187,16 +1223,14 @@ def _with_budget(config: MaskConfig, sparsity_target: float | None, scope: str |
 def _load_searched_mask(module: DifferentiableMask, state: dict[str, Any], checkpoint: str, config_source: str) -> None:
     """The checkpoint's mask logits into ``module``, with a target search's state where both hold it
     (so the file's metadata reports the search's multipliers, not fresh zeros)."""
-    keys = [k for k in state if k.endswith("sparse_mask.mask_logits")]
-    if not keys:
-        raise ValueError(f"checkpoint {checkpoint} has no '*sparse_mask.mask_logits' (not a DAM search run)")
-    logits = state[keys[0]]
+    saved = mask_state(state)
+    if MASK_LOGITS not in saved:
+        raise ValueError(f"checkpoint {checkpoint} has no '*{MASK_MODULE}.{MASK_LOGITS}' (not a DAM search run)")
+    logits = saved[MASK_LOGITS]
     if logits.shape != module.mask_logits.shape:
         raise ValueError(f"checkpoint {checkpoint}: mask_logits shape {list(logits.shape)} does not match "
                          f"{list(module.mask_logits.shape)} from {config_source}")
-    prefix = keys[0].removesuffix("mask_logits")
-    found = {name: state[prefix + name] for name in module.state_dict() if prefix + name in state}
-    module.load_state_dict(found, strict=False)
+    module.load_state_dict({name: saved[name] for name in module.state_dict() if name in saved}, strict=False)
 
 
 def _print_patterns(seq_len: int) -> None:

@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -387,6 +387,78 @@ class BertPreTrainingHeads(nn.Module):
         self.seq_relationship = nn.Linear(config.hidden_size, 2)
 
 
+# ============================================================================ outputs
+
+
+@dataclass(kw_only=True)
+class ModelOutput:
+    """What a task model returns, by name. Given its labels, `loss` is the total the optimizer
+    minimises: the task's loss terms (named by each output) plus `mask_penalty` (λ·ΣM of the mask
+    sampled in this forward pass, or a target search's Lagrangian; 0 without a learnable mask).
+    Without labels every loss is None.
+
+    Iterating yields the scores in NVIDIA's order (`SCORES`), so a caller written for NVIDIA's
+    tuples keeps working: `prediction_scores, seq_relationship_score = model(...)`.
+    """
+
+    SCORES: ClassVar[tuple[str, ...]] = ()
+    LOSSES: ClassVar[tuple[str, ...]] = ("loss", "mask_penalty")
+
+    loss: torch.Tensor | None = None
+    mask_penalty: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (getattr(self, name) for name in self.SCORES)
+
+    def losses(self) -> dict[str, torch.Tensor]:
+        """`loss` and each of its named terms (fp32 scalars), in `LOSSES` order; empty without labels."""
+        return {name: getattr(self, name) for name in self.LOSSES if getattr(self, name) is not None}
+
+
+@dataclass(kw_only=True)
+class PreTrainingOutput(ModelOutput):
+    """MLM + NSP: `loss` = `mlm_loss` + `nsp_loss` + `mask_penalty`. With masked_lm_labels,
+    `prediction_scores` holds only the scored rows (`masked_lm_rows`) and `masked_lm_targets` their
+    labels (-1: a filler row), so `masked_lm_token_losses()` gives each row's cross-entropy."""
+
+    SCORES: ClassVar[tuple[str, ...]] = ("prediction_scores", "seq_relationship_score")
+    LOSSES: ClassVar[tuple[str, ...]] = ("loss", "mlm_loss", "nsp_loss", "mask_penalty")
+
+    prediction_scores: torch.Tensor
+    seq_relationship_score: torch.Tensor
+    masked_lm_targets: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+
+    def masked_lm_token_losses(self) -> torch.Tensor:
+        """Float32[rows]: the MLM cross-entropy of each scored row (0 for a filler row), whose mean
+        over the masked rows is `mlm_loss`; needs masked_lm_labels."""
+        if self.masked_lm_targets is None:
+            raise ValueError("per-token MLM losses need the forward pass's masked_lm_labels")
+        return masked_lm_loss(self.prediction_scores, self.masked_lm_targets, reduction="none")
+
+
+@dataclass(kw_only=True)
+class LogitsOutput(ModelOutput):
+    """One head's scores (a sequence or token classifier, the MLM or NSP head alone), and with labels
+    `loss` = the task's loss + `mask_penalty`."""
+
+    SCORES: ClassVar[tuple[str, ...]] = ("logits",)
+
+    logits: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class QuestionAnsweringOutput(ModelOutput):
+    """SQuAD's start and end logits per token; with both positions, `loss` = their mean
+    cross-entropy + `mask_penalty`."""
+
+    SCORES: ClassVar[tuple[str, ...]] = ("start_logits", "end_logits")
+
+    start_logits: torch.Tensor
+    end_logits: torch.Tensor
+
+
 # ============================================================================ models
 
 
@@ -452,10 +524,18 @@ class BertPreTrainedModel(nn.Module):
             raise ValueError(f"cannot measure the mask at length {n}: it covers 1 to {mask.seq_len} tokens")
         return attention_masks.sparsity(mask.binarize()[..., :n, :n])
 
-    def mask_penalty(self) -> torch.Tensor:
-        """λ·ΣM of the mask sampled in the last forward pass, in fp32 (0 without a DAM mask)."""
+    def _losses(self, task_loss: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """An output's `loss` and `mask_penalty` for this forward pass's task loss ({} without one)."""
+        if task_loss is None:
+            return {}
+        penalty = self._mask_penalty()
+        return {"loss": task_loss + penalty, "mask_penalty": penalty}
+
+    def _mask_penalty(self) -> torch.Tensor:
+        """λ·ΣM of the mask sampled in the last forward pass (or a target search's Lagrangian), in fp32;
+        0 without a learnable mask (dense, a pattern, a mask file, a frozen search)."""
         mask = self.bert_model.sparse_mask
-        if mask is None:
+        if mask is None or not self.mask_parameters():
             return torch.zeros((), device=self.bert_model.embeddings.word_embeddings.weight.device)
         return mask.penalty()
 
@@ -507,7 +587,7 @@ class BertPreTrainedModel(nn.Module):
                              f"another --output_dir")
         self.load_state_dict(converted, strict=False)
         # Mask logits absent from a plain BERT checkpoint start fresh, as intended.
-        missing = [k for k in missing if "sparse_mask" not in k]
+        missing = [k for k in missing if not attention_masks.is_mask_state(k)]
         report = LoadReport(missing, unexpected, source)
         log_load_report(report)
         return report
@@ -600,21 +680,17 @@ def masked_lm_rows(masked_lm_labels: torch.Tensor, max_predictions: int | None =
     return (rows + torch.arange(batch, device=rows.device)[:, None] * seq_len).reshape(-1)
 
 
-def pretraining_loss(prediction_scores: torch.Tensor, seq_relationship_score: torch.Tensor,
-                     row_labels: torch.Tensor, next_sentence_labels: torch.Tensor) -> torch.Tensor:
-    """MLM cross-entropy over the scored rows (label -1 ignored) plus NSP cross-entropy, in fp32
-    (NVIDIA's criterion)."""
-    mlm = F.cross_entropy(prediction_scores.float(), row_labels, ignore_index=-1)
-    nsp = F.cross_entropy(seq_relationship_score.float(), next_sentence_labels.view(-1))
-    return mlm + nsp
+def masked_lm_loss(prediction_scores: torch.Tensor, row_labels: torch.Tensor,
+                   reduction: str = "mean") -> torch.Tensor:
+    """MLM cross-entropy over the scored rows (label -1 ignored), in fp32 (NVIDIA's criterion)."""
+    return F.cross_entropy(prediction_scores.float(), row_labels, ignore_index=-1, reduction=reduction)
 
 
 class BertForPreTraining(BertPreTrainedModel):
-    """MLM + NSP heads. With `masked_lm_labels` the vocab projection runs only on the rows of
-    `masked_lm_rows`; with `next_sentence_labels` too, the MLM + NSP loss comes third.
-
-    The attention-mask penalty is not in that loss: `mask_penalty()` is the search's own term,
-    logged apart from the language-model loss it is traded against.
+    """MLM + NSP heads (a `PreTrainingOutput`). With `masked_lm_labels` the vocab projection runs only
+    on the rows of `masked_lm_rows`; with `next_sentence_labels` too, the losses, each named: MLM,
+    NSP and the attention-mask penalty (the search's own term, kept apart from the language-model
+    loss it is traded against), and their sum `loss`.
     """
 
     def __init__(self, config: BertConfig) -> None:
@@ -627,18 +703,22 @@ class BertForPreTraining(BertPreTrainedModel):
                 attention_mask: torch.Tensor | None = None,
                 masked_lm_labels: torch.Tensor | None = None,
                 next_sentence_labels: torch.Tensor | None = None,
-                max_predictions: int | None = None) -> tuple[torch.Tensor, ...]:
+                max_predictions: int | None = None) -> PreTrainingOutput:
         sequence_output, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
         seq_relationship_score = self.cls.seq_relationship(pooled_output)
         if masked_lm_labels is None:
-            return self.cls.predictions(sequence_output), seq_relationship_score
+            return PreTrainingOutput(prediction_scores=self.cls.predictions(sequence_output),
+                                     seq_relationship_score=seq_relationship_score)
         rows = masked_lm_rows(masked_lm_labels, max_predictions)
         prediction_scores = self.cls.predictions(sequence_output.flatten(0, 1)[rows])  # [rows, vocab]
-        if next_sentence_labels is None:
-            return prediction_scores, seq_relationship_score
-        loss = pretraining_loss(prediction_scores, seq_relationship_score, masked_lm_labels.reshape(-1)[rows],
-                                next_sentence_labels)
-        return prediction_scores, seq_relationship_score, loss
+        targets = masked_lm_labels.reshape(-1)[rows]
+        losses = {}
+        if next_sentence_labels is not None:
+            mlm_loss = masked_lm_loss(prediction_scores, targets)
+            nsp_loss = F.cross_entropy(seq_relationship_score.float(), next_sentence_labels.view(-1))
+            losses = {"mlm_loss": mlm_loss, "nsp_loss": nsp_loss, **self._losses(mlm_loss + nsp_loss)}
+        return PreTrainingOutput(prediction_scores=prediction_scores, seq_relationship_score=seq_relationship_score,
+                                 masked_lm_targets=targets, **losses)
 
 
 class BertForMaskedLM(BertPreTrainedModel):
@@ -649,9 +729,9 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None) -> LogitsOutput:
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        return self.cls.predictions(sequence_output)
+        return LogitsOutput(logits=self.cls.predictions(sequence_output))
 
 
 class BertForNextSentencePrediction(BertPreTrainedModel):
@@ -662,9 +742,9 @@ class BertForNextSentencePrediction(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None) -> LogitsOutput:
         _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
-        return self.cls.seq_relationship(pooled_output)
+        return LogitsOutput(logits=self.cls.seq_relationship(pooled_output))
 
 
 class _BertWithClassifier(BertPreTrainedModel):
@@ -677,6 +757,11 @@ class _BertWithClassifier(BertPreTrainedModel):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.init_weights()
+
+    def _classified(self, logits: torch.Tensor, labels: torch.Tensor | None) -> LogitsOutput:
+        """The classifier's output: its logits, and given `labels` its losses."""
+        task_loss = None if labels is None else classification_loss(logits, labels)
+        return LogitsOutput(logits=logits, **self._losses(task_loss))
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -693,22 +778,18 @@ class BertForSequenceClassification(_BertWithClassifier):
     """Classifier on the pooled [CLS] vector (num_labels = 1: regression); with `labels`, also the loss."""
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> LogitsOutput:
         _, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
-        logits = self.classifier(self.dropout(pooled_output))
-        return logits if labels is None else (logits, classification_loss(logits, labels))
+        return self._classified(self.classifier(self.dropout(pooled_output)), labels)
 
 
 class BertForTokenClassification(_BertWithClassifier):
     """Classifier on every token's vector; with `labels` ([B, n], -1 ignored), also the loss."""
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> LogitsOutput:
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
-        logits = self.classifier(self.dropout(sequence_output))
-        return logits if labels is None else (logits, classification_loss(logits, labels))
+        return self._classified(self.classifier(self.dropout(sequence_output)), labels)
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):
@@ -722,14 +803,14 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
-                end_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                end_positions: torch.Tensor | None = None) -> QuestionAnsweringOutput:
         sequence_output, _ = self.bert(input_ids, token_type_ids, attention_mask)
         start_logits, end_logits = (t.squeeze(-1) for t in self.qa_outputs(sequence_output).split(1, dim=-1))
-        if start_positions is None or end_positions is None:
-            return start_logits, end_logits
-        loss = (F.cross_entropy(start_logits.float(), start_positions)
-                + F.cross_entropy(end_logits.float(), end_positions)) / 2
-        return start_logits, end_logits, loss
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = (F.cross_entropy(start_logits.float(), start_positions)
+                    + F.cross_entropy(end_logits.float(), end_positions)) / 2
+        return QuestionAnsweringOutput(start_logits=start_logits, end_logits=end_logits, **self._losses(loss))
 
 
 # ============================================================================ weight files and names
@@ -940,7 +1021,7 @@ _TO_OURS = (
 )
 _VOCAB_ROW_KEYS = ("embeddings.word_embeddings.weight", "cls.predictions.bias", "cls.predictions.decoder.weight")
 _BODY_ROOTS = ("embeddings.", "encoder.", "pooler.")
-_HEADLESS_ROOTS = (*_BODY_ROOTS, "sparse_mask.")
+_HEADLESS_ROOTS = (*_BODY_ROOTS, f"{attention_masks.MASK_MODULE}.")
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor], own_keys, vocab_size: int) -> dict[str, torch.Tensor]:

@@ -211,7 +211,7 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
     elif config.attention_mask_type in DAM_TYPES:
         raise ValueError(f"attention_mask_type '{config.attention_mask_type}' needs --init_checkpoint holding the "
                          f"searched mask logits (fine-tuning never learns a mask)")
-    mask = model.bert.sparse_mask
+    mask = attention_masks.mask_module(model)
     if isinstance(mask, attention_masks.DifferentiableMask):
         mask.freeze()
     assert not model.mask_parameters(), "the attention mask must have no trainable parameter while fine-tuning"
@@ -220,7 +220,7 @@ def build_model(config: BertConfig, num_labels: int, init_checkpoint: str | None
 
 def mask_binarization(model: BertForSequenceClassification) -> dict[str, Any]:
     """{"mask_binarization": rule} for a frozen DAM mask (threshold or budget), else nothing."""
-    mask = model.bert.sparse_mask
+    mask = attention_masks.mask_module(model)
     return {"mask_binarization": mask.binarization()} if isinstance(mask, attention_masks.DifferentiableMask) else {}
 
 
@@ -238,10 +238,10 @@ def take_mask_logits(state: dict[str, torch.Tensor], config: BertConfig, source:
     search) and nowhere else. A dense config would silently fine-tune without the searched mask, so
     it is refused unless `drop_searched_mask`; a pattern or mask-file config names the logits it
     leaves unused."""
-    logits = [key for key in state if key.endswith("sparse_mask.mask_logits")]
+    logits = attention_masks.mask_logits_key(state)  # its name, or None
     kind = config.attention_mask_type
     if kind in DAM_TYPES:
-        if not logits:
+        if logits is None:
             raise ValueError(
                 f"attention_mask_type '{kind}' reads its mask logits from --init_checkpoint, but {source} has none: "
                 f"pass the DAM pretraining checkpoint, or export its mask and use --attention_mask_type file "
@@ -249,15 +249,14 @@ def take_mask_logits(state: dict[str, torch.Tensor], config: BertConfig, source:
         if searched is not None:
             check_gate_layout(searched, config, source)
         return state
-    if logits and kind == "dense" and not drop_searched_mask:
+    if logits is not None and kind == "dense" and not drop_searched_mask:
         mode = searched.attention_mask_type if searched is not None else "dam_u / dam_s (the search's)"
-        raise ValueError(f"{source} holds a searched attention mask ({', '.join(logits)}) but attention_mask_type "
+        raise ValueError(f"{source} holds a searched attention mask ({logits}) but attention_mask_type "
                          f"is 'dense', which would fine-tune without it: pass --attention_mask_type {mode} to use "
                          f"the searched mask, or --drop_searched_mask to fine-tune densely")
-    if logits:
-        logger.warning("%s: not using its searched mask logits %s (attention_mask_type '%s')",
-                       source, ", ".join(logits), kind)
-    return {k: v for k, v in state.items() if "sparse_mask" not in k}
+    if logits is not None:
+        logger.warning("%s: not using its searched mask logits %s (attention_mask_type '%s')", source, logits, kind)
+    return attention_masks.without_mask_state(state)
 
 
 def check_gate_layout(searched: BertConfig, config: BertConfig, init_checkpoint: str) -> None:
@@ -353,12 +352,11 @@ def train(args: argparse.Namespace, model: torch.nn.Module, features: Features, 
     optimization = build_optimization(args, model, run.device, total_steps)
     ddp = training.wrap_distributed(model, run.device)
     meter = training.ThroughputMeter(run.device, warmup_steps=min(4, total_steps // 2))
-    no_penalty = torch.zeros((), device=run.device)  # the mask is frozen
-    step = training.TrainStep(ddp, lambda batch: (ddp(**batch.model_inputs())[1], no_penalty), optimization,
-                              run.device, run.dtype, training.BadStepBound(args.max_bad_steps), meter)
+    step = training.TrainStep(ddp, optimization, run.device, run.dtype, training.BadStepBound(args.max_bad_steps),
+                              meter)
     advice = lambda: "lower --learning_rate, use --bf16 or fp32, or raise --max_bad_steps"  # noqa: E731
     data = training.endless(loader, getattr(sampler, "set_epoch", None))
-    window, global_step, epoch, logged = training.LossWindow(run.device), 0, 0, {"step_loss": math.nan}
+    window, global_step, epoch, logged = training.LossWindow(), 0, 0, {"step_loss": math.nan}
     start = time.perf_counter()
     ddp.train()
     while global_step < total_steps:
@@ -370,7 +368,7 @@ def train(args: argparse.Namespace, model: torch.nn.Module, features: Features, 
         if outcome.applied:
             global_step += 1
             window.add(outcome)
-            logged = {"step_loss": window.means()["step_loss"], "learning_rate": optimization.learning_rates()[0]}
+            logged = {"step_loss": window.means().last["loss"], "learning_rate": optimization.learning_rates()[0]}
             metrics.log((epoch, global_step), logged)
     train_time = time.perf_counter() - start
     return {"global_step": global_step, "train:loss": logged["step_loss"], "train:latency": train_time,
@@ -394,11 +392,10 @@ def run_inference(model: torch.nn.Module, features: Features, batch_size: int, r
         tick = time.perf_counter()
         with autocast(run.device, run.dtype):
             output = model(**batch.model_inputs(with_labels=with_loss))
-        logits, loss = output if with_loss else (output, None)
-        outputs.append(logits.float().cpu())
+        outputs.append(output.logits.float().cpu())
         latencies.append((time.perf_counter() - tick) * 1000.0)
-        if loss is not None:
-            loss_total += loss.item() * len(batch)
+        if with_loss:
+            loss_total += output.loss.item() * len(batch)
     loss = loss_total / len(features) if with_loss and len(features) else math.nan
     return torch.cat(outputs).numpy(), loss, latencies
 

@@ -2,9 +2,9 @@
 
 NVIDIA's HDF5-era command line and checkpoint layout, with LAMB, fp16 / bf16 autocast, DDP with
 gradient sync only after accumulation, exact resume (data position, RNG, DAM noise included),
-SIGTERM-safe stops and a bound on consecutive non-finite steps. The loss is
-MLM + NSP + model.mask_penalty() (λ·ΣM of the sampled DAM mask, or a target search's Lagrangian
-on its expected sparsity; 0 for other masks).
+SIGTERM-safe stops and a bound on consecutive non-finite steps. The loss is the model's own:
+MLM + NSP + its mask penalty (λ·ΣM of the sampled DAM mask, or a target search's Lagrangian on its
+expected sparsity; 0 for other masks), each term logged by name.
 
     torchrun --nproc_per_node 8 run_pretraining.py --do_train --input_dir shards/ \
         --config_file bert_config.json --output_dir results/checkpoints --attention_mask_type dam_s --lamb 1e-3
@@ -31,7 +31,6 @@ import modeling
 import pretraining_data
 import training
 from atomic_io import atomic_write_text
-from batches import PretrainingBatch
 from modeling import BertConfig, BertForPreTraining
 from optimization import build_lamb
 from schedulers import PolyWarmUpScheduler
@@ -162,16 +161,6 @@ def check_same_shards(shards: list[str], input_dir: str) -> None:
 # ============================================================================ the model and its mask
 
 
-def objective(model: torch.nn.Module, raw_model: BertForPreTraining, batch: PretrainingBatch,
-              max_predictions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(MLM + NSP loss, λ·ΣM of the mask sampled in this forward pass): their sum is minimised.
-
-    `max_predictions` (the shards' validated bound) gives the MLM head a static shape: no host
-    sync, and nothing for torch.compile to recompile."""
-    _, _, loss = model(**batch.model_inputs(), max_predictions=max_predictions)
-    return loss, raw_model.mask_penalty()
-
-
 def compile_for_training(model: torch.nn.Module) -> None:
     """What --compile does: `torch.compile` the model in place (its loss included, which fuses with
     the heads). Under DDP, pass the DDP module: compiling the wrapper lets dynamo split the graph at
@@ -179,19 +168,15 @@ def compile_for_training(model: torch.nn.Module) -> None:
     model.compile()
 
 
-def mask_module(model: torch.nn.Module) -> attention_masks.AttentionMask | None:
-    return training.unwrap_model(model).bert.sparse_mask
-
-
 def search_mask(model: torch.nn.Module) -> attention_masks.DifferentiableMask | None:
     """The DAM mask being searched, if any (its temperature follows the run's progress)."""
-    module = mask_module(model)
+    module = attention_masks.mask_module(model)
     return module if isinstance(module, attention_masks.DifferentiableMask) else None
 
 
 def write_mask(model: torch.nn.Module, path: Path, step: int, print_table: bool) -> dict[str, Any] | None:
     """Export the binarised mask to `path` (main process only); returns the metadata written."""
-    module = mask_module(model)
+    module = attention_masks.mask_module(model)
     if module is None or not is_main_process():
         return None
     metadata = attention_masks.export_mask(module, path, step=step)
@@ -250,7 +235,7 @@ def warm_start(model: BertForPreTraining, path: str, keep_mask: bool = False) ->
     unless ``keep_mask`` (phase 2 started from the phase-1 checkpoint continues its mask search)."""
     state, _ = modeling.read_warm_start(path, model)
     if not keep_mask:
-        state = {k: v for k, v in state.items() if "sparse_mask" not in k}
+        state = attention_masks.without_mask_state(state)
     report = model.load_converted_state_dict(state, source=str(path))
     logger.info("warm start from %s (missing %d keys, unexpected %d)", path,
                 len(report.missing_keys), len(report.unexpected_keys))
@@ -324,7 +309,7 @@ def save_step(p: Pretraining, args: argparse.Namespace, step: int) -> None:
     """ckpt_<n>.pt (the last three kept) and, with --export_mask, mask_<n>.safetensors beside it."""
     number = name_step(args, step)
     state = checkpoints.assemble(p.raw_model, p.optimization, p.batches, step, args.phase2, p.config.to_json_string(),
-                                 vars(args), p.raw_model.bert.sparse_mask)
+                                 vars(args), attention_masks.mask_module(p.raw_model))
     checkpoints.save_checkpoint(state, args.output_dir, number)
     if args.export_mask:
         write_mask(p.raw_model, Path(args.output_dir) / f"mask_{number}.safetensors", number, print_table=False)
@@ -390,16 +375,27 @@ def set_up(args: argparse.Namespace, lock: training.OutputDirLock) -> Pretrainin
     metrics = launch.open_metrics(args, config, batch_size_per_gpu=batches.batch_size,
                                   learning_rate=args.learning_rate, dam_lambda=config.dam_lambda, train_start=True)
     meter = training.ThroughputMeter(run.device, warmup_steps=10 if args.phase2 else 4)
-    step = training.TrainStep(model, lambda b: objective(model, raw_model, b, args.max_predictions_per_seq),
-                              optimization, run.device, run.dtype, training.BadStepBound(args.max_bad_steps), meter,
-                              sync_every_micro_step=not args.allreduce_post_accumulation)
+    # The shards' validated bound on masked tokens gives the MLM head a static shape: no host sync,
+    # and nothing for torch.compile to recompile.
+    step = training.TrainStep(model, optimization, run.device, run.dtype, training.BadStepBound(args.max_bad_steps),
+                              meter, sync_every_micro_step=not args.allreduce_post_accumulation,
+                              model_kwargs={"max_predictions": args.max_predictions_per_seq})
     return Pretraining(config, run, raw_model, model, optimization, batches, metrics, step, global_step, rng_states)
 
 
+def language_model_loss(losses: dict[str, float]) -> float:
+    """NVIDIA's logged loss: MLM + NSP, without the mask penalty (logged apart)."""
+    return losses["mlm_loss"] + losses["nsp_loss"]
+
+
 def log_window(p: Pretraining, window: training.LossWindow, step: int) -> dict[str, float]:
-    """One dllogger line: the losses (MLM + NSP and the mask penalty apart), rates, mask sparsity."""
+    """One dllogger line: the losses (NVIDIA's average_loss and step_loss: MLM + NSP; each named term,
+    the mask penalty among them, apart), rates, mask sparsity."""
+    losses = window.means()
     learning_rate, mask_learning_rate = p.optimization.learning_rates()
-    line = {**window.means(), "learning_rate": learning_rate, "mask_learning_rate": mask_learning_rate,
+    line = {"average_loss": language_model_loss(losses.mean), "step_loss": language_model_loss(losses.last),
+            **{name: value for name, value in losses.mean.items() if name != "loss"},
+            "learning_rate": learning_rate, "mask_learning_rate": mask_learning_rate,
             "mask_sparsity": p.raw_model.mask_sparsity(), "skipped_steps": p.step.bad_steps.skipped}
     search = search_mask(p.raw_model)
     if search is not None:
@@ -420,7 +416,7 @@ def finish(args: argparse.Namespace, p: Pretraining, last_log: dict[str, float],
     p.metrics.log((), {k: results[k] for k in ("e2e_train_time", "training_sequences_per_second",
                                                "final_loss", "final_mask_penalty", "raw_train_time")})
     p.metrics.close()
-    if mask_module(p.raw_model) is not None:
+    if attention_masks.mask_module(p.raw_model) is not None:
         metadata = write_mask(p.raw_model, Path(args.output_dir) / "attention_mask.safetensors",
                               name_step(args, global_step), print_table=True)
         search = search_mask(p.raw_model)
@@ -443,7 +439,7 @@ def train(args: argparse.Namespace, lock: training.OutputDirLock) -> dict[str, A
     if global_step >= target_step:
         logger.info("step %d already reaches --max_steps / --steps_this_run %d: nothing to train",
                     global_step, target_step)
-    window, last_log = training.LossWindow(p.run.device), {"average_loss": math.nan, "mask_penalty": math.nan}
+    window, last_log = training.LossWindow(), {"average_loss": math.nan, "mask_penalty": math.nan}
     progress = tqdm(total=args.max_steps, initial=global_step, desc="pretraining", unit="step",
                     disable=not is_main_process() or args.disable_progress_bar)
     if search is not None:

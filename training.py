@@ -250,10 +250,10 @@ class Optimization:
 
 @dataclasses.dataclass
 class StepOutcome:
-    """One optimizer step: its losses (means over the micro-batches, this rank), whether it was applied."""
+    """One optimizer step: its named losses (`loss`, the total minimised, and each term the model's
+    output names; means over the micro-batches, this rank), whether it was applied."""
 
-    loss: torch.Tensor
-    penalty: torch.Tensor
+    losses: dict[str, torch.Tensor]
     applied: bool
     stop_requested: bool
 
@@ -261,68 +261,75 @@ class StepOutcome:
 class TrainStep:
     """Forward and backward over the micro-batches of one optimizer step, then the step itself.
 
-    `loss_of(batch)` returns (task loss, penalty) for one micro-batch; their sum is what is
-    minimised. Under DDP gradients are all-reduced on the last micro-batch only unless
-    `sync_every_micro_step`. A step with a non-finite gradient or loss on any rank is skipped and
-    counted by `bad_steps`, which stops the run after too many in a row.
+    Each micro-batch runs as `model(**batch.model_inputs(), **model_kwargs)`, whose output's `loss`
+    is minimised; every loss it names (`losses()`) is averaged for the log. Under DDP gradients are
+    all-reduced on the last micro-batch only unless `sync_every_micro_step`. A step with a
+    non-finite gradient or loss on any rank is skipped and counted by `bad_steps`, which stops the
+    run after too many in a row.
     """
 
-    def __init__(self, model: nn.Module, loss_of: Callable[[Any], tuple[torch.Tensor, torch.Tensor]],
-                 optimization: Optimization, device: torch.device, dtype: torch.dtype | None,
-                 bad_steps: "BadStepBound", meter: "ThroughputMeter", sync_every_micro_step: bool = False) -> None:
-        self.model, self.loss_of, self.optimization = model, loss_of, optimization
+    def __init__(self, model: nn.Module, optimization: Optimization, device: torch.device, dtype: torch.dtype | None,
+                 bad_steps: "BadStepBound", meter: "ThroughputMeter", sync_every_micro_step: bool = False,
+                 model_kwargs: dict[str, Any] | None = None) -> None:
+        self.model, self.optimization = model, optimization
         self.device, self.dtype = device, dtype
         self.bad_steps, self.meter = bad_steps, meter
         self.sync_every_micro_step = sync_every_micro_step
+        self.model_kwargs = model_kwargs or {}
 
     def __call__(self, micro_batches: list[Any], step: int, advice: Callable[[], str],
                  stop_requested: Callable[[], bool] = lambda: False) -> StepOutcome:
         """`step` and `advice()` name the place and the remedy if the bad-step bound is reached;
         `stop_requested()` (e.g. a SIGTERM arrived) is read after the micro-batches, and agreed on
         by every rank in the step's one all-reduce."""
-        loss = torch.zeros((), device=self.device)
-        penalty = torch.zeros((), device=self.device)
+        losses: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
             sync = self.sync_every_micro_step or index == len(micro_batches) - 1
             with grad_sync(self.model, sync):
                 with autocast(self.device, self.dtype):
-                    batch_loss, batch_penalty = self.loss_of(batch.to(self.device))
-                self.optimization.backward(batch_loss + batch_penalty, len(micro_batches))
-            loss += batch_loss.detach() / len(micro_batches)
-            penalty += batch_penalty.detach() / len(micro_batches)
-        applied, stop = self.optimization.step(loss + penalty, self.device, stop_requested())
+                    output = self.model(**batch.to(self.device).model_inputs(), **self.model_kwargs)
+                self.optimization.backward(output.loss, len(micro_batches))
+            for name, value in output.losses().items():
+                losses[name] = losses.get(name, 0) + value.detach() / len(micro_batches)
+        applied, stop = self.optimization.step(losses["loss"], self.device, stop_requested())
         self.meter.update(sum(len(b) for b in micro_batches) * get_world_size())
         self.bad_steps.record(not applied, step, advice)
-        return StepOutcome(loss, penalty, applied, stop)
+        return StepOutcome(losses, applied, stop)
+
+
+@dataclasses.dataclass
+class WindowLosses:
+    """Each named loss of a log window: its mean over the window's steps, its last step's value."""
+
+    mean: dict[str, float]
+    last: dict[str, float]
 
 
 class LossWindow:
-    """The losses of the optimizer steps since the last log line, averaged over them and over every
-    rank in one small all-reduce per log line (not per step)."""
+    """The named losses of the optimizer steps since the last log line, averaged over them and over
+    every rank in one small all-reduce per log line (not per step)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss = torch.zeros((), device=self.device)
-        self.penalty = torch.zeros((), device=self.device)
-        self.last = torch.zeros((), device=self.device)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.last: dict[str, torch.Tensor] = {}
         self.steps = 0
 
     def add(self, outcome: StepOutcome) -> None:
-        self.loss += outcome.loss
-        self.penalty += outcome.penalty
-        self.last = outcome.loss
+        for name, value in outcome.losses.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.last = outcome.losses
         self.steps += 1
 
-    def means(self) -> dict[str, float]:
-        """average_loss (the task loss, without the mask penalty), step_loss (the last step's) and
-        mask_penalty, all means over ranks; starts the next window."""
-        average, last, penalty = all_reduce_mean(
-            torch.stack([self.loss / self.steps, self.last, self.penalty / self.steps])).tolist()
+    def means(self) -> WindowLosses:
+        """The window's losses, each a mean over ranks; starts the next window."""
+        names = list(self.sums)
+        values = all_reduce_mean(torch.stack([*(self.sums[name] / self.steps for name in names),
+                                              *(self.last[name] for name in names)])).tolist()
         self._reset()
-        return {"average_loss": average, "step_loss": last, "mask_penalty": penalty}
+        return WindowLosses(dict(zip(names, values[:len(names)])), dict(zip(names, values[len(names):])))
 
 
 def endless(loader: Iterable[Any], set_epoch: Callable[[int], None] | None = None) -> Iterator[tuple[int, Any]]:

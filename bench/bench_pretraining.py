@@ -134,11 +134,10 @@ def max_predictions(seq_len: int) -> int:
 
 
 def our_loss(model, batch: Batch) -> torch.Tensor:
-    """What run_pretraining.py minimises per micro-step: the model's MLM + NSP loss (static-shape
+    """What run_pretraining.py minimises per micro-step: the model's loss, MLM + NSP (static-shape
     MLM rows, no host sync) plus the mask penalty."""
-    _, _, loss = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.masked_lm_labels,
-                       batch.next_sentence_labels, max_predictions=max_predictions(batch.input_ids.shape[1]))
-    return loss + model.mask_penalty()
+    return model(batch.input_ids, batch.token_type_ids, batch.attention_mask, batch.masked_lm_labels,
+                 batch.next_sentence_labels, max_predictions=max_predictions(batch.input_ids.shape[1])).loss
 
 
 def hf_loss(model, batch: Batch) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Six panels against the optimizer step, every line labelled:
   * the MLM + NSP loss without the mask penalty (the window mean and the last step of each log line);
-  * the mask penalty (λ·ΣM, or a target search's Lagrangian);
+  * the mask penalty (λ·ΣM, or a target search's price on density / Lagrangian);
   * the mask's sparsity: the binarised mask's, 1[a > 0]'s (one line when they agree), the expected
     one under the sampler and a target search's current target;
   * the share of decided gates (σ(a) < 0.1 or > 0.9);
@@ -118,7 +118,7 @@ def _draw_loss(ax: plt.Axes, series: dict) -> None:
 
 def _draw_penalty(ax: plt.Axes, series: dict) -> None:
     target_search = "target_sparsity" in series
-    ax.set_title("mask penalty: " + ("the target's Lagrangian λ₁(ŝ-t)+λ₂(ŝ-t)²" if target_search else "λ·ΣM"),
+    ax.set_title("mask penalty: " + ("the target search's price on density (or Lagrangian)" if target_search else "λ·ΣM"),
                  fontsize=10)
     values = _line(ax, series, "mask_penalty", color="tab:red", marker="o", ms=3, label="mask_penalty")
     if not values:

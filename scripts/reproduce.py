@@ -349,8 +349,7 @@ def binarise_at_budget(checkpoint: Path, sparsity: float, out: Path) -> None:
     state = checkpoints.safe_torch_load(str(checkpoint))
     config = attention_masks.MaskConfig.from_checkpoint(state, str(checkpoint))
     module = attention_masks.DifferentiableMask(config.replace(dam_binarize_sparsity=sparsity))
-    logits = [v for k, v in state[checkpoints.MODEL].items() if k.endswith("sparse_mask.mask_logits")]
-    module.mask_logits.data.copy_(logits[0])
+    module.mask_logits.data.copy_(attention_masks.mask_state(state[checkpoints.MODEL])["mask_logits"])
     attention_masks.export_mask(module, out, source_checkpoint=str(checkpoint), step=state.get(checkpoints.GLOBAL_STEP))
 
 
@@ -373,13 +372,10 @@ def held_out_sums(config_file: Path, checkpoint: Path, shard: Path, max_pred: in
     sums, counts = [], []
     for start in range(0, len(data), batch_size):
         batch = data.batch(range(start, min(start + batch_size, len(data))))
-        labels = batch.masked_lm_labels
-        scores, _ = model(batch.input_ids, batch.segment_ids, batch.input_mask, masked_lm_labels=labels,
-                          max_predictions=max_pred)
-        targets = labels.reshape(-1)[modeling.masked_lm_rows(labels, max_pred)]  # max_pred rows per sequence
-        losses = torch.nn.functional.cross_entropy(scores.float(), targets, ignore_index=-1, reduction="none")
-        sums.append(losses.double().reshape(-1, max_pred).sum(1))
-        counts.append((targets != -1).double().reshape(-1, max_pred).sum(1))
+        output = model(batch.input_ids, batch.segment_ids, batch.input_mask, masked_lm_labels=batch.masked_lm_labels,
+                       max_predictions=max_pred)  # max_pred rows per sequence
+        sums.append(output.masked_lm_token_losses().double().reshape(-1, max_pred).sum(1))
+        counts.append((output.masked_lm_targets != -1).double().reshape(-1, max_pred).sum(1))
     return torch.cat(sums), torch.cat(counts)
 
 

@@ -524,7 +524,7 @@ def test_dense_mode_is_the_plain_model(tmp_path):
                                                    num_attention_heads=2, intermediate_size=64,
                                                    max_position_embeddings=64)).eval()
     dense = bert(attention_mask_type="dense", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1).eval()
-    assert dense.sparse_mask is None and dense.mask_parameters() == [] and dense.mask_penalty().item() == 0.0
+    assert am.mask_module(dense) is None and dense.mask_parameters() == []
     assert dense.state_dict().keys() == plain.state_dict().keys()
     ids = torch.randint(0, 40, (3, 20))
     pad = torch.ones(3, 20, dtype=torch.long)
@@ -629,14 +629,14 @@ def test_search_export_and_reload_give_the_same_model(tmp_path):
         model.sparse_mask.mask_logits.normal_()
     ids = torch.randint(0, 40, (2, 32))
     model.train()(ids)
-    assert model.mask_penalty().dtype == torch.float32 and model.mask_penalty().item() > 0
+    assert model.sparse_mask.penalty().dtype == torch.float32 and model.sparse_mask.penalty().item() > 0
     assert model.mask_parameters() == [model.sparse_mask.mask_logits]
     assert "sparse_mask.mask_logits" in model.state_dict()
     path = tmp_path / "dam_u.safetensors"
     meta = am.export_mask(model, path, step=3)
     assert meta["shape"] == [2, 2, 32, 32] and meta["symmetric"] is True
     reloaded = bert(attention_mask_type="file", attention_mask_file=str(path))
-    reloaded.load_state_dict({k: v for k, v in model.state_dict().items() if "sparse_mask" not in k})
+    reloaded.load_state_dict(am.without_mask_state(model.state_dict()))
     model.eval()
     assert torch.equal(reloaded.train()(ids)[0], model(ids)[0])  # the frozen mask ignores train mode
     model.sparse_mask.freeze()
@@ -659,7 +659,7 @@ def test_dam_s_learns_the_one_offset_a_copy_task_needs():
         logits = head(model(ids)[0][:, 3:])
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), ids[:, :-3].reshape(-1))
         optimizer.zero_grad()
-        (loss + model.mask_penalty()).backward()
+        (loss + model.sparse_mask.penalty()).backward()
         optimizer.step()
     kept = [torch.nonzero(gates).flatten().tolist() for gates in model.sparse_mask.mask_logits[0] > 0]
     assert kept == [[3], [3]], kept  # learned pattern: per head, the kept |i - j| offsets
@@ -961,6 +961,20 @@ def test_search_state_is_named_in_one_place():
     keys = ["bert.sparse_mask.mask_logits", "bert.sparse_mask.lagrange_multipliers", "module.sparse_mask.target_start",
             "target_start", "bert.encoder.target_start", "bert.sparse_mask.gate_index"]
     assert [key for key in keys if am.is_search_state(key)] == keys[1:4]
+
+
+def test_the_mask_state_is_reached_through_its_accessors():
+    import modeling
+
+    model = modeling.BertForPreTraining(bert_config(attention_mask_type="dam_u", dam_target_sparsity=0.5))
+    module, state = model.bert.sparse_mask, model.state_dict()
+    assert am.mask_module(model) is module and am.mask_module(module) is module
+    assert am.mask_module(modeling.BertForPreTraining(bert_config())) is None
+    assert am.mask_state(state).keys() == module.state_dict().keys() == {"mask_logits", *am.SEARCH_STATE_NAMES}
+    assert am.without_mask_state(state).keys() == state.keys() - {f"bert.sparse_mask.{k}" for k in module.state_dict()}
+    assert am.mask_logits_key(state) == "bert.sparse_mask.mask_logits"
+    assert am.mask_logits_key(model.bert.state_dict()) == "sparse_mask.mask_logits"  # a headless model's
+    assert am.mask_logits_key(am.without_mask_state(state)) is None
 
 
 def target_search_checkpoint(path: Path, mode: str = "dam_u", **fields) -> "torch.nn.Module":

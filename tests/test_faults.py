@@ -225,14 +225,14 @@ def test_non_finite_loss_is_skipped_then_bounded_keeping_good_state(shards, conf
     """Forward call 2 is bad once (skipped); from call 6 on every step is bad, so the bound stops the run."""
     out = tmp_path / "out"
     calls = {"n": 0}
-    real_loss = modeling.pretraining_loss
+    real_loss = modeling.masked_lm_loss
 
     def loss_fn(*args):
         calls["n"] += 1
         loss = real_loss(*args)
         return loss * float(bad_value) if calls["n"] == 2 or calls["n"] >= 6 else loss
 
-    monkeypatch.setattr(modeling, "pretraining_loss", loss_fn)
+    monkeypatch.setattr(modeling, "masked_lm_loss", loss_fn)
     argv = pretraining_args(shards, out, config, max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=3,
                             bf16=precision == "bf16", attention_mask_type="dam_s", lamb=1e-3)
     assert run_pretraining.main(argv) == 1

@@ -106,8 +106,7 @@ def head_outputs(ours: torch.nn.Module, theirs: torch.nn.Module,
                  fields: tuple[str, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Both models' outputs on a padded batch, ours trimmed to HF's real vocab columns."""
     ids, types, mask = random_batch(997)
-    mine = ours(ids, types, mask)
-    mine = mine if isinstance(mine, tuple) else (mine,)
+    mine = tuple(ours(ids, types, mask))  # the scores, in NVIDIA's order
     reference = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
     refs = [getattr(reference, name) for name in fields]
     assert all(out.shape[-1] in (ref.shape[-1], ours.config.padded_vocab_size) for out, ref in zip(mine, refs))
@@ -180,7 +179,8 @@ def test_static_mlm_rows_give_the_same_loss_and_grads_as_exact_rows(tiny_config)
         model = BertForPreTraining(tiny_config(attention_mask_type="dam_s", dam_lambda=1e-3))
         rows = modeling.masked_lm_rows(labels, k)
         torch.manual_seed(1)
-        scores, nsp, loss = model(ids, types, mask, labels, nsp_labels, max_predictions=k)
+        output = model(ids, types, mask, labels, nsp_labels, max_predictions=k)
+        scores, loss = output.prediction_scores, output.loss
         assert scores.shape[0] == len(rows) == (6 if k is None else 3 * k)
         assert torch.equal(labels.reshape(-1)[rows][labels.reshape(-1)[rows] != -1], labels[labels != -1])
         loss.backward()
@@ -304,18 +304,54 @@ def test_checkpoint_activations_gives_same_outputs_and_grads(mask_type, tiny_con
 def test_task_heads_have_expected_shapes(tiny_config):
     config = tiny_config()
     ids, types, mask = random_batch(997)
-    assert BertForSequenceClassification(config, num_labels=3)(ids, types, mask).shape == (3, 3)
-    assert modeling.BertForTokenClassification(config, num_labels=5)(ids, types, mask).shape == (3, 24, 5)
+    assert BertForSequenceClassification(config, num_labels=3)(ids, types, mask).logits.shape == (3, 3)
+    assert modeling.BertForTokenClassification(config, num_labels=5)(ids, types, mask).logits.shape == (3, 24, 5)
     start, end = modeling.BertForQuestionAnswering(config)(ids, types, mask)
     assert start.shape == end.shape == (3, 24)
-    assert modeling.BertForMaskedLM(config)(ids, types, mask).shape == (3, 24, 1000)
-    assert modeling.BertForNextSentencePrediction(config)(ids, types, mask).shape == (3, 2)
+    assert modeling.BertForMaskedLM(config)(ids, types, mask).logits.shape == (3, 24, 1000)
+    assert modeling.BertForNextSentencePrediction(config)(ids, types, mask).logits.shape == (3, 2)
 
 
-def test_dense_model_has_no_mask_parameters_and_zero_penalty(tiny_config):
-    model = BertForPreTraining(tiny_config())
-    assert model.mask_parameters() == []
-    assert model.mask_penalty().item() == 0.0
+def masked_labels(ids: torch.Tensor) -> torch.Tensor:
+    """MLM labels of a batch: three masked tokens in sequence 0, one in sequence 2, -1 elsewhere."""
+    labels = torch.full_like(ids, -1)
+    labels[0, [2, 5, 9]], labels[2, 1] = 10, 11
+    return labels
+
+
+@pytest.mark.parametrize("mask_type", ["dense", "dam_s"])
+def test_the_pretraining_loss_is_its_named_terms_summed(mask_type, tiny_config):
+    """loss = MLM + NSP + the mask penalty, each named in the output; the penalty is the sampled
+    mask's λ·ΣM (0 without a learnable mask), and the per-token MLM losses average to mlm_loss."""
+    torch.manual_seed(0)
+    model = BertForPreTraining(tiny_config(attention_mask_type=mask_type, dam_lambda=1e-3)).train()
+    ids, types, mask = random_batch(997)
+    labels, nsp_labels = masked_labels(ids), torch.tensor([0, 1, 0])
+    output = model(ids, types, mask, labels, nsp_labels, max_predictions=4)
+    assert list(output.losses()) == ["loss", "mlm_loss", "nsp_loss", "mask_penalty"]
+    assert torch.equal(output.loss, output.mlm_loss + output.nsp_loss + output.mask_penalty)
+    mask_module = attention_masks.mask_module(model)
+    expected_penalty = 0.0 if mask_module is None else mask_module.penalty().item()
+    assert output.mask_penalty.item() == expected_penalty and (expected_penalty > 0) == (mask_type == "dam_s")
+    tokens = output.masked_lm_token_losses()
+    assert tokens.shape == (3 * 4,) and torch.equal(tokens[output.masked_lm_targets == -1], torch.zeros(8))
+    torch.testing.assert_close(tokens.sum() / 4, output.mlm_loss)
+    scores, nsp = output  # NVIDIA's tuple
+    assert scores is output.prediction_scores and nsp is output.seq_relationship_score
+    assert model(ids, types, mask).losses() == {}
+
+
+def test_a_frozen_mask_adds_no_penalty_to_a_classifier_loss(tiny_config):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_config(attention_mask_type="dam_u", dam_lambda=1e-1), num_labels=3)
+    ids, types, mask = random_batch(997)
+    labels = torch.tensor([0, 2, 1])
+    searching = model(ids, types, mask, labels=labels)
+    assert searching.mask_penalty.item() > 0
+    attention_masks.mask_module(model).freeze()
+    frozen = model(ids, types, mask, labels=labels)
+    assert frozen.mask_penalty.item() == 0.0
+    assert torch.equal(frozen.loss, modeling.classification_loss(frozen.logits, labels))
 
 
 # ----------------------------------------------------------------------------- checkpoint round trips
@@ -370,7 +406,8 @@ def test_own_folder_round_trip_with_config(tmp_path, tiny_config):
     assert loaded.config == model.config
     ids, types, mask = random_batch(997)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, types, mask)[0], loaded(ids, types, mask)[0], atol=0, rtol=0)
+        torch.testing.assert_close(model(ids, types, mask).prediction_scores,
+                                   loaded(ids, types, mask).prediction_scores, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("hf_format", [False, True])

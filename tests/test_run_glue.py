@@ -245,7 +245,7 @@ def test_outputs_change_with_the_mask_and_a_mask_file_equals_its_pattern(tmp_pat
                                               attention_mask_file=str(tmp_path / "star.safetensors")))):
         model = run_glue.build_model(config, 2, ckpt).eval()
         with torch.no_grad():
-            logits[name] = model(*fixed_inputs())
+            logits[name] = model(*fixed_inputs()).logits
     assert not torch.allclose(logits["dense"], logits["star"], atol=1e-4)
     assert not torch.allclose(logits["star"], logits["strided"], atol=1e-4)
     torch.testing.assert_close(logits["file"], logits["star"])
@@ -301,7 +301,7 @@ def test_dam_checkpoint_is_binarised_frozen_and_deterministic(glue: Path, tmp_pa
     assert model.mask_sparsity() == pytest.approx(expected) and 0.2 < expected < 0.8
     model.train()  # even in training mode: no Gumbel noise, same outputs twice
     with torch.no_grad():
-        first, second = model(*fixed_inputs()), model(*fixed_inputs())
+        first, second = model(*fixed_inputs()).logits, model(*fixed_inputs()).logits
     torch.testing.assert_close(first, second, rtol=0, atol=0)
 
     # Fine-tuning moves the weights but never the mask logits.

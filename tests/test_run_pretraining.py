@@ -168,7 +168,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(shards, straight_run
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     calls = {"n": 0}
-    real_loss = modeling.pretraining_loss
+    real_loss = modeling.masked_lm_loss
 
     def loss_then_sigterm(*a):
         calls["n"] += 1
@@ -176,12 +176,12 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(shards, straight_run
             os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(*a)
 
-    monkeypatch.setattr(modeling, "pretraining_loss", loss_then_sigterm)
+    monkeypatch.setattr(modeling, "masked_lm_loss", loss_then_sigterm)
     assert run_pretraining.main(pretraining_args(shards, out, config, **RESUME_FLAGS)) == 0
     assert [s for s, _ in checkpoints.list_checkpoints(out)] == [3]
     assert calls["n"] == 6  # stopped at the step boundary, no further micro-step
     first_part = dllogger_records(out, "step_loss")
-    monkeypatch.setattr(modeling, "pretraining_loss", real_loss)
+    monkeypatch.setattr(modeling, "masked_lm_loss", real_loss)
     assert run_pretraining.main(pretraining_args(shards, out, config, resume_from_checkpoint=True, **RESUME_FLAGS)) == 0
     assert {**first_part, **dllogger_records(out, "step_loss")} == dllogger_records(straight_run, "step_loss")
     assert_same_weights(out / "ckpt_8.pt", straight_run / "ckpt_8.pt")
@@ -530,14 +530,14 @@ def test_fp16_overflow_skips_step_and_holds_schedule(shards, tmp_path, monkeypat
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     calls = {"n": 0}
-    real_loss = modeling.pretraining_loss
+    real_loss = modeling.masked_lm_loss
 
     def overflow_on_third(*a):
         calls["n"] += 1
         loss = real_loss(*a)
         return loss * float("inf") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(modeling, "pretraining_loss", overflow_on_third)
+    monkeypatch.setattr(modeling, "masked_lm_loss", overflow_on_third)
     argv = pretraining_args(shards, out, config, max_steps=5, fp16=True, init_loss_scale=1024)
     assert run_pretraining.main(argv) == 0
     assert calls["n"] == 6  # 5 successful steps needed 6 batches
@@ -560,7 +560,7 @@ def test_nan_loss_is_skipped_then_bounded(shards, tmp_path, monkeypatch, capsys,
     config = write_config(tmp_path / "config.json")
     out = tmp_path / "out"
     calls = {"n": 0}
-    real_loss = modeling.pretraining_loss
+    real_loss = modeling.masked_lm_loss
 
     def nan_from(first_bad: int, only_once: bool):
         def loss_fn(*a):
@@ -570,12 +570,12 @@ def test_nan_loss_is_skipped_then_bounded(shards, tmp_path, monkeypatch, capsys,
             return loss * float("nan") if bad else loss
         return loss_fn
 
-    monkeypatch.setattr(modeling, "pretraining_loss", nan_from(2, only_once=True))
+    monkeypatch.setattr(modeling, "masked_lm_loss", nan_from(2, only_once=True))
     assert run_pretraining.main(pretraining_args(shards, out, config, max_steps=4, skip_checkpoint=True)) == 0
     assert dllogger_records(out, "skipped_steps")[4] == 1 and calls["n"] == 5
 
     out2, calls["n"] = tmp_path / "out2", 0
-    monkeypatch.setattr(modeling, "pretraining_loss", nan_from(4, only_once=False))
+    monkeypatch.setattr(modeling, "masked_lm_loss", nan_from(4, only_once=False))
     argv = pretraining_args(shards, out2, config, max_steps=20, num_steps_per_checkpoint=2, max_bad_steps=3)
     assert run_pretraining.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()

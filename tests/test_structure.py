@@ -37,6 +37,11 @@ NOT_CHECKPOINT_ENTRIES = {
     ("scripts/plot_training.py", "data"): "a dllogger record's data",
     ("bench/bench_attention.py", "mask"): "a column of a result row",
 }
+# The mask's state on a model: only its home names the mask module in a string (how code matches
+# state-dict names), and only the model that holds it reads the attribute.
+MASK_MODULE_NAME = "sparse_mask"
+MASK_STATE_HOME = "attention_masks"
+MASK_HOLDER = "modeling"
 
 Edge = tuple[str, int]  # (imported module, line of the import)
 
@@ -337,6 +342,28 @@ def imported_from(module: str, graph: dict[str, list[Edge]]) -> set[str]:
                 seen.add(target)
                 frontier.append(target)
     return seen
+# ----------------------------------------------------------------------------- names of the mask's state
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    """ids of the string constants that are docstrings (a statement that is only a string)."""
+    return {id(node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+
+
+def strings_naming(source: str, word: str) -> list[int]:
+    """Lines of the string literals (f-string pieces included, docstrings not) that contain `word`:
+    where code matches names by substring (`"word" in key`, `key.endswith("word.x")`, ...)."""
+    tree = ast.parse(source)
+    skipped = docstrings(tree)
+    return sorted({node.lineno for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                   and isinstance(node.value, str) and word in node.value and id(node) not in skipped})
+
+
+def attribute_reads(source: str, word: str) -> list[int]:
+    """Lines that use an attribute named `word` (`model.bert.word`)."""
+    return sorted({node.lineno for node in ast.walk(ast.parse(source))
+                   if isinstance(node, ast.Attribute) and node.attr == word})
 
 
 # ----------------------------------------------------------------------------- the detectors, proven
@@ -387,6 +414,25 @@ def test_function_lines_finds_functions_and_methods(tmp_path: Path) -> None:
     assert function_lines(path, "Loop.train") == (11, 12)
     with pytest.raises(LookupError, match="s.py has no fit: update LOOPS"):
         function_lines(path, "fit")
+
+
+NAMES_BY_SUBSTRING = '''
+"""A docstring may mention sparse_mask."""
+def drop(state, model, prefix):
+    kept = {k: v for k, v in state.items() if "sparse_mask" not in k}  # a comment: sparse_mask
+    logits = [k for k in state if k.endswith(f"{prefix}sparse_mask.mask_logits")]
+    return kept, logits, model.bert.sparse_mask, getattr(model, "other")
+'''
+NAMES_BY_ACCESSOR = '''
+def drop(state, model):
+    return attention_masks.without_mask_state(state), attention_masks.mask_module(model)
+'''
+
+
+def test_names_matched_by_substring_and_attribute_reads_are_found() -> None:
+    assert strings_naming(NAMES_BY_SUBSTRING, "sparse_mask") == [4, 5]
+    assert attribute_reads(NAMES_BY_SUBSTRING, "sparse_mask") == [6]
+    assert strings_naming(NAMES_BY_ACCESSOR, "sparse_mask") == attribute_reads(NAMES_BY_ACCESSOR, "sparse_mask") == []
 
 
 BLOCK = '''
@@ -473,6 +519,23 @@ def test_training_loop_is_short(script: str) -> None:
     length = last - first + 1
     assert length <= MAX_LOOP_LINES, (f"{script}: {LOOPS[script]} is {length} lines (lines {first}-{last}), "
                                       f"at most {MAX_LOOP_LINES}")
+
+
+def test_only_the_mask_home_names_the_mask_state() -> None:
+    """The mask's state is reached through attention_masks' accessors (`mask_module`, `mask_state`,
+    `without_mask_state`, `mask_logits_key`), never by matching parameter names elsewhere; only the
+    model that holds the mask module reads it as an attribute."""
+    modules = project_modules(ROOT)
+    assert strings_naming(modules[MASK_STATE_HOME].read_text(encoding="utf-8"), MASK_MODULE_NAME)  # the home is seen
+    found = []
+    for module, path in modules.items():
+        source = path.read_text(encoding="utf-8")
+        if module != MASK_STATE_HOME:
+            found += [f"{module}:{line} names '{MASK_MODULE_NAME}' in a string"
+                      for line in strings_naming(source, MASK_MODULE_NAME)]
+        if module != MASK_HOLDER:
+            found += [f"{module}:{line} reads .{MASK_MODULE_NAME}" for line in attribute_reads(source, MASK_MODULE_NAME)]
+    assert not found, f"use the accessors of {MASK_STATE_HOME}.py:\n" + "\n".join(found)
 
 
 def test_no_block_is_repeated_between_the_two_scripts() -> None:

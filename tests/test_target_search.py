@@ -27,8 +27,7 @@ def mask_module(checkpoint: Path, config: Path) -> attention_masks.Differentiabl
     """The searched mask of a checkpoint, rebuilt from its recorded config."""
     state = checkpoints.load_checkpoint(checkpoint)
     module = attention_masks.DifferentiableMask(attention_masks.MaskConfig.from_checkpoint(state, str(checkpoint)))
-    module.load_state_dict({k.removeprefix("bert.sparse_mask."): v for k, v in state["model"].items()
-                            if k.startswith("bert.sparse_mask.")})
+    module.load_state_dict(attention_masks.mask_state(state["model"]))
     return module
 
 

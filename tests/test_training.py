@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import training
-from modeling import BertConfig, BertForPreTraining
+from batches import ClassificationBatch
+from modeling import BertConfig, BertForPreTraining, ModelOutput
 from optimization import Lamb, build_lamb, param_groups
 from schedulers import PolyWarmUpScheduler
 
@@ -83,6 +84,35 @@ def test_fp16_scaler_overflow_backs_off_on_cpu():
 
 def test_any_rank_on_one_process():
     assert training.any_rank(torch.tensor(True), False, device=torch.device("cpu")) == [True, False]
+
+
+class NamedLosses(nn.Module):
+    """A model whose output's loss is a task term (scaled by the step's `scale` keyword) plus a penalty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, input_ids, token_type_ids, attention_mask, labels, scale: float) -> ModelOutput:
+        task, penalty = self.weight * input_ids.float().mean() * scale, self.weight * 0.25
+        return ModelOutput(loss=task + penalty, mask_penalty=penalty)
+
+
+def test_a_step_minimises_the_outputs_loss_and_averages_each_named_term():
+    model = NamedLosses()
+    optimization = training.Optimization(torch.optim.SGD(model.parameters(), lr=0.1), None,
+                                         training.make_grad_scaler(torch.device("cpu"), enabled=False))
+    step = training.TrainStep(model, optimization, torch.device("cpu"), None, training.BadStepBound(3),
+                              training.ThroughputMeter(torch.device("cpu")), model_kwargs={"scale": 2.0})
+    ones = torch.ones(2, 3, dtype=torch.long)
+    micro_batches = [ClassificationBatch(ones * value, ones, ones, torch.zeros(2)) for value in (1, 3)]
+    outcome = step(micro_batches, 0, lambda: "")
+    assert outcome.applied and {k: v.item() for k, v in outcome.losses.items()} == {"loss": 8.5, "mask_penalty": 0.5}
+    assert model.weight.item() == pytest.approx(2.0 - 0.1 * (4.0 + 0.25))  # d(mean loss)/dw: 2 * mean(1, 3) + 0.25
+    window = training.LossWindow()
+    window.add(outcome)
+    losses = window.means()
+    assert losses.mean == losses.last == {"loss": 8.5, "mask_penalty": 0.5} and window.steps == 0
 
 
 # ----------------------------------------------------------------------------- optimizer state
