@@ -1190,8 +1190,8 @@ def _search_config(state: dict[str, Any], checkpoint: str, config_path: str | No
     return MaskConfig.from_json_file(config_path), config_path
 
 
-def _export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None,
-                            sparsity_target: float | None = None, scope: str | None = None) -> dict[str, Any]:
+def export_from_checkpoint(checkpoint: str, config_path: str | None, out: str, step: int | None,
+                           sparsity_target: float | None = None, scope: str | None = None) -> dict[str, Any]:
     """Write the mask of a DAM search checkpoint; ``step`` (None: the checkpoint's number) is recorded.
     ``sparsity_target`` / ``scope`` (--sparsity / --scope) replace the search's own binarisation rule."""
     inputs = [("--checkpoint", checkpoint), ("--config", config_path)]
@@ -1294,7 +1294,7 @@ def main(argv: list[str] | None = None) -> None:
         print(sparsity_report(mask))
         print(diagonal_finding(mask, metadata))
     else:
-        meta = _export_from_checkpoint(args.checkpoint, args.config, args.out, args.step, args.sparsity, args.scope)
+        meta = export_from_checkpoint(args.checkpoint, args.config, args.out, args.step, args.sparsity, args.scope)
         step = f"step {meta['step']}" if "step" in meta else "no step recorded (pass --step)"
         print(f"wrote {args.out}: shape {meta['shape']}, sparsity {100 * meta['sparsity']:.2f}%, {step}; "
               f"{describe_binarization(meta.get('binarization'))}")

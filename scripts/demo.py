@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import demo_summary  # noqa: E402
 from attention_masks import load_mask_file, pattern_mask, sparsity  # noqa: E402
+from checkpoints import checkpoint_path  # noqa: E402
 from atomic_io import atomic_write_text  # noqa: E402
-from pipeline import (GlueSizes, Mask, Pipeline, PretrainingSizes, final_checkpoint, plot_mask_command,  # noqa: E402
+from pipeline import (GlueSizes, Mask, Pipeline, PretrainingSizes, plot_mask_command,  # noqa: E402
                       plot_training_command)
 from stages import Stages, run_python  # noqa: E402
 from utils import read_dllogger_json  # noqa: E402
@@ -181,7 +182,7 @@ class Demo:
         """Dense and the fixed pattern from the pretrained weights, each searched mask frozen on its search's
         weights."""
         a, pretrained = self.args, self.pipeline.pretrained
-        searched = [GlueRun(run.label, run.name, final_checkpoint(self.search_folder(run), a.pretrain_steps),
+        searched = [GlueRun(run.label, run.name, checkpoint_path(self.search_folder(run), a.pretrain_steps),
                             Mask("file", self.search_folder(run) / "attention_mask.safetensors"), run)
                     for run in self.runs]
         return [GlueRun("dense", "dense", pretrained, Mask("dense")), *searched,

@@ -15,7 +15,6 @@ from typing import Any
 from atomic_io import atomic_write_text
 from pretrained import bert_config_from_hf, minilm_folder
 from stages import run_python
-from checkpoints import checkpoint_path
 
 SHARD_FILE = "training_shard_0.hdf5"
 SHARD_SEED = 12345  # create_pretraining_data.py's --random_seed, NVIDIA's
@@ -62,11 +61,6 @@ class GlueSizes:
     learning_rate: float
 
 
-def final_checkpoint(folder: Path, steps: int) -> Path:
-    """The checkpoint a pretraining command of `steps` steps leaves in `folder` (it saves once, at the end)."""
-    return checkpoint_path(folder, steps)
-
-
 class Pipeline:
     """One script's output folder `out`: the data under `out/data` (corpus, vocab, shards), the pretrained
     weights every run starts from, and the commands of its runs."""
@@ -111,7 +105,7 @@ class Pipeline:
                             target_sparsity: float | None = None, lamb: float | None = None,
                             mask_learning_rate: float | None = None, progress_bar: bool = True) -> list[str]:
         """run_pretraining.py from `init` into `folder` (checkpoint, dllogger.json, mask files): one checkpoint,
-        at the end (final_checkpoint), LOG_LINES log lines. `target_sparsity`: a target search with
+        at the end (checkpoints.checkpoint_path(folder, steps)), LOG_LINES log lines. `target_sparsity`: a target search with
         run_pretraining's own mask learning rate; `lamb`: a λ search."""
         search = {"--target_sparsity": target_sparsity, "--lamb": lamb, "--mask_learning_rate": mask_learning_rate}
         return ["run_pretraining.py", "--do_train", "--input_dir", str(self.shards), "--init_checkpoint", str(init),

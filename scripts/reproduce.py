@@ -41,10 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import attention_masks  # noqa: E402
-import checkpoints  # noqa: E402
+from checkpoints import checkpoint_path  # noqa: E402
 import modeling  # noqa: E402
 from atomic_io import atomic_write_text, save_figure  # noqa: E402
-from pipeline import (SHARD_FILE, GlueSizes, Mask, Pipeline, PretrainingSizes, final_checkpoint,  # noqa: E402
+from pipeline import (SHARD_FILE, GlueSizes, Mask, Pipeline, PretrainingSizes,  # noqa: E402
                       plot_mask_command)
 from pretraining_data import PretrainingDataset  # noqa: E402
 from stages import Stages, run_python  # noqa: E402
@@ -198,7 +198,7 @@ class Reproduction:
 
     @property
     def start_checkpoint(self) -> Path:
-        return final_checkpoint(self.out / "heads", self.p.head_steps)
+        return checkpoint_path(self.out / "heads", self.p.head_steps)
 
     def train_heads(self, threads: int) -> None:
         self.pretrain(self.out / "heads", self.p.head_steps, threads, init=self.pipeline.pretrained,
@@ -239,8 +239,8 @@ class Reproduction:
         for kind in self.args.searches:
             folder = self.search_folder(kind, self.p.search_target)
             for pattern, sparsity in self.sparsity.items():
-                binarise_at_budget(final_checkpoint(folder, self.p.search_steps), sparsity,
-                                   self.mask_file(kind, pattern))
+                attention_masks.export_from_checkpoint(str(checkpoint_path(folder, self.p.search_steps)), None,
+                                                       str(self.mask_file(kind, pattern)), None, sparsity)
 
     def rows(self) -> list[Row]:
         rows = [Row("dense", "dense", Mask("dense"))]
@@ -259,7 +259,7 @@ class Reproduction:
         stage: the scoring runs beside other stages and a re-run reads it back)."""
         folder = self.continue_folder(row, seed)
         self.pretrain(folder, self.p.continue_steps, threads, seed=seed, **row.mask.config_fields())
-        sums, counts = held_out_sums(folder / "bert_config.json", final_checkpoint(folder, self.p.continue_steps),
+        sums, counts = held_out_sums(folder / "bert_config.json", checkpoint_path(folder, self.p.continue_steps),
                                      self.data / "held_out" / SHARD_FILE, self.p.max_pred)
         atomic_write_text(folder / HELD_OUT, json.dumps({"sums": sums.tolist(), "counts": counts.tolist()}) + "\n")
 
@@ -271,7 +271,7 @@ class Reproduction:
     def finetune(self, row: Row, task: str, seed: int, threads: int) -> None:
         """Fine-tune that seed's continued-pretraining checkpoint with the row's mask frozen."""
         folder = self.glue_folder(row, task, seed)
-        init = final_checkpoint(self.continue_folder(row, seed), self.p.continue_steps)
+        init = checkpoint_path(self.continue_folder(row, seed), self.p.continue_steps)
         command = self.pipeline.glue_command(folder, task=task, task_folder=TASKS[task][0], init=init,
                                              config=self.pipeline.write_config(folder), mask=row.mask, seed=seed,
                                              keep_checkpoint=False)
@@ -342,15 +342,6 @@ def pattern_sparsity(pipeline: Pipeline, pattern: str) -> float:
     """Sparsity of `pattern` at the pretraining length as the model builds it from its default config fields."""
     config = modeling.BertConfig.from_dict(pipeline.config(attention_mask_type=pattern))
     return attention_masks.sparsity(attention_masks.build_attention_mask(config).full_mask())
-
-
-def binarise_at_budget(checkpoint: Path, sparsity: float, out: Path) -> None:
-    """Write the mask of a DAM search checkpoint that keeps its highest logits at exactly `sparsity`."""
-    state = checkpoints.safe_torch_load(str(checkpoint))
-    config = attention_masks.MaskConfig.from_checkpoint(state, str(checkpoint))
-    module = attention_masks.DifferentiableMask(config.replace(dam_binarize_sparsity=sparsity))
-    module.mask_logits.data.copy_(attention_masks.mask_state(state[checkpoints.MODEL])["mask_logits"])
-    attention_masks.export_mask(module, out, source_checkpoint=str(checkpoint), step=state.get(checkpoints.GLOBAL_STEP))
 
 
 def row_mask(config_file: Path) -> torch.Tensor | None:

@@ -90,8 +90,8 @@ class Stages:
                         f"{self.count(self.finished)} finished")
 
     def side_by_side(self, stages: list[tuple[str, Path, Callable[[], None]]], workers: int) -> None:
-        """Run `stages` (name, folder, work) `workers` at a time; the first failure is raised once all
-        started ones have ended (a finished stage keeps its marker either way)."""
+        """Run `stages` (name, folder, work) `workers` at a time. Every stage runs even after one fails (a
+        finished stage keeps its marker); the first failure, in the given order, is raised at the end."""
         with ThreadPoolExecutor(max(1, min(workers, len(stages)))) as pool:
             futures = [pool.submit(self.stage, name, folder, work) for name, folder, work in stages]
             for future in futures:
